@@ -1,0 +1,5 @@
+import sys
+
+from pacegate.cli import main
+
+sys.exit(main())

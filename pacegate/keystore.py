@@ -1,0 +1,153 @@
+"""The gateway's PSK store: every device's pre-shared key, encrypted at rest.
+
+``pacegate pki enroll`` adds a key, ``pacegate pki revoke`` marks it revoked; the gateway
+reads it (and reloads it when the file changes). The store file is AES-256-GCM under a
+separate 32-byte key file (mode 0600), so a copy of the store alone (a backup, a disk image)
+reveals no PSK. Format::
+
+    b"PGKS" || version (1) = 1 || nonce (12) || AES-256-GCM(json, aad=b"PGKS" || version)
+
+    json = {"devices": {"<id>": {"psk": "<base64>", "status": "active"|"revoked",
+                                   "enrolled_at": "...", "revoked_at": "..."|null}}}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pacegate.errors import ConfigError
+from pacegate.identity import validate_device_id
+from pacegate.layout import write_secret
+from pacegate.sealed import PSK_SIZE
+
+_MAGIC = b"PGKS"
+_VERSION = 1
+_NONCE = 12
+STORE_KEY_SIZE = 32
+
+ACTIVE = "active"
+REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    device_id: str
+    psk: bytes = field(repr=False)
+    status: str
+    enrolled_at: str
+    revoked_at: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.status == REVOKED
+
+
+class PskStore:
+    """In-memory view of the store; :meth:`save` writes it back encrypted."""
+
+    def __init__(self, path: Path, key_path: Path, devices: dict[str, DeviceKey]) -> None:
+        self.path = path
+        self.key_path = key_path
+        self._devices = devices
+
+    # -- reading -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, key_path: Path) -> PskStore:
+        """A new empty store with a fresh store key (refuses to replace an existing key)."""
+        if key_path.exists():
+            raise ConfigError(key_path, "", "a PSK store key already exists",
+                              fix="load the existing store, or remove the PKI directory first")
+        write_secret(key_path, os.urandom(STORE_KEY_SIZE))
+        store = cls(path, key_path, {})
+        store.save()
+        return store
+
+    @classmethod
+    def load(cls, path: Path, key_path: Path) -> PskStore:
+        key = _read_key(key_path)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(path, "", "PSK store not found",
+                              fix="run 'pacegate pki init --dir DIR' and enroll devices") from None
+        if len(blob) < len(_MAGIC) + 1 + _NONCE + 16 or not blob.startswith(_MAGIC):
+            raise ConfigError(path, "", "not a pacegate PSK store (bad magic or truncated)")
+        version = blob[len(_MAGIC)]
+        if version != _VERSION:
+            raise ConfigError(path, "", f"PSK store version {version} is not supported")
+        nonce = blob[len(_MAGIC) + 1 : len(_MAGIC) + 1 + _NONCE]
+        try:
+            plain = AESGCM(key).decrypt(nonce, blob[len(_MAGIC) + 1 + _NONCE :],
+                                        _MAGIC + bytes([_VERSION]))
+        except InvalidTag:
+            raise ConfigError(path, "", "PSK store does not decrypt under its key file "
+                              f"{key_path} (tampered, or the wrong key file)") from None
+        data = json.loads(plain)
+        devices = {}
+        for did, entry in data.get("devices", {}).items():
+            devices[did] = DeviceKey(
+                device_id=did, psk=base64.b64decode(entry["psk"]), status=entry["status"],
+                enrolled_at=entry["enrolled_at"], revoked_at=entry.get("revoked_at"),
+            )
+        return cls(path, key_path, devices)
+
+    def get(self, device_id: str) -> DeviceKey | None:
+        return self._devices.get(device_id)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._devices
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def device_ids(self) -> list[str]:
+        return sorted(self._devices)
+
+    # -- changing ----------------------------------------------------------------------
+    def add(self, device_id: str, psk: bytes) -> None:
+        validate_device_id(device_id)
+        if len(psk) != PSK_SIZE:
+            raise ValueError(f"PSK must be {PSK_SIZE} bytes")
+        if device_id in self._devices:
+            raise ValueError(f"device {device_id!r} is already in the PSK store")
+        self._devices[device_id] = DeviceKey(
+            device_id, psk, ACTIVE, datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def revoke(self, device_id: str) -> None:
+        old = self._devices.get(device_id)
+        if old is None:
+            raise KeyError(device_id)
+        self._devices[device_id] = DeviceKey(
+            device_id, old.psk, REVOKED, old.enrolled_at,
+            datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def save(self) -> None:
+        key = _read_key(self.key_path)
+        data = {"devices": {
+            d.device_id: {"psk": base64.b64encode(d.psk).decode(), "status": d.status,
+                          "enrolled_at": d.enrolled_at, "revoked_at": d.revoked_at}
+            for d in self._devices.values()}}
+        nonce = os.urandom(_NONCE)
+        header = _MAGIC + bytes([_VERSION])
+        blob = header + nonce + AESGCM(key).encrypt(
+            nonce, json.dumps(data, sort_keys=True).encode(), header)
+        write_secret(self.path, blob)
+
+
+def _read_key(key_path: Path) -> bytes:
+    try:
+        key = key_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key_path, "", "PSK store key file not found",
+                          fix="run 'pacegate pki init --dir DIR'") from None
+    if len(key) != STORE_KEY_SIZE:
+        raise ConfigError(key_path, "", f"PSK store key must be {STORE_KEY_SIZE} bytes")
+    return key

@@ -1,0 +1,131 @@
+"""Where files live: the PKI directory and a work directory. One module, so every
+component agrees on names (the contract of ARCHITECTURE.md).
+
+PKI directory (``pacegate pki init --dir DIR``)::
+
+    ca.crt  ca.key  crl.pem  registry.json          the device CA, its CRL, enrolment registry
+    broker.crt  broker.key                          the broker's TLS identity
+    gateway.crt gateway.key                         the gateway's MQTT (TLS client) identity
+    devices/<id>/device.crt device.key device.psk   a device's bundle (what is flashed on it)
+    devices/<id>/counter.state                      the device's persisted nonce counter ("NVS")
+    keystore/psk.store  keystore/psk.key            the gateway's PSK store, encrypted at rest
+    channel/<name>.mldsa.key  channel/<name>.mldsa.pub   ML-DSA-65 identities for the PQ channel
+                                                    (<name>: hospital, gateway, cloud)
+    mosquitto/acl  mosquitto/pacegate.conf          what Debian's mosquitto needs
+
+Work directory (``pacegate up|devices|analyze|demo --workdir DIR``)::
+
+    pki/                         the PKI directory above
+    broker.yaml gateway.yaml hospital.yaml cloud.yaml   service configs (written if missing)
+    gateway/                     replay state, spool
+    hospital/                    readings.db, keyring.json
+    logs/                        one log file per service started by ``up``/``demo``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacegate.identity import validate_device_id
+
+# Private keys, PSKs, keyrings: owner read/write only.
+SECRET_FILE_MODE = 0o600
+SECRET_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class PkiLayout:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path: return self.root / "ca.crt"
+    @property
+    def ca_key(self) -> Path: return self.root / "ca.key"
+    @property
+    def crl(self) -> Path: return self.root / "crl.pem"
+    @property
+    def registry(self) -> Path: return self.root / "registry.json"
+    @property
+    def broker_cert(self) -> Path: return self.root / "broker.crt"
+    @property
+    def broker_key(self) -> Path: return self.root / "broker.key"
+    @property
+    def gateway_cert(self) -> Path: return self.root / "gateway.crt"
+    @property
+    def gateway_key(self) -> Path: return self.root / "gateway.key"
+    @property
+    def devices_dir(self) -> Path: return self.root / "devices"
+    @property
+    def keystore_dir(self) -> Path: return self.root / "keystore"
+    @property
+    def psk_store(self) -> Path: return self.keystore_dir / "psk.store"
+    @property
+    def psk_store_key(self) -> Path: return self.keystore_dir / "psk.key"
+    @property
+    def channel_dir(self) -> Path: return self.root / "channel"
+    @property
+    def mosquitto_dir(self) -> Path: return self.root / "mosquitto"
+
+    def device_dir(self, device_id: str) -> Path:
+        return self.devices_dir / validate_device_id(device_id)
+
+    def device_cert(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.crt"
+    def device_key(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.key"
+    def device_psk(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.psk"
+    def device_counter(self, device_id: str) -> Path:
+        return self.device_dir(device_id) / "counter.state"
+
+    def channel_key(self, name: str) -> Path: return self.channel_dir / f"{name}.mldsa.key"
+    def channel_pub(self, name: str) -> Path: return self.channel_dir / f"{name}.mldsa.pub"
+
+
+@dataclass(frozen=True)
+class WorkLayout:
+    root: Path
+
+    @property
+    def pki(self) -> PkiLayout: return PkiLayout(self.root / "pki")
+    @property
+    def broker_config(self) -> Path: return self.root / "broker.yaml"
+    @property
+    def gateway_config(self) -> Path: return self.root / "gateway.yaml"
+    @property
+    def hospital_config(self) -> Path: return self.root / "hospital.yaml"
+    @property
+    def cloud_config(self) -> Path: return self.root / "cloud.yaml"
+    @property
+    def gateway_dir(self) -> Path: return self.root / "gateway"
+    @property
+    def hospital_dir(self) -> Path: return self.root / "hospital"
+    @property
+    def logs_dir(self) -> Path: return self.root / "logs"
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 from the first byte (no window where the
+    file is world-readable), atomically (write a temp file, fsync, rename)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_FILE_MODE)
+    try:
+        os.fchmod(fd, SECRET_FILE_MODE)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Atomically write a non-secret file (certificates, CRL, public keys)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,108 @@
+"""The sealed-reading format v1: what a forger, a replayer or a broker can and cannot do."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pacegate.errors import RemoteProtocolError
+from pacegate.reading import Reading
+from pacegate.sealed import (
+    SEALED_SIZE_V1,
+    SealedReadingError,
+    open_reading,
+    parse_header,
+    seal_reading,
+)
+
+PSK = bytes(range(32))
+READING = Reading(age=40, heart_rate_bpm=82, sensor_id=42,
+                  timestamp=datetime(2025, 10, 13, 12, 50, 39, 430262, tzinfo=UTC))
+
+
+def test_sealed_reading_opens_with_the_devices_key() -> None:
+    payload = seal_reading(PSK, "pm-0001", 7, READING)
+    assert len(payload) == SEALED_SIZE_V1
+    assert open_reading(PSK, "pm-0001", payload) == (7, READING)
+
+
+def test_payload_does_not_contain_the_reading_in_clear() -> None:
+    payload = seal_reading(PSK, "pm-0001", 7, READING)
+    assert READING.to_bytes() not in payload
+
+
+def test_payload_moved_to_another_devices_topic_fails_authentication() -> None:
+    payload = seal_reading(PSK, "pm-0001", 7, READING)
+    with pytest.raises(SealedReadingError) as err:
+        open_reading(PSK, "pm-0002", payload)
+    assert err.value.reason == "bad_tag"
+
+
+def test_edited_counter_fails_authentication() -> None:
+    payload = bytearray(seal_reading(PSK, "pm-0001", 7, READING))
+    payload[8] ^= 1
+    with pytest.raises(SealedReadingError) as err:
+        open_reading(PSK, "pm-0001", bytes(payload))
+    assert err.value.reason == "bad_tag"
+
+
+@pytest.mark.parametrize("position", range(SEALED_SIZE_V1))
+def test_any_bit_flip_is_refused(position: int) -> None:
+    payload = bytearray(seal_reading(PSK, "pm-0001", 7, READING))
+    payload[position] ^= 0x80
+    with pytest.raises(SealedReadingError):
+        open_reading(PSK, "pm-0001", bytes(payload))
+
+
+def test_wrong_key_is_refused() -> None:
+    payload = seal_reading(PSK, "pm-0001", 7, READING)
+    with pytest.raises(SealedReadingError):
+        open_reading(os.urandom(32), "pm-0001", payload)
+
+
+def test_truncated_payload_is_malformed() -> None:
+    payload = seal_reading(PSK, "pm-0001", 7, READING)
+    with pytest.raises(SealedReadingError) as err:
+        open_reading(PSK, "pm-0001", payload[:-1])
+    assert err.value.reason == "malformed"
+
+
+def test_unknown_version_is_refused_before_crypto() -> None:
+    payload = b"\x02" + seal_reading(PSK, "pm-0001", 7, READING)[1:]
+    with pytest.raises(SealedReadingError) as err:
+        parse_header(payload)
+    assert err.value.reason == "unsupported_version"
+
+
+def test_oversized_payload_is_refused() -> None:
+    with pytest.raises(SealedReadingError) as err:
+        parse_header(b"\x01" * 10_000)
+    assert err.value.reason == "oversized"
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_open_or_raise_the_one_remote_error(data: bytes) -> None:
+    try:
+        open_reading(PSK, "pm-0001", data)
+    except SealedReadingError:
+        pass
+
+
+@given(st.binary(min_size=1, max_size=60))
+def test_arbitrary_bytes_fed_byte_by_byte_prefixes_never_raise_anything_else(data: bytes) -> None:
+    for end in range(len(data) + 1):
+        try:
+            open_reading(PSK, "pm-0001", data[:end])
+        except RemoteProtocolError as exc:
+            assert isinstance(exc, SealedReadingError)
+
+
+@given(st.integers(min_value=1, max_value=2**64 - 1), st.integers(0, 255),
+       st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF))
+def test_any_valid_reading_round_trips(counter: int, age: int, hr: int, sensor: int) -> None:
+    r = Reading(age, hr, sensor, datetime(2026, 1, 1, tzinfo=UTC))
+    assert open_reading(PSK, "dev", seal_reading(PSK, "dev", counter, r)) == (counter, r)
