@@ -8,6 +8,7 @@ Relative paths resolve against the config file's directory (ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +57,9 @@ class ConfigSection:
                     str(key), "unknown key", fix=f"use one of: {', '.join(sorted(allowed))}"
                 )
 
-    def get(self, key: str, kind: type[T], default: T | None = None, *, required: bool = False) -> T:
+    def get(
+        self, key: str, kind: type[T], default: T | None = None, *, required: bool = False
+    ) -> T:
         if key not in self.data or self.data[key] is None:
             if required or default is None:
                 raise self.error(key, "is required", fix=f"add '{key}:' to this section")
@@ -70,29 +73,52 @@ class ConfigSection:
             raise self.error(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
         return value  # type: ignore[return-value]
 
-    def get_int(self, key: str, default: int | None = None, *, lo: int | None = None,
-                hi: int | None = None, required: bool = False) -> int:
+    def get_int(
+        self,
+        key: str,
+        default: int | None = None,
+        *,
+        lo: int | None = None,
+        hi: int | None = None,
+        required: bool = False,
+    ) -> int:
         value = self.get(key, int, default, required=required)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise self.error(key, f"{value} is out of range", fix=f"use a value in [{lo}, {hi}]")
         return value
 
-    def get_float(self, key: str, default: float | None = None, *, lo: float | None = None,
-                  hi: float | None = None, required: bool = False) -> float:
+    def get_float(
+        self,
+        key: str,
+        default: float | None = None,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        required: bool = False,
+    ) -> float:
         value = self.get(key, float, default, required=required)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise self.error(key, f"{value} is out of range", fix=f"use a value in [{lo}, {hi}]")
         return value
 
-    def get_path(self, key: str, default: str | None = None, *, required: bool = False,
-                 must_exist: bool = False) -> Path:
+    def get_path(
+        self,
+        key: str,
+        default: str | None = None,
+        *,
+        required: bool = False,
+        must_exist: bool = False,
+    ) -> Path:
         raw = self.get(key, str, default, required=required)
         path = Path(raw).expanduser()
         if not path.is_absolute():
             path = self.base_dir / path
         if must_exist and not path.exists():
-            raise self.error(key, f"file {path} does not exist",
-                             fix="run 'pacegate pki init' / 'pacegate pki enroll' or correct the path")
+            raise self.error(
+                key,
+                f"file {path} does not exist",
+                fix="create it with 'pacegate pki' or correct the path",
+            )
         return path
 
     def section(self, key: str, *, required: bool = False) -> ConfigSection:
@@ -119,10 +145,8 @@ class ConfigSection:
             name = f"{self.key_name(key)}[{i}]"
             if not isinstance(item, CommentedMap):
                 line = None
-                try:
-                    line = int(value.lc.item(i)[0]) + 1
-                except (AttributeError, KeyError, TypeError):
-                    pass
+                with contextlib.suppress(AttributeError, KeyError, TypeError):
+                    line = int(value.lc.item(i)[0]) + 1  # type: ignore[union-attr]
                 raise ConfigError(self.path, name, "must be a mapping", line=line)
             out.append(ConfigSection(self.path, item, name))
         return out
@@ -145,8 +169,13 @@ def load_config(path: str | Path) -> ConfigSection:
     except MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(p, "", f"YAML syntax error: {exc.problem}", line=line,
-                          fix="check indentation and quoting on that line") from None
+        raise ConfigError(
+            p,
+            "",
+            f"YAML syntax error: {exc.problem}",
+            line=line,
+            fix="check indentation and quoting on that line",
+        ) from None
     except YAMLError as exc:
         raise ConfigError(p, "", f"YAML error: {exc}") from None
     if data is None:

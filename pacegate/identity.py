@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 
-DEVICE_ID_MAX_LEN = 64  # MQTT 3.1.1 brokers must accept client ids up to 23 bytes; all ours accept 64
+DEVICE_ID_MAX_LEN = (
+    64  # MQTT 3.1.1 brokers must accept client ids up to 23 bytes; all ours accept 64
+)
 _DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 # Identities that are not devices; a device may not take one of these names.

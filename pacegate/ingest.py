@@ -65,8 +65,12 @@ def encode_batch(batch: IngestBatch) -> bytes:
     parts = [_BATCH_HEAD.pack(MSG_BATCH, batch.batch_id, len(batch.items))]
     for item in batch.items:
         did = item.device_id.encode()
-        parts.append(bytes([len(did)]) + did + _ITEM_TAIL.pack(item.counter, item.flags)
-                     + item.reading.to_bytes())
+        parts.append(
+            bytes([len(did)])
+            + did
+            + _ITEM_TAIL.pack(item.counter, item.flags)
+            + item.reading.to_bytes()
+        )
     return b"".join(parts)
 
 

@@ -63,8 +63,12 @@ class PskStore:
     def create(cls, path: Path, key_path: Path) -> PskStore:
         """A new empty store with a fresh store key (refuses to replace an existing key)."""
         if key_path.exists():
-            raise ConfigError(key_path, "", "a PSK store key already exists",
-                              fix="load the existing store, or remove the PKI directory first")
+            raise ConfigError(
+                key_path,
+                "",
+                "a PSK store key already exists",
+                fix="load the existing store, or remove the PKI directory first",
+            )
         write_secret(key_path, os.urandom(STORE_KEY_SIZE))
         store = cls(path, key_path, {})
         store.save()
@@ -76,8 +80,12 @@ class PskStore:
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
-            raise ConfigError(path, "", "PSK store not found",
-                              fix="run 'pacegate pki init --dir DIR' and enroll devices") from None
+            raise ConfigError(
+                path,
+                "",
+                "PSK store not found",
+                fix="run 'pacegate pki init --dir DIR' and enroll devices",
+            ) from None
         if len(blob) < len(_MAGIC) + 1 + _NONCE + 16 or not blob.startswith(_MAGIC):
             raise ConfigError(path, "", "not a pacegate PSK store (bad magic or truncated)")
         version = blob[len(_MAGIC)]
@@ -85,17 +93,25 @@ class PskStore:
             raise ConfigError(path, "", f"PSK store version {version} is not supported")
         nonce = blob[len(_MAGIC) + 1 : len(_MAGIC) + 1 + _NONCE]
         try:
-            plain = AESGCM(key).decrypt(nonce, blob[len(_MAGIC) + 1 + _NONCE :],
-                                        _MAGIC + bytes([_VERSION]))
+            plain = AESGCM(key).decrypt(
+                nonce, blob[len(_MAGIC) + 1 + _NONCE :], _MAGIC + bytes([_VERSION])
+            )
         except InvalidTag:
-            raise ConfigError(path, "", "PSK store does not decrypt under its key file "
-                              f"{key_path} (tampered, or the wrong key file)") from None
+            raise ConfigError(
+                path,
+                "",
+                "PSK store does not decrypt under its key file "
+                f"{key_path} (tampered, or the wrong key file)",
+            ) from None
         data = json.loads(plain)
         devices = {}
         for did, entry in data.get("devices", {}).items():
             devices[did] = DeviceKey(
-                device_id=did, psk=base64.b64decode(entry["psk"]), status=entry["status"],
-                enrolled_at=entry["enrolled_at"], revoked_at=entry.get("revoked_at"),
+                device_id=did,
+                psk=base64.b64decode(entry["psk"]),
+                status=entry["status"],
+                enrolled_at=entry["enrolled_at"],
+                revoked_at=entry.get("revoked_at"),
             )
         return cls(path, key_path, devices)
 
@@ -119,26 +135,41 @@ class PskStore:
         if device_id in self._devices:
             raise ValueError(f"device {device_id!r} is already in the PSK store")
         self._devices[device_id] = DeviceKey(
-            device_id, psk, ACTIVE, datetime.now(UTC).isoformat(timespec="seconds"))
+            device_id, psk, ACTIVE, datetime.now(UTC).isoformat(timespec="seconds")
+        )
 
     def revoke(self, device_id: str) -> None:
         old = self._devices.get(device_id)
         if old is None:
             raise KeyError(device_id)
         self._devices[device_id] = DeviceKey(
-            device_id, old.psk, REVOKED, old.enrolled_at,
-            datetime.now(UTC).isoformat(timespec="seconds"))
+            device_id,
+            old.psk,
+            REVOKED,
+            old.enrolled_at,
+            datetime.now(UTC).isoformat(timespec="seconds"),
+        )
 
     def save(self) -> None:
         key = _read_key(self.key_path)
-        data = {"devices": {
-            d.device_id: {"psk": base64.b64encode(d.psk).decode(), "status": d.status,
-                          "enrolled_at": d.enrolled_at, "revoked_at": d.revoked_at}
-            for d in self._devices.values()}}
+        data = {
+            "devices": {
+                d.device_id: {
+                    "psk": base64.b64encode(d.psk).decode(),
+                    "status": d.status,
+                    "enrolled_at": d.enrolled_at,
+                    "revoked_at": d.revoked_at,
+                }
+                for d in self._devices.values()
+            }
+        }
         nonce = os.urandom(_NONCE)
         header = _MAGIC + bytes([_VERSION])
-        blob = header + nonce + AESGCM(key).encrypt(
-            nonce, json.dumps(data, sort_keys=True).encode(), header)
+        blob = (
+            header
+            + nonce
+            + AESGCM(key).encrypt(nonce, json.dumps(data, sort_keys=True).encode(), header)
+        )
         write_secret(self.path, blob)
 
 
@@ -146,8 +177,9 @@ def _read_key(key_path: Path) -> bytes:
     try:
         key = key_path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(key_path, "", "PSK store key file not found",
-                          fix="run 'pacegate pki init --dir DIR'") from None
+        raise ConfigError(
+            key_path, "", "PSK store key file not found", fix="run 'pacegate pki init --dir DIR'"
+        ) from None
     if len(key) != STORE_KEY_SIZE:
         raise ConfigError(key_path, "", f"PSK store key must be {STORE_KEY_SIZE} bytes")
     return key

@@ -17,6 +17,7 @@ Work directory (``pacegate up|devices|analyze|demo --workdir DIR``)::
 
     pki/                         the PKI directory above
     broker.yaml gateway.yaml hospital.yaml cloud.yaml   service configs (written if missing)
+    endpoints.json               where the running services listen (written by ``up``)
     gateway/                     replay state, spool
     hospital/                    readings.db, keyring.json
     logs/                        one log file per service started by ``up``/``demo``
@@ -29,6 +30,13 @@ from pathlib import Path
 
 from pacegate.identity import validate_device_id
 
+# Default endpoints (all loopback). Tests never use these: they pick free ports.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MQTTS_PORT = 8883  # IANA "secure-mqtt"
+DEFAULT_HOSPITAL_PORT = 8884  # gateway -> hospital PQ channel
+DEFAULT_CLOUD_PORT = 8885  # hospital -> cloud PQ channel
+DEFAULT_GATEWAY_METRICS_PORT = 9108  # Prometheus text, loopback only
+
 # Private keys, PSKs, keyrings: owner read/write only.
 SECRET_FILE_MODE = 0o600
 SECRET_DIR_MODE = 0o700
@@ -39,45 +47,81 @@ class PkiLayout:
     root: Path
 
     @property
-    def ca_cert(self) -> Path: return self.root / "ca.crt"
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
     @property
-    def ca_key(self) -> Path: return self.root / "ca.key"
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
     @property
-    def crl(self) -> Path: return self.root / "crl.pem"
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
+
     @property
-    def registry(self) -> Path: return self.root / "registry.json"
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
     @property
-    def broker_cert(self) -> Path: return self.root / "broker.crt"
+    def broker_cert(self) -> Path:
+        return self.root / "broker.crt"
+
     @property
-    def broker_key(self) -> Path: return self.root / "broker.key"
+    def broker_key(self) -> Path:
+        return self.root / "broker.key"
+
     @property
-    def gateway_cert(self) -> Path: return self.root / "gateway.crt"
+    def gateway_cert(self) -> Path:
+        return self.root / "gateway.crt"
+
     @property
-    def gateway_key(self) -> Path: return self.root / "gateway.key"
+    def gateway_key(self) -> Path:
+        return self.root / "gateway.key"
+
     @property
-    def devices_dir(self) -> Path: return self.root / "devices"
+    def devices_dir(self) -> Path:
+        return self.root / "devices"
+
     @property
-    def keystore_dir(self) -> Path: return self.root / "keystore"
+    def keystore_dir(self) -> Path:
+        return self.root / "keystore"
+
     @property
-    def psk_store(self) -> Path: return self.keystore_dir / "psk.store"
+    def psk_store(self) -> Path:
+        return self.keystore_dir / "psk.store"
+
     @property
-    def psk_store_key(self) -> Path: return self.keystore_dir / "psk.key"
+    def psk_store_key(self) -> Path:
+        return self.keystore_dir / "psk.key"
+
     @property
-    def channel_dir(self) -> Path: return self.root / "channel"
+    def channel_dir(self) -> Path:
+        return self.root / "channel"
+
     @property
-    def mosquitto_dir(self) -> Path: return self.root / "mosquitto"
+    def mosquitto_dir(self) -> Path:
+        return self.root / "mosquitto"
 
     def device_dir(self, device_id: str) -> Path:
         return self.devices_dir / validate_device_id(device_id)
 
-    def device_cert(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.crt"
-    def device_key(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.key"
-    def device_psk(self, device_id: str) -> Path: return self.device_dir(device_id) / "device.psk"
+    def device_cert(self, device_id: str) -> Path:
+        return self.device_dir(device_id) / "device.crt"
+
+    def device_key(self, device_id: str) -> Path:
+        return self.device_dir(device_id) / "device.key"
+
+    def device_psk(self, device_id: str) -> Path:
+        return self.device_dir(device_id) / "device.psk"
+
     def device_counter(self, device_id: str) -> Path:
         return self.device_dir(device_id) / "counter.state"
 
-    def channel_key(self, name: str) -> Path: return self.channel_dir / f"{name}.mldsa.key"
-    def channel_pub(self, name: str) -> Path: return self.channel_dir / f"{name}.mldsa.pub"
+    def channel_key(self, name: str) -> Path:
+        return self.channel_dir / f"{name}.mldsa.key"
+
+    def channel_pub(self, name: str) -> Path:
+        return self.channel_dir / f"{name}.mldsa.pub"
 
 
 @dataclass(frozen=True)
@@ -85,21 +129,44 @@ class WorkLayout:
     root: Path
 
     @property
-    def pki(self) -> PkiLayout: return PkiLayout(self.root / "pki")
+    def pki(self) -> PkiLayout:
+        return PkiLayout(self.root / "pki")
+
     @property
-    def broker_config(self) -> Path: return self.root / "broker.yaml"
+    def broker_config(self) -> Path:
+        return self.root / "broker.yaml"
+
     @property
-    def gateway_config(self) -> Path: return self.root / "gateway.yaml"
+    def gateway_config(self) -> Path:
+        return self.root / "gateway.yaml"
+
     @property
-    def hospital_config(self) -> Path: return self.root / "hospital.yaml"
+    def hospital_config(self) -> Path:
+        return self.root / "hospital.yaml"
+
     @property
-    def cloud_config(self) -> Path: return self.root / "cloud.yaml"
+    def cloud_config(self) -> Path:
+        return self.root / "cloud.yaml"
+
     @property
-    def gateway_dir(self) -> Path: return self.root / "gateway"
+    def gateway_dir(self) -> Path:
+        return self.root / "gateway"
+
     @property
-    def hospital_dir(self) -> Path: return self.root / "hospital"
+    def hospital_dir(self) -> Path:
+        return self.root / "hospital"
+
     @property
-    def logs_dir(self) -> Path: return self.root / "logs"
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def endpoints(self) -> Path:
+        """JSON written by ``pacegate up``: where each running service listens, e.g.
+        ``{"mqtt": {"host": "127.0.0.1", "port": 8883}, "hospital": {...}, "cloud": {...},
+        "gateway_metrics": {...}}``. ``devices`` and ``analyze`` read it; absent, they use
+        the defaults above."""
+        return self.root / "endpoints.json"
 
 
 def write_secret(path: Path, data: bytes) -> None:

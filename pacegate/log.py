@@ -19,12 +19,27 @@ import time
 from typing import Any
 
 SECURITY_LOGGER = "pacegate.security"
-_REDACT_NAMES = frozenset({"psk", "key", "secret", "password", "token", "plaintext", "reading",
-                           "private_key", "session_key", "shared_secret"})
+_REDACT_NAMES = frozenset(
+    {
+        "psk",
+        "key",
+        "secret",
+        "password",
+        "token",
+        "plaintext",
+        "reading",
+        "private_key",
+        "session_key",
+        "shared_secret",
+    }
+)
 _REDACT_SUFFIXES = ("_psk", "_key", "_secret", "_password", "_token", "_plaintext")
 _REDACTED = "<redacted>"
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
-    "message", "asctime", "taskName"}
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 def _is_secret_field(name: str) -> bool:
@@ -61,7 +76,8 @@ class JsonFormatter(logging.Formatter):
 
 class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        when = self.formatTime(record, "%H:%M:%S")
+        base = f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             base += " " + " ".join(f"{k}={v}" for k, v in fields.items())
@@ -84,8 +100,15 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
-def security_event(event: str, *, component: str, reason: str, peer: str | None = None,
-                   level: int = logging.WARNING, **detail: Any) -> None:
+def security_event(
+    event: str,
+    *,
+    component: str,
+    reason: str,
+    peer: str | None = None,
+    level: int = logging.WARNING,
+    **detail: Any,
+) -> None:
     """Log a refusal or other security-relevant fact as structured data (no secrets)."""
     fields: dict[str, Any] = {"event": event, "component": component, "reason": reason}
     if peer is not None:
