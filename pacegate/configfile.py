@@ -146,7 +146,7 @@ class ConfigSection:
             if not isinstance(item, CommentedMap):
                 line = None
                 with contextlib.suppress(AttributeError, KeyError, TypeError):
-                    line = int(value.lc.item(i)[0]) + 1  # type: ignore[union-attr]
+                    line = int(value.lc.item(i)[0]) + 1  # type: ignore[union-attr,attr-defined]
                 raise ConfigError(self.path, name, "must be a mapping", line=line)
             out.append(ConfigSection(self.path, item, name))
         return out
