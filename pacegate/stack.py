@@ -1,0 +1,423 @@
+"""``pacegate up`` and ``pacegate demo``: the whole pipeline on one machine.
+
+Every service runs as its own process (``python -m pacegate <service> -c <config>``), as an
+operator would run it, with its log in ``WORKDIR/logs/``. This module only orchestrates:
+it writes default configs, starts the services in dependency order (broker, cloud,
+hospital, gateway), waits for each to listen, and stops exactly the processes it started,
+by their PID, on SIGINT/SIGTERM or at the end of the demo.
+
+The demo then runs the simulated fleet (``pacegate devices --json``), watches the gateway's
+and the hospital's Prometheus metrics for the live view, waits until everything the gateway
+accepted is stored, runs ``pacegate analyze --json`` and prints the final report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pacegate.errors import ConfigError, PacegateError
+from pacegate.layout import (
+    DEFAULT_CLOUD_PORT,
+    DEFAULT_GATEWAY_METRICS_PORT,
+    DEFAULT_HOSPITAL_PORT,
+    DEFAULT_HOST,
+    DEFAULT_MQTTS_PORT,
+    WorkLayout,
+)
+
+log = logging.getLogger("pacegate.stack")
+
+# How long a service may take to start listening. The cloud worker imports TenSEAL and
+# the gateway connects to the broker first; both take a second or two on a loaded machine.
+SERVICE_START_TIMEOUT_S = 60.0
+# After the devices stop, how long to wait for the gateway and hospital to drain (batches in
+# flight, spool). Bounded so that a broken stack ends the demo with a clear report.
+DRAIN_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+DEFAULT_HOSPITAL_METRICS_PORT = 9109
+SERVICE_ORDER = ("broker", "cloud", "hospital", "gateway")
+
+
+class StackError(PacegateError):
+    """A service failed to start, died, or the pipeline did not drain."""
+
+
+@dataclass
+class Endpoints:
+    mqtt: tuple[str, int]
+    hospital: tuple[str, int]
+    cloud: tuple[str, int]
+    gateway_metrics: tuple[str, int]
+    hospital_metrics: tuple[str, int]
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {name: {"host": h, "port": p} for name, (h, p) in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Endpoints:
+        def get(name: str) -> tuple[str, int]:
+            return str(data[name]["host"]), int(data[name]["port"])
+
+        return cls(*(get(name) for name in cls.__dataclass_fields__))
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def choose_endpoints(*, prefer_defaults: bool = True) -> Endpoints:
+    """The default ports where they are free, otherwise free ephemeral ones (so a demo
+    runs beside another pacegate, or anything else on 8883)."""
+    taken: set[int] = set()
+
+    def pick(default: int) -> tuple[str, int]:
+        if prefer_defaults and default not in taken and port_is_free(DEFAULT_HOST, default):
+            taken.add(default)
+            return DEFAULT_HOST, default
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        return DEFAULT_HOST, port
+
+    return Endpoints(
+        mqtt=pick(DEFAULT_MQTTS_PORT),
+        hospital=pick(DEFAULT_HOSPITAL_PORT),
+        cloud=pick(DEFAULT_CLOUD_PORT),
+        gateway_metrics=pick(DEFAULT_GATEWAY_METRICS_PORT),
+        hospital_metrics=pick(DEFAULT_HOSPITAL_METRICS_PORT),
+    )
+
+
+def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
+    """Write the four service configs for ``ep`` (keeping hand-edited ones unless asked)."""
+    from cloud.config import render_default_config as cloud_config
+    from gateway.config import render_default_config as gateway_config
+    from hospital.config import render_default_config as hospital_config
+
+    from pacegate.broker.config import render_default_config as broker_config
+
+    texts = {
+        work.broker_config: broker_config(
+            work.pki.root, host=ep.mqtt[0], port=ep.mqtt[1], config_dir=work.root
+        ),
+        work.cloud_config: cloud_config(work, host=ep.cloud[0], port=ep.cloud[1]),
+        work.hospital_config: hospital_config(
+            work,
+            host=ep.hospital[0],
+            port=ep.hospital[1],
+            metrics_port=ep.hospital_metrics[1],
+            cloud_host=ep.cloud[0],
+            cloud_port=ep.cloud[1],
+        ),
+        work.gateway_config: gateway_config(
+            work,
+            mqtt_host=ep.mqtt[0],
+            mqtt_port=ep.mqtt[1],
+            hospital_host=ep.hospital[0],
+            hospital_port=ep.hospital[1],
+            metrics_port=ep.gateway_metrics[1],
+        ),
+    }
+    for path, text in texts.items():
+        if overwrite or not path.exists():
+            path.write_text(text)
+    work.endpoints.write_text(json.dumps(ep.to_json(), indent=2) + "\n")
+
+
+def read_endpoints(work: WorkLayout) -> Endpoints | None:
+    try:
+        return Endpoints.from_json(json.loads(work.endpoints.read_text()))
+    except FileNotFoundError:
+        return None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            work.endpoints, "", f"unreadable endpoints file: {exc}", fix="delete it and rerun"
+        ) from None
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"exited with code {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise StackError(f"did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: TextIO
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def pacegate_argv(*args: str, log_level: str | None = None, log_json: bool = False) -> list[str]:
+    argv = [sys.executable, "-m", "pacegate"]
+    if log_level:
+        argv += ["--log-level", log_level]
+    if log_json:
+        argv.append("--log-json")
+    return argv + list(args)
+
+
+@dataclass
+class Stack:
+    """The four services of one work directory, started and stopped together."""
+
+    work: WorkLayout
+    endpoints: Endpoints
+    log_level: str = "INFO"
+    log_json: bool = False
+    services: list[Service] = field(default_factory=list)
+
+    def _config_of(self, name: str) -> Path:
+        return {
+            "broker": self.work.broker_config,
+            "cloud": self.work.cloud_config,
+            "hospital": self.work.hospital_config,
+            "gateway": self.work.gateway_config,
+        }[name]
+
+    def _port_of(self, name: str) -> tuple[str, int]:
+        ep = self.endpoints
+        return {
+            "broker": ep.mqtt,
+            "cloud": ep.cloud,
+            "hospital": ep.hospital,
+            "gateway": ep.gateway_metrics,
+        }[name]
+
+    def start(self) -> None:
+        self.work.logs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in SERVICE_ORDER:
+                self._start_one(name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_one(self, name: str) -> None:
+        log_path = self.work.logs_dir / f"{name}.log"
+        log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        argv = pacegate_argv(
+            name,
+            "-c",
+            str(self._config_of(name)),
+            log_level=self.log_level,
+            log_json=self.log_json,
+        )
+        proc = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.work.root,
+            start_new_session=True,  # our signals, not the terminal's
+        )
+        service = Service(name, proc, log_path, log_file)
+        self.services.append(service)
+        host, port = self._port_of(name)
+        try:
+            wait_for_port(host, port, SERVICE_START_TIMEOUT_S, proc)
+        except StackError as exc:
+            raise StackError(
+                f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{service.tail()}"
+            ) from None
+        log.info("%s listening on %s:%d (pid %d)", name, host, port, proc.pid)
+
+    def check_alive(self) -> None:
+        for s in self.services:
+            if s.proc.poll() is not None:
+                raise StackError(
+                    f"{s.name} exited with code {s.proc.returncode}\n"
+                    f"--- last lines of {s.log_path} ---\n{s.tail()}"
+                )
+
+    def stop(self) -> None:
+        """SIGTERM our services in reverse order, then SIGKILL any that outstay the grace."""
+        for s in reversed(self.services):
+            if s.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    s.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while s.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if s.proc.poll() is None:
+                log.warning(
+                    "%s did not stop within %.0f s; killing pid %d",
+                    s.name,
+                    STOP_GRACE_S,
+                    s.proc.pid,
+                )
+                s.proc.kill()
+                s.proc.wait()
+            s.log_file.close()
+        self.services.clear()
+
+
+def scrape(host: str, port: int) -> dict[str, float]:
+    """Read a Prometheus text endpoint into ``{"name{label=value}": value}``."""
+    url = f"http://{host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def rejected_by_reason(metrics: dict[str, float], prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    head = f"{prefix}{{reason="
+    for key, value in metrics.items():
+        if key.startswith(head) and value:
+            out[key[len(head) : -1]] = int(value)
+    return out
+
+
+@dataclass
+class PipelineCounts:
+    received: int = 0
+    accepted: int = 0
+    forwarded: int = 0
+    spooled: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def scrape(cls, ep: Endpoints) -> PipelineCounts:
+        g = scrape(*ep.gateway_metrics)
+        h = scrape(*ep.hospital_metrics)
+        rejected = rejected_by_reason(g, "pacegate_gateway_rejected_total")
+        for reason, n in rejected_by_reason(h, "pacegate_hospital_rejected_total").items():
+            rejected[f"hospital_{reason}"] = n
+        return cls(
+            received=int(g.get("pacegate_gateway_received_total", 0)),
+            accepted=int(g.get("pacegate_gateway_accepted_total", 0)),
+            forwarded=int(g.get("pacegate_gateway_forwarded_total", 0)),
+            spooled=int(g.get("pacegate_gateway_spooled", 0)),
+            stored=int(h.get("pacegate_hospital_stored_total", 0)),
+            duplicates=int(h.get("pacegate_hospital_duplicates_total", 0)),
+            rejected=rejected,
+        )
+
+
+def prepare_workdir(work: WorkLayout, device_count: int) -> list[str]:
+    """Create the PKI if missing and enrol ``device_count`` simulated pacemakers."""
+    from pacegate import pki
+
+    work.root.mkdir(parents=True, exist_ok=True)
+    if not work.pki.ca_cert.exists():
+        log.info("creating the PKI in %s", work.pki.root)
+        pki.init_pki(work.pki.root)
+    wanted = [f"pm-{i:04d}" for i in range(1, device_count + 1)]
+    missing = [d for d in wanted if not work.pki.device_cert(d).exists()]
+    if missing:
+        log.info("enrolling %d simulated pacemakers", len(missing))
+        pki.enroll_devices(work.pki.root, missing)
+    return wanted
+
+
+@contextlib.contextmanager
+def running_stack(
+    work: WorkLayout, *, overwrite_configs: bool, log_level: str = "INFO", log_json: bool = False
+) -> Iterator[Stack]:
+    ep = read_endpoints(work) if not overwrite_configs else None
+    if ep is None or overwrite_configs:
+        ep = choose_endpoints()
+    write_configs(work, ep, overwrite=overwrite_configs)
+    stack = Stack(work, ep, log_level=log_level, log_json=log_json)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def cli_up(args: argparse.Namespace) -> int:
+    work = WorkLayout(args.workdir.resolve())
+    if not work.pki.ca_cert.exists():
+        raise ConfigError(
+            work.pki.ca_cert,
+            "",
+            "no PKI in this work directory",
+            fix=f"run 'pacegate pki init --dir {work.pki.root}' and enroll devices, "
+            "or run 'pacegate demo' which does it for you",
+        )
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        with running_stack(
+            work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
+        ) as stack:
+            ep = stack.endpoints
+            print(
+                f"pacegate is up in {work.root}: MQTTS {ep.mqtt[0]}:{ep.mqtt[1]}, hospital "
+                f"{ep.hospital[1]}, cloud {ep.cloud[1]}, gateway metrics "
+                f"http://{ep.gateway_metrics[0]}:{ep.gateway_metrics[1]}/metrics; logs in "
+                f"{work.logs_dir}. Ctrl-C stops.",
+                file=sys.stderr,
+            )
+            while True:
+                stack.check_alive()
+                time.sleep(0.5)
+    except _Stop as stop:
+        print(f"pacegate: {stop}, stopping services", file=sys.stderr)
+        return 0
+
+
+def cli_demo(args: argparse.Namespace) -> int:
+    from pacegate.demo_report import run_demo
+
+    return run_demo(args)
