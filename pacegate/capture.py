@@ -1,0 +1,340 @@
+"""``pacegate capture``: record pacegate's loopback traffic and verify it with tshark.
+
+What the report checks, and how:
+
+- **TLS versions and cipher suites** of every MQTT handshake (ServerHello fields).
+- **Client certificates required**: with the key log, the encrypted TLS 1.3 handshake is
+  readable, so we count the broker's CertificateRequest and the clients' Certificate messages.
+- **MQTT payloads still sealed**: with the key log, tshark decrypts TLS and dissects MQTT; every
+  PUBLISH payload must parse as a sealed reading (``pacegate.sealed``) and, when the work
+  directory's device bundles are at hand, open under that device's PSK. Opening them is how we
+  learn the readings that were sent...
+- **No reading in clear on any port**: ...so that we can then search every TCP payload of the
+  capture, on every port (MQTT/TLS, the post-quantum channels, metrics), raw and TLS-decrypted,
+  for each reading's wire encoding and for the reading's JSON field names.
+
+The pcapng and the key log open in Wireshark (docs/wireshark.md gives the display filters).
+Capturing needs ``dumpcap`` (Debian's ``tshark`` package) and the right to capture on ``lo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacegate.errors import PacegateError, RemoteProtocolError
+from pacegate.layout import (
+    DEFAULT_CLOUD_PORT,
+    DEFAULT_HOSPITAL_PORT,
+    DEFAULT_MQTTS_PORT,
+    WorkLayout,
+)
+from pacegate.sealed import SEALED_SIZE_V1, open_reading, parse_header
+from pacegate.tlsconf import KEYLOG_ENV
+
+log = logging.getLogger("pacegate.capture")
+
+# JSON field names of the specification's reading: none may cross the wire in clear.
+READING_FIELD_NAMES = (b"heart_rate_bpm", b"sensor_id", b'"age"', b'"timestamp"')
+TLS_VERSION_NAMES = {"0x0301": "TLS 1.0", "0x0302": "TLS 1.1", "0x0303": "TLS 1.2",
+                     "0x0304": "TLS 1.3"}
+DUMPCAP_START_TIMEOUT_S = 10.0
+# Demo runs inside a capture are short: the capture's own bound.
+CAPTURE_DEMO_DEVICES = 5
+CAPTURE_DEMO_DURATION_S = 6.0
+
+
+class CaptureError(PacegateError):
+    """tshark/dumpcap is missing or failed."""
+
+
+@dataclass
+class Ports:
+    mqtt: int = DEFAULT_MQTTS_PORT
+    hospital: int = DEFAULT_HOSPITAL_PORT
+    cloud: int = DEFAULT_CLOUD_PORT
+
+    @classmethod
+    def of(cls, work: WorkLayout | None) -> Ports:
+        if work is not None and work.endpoints.exists():
+            data = json.loads(work.endpoints.read_text())
+            return cls(int(data["mqtt"]["port"]), int(data["hospital"]["port"]),
+                       int(data["cloud"]["port"]))
+        return cls()
+
+
+@dataclass
+class CaptureReport:
+    pcap: str
+    keylog: str | None
+    ports: dict[str, int]
+    packets: int = 0
+    tls_handshakes: int = 0
+    tls_versions: dict[str, int] = field(default_factory=dict)
+    cipher_suites: dict[str, int] = field(default_factory=dict)
+    certificate_requests: int = 0
+    client_certificates: int = 0
+    mqtt_publishes_decrypted: int = 0
+    mqtt_payloads_sealed: int = 0
+    mqtt_payloads_opened_with_psk: int = 0
+    pq_channel_bytes: int = 0
+    readings_searched: int = 0
+    plaintext_findings: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    ok: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/bin/{tool}" if Path(f"/usr/bin/{tool}").exists() else None)
+    if path is None:
+        raise CaptureError(f"{tool} not found: install Debian's 'tshark' package "
+                           "(./dev setup does it)")
+    return path
+
+
+def _tshark(pcap: Path, keylog: Path | None, ports: Ports, display_filter: str,
+            fields: list[str], *, occurrence: str = "a") -> list[list[str]]:
+    argv = [_need("tshark"), "-n", "-r", str(pcap), "-d", f"tcp.port=={ports.mqtt},tls",
+            "-d", f"tls.port=={ports.mqtt},mqtt", "-Y", display_filter, "-T", "fields",
+            "-E", "separator=\t", "-E", f"occurrence={occurrence}", "-E", "aggregator=,"]
+    if keylog is not None and keylog.exists():
+        argv += ["-o", f"tls.keylog_file:{keylog}"]
+    for f in fields:
+        argv += ["-e", f]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        raise CaptureError(f"tshark failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+    return [line.split("\t") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _load_psks(work: WorkLayout | None) -> dict[str, bytes]:
+    if work is None or not work.pki.devices_dir.exists():
+        return {}
+    out = {}
+    for d in work.pki.devices_dir.iterdir():
+        psk = d / "device.psk"
+        with contextlib.suppress(OSError):
+            out[d.name] = psk.read_bytes()
+    return out
+
+
+def analyse(pcap: Path, keylog: Path | None, ports: Ports,
+            work: WorkLayout | None = None) -> CaptureReport:
+    """Verify a capture; see the module docstring for what is checked."""
+    report = CaptureReport(str(pcap), str(keylog) if keylog else None, vars(ports).copy())
+    report.packets = len(_tshark(pcap, None, ports, "frame", ["frame.number"]))
+
+    hello = _tshark(pcap, keylog, ports, f"tcp.port=={ports.mqtt} && tls.handshake.type==2",
+                    ["tls.handshake.version", "tls.handshake.extensions.supported_version",
+                     "tls.handshake.ciphersuite"])
+    versions: Counter[str] = Counter()
+    suites: Counter[str] = Counter()
+    for legacy, supported, suite in (row + ["", "", ""])[:3] for row in hello):
+        v = supported.split(",")[0] if supported else legacy
+        versions[TLS_VERSION_NAMES.get(v, v)] += 1
+        suites[suite] += 1
+    report.tls_handshakes = sum(versions.values())
+    report.tls_versions = dict(versions)
+    report.cipher_suites = _suite_names(pcap, ports, suites)
+
+    hs = _tshark(pcap, keylog, ports, f"tcp.port=={ports.mqtt} && tls.handshake",
+                 ["tcp.srcport", "tls.handshake.type"])
+    for srcport, types in ((r + [""])[:2] for r in hs):
+        kinds = types.split(",")
+        if srcport == str(ports.mqtt):
+            report.certificate_requests += kinds.count("13")
+        else:
+            report.client_certificates += kinds.count("11")
+
+    psks = _load_psks(work)
+    readings: list[bytes] = []
+    decrypted_payloads: list[bytes] = []
+    pubs = _tshark(pcap, keylog, ports, "mqtt.msgtype==3", ["mqtt.topic", "mqtt.msg"],
+                   occurrence="a")
+    for row in pubs:
+        topics = row[0].split(",") if row and row[0] else []
+        msgs = row[1].split(",") if len(row) > 1 and row[1] else []
+        for topic, hexmsg in zip(topics, msgs, strict=False):
+            report.mqtt_publishes_decrypted += 1
+            payload = bytes.fromhex(hexmsg.replace(":", ""))
+            decrypted_payloads.append(payload)
+            try:
+                parse_header(payload)
+            except RemoteProtocolError:
+                report.findings.append(f"MQTT payload on {topic} is not a sealed reading")
+                continue
+            report.mqtt_payloads_sealed += 1
+            parts = topic.split("/")
+            device = parts[1] if len(parts) == 3 else ""
+            if device in psks:
+                try:
+                    _, reading = open_reading(psks[device], device, payload)
+                except RemoteProtocolError:
+                    continue
+                report.mqtt_payloads_opened_with_psk += 1
+                readings.append(reading.to_bytes())
+
+    # Every byte that crossed loopback, raw, plus the TLS-decrypted application data.
+    blobs: list[bytes] = []
+    for (payload,) in (r[:1] for r in _tshark(pcap, None, ports, "tcp.len > 0",
+                                              ["tcp.payload"], occurrence="f")):
+        blobs.append(bytes.fromhex(payload.replace(":", "")))
+    blobs += decrypted_payloads  # what TLS hid, as the broker saw it
+    pq_ports = {str(ports.hospital), str(ports.cloud)}
+    for row in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.srcport", "tcp.dstport",
+                                                          "tcp.len"]):
+        if row[0] in pq_ports or (len(row) > 1 and row[1] in pq_ports):
+            report.pq_channel_bytes += int(row[2]) if len(row) > 2 and row[2] else 0
+    report.readings_searched = len(readings)
+    wanted = set(readings)
+    for blob in blobs:
+        for name in READING_FIELD_NAMES:
+            if name in blob:
+                report.plaintext_findings.append(f"reading field name {name.decode()} in clear")
+        for r in wanted:
+            if r in blob:
+                report.plaintext_findings.append(f"a reading's encoding {r.hex()} in clear")
+    report.plaintext_findings = sorted(set(report.plaintext_findings))
+
+    if report.tls_handshakes == 0:
+        report.findings.append("no TLS handshake on the MQTT port was captured")
+    if any(v not in ("TLS 1.2", "TLS 1.3") for v in report.tls_versions):
+        report.findings.append(f"weak TLS version negotiated: {report.tls_versions}")
+    if keylog is not None and report.tls_handshakes:
+        if report.certificate_requests < report.tls_handshakes:
+            report.findings.append("a TLS handshake completed without a CertificateRequest")
+        if report.mqtt_publishes_decrypted == 0:
+            report.findings.append("no MQTT PUBLISH could be decrypted with the key log")
+    if report.mqtt_payloads_sealed < report.mqtt_publishes_decrypted:
+        report.findings.append("some MQTT payloads were not sealed readings")
+    report.findings += report.plaintext_findings
+    report.ok = not report.findings
+    return report
+
+
+def _suite_names(pcap: Path, ports: Ports, suites: Counter[str]) -> dict[str, int]:
+    """Cipher suite names as Wireshark prints them (e.g. TLS_AES_256_GCM_SHA384)."""
+    if not suites:
+        return {}
+    argv = [_need("tshark"), "-n", "-r", str(pcap), "-d", f"tcp.port=={ports.mqtt},tls",
+            "-Y", "tls.handshake.type==2", "-V"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    names: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("Cipher Suite:") and "(" in line:
+            name, code = line[len("Cipher Suite:"):].rsplit("(", 1)
+            names[code.rstrip(")").strip().lower()] = name.strip()
+    return {names.get(code.lower(), code): n for code, n in suites.items()}
+
+
+def _start_dumpcap(out: Path, duration: float | None) -> subprocess.Popen[bytes]:
+    argv = [_need("dumpcap"), "-q", "-i", "lo", "-f", "tcp", "-w", str(out)]
+    if duration is not None:
+        argv += ["-a", f"duration:{max(1, int(duration))}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + DUMPCAP_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise CaptureError(f"dumpcap could not capture on lo: {err.strip()[:500]} "
+                               "(capturing needs root or the wireshark group)")
+        if out.exists() and out.stat().st_size > 0:
+            return proc
+        time.sleep(0.1)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(args: argparse.Namespace) -> int:
+    out: Path = args.out.resolve()
+    work = WorkLayout(args.workdir.resolve()) if args.workdir else None
+    keylog: Path | None = args.keylog
+    if keylog is None:
+        env = os.environ.get(KEYLOG_ENV)
+        keylog = Path(env) if env else (out.with_suffix(".keys.log") if work else None)
+    if work is not None:
+        assert keylog is not None
+        keylog = keylog.resolve()
+        with contextlib.suppress(FileNotFoundError):
+            keylog.unlink()
+        dumpcap = _start_dumpcap(out, None)
+        try:
+            env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
+            argv = [sys.executable, "-m", "pacegate", "demo", "--workdir", str(work.root),
+                    "--devices", str(CAPTURE_DEMO_DEVICES), "--duration",
+                    str(min(args.duration, CAPTURE_DEMO_DURATION_S)), "--json"]
+            demo = subprocess.run(argv, env=env, capture_output=True, timeout=600, check=False)
+            if demo.returncode != 0:
+                print(demo.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
+                raise CaptureError(f"the demo run inside the capture failed ({demo.returncode})")
+        finally:
+            _stop(dumpcap)
+    else:
+        print(f"capturing loopback TCP for {args.duration:g} s into {out}", file=sys.stderr)
+        dumpcap = _start_dumpcap(out, args.duration)
+        try:
+            dumpcap.wait(timeout=args.duration + 30)
+        finally:
+            _stop(dumpcap)
+    report = analyse(out, keylog, Ports.of(work), work)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    _print_human(report)
+    return 0 if report.ok else 1
+
+
+def _print_human(r: CaptureReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    t = Table(title=f"pacegate capture: {r.pcap}")
+    t.add_column("check")
+    t.add_column("result")
+    t.add_row("packets captured", str(r.packets))
+    t.add_row("TLS handshakes (MQTT port)", str(r.tls_handshakes))
+    t.add_row("TLS versions", ", ".join(f"{k}: {v}" for k, v in r.tls_versions.items()))
+    t.add_row("cipher suites", ", ".join(f"{k}: {v}" for k, v in r.cipher_suites.items()))
+    t.add_row("CertificateRequest (broker -> client)", str(r.certificate_requests))
+    t.add_row("client Certificate messages", str(r.client_certificates))
+    t.add_row("MQTT PUBLISH decrypted with key log", str(r.mqtt_publishes_decrypted))
+    t.add_row("... of which sealed readings", str(r.mqtt_payloads_sealed))
+    t.add_row("... opened with the device PSK", str(r.mqtt_payloads_opened_with_psk))
+    t.add_row("PQ channel bytes (hospital, cloud)", str(r.pq_channel_bytes))
+    t.add_row("readings searched for in clear", str(r.readings_searched))
+    t.add_row("readings found in clear", str(len(r.plaintext_findings)))
+    console.print(t)
+    for f in r.findings:
+        console.print(f"[red]finding:[/red] {f}")
+    console.print("[green]OK[/green]: TLS required client certificates and every MQTT payload "
+                  "is still sealed" if r.ok else "[red]FAILED[/red]")
+    if r.keylog:
+        console.print(f"open in Wireshark: wireshark -o tls.keylog_file:{r.keylog} {r.pcap}")
