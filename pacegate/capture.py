@@ -48,8 +48,12 @@ log = logging.getLogger("pacegate.capture")
 
 # JSON field names of the specification's reading: none may cross the wire in clear.
 READING_FIELD_NAMES = (b"heart_rate_bpm", b"sensor_id", b'"age"', b'"timestamp"')
-TLS_VERSION_NAMES = {"0x0301": "TLS 1.0", "0x0302": "TLS 1.1", "0x0303": "TLS 1.2",
-                     "0x0304": "TLS 1.3"}
+TLS_VERSION_NAMES = {
+    "0x0301": "TLS 1.0",
+    "0x0302": "TLS 1.1",
+    "0x0303": "TLS 1.2",
+    "0x0304": "TLS 1.3",
+}
 DUMPCAP_START_TIMEOUT_S = 10.0
 # Demo runs inside a capture are short: the capture's own bound.
 CAPTURE_DEMO_DEVICES = 5
@@ -70,8 +74,9 @@ class Ports:
     def of(cls, work: WorkLayout | None) -> Ports:
         if work is not None and work.endpoints.exists():
             data = json.loads(work.endpoints.read_text())
-            return cls(int(data["mqtt"]["port"]), int(data["hospital"]["port"]),
-                       int(data["cloud"]["port"]))
+            return cls(
+                int(data["mqtt"]["port"]), int(data["hospital"]["port"]), int(data["cloud"]["port"])
+            )
         return cls()
 
 
@@ -102,16 +107,41 @@ class CaptureReport:
 def _need(tool: str) -> str:
     path = shutil.which(tool) or (f"/usr/bin/{tool}" if Path(f"/usr/bin/{tool}").exists() else None)
     if path is None:
-        raise CaptureError(f"{tool} not found: install Debian's 'tshark' package "
-                           "(./dev setup does it)")
+        raise CaptureError(
+            f"{tool} not found: install Debian's 'tshark' package (./dev setup does it)"
+        )
     return path
 
 
-def _tshark(pcap: Path, keylog: Path | None, ports: Ports, display_filter: str,
-            fields: list[str], *, occurrence: str = "a") -> list[list[str]]:
-    argv = [_need("tshark"), "-n", "-r", str(pcap), "-d", f"tcp.port=={ports.mqtt},tls",
-            "-d", f"tls.port=={ports.mqtt},mqtt", "-Y", display_filter, "-T", "fields",
-            "-E", "separator=\t", "-E", f"occurrence={occurrence}", "-E", "aggregator=,"]
+def _tshark(
+    pcap: Path,
+    keylog: Path | None,
+    ports: Ports,
+    display_filter: str,
+    fields: list[str],
+    *,
+    occurrence: str = "a",
+) -> list[list[str]]:
+    argv = [
+        _need("tshark"),
+        "-n",
+        "-r",
+        str(pcap),
+        "-d",
+        f"tcp.port=={ports.mqtt},tls",
+        "-d",
+        f"tls.port=={ports.mqtt},mqtt",
+        "-Y",
+        display_filter,
+        "-T",
+        "fields",
+        "-E",
+        "separator=\t",
+        "-E",
+        f"occurrence={occurrence}",
+        "-E",
+        "aggregator=,",
+    ]
     if keylog is not None and keylog.exists():
         argv += ["-o", f"tls.keylog_file:{keylog}"]
     for f in fields:
@@ -133,18 +163,27 @@ def _load_psks(work: WorkLayout | None) -> dict[str, bytes]:
     return out
 
 
-def analyse(pcap: Path, keylog: Path | None, ports: Ports,
-            work: WorkLayout | None = None) -> CaptureReport:
+def analyse(
+    pcap: Path, keylog: Path | None, ports: Ports, work: WorkLayout | None = None
+) -> CaptureReport:
     """Verify a capture; see the module docstring for what is checked."""
     report = CaptureReport(str(pcap), str(keylog) if keylog else None, vars(ports).copy())
     report.packets = len(_tshark(pcap, None, ports, "frame", ["frame.number"]))
 
-    hello = _tshark(pcap, keylog, ports, f"tcp.port=={ports.mqtt} && tls.handshake.type==2",
-                    ["tls.handshake.version", "tls.handshake.extensions.supported_version",
-                     "tls.handshake.ciphersuite"])
+    hello = _tshark(
+        pcap,
+        keylog,
+        ports,
+        f"tcp.port=={ports.mqtt} && tls.handshake.type==2",
+        [
+            "tls.handshake.version",
+            "tls.handshake.extensions.supported_version",
+            "tls.handshake.ciphersuite",
+        ],
+    )
     versions: Counter[str] = Counter()
     suites: Counter[str] = Counter()
-    for legacy, supported, suite in (row + ["", "", ""])[:3] for row in hello):
+    for legacy, supported, suite in ((row + ["", "", ""])[:3] for row in hello):
         v = supported.split(",")[0] if supported else legacy
         versions[TLS_VERSION_NAMES.get(v, v)] += 1
         suites[suite] += 1
@@ -152,8 +191,13 @@ def analyse(pcap: Path, keylog: Path | None, ports: Ports,
     report.tls_versions = dict(versions)
     report.cipher_suites = _suite_names(pcap, ports, suites)
 
-    hs = _tshark(pcap, keylog, ports, f"tcp.port=={ports.mqtt} && tls.handshake",
-                 ["tcp.srcport", "tls.handshake.type"])
+    hs = _tshark(
+        pcap,
+        keylog,
+        ports,
+        f"tcp.port=={ports.mqtt} && tls.handshake",
+        ["tcp.srcport", "tls.handshake.type"],
+    )
     for srcport, types in ((r + [""])[:2] for r in hs):
         kinds = types.split(",")
         if srcport == str(ports.mqtt):
@@ -164,8 +208,9 @@ def analyse(pcap: Path, keylog: Path | None, ports: Ports,
     psks = _load_psks(work)
     readings: list[bytes] = []
     decrypted_payloads: list[bytes] = []
-    pubs = _tshark(pcap, keylog, ports, "mqtt.msgtype==3", ["mqtt.topic", "mqtt.msg"],
-                   occurrence="a")
+    pubs = _tshark(
+        pcap, keylog, ports, "mqtt.msgtype==3", ["mqtt.topic", "mqtt.msg"], occurrence="a"
+    )
     for row in pubs:
         topics = row[0].split(",") if row and row[0] else []
         msgs = row[1].split(",") if len(row) > 1 and row[1] else []
@@ -191,13 +236,13 @@ def analyse(pcap: Path, keylog: Path | None, ports: Ports,
 
     # Every byte that crossed loopback, raw, plus the TLS-decrypted application data.
     blobs: list[bytes] = []
-    for (payload,) in (r[:1] for r in _tshark(pcap, None, ports, "tcp.len > 0",
-                                              ["tcp.payload"], occurrence="f")):
+    for (payload,) in (
+        r[:1] for r in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.payload"], occurrence="f")
+    ):
         blobs.append(bytes.fromhex(payload.replace(":", "")))
     blobs += decrypted_payloads  # what TLS hid, as the broker saw it
     pq_ports = {str(ports.hospital), str(ports.cloud)}
-    for row in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.srcport", "tcp.dstport",
-                                                          "tcp.len"]):
+    for row in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.srcport", "tcp.dstport", "tcp.len"]):
         if row[0] in pq_ports or (len(row) > 1 and row[1] in pq_ports):
             report.pq_channel_bytes += int(row[2]) if len(row) > 2 and row[2] else 0
     report.readings_searched = len(readings)
@@ -231,14 +276,23 @@ def _suite_names(pcap: Path, ports: Ports, suites: Counter[str]) -> dict[str, in
     """Cipher suite names as Wireshark prints them (e.g. TLS_AES_256_GCM_SHA384)."""
     if not suites:
         return {}
-    argv = [_need("tshark"), "-n", "-r", str(pcap), "-d", f"tcp.port=={ports.mqtt},tls",
-            "-Y", "tls.handshake.type==2", "-V"]
+    argv = [
+        _need("tshark"),
+        "-n",
+        "-r",
+        str(pcap),
+        "-d",
+        f"tcp.port=={ports.mqtt},tls",
+        "-Y",
+        "tls.handshake.type==2",
+        "-V",
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     names: dict[str, str] = {}
     for line in proc.stdout.splitlines():
         line = line.strip()
         if line.startswith("Cipher Suite:") and "(" in line:
-            name, code = line[len("Cipher Suite:"):].rsplit("(", 1)
+            name, code = line[len("Cipher Suite:") :].rsplit("(", 1)
             names[code.rstrip(")").strip().lower()] = name.strip()
     return {names.get(code.lower(), code): n for code, n in suites.items()}
 
@@ -255,8 +309,10 @@ def _start_dumpcap(out: Path, duration: float | None) -> subprocess.Popen[bytes]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
-            raise CaptureError(f"dumpcap could not capture on lo: {err.strip()[:500]} "
-                               "(capturing needs root or the wireshark group)")
+            raise CaptureError(
+                f"dumpcap could not capture on lo: {err.strip()[:500]} "
+                "(capturing needs root or the wireshark group)"
+            )
         if out.exists() and out.stat().st_size > 0:
             return proc
         time.sleep(0.1)
@@ -288,9 +344,19 @@ def main(args: argparse.Namespace) -> int:
         dumpcap = _start_dumpcap(out, None)
         try:
             env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
-            argv = [sys.executable, "-m", "pacegate", "demo", "--workdir", str(work.root),
-                    "--devices", str(CAPTURE_DEMO_DEVICES), "--duration",
-                    str(min(args.duration, CAPTURE_DEMO_DURATION_S)), "--json"]
+            argv = [
+                sys.executable,
+                "-m",
+                "pacegate",
+                "demo",
+                "--workdir",
+                str(work.root),
+                "--devices",
+                str(CAPTURE_DEMO_DEVICES),
+                "--duration",
+                str(min(args.duration, CAPTURE_DEMO_DURATION_S)),
+                "--json",
+            ]
             demo = subprocess.run(argv, env=env, capture_output=True, timeout=600, check=False)
             if demo.returncode != 0:
                 print(demo.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
@@ -334,7 +400,10 @@ def _print_human(r: CaptureReport) -> None:
     console.print(t)
     for f in r.findings:
         console.print(f"[red]finding:[/red] {f}")
-    console.print("[green]OK[/green]: TLS required client certificates and every MQTT payload "
-                  "is still sealed" if r.ok else "[red]FAILED[/red]")
+    console.print(
+        "[green]OK[/green]: TLS required client certificates and every MQTT payload is still sealed"
+        if r.ok
+        else "[red]FAILED[/red]"
+    )
     if r.keylog:
         console.print(f"open in Wireshark: wireshark -o tls.keylog_file:{r.keylog} {r.pcap}")
