@@ -41,7 +41,7 @@ from pacegate.layout import (
     DEFAULT_MQTTS_PORT,
     WorkLayout,
 )
-from pacegate.sealed import SEALED_SIZE_V1, open_reading, parse_header
+from pacegate.sealed import open_reading, parse_header
 from pacegate.tlsconf import KEYLOG_ENV
 
 log = logging.getLogger("pacegate.capture")
@@ -183,7 +183,7 @@ def analyse(
     )
     versions: Counter[str] = Counter()
     suites: Counter[str] = Counter()
-    for legacy, supported, suite in ((row + ["", "", ""])[:3] for row in hello):
+    for legacy, supported, suite in (([*row, "", "", ""])[:3] for row in hello):
         v = supported.split(",")[0] if supported else legacy
         versions[TLS_VERSION_NAMES.get(v, v)] += 1
         suites[suite] += 1
@@ -198,7 +198,7 @@ def analyse(
         f"tcp.port=={ports.mqtt} && tls.handshake",
         ["tcp.srcport", "tls.handshake.type"],
     )
-    for srcport, types in ((r + [""])[:2] for r in hs):
+    for srcport, types in (([*r, ""])[:2] for r in hs):
         kinds = types.split(",")
         if srcport == str(ports.mqtt):
             report.certificate_requests += kinds.count("13")
@@ -235,16 +235,15 @@ def analyse(
                 readings.append(reading.to_bytes())
 
     # Every byte that crossed loopback, raw, plus the TLS-decrypted application data.
-    blobs: list[bytes] = []
-    for (payload,) in (
-        r[:1] for r in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.payload"], occurrence="f")
-    ):
-        blobs.append(bytes.fromhex(payload.replace(":", "")))
-    blobs += decrypted_payloads  # what TLS hid, as the broker saw it
+    blobs: list[bytes] = list(decrypted_payloads)  # what TLS hid, as the broker saw it
     pq_ports = {str(ports.hospital), str(ports.cloud)}
-    for row in _tshark(pcap, None, ports, "tcp.len > 0", ["tcp.srcport", "tcp.dstport", "tcp.len"]):
-        if row[0] in pq_ports or (len(row) > 1 and row[1] in pq_ports):
-            report.pq_channel_bytes += int(row[2]) if len(row) > 2 and row[2] else 0
+    tcp_fields = ["tcp.srcport", "tcp.dstport", "tcp.payload"]
+    for row in _tshark(pcap, None, ports, "tcp.len > 0", tcp_fields, occurrence="f"):
+        src, dst, hexdata = (*row, "", "", "")[:3]
+        data = bytes.fromhex(hexdata.replace(":", ""))
+        blobs.append(data)
+        if src in pq_ports or dst in pq_ports:
+            report.pq_channel_bytes += len(data)
     report.readings_searched = len(readings)
     wanted = set(readings)
     for blob in blobs:
@@ -343,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
             keylog.unlink()
         dumpcap = _start_dumpcap(out, None)
         try:
-            env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
+            demo_env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
             argv = [
                 sys.executable,
                 "-m",
@@ -357,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
                 str(min(args.duration, CAPTURE_DEMO_DURATION_S)),
                 "--json",
             ]
-            demo = subprocess.run(argv, env=env, capture_output=True, timeout=600, check=False)
+            demo = subprocess.run(argv, env=demo_env, capture_output=True, timeout=600, check=False)
             if demo.returncode != 0:
                 print(demo.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
                 raise CaptureError(f"the demo run inside the capture failed ({demo.returncode})")
