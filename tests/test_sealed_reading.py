@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -113,3 +116,16 @@ def test_arbitrary_bytes_fed_byte_by_byte_prefixes_never_raise_anything_else(dat
 def test_any_valid_reading_round_trips(counter: int, age: int, hr: int, sensor: int) -> None:
     r = Reading(age, hr, sensor, datetime(2026, 1, 1, tzinfo=UTC))
     assert open_reading(PSK, "dev", seal_reading(PSK, "dev", counter, r)) == (counter, r)
+
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "sealed_v1.json").read_text())
+
+
+@pytest.mark.parametrize("vector", VECTORS["vectors"], ids=lambda v: v["device_id"])
+def test_sealing_matches_the_published_test_vectors(vector: dict[str, Any]) -> None:
+    reading = Reading.from_json(vector["reading"])
+    psk = bytes.fromhex(vector["psk"])
+    assert reading.to_bytes().hex() == vector["reading_bytes"]
+    sealed = seal_reading(psk, vector["device_id"], vector["counter"], reading)
+    assert sealed.hex() == vector["sealed"]
+    assert open_reading(psk, vector["device_id"], sealed) == (vector["counter"], reading)
