@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         "validate a gateway.yaml and report every error with file, line, key and fix",
     )
     p.add_argument("file", type=Path)
+    p.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check the schema only, not that the certificate and key files exist",
+    )
 
     # --- the whole stack -----------------------------------------------------------------
     p = _add(
