@@ -1,0 +1,392 @@
+"""``pacegate broker -c broker.yaml``: amqtt, made to enforce mutual TLS for real.
+
+What this adds to amqtt 0.12.1 (whose listener uses ``CERT_OPTIONAL``):
+
+- the TLS context comes from :func:`pacegate.tlsconf.server_context`: ``CERT_REQUIRED``,
+  TLS >= 1.2, CRL checked on the leaf; a handshake without a valid client certificate fails;
+- :class:`RevocationGuard` watches ``crl.pem``: when it changes, a fresh context is built
+  (each connection's handshake uses the newest one, so a revoked device's new handshakes
+  fail) and live sessions whose certificate is now revoked are closed, without a restart;
+- authentication runs *before* amqtt touches any session: stock amqtt deletes the old
+  session of a clean-session client id, and takes over a connected one, before it looks
+  at the authentication result, so a refused client could kick the gateway;
+- limits: connections beyond ``max_connections`` are refused (not queued), the TLS
+  handshake and the CONNECT each have a timeout, a packet larger than ``max_payload``
+  (plus header room) closes the connection before it is buffered;
+- every refusal is a :func:`pacegate.log.security_event`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import ssl
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import Broker, BrokerProtocolHandler, Server
+from amqtt.contexts import ListenerType
+from amqtt.errors import AMQTTError
+from amqtt.session import Session
+from cryptography import x509
+
+from pacegate.broker.config import BrokerConfig, load_broker_config
+from pacegate.broker.plugins import COMPONENT, CertIdentityAuthPlugin, TopicAclPlugin
+from pacegate.log import security_event
+from pacegate.tlsconf import peer_identity, server_context
+
+log = logging.getLogger("pacegate.broker")
+
+# Room for the fixed header, topic and packet id around a payload of max_payload bytes
+# (a topic is at most ~100 bytes here; MQTT allows 65535, we do not need that).
+PACKET_OVERHEAD = 512
+READY_MESSAGE = "pacegate broker listening on %s:%d (mTLS required, CRL %s)"
+
+# The certificate identity of the connection handled by the current task.
+_CONN_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pacegate_conn_identity", default=None
+)
+
+
+def _serial_of(der: bytes) -> int:
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+class RevocationGuard:
+    """Holds the listener's current TLS context and revoked serials; reloads on CRL change."""
+
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.cfg = cfg
+        self._stamp: tuple[int, int, int] | None = None
+        self.revoked: frozenset[int] = frozenset()
+        self.context = self._build()
+
+    def _file_stamp(self) -> tuple[int, int, int]:
+        st = self.cfg.tls.crl.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _build(self) -> ssl.SSLContext:
+        from pacegate.pki import revoked_serials
+
+        t = self.cfg.tls
+        self._stamp = self._file_stamp()
+        self.revoked = revoked_serials(t.crl)
+        return server_context(t.cert, t.key, t.ca, crl=t.crl)
+
+    def is_revoked_der(self, der: bytes) -> bool:
+        return _serial_of(der) in self.revoked
+
+    def reload_if_changed(self) -> frozenset[int] | None:
+        """Rebuild when crl.pem changed; return the serials revoked since the last load."""
+        try:
+            stamp = self._file_stamp()
+        except FileNotFoundError:
+            return None
+        if stamp == self._stamp:
+            return None
+        before = self.revoked
+        try:
+            self.context = self._build()
+        except Exception as exc:  # a half-written or bad CRL: keep the previous one
+            log.error("CRL %s not reloaded (keeping the previous one): %s", self.cfg.tls.crl, exc)
+            return None
+        log.info("CRL reloaded: %d revoked certificate(s)", len(self.revoked))
+        return self.revoked - before
+
+
+async def _quiet_close(writer: WriterAdapter) -> None:
+    """Close a refused connection; the peer may already have gone (that is fine)."""
+    with contextlib.suppress(Exception):
+        await writer.close()
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    """A short stable reason for a failed handshake (OpenSSL's reason code when known)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate_verify_failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower()
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):
+        return "handshake_timeout"
+    return type(exc).__name__
+
+
+class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
+    """Refuses any single read larger than the packet limit, before buffering it."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        super().__init__(reader)
+        self._limit = limit
+        self.refused = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self._limit:
+            self.refused = True
+            security_event(
+                "packet_refused",
+                component=COMPONENT,
+                reason="packet_too_large",
+                peer=_CONN_IDENTITY.get(),
+                size=n,
+                limit=self._limit,
+            )
+            raise asyncio.IncompleteReadError(b"", n)
+        data: bytes = await super().read(n)
+        return data
+
+
+class PacegateBroker(Broker):  # type: ignore[misc]
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.cfg = cfg
+        self.guard = RevocationGuard(cfg)
+        super().__init__(amqtt_config(cfg), plugin_namespace="pacegate.broker.plugins")
+        self._watch_task: asyncio.Task[None] | None = None
+
+    # -- listener ----------------------------------------------------------------------
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        return self.guard.context
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            # TLS is started per connection in stream_connected, with the newest context
+            backlog=1024,  # 2,000 devices may connect at once
+        )
+
+    def bound_port(self) -> int:
+        for server in self._servers.values():
+            inst = server.instance
+            if isinstance(inst, asyncio.Server) and inst.sockets:
+                return int(inst.sockets[0].getsockname()[1])
+        return self.cfg.port
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+        server = self._servers.get(listener_name)
+        if server is not None and server.conn_count >= self.cfg.max_connections:
+            security_event(
+                "connect_refused",
+                component=COMPONENT,
+                reason="max_connections",
+                peer=remote,
+                limit=self.cfg.max_connections,
+            )
+            writer.close()
+            return
+        # The handshake runs here rather than in the listener so that (1) each connection
+        # gets the newest context (the newest CRL) and (2) a refused handshake is a
+        # security event instead of a line asyncio only prints in debug mode.
+        try:
+            await writer.start_tls(
+                self.guard.context, ssl_handshake_timeout=self.cfg.handshake_timeout
+            )
+        except Exception as exc:  # any failure: refuse, never crash the listener
+            security_event(
+                "tls_handshake_refused",
+                component=COMPONENT,
+                reason=_handshake_reason(exc),
+                peer=remote,
+            )
+            writer.close()
+            return
+        limit = self.cfg.max_payload + PACKET_OVERHEAD
+        await self._client_connected(
+            listener_name, _BoundedReader(reader, limit), StreamWriterAdapter(writer)
+        )
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        sslobj = writer.get_ssl_info()
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        identity = peer_identity(der)
+        peer = writer.get_peer_info()
+        remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if der is None or identity is None:  # CERT_REQUIRED makes this unreachable; belt
+            security_event(
+                "connect_refused", component=COMPONENT, reason="no_client_certificate", peer=remote
+            )
+            await _quiet_close(writer)
+            return
+        if self.guard.is_revoked_der(der):
+            security_event(
+                "connect_refused",
+                component=COMPONENT,
+                reason="certificate_revoked",
+                peer=identity,
+                remote=remote,
+            )
+            await _quiet_close(writer)
+            return
+        _CONN_IDENTITY.set(identity)
+        await super()._client_connected(listener_name, reader, writer)
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            return await asyncio.wait_for(
+                super()._initialize_client_session(reader, writer, remote_address, remote_port),
+                timeout=self.cfg.connect_timeout,
+            )
+        except TimeoutError:
+            security_event(
+                "connect_refused",
+                component=COMPONENT,
+                reason="connect_timeout",
+                peer=_CONN_IDENTITY.get(),
+                timeout=self.cfg.connect_timeout,
+            )
+            await _quiet_close(writer)
+            raise AMQTTError("no CONNECT before the timeout") from None
+
+    async def _delete_session(self, client_id: str) -> None:
+        # amqtt deletes a clean-session client's old session before authenticating it:
+        # never let a connection delete a session that is not its own identity's.
+        identity = _CONN_IDENTITY.get()
+        if identity is not None and identity != client_id:
+            return
+        await super()._delete_session(client_id)
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        # Authenticate first: stock amqtt takes over a connected session of the same client
+        # id before acting on a refusal.
+        if not await self._authenticate(client_session, self.listeners_config[listener_name]):
+            handler.attach(client_session, reader, writer)
+            with contextlib.suppress(Exception):
+                await handler.mqtt_connack_authorize(False)
+            await _quiet_close(writer)
+            return
+        await super()._handle_client_session(
+            reader, writer, client_session, handler, server, listener_name
+        )
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
+    ) -> bool:
+        msg = wait_deliver.result()
+        if msg is not None and msg.data is not None and len(msg.data) > self.cfg.max_payload:
+            security_event(
+                "publish_refused",
+                component=COMPONENT,
+                reason="payload_too_large",
+                peer=client_session.client_id,
+                size=len(msg.data),
+                limit=self.cfg.max_payload,
+            )
+            await handler.handle_connection_closed()
+            return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
+    # -- live revocation ---------------------------------------------------------------
+    async def watch_crl(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.crl_reload_interval)
+            newly = self.guard.reload_if_changed()
+            if newly:
+                await self.close_revoked_sessions(newly)
+
+    async def close_revoked_sessions(self, serials: frozenset[int]) -> int:
+        closed = 0
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if session.transitions.state != "connected" or session.ssl_object is None:
+                continue
+            der = session.ssl_object.getpeercert(binary_form=True)
+            if not der or _serial_of(der) not in serials:
+                continue
+            security_event(
+                "session_closed",
+                component=COMPONENT,
+                reason="certificate_revoked",
+                peer=client_id,
+            )
+            with contextlib.suppress(Exception):
+                await handler.handle_connection_closed()
+            if handler.writer is not None:
+                with contextlib.suppress(Exception):
+                    await handler.writer.close()
+            closed += 1
+        return closed
+
+
+def amqtt_config(cfg: BrokerConfig) -> dict[str, Any]:
+    """The amqtt configuration derived from ours: one TLS listener, our plugins only."""
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return {
+        "listeners": {
+            "default": {
+                "type": "tcp",
+                "bind": f"{host}:{cfg.port}",
+                "ssl": True,
+                # unused (our context replaces amqtt's) but amqtt insists on them
+                "certfile": str(cfg.tls.cert),
+                "keyfile": str(cfg.tls.key),
+                "cafile": str(cfg.tls.ca),
+                "max_connections": -1,  # we refuse beyond the limit; amqtt would queue
+            }
+        },
+        "plugins": {
+            f"{CertIdentityAuthPlugin.__module__}.{CertIdentityAuthPlugin.__name__}": {},
+            f"{TopicAclPlugin.__module__}.{TopicAclPlugin.__name__}": {
+                "gateway_identity": cfg.gateway_identity
+            },
+        },
+    }
+
+
+async def serve(cfg: BrokerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the broker until ``stop`` is set (or SIGINT/SIGTERM when run by :func:`main`)."""
+    stop = stop or asyncio.Event()
+    broker = PacegateBroker(cfg)
+    await broker.start()
+    watcher = asyncio.create_task(broker.watch_crl())
+    log.info(READY_MESSAGE, cfg.host, broker.bound_port(), cfg.tls.crl)
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await broker.shutdown()
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_broker_config(Path(args.config))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,600 @@
+"""pacegate's PKI: a device CA, service identities, device enrolment and revocation.
+
+Everything is written under one PKI directory whose file names are fixed by
+:class:`pacegate.layout.PkiLayout`. The recipes:
+
+- CA: ECDSA P-256 (what ESP32-class TLS stacks and Mosquitto both accept), ten years,
+  ``basicConstraints CA:TRUE pathlen:0`` and ``keyCertSign, cRLSign`` (both critical).
+- Broker: ``serverAuth``; SANs cover the broker's host names and addresses.
+- Gateway: ``clientAuth``, CN ``gateway`` (the only identity allowed on ``pacemakers/#``).
+- Device: ``clientAuth``, CN = device id and SAN URI ``urn:pacegate:device:<id>``, short
+  validity (90 days by default); a fresh 32-byte PSK from the OS CSPRNG, in the device's
+  bundle and in the gateway's encrypted PSK store.
+- CRL: regenerated on every revocation (``crl.pem``); brokers watch it.
+- ML-DSA-65 identities for the post-quantum channel (``channel/<name>.mldsa.{key,pub}``).
+- Mosquitto: ``mosquitto/acl`` and ``mosquitto/pacegate.conf`` for Debian's mosquitto.
+
+Private keys and PSKs are written 0600 and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pacegate.errors import PacegateError
+from pacegate.identity import device_san_uri, validate_device_id
+from pacegate.keystore import PskStore
+from pacegate.layout import (
+    DEFAULT_HOST,
+    DEFAULT_MQTTS_PORT,
+    SECRET_DIR_MODE,
+    SECRET_FILE_MODE,
+    PkiLayout,
+    write_public,
+    write_secret,
+)
+from pacegate.sealed import PSK_SIZE
+
+CA_VALIDITY = timedelta(days=3650)
+SERVICE_VALIDITY = timedelta(days=825)  # the CA/B forum's old ceiling for server certificates
+DEFAULT_DEVICE_DAYS = 90  # short: a stolen device certificate ages out on its own
+CLOCK_SKEW = timedelta(minutes=5)  # device clocks drift; back-date notBefore a little
+# A CRL past its nextUpdate makes OpenSSL refuse *every* client: keep it long, and it is
+# re-signed on every revocation anyway.
+CRL_VALIDITY = timedelta(days=365)
+DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
+CHANNEL_IDENTITIES = ("hospital", "gateway", "cloud")
+GATEWAY_ID = "gateway"
+SERVICE_SAN_PREFIX = "urn:pacegate:service:"
+REGISTRY_VERSION = 1
+
+
+class PkiError(PacegateError, ValueError):
+    """A PKI operation cannot be done as asked (unknown or duplicate id, missing CA...)."""
+
+
+# ---------------------------------------------------------------------------------------
+# certificate recipes
+# ---------------------------------------------------------------------------------------
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pacegate"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class _Ca:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+
+def _make_ca() -> _Ca:
+    key = _new_key()
+    now = _now()
+    name = _name("pacegate device CA")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return _Ca(key, cert)
+
+
+def _load_ca(layout: PkiLayout) -> _Ca:
+    if not layout.ca_cert.exists() or not layout.ca_key.exists():
+        raise PkiError(
+            f"{layout.root}: no CA here (missing {layout.ca_cert.name} or {layout.ca_key.name}); "
+            f"run 'pacegate pki init --dir {layout.root}' first"
+        )
+    key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{layout.ca_key}: not an ECDSA private key")
+    cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    return _Ca(key, cert)
+
+
+def _issue(
+    ca: _Ca,
+    key: ec.EllipticCurvePrivateKey,
+    cn: str,
+    *,
+    eku: x509.ObjectIdentifier,
+    sans: Sequence[x509.GeneralName],
+    not_before: datetime,
+    not_after: datetime,
+    serial: int | None = None,
+) -> x509.Certificate:
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def _host_sans(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            out.append(x509.IPAddress(ip_address(h)))
+        except ValueError:
+            out.append(x509.DNSName(h))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# registry (enrolled devices, serials, status) and CRL
+# ---------------------------------------------------------------------------------------
+def _load_registry(layout: PkiLayout) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(layout.registry.read_text())
+    except FileNotFoundError:
+        raise PkiError(
+            f"{layout.registry}: registry not found; run 'pacegate pki init --dir {layout.root}'"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise PkiError(
+            f"{layout.registry}: not valid JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
+    data.setdefault("devices", {})
+    return data
+
+
+def _save_registry(layout: PkiLayout, data: dict[str, Any]) -> None:
+    write_public(layout.registry, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _write_crl(layout: PkiLayout, ca: _Ca, registry: dict[str, Any]) -> None:
+    """Re-sign the CRL from the registry. ``thisUpdate`` strictly increases, so a verifier
+    holding an older CRL of the same issuer always prefers this one."""
+    now = _now()
+    last = registry.get("crl_last_update")
+    if last is not None:
+        prev = datetime.fromisoformat(last)
+        if now <= prev:
+            now = prev + timedelta(seconds=1)
+    number = int(registry.get("crl_number", 0)) + 1
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    for entry in registry["devices"].values():
+        if entry["status"] == "revoked":
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(entry["serial"], 16))
+                .revocation_date(datetime.fromisoformat(entry["revoked_at"]))
+                .build()
+            )
+    crl = builder.sign(ca.key, hashes.SHA256())
+    registry["crl_number"] = number
+    registry["crl_last_update"] = now.isoformat()
+    write_public(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def revoked_serials(crl_path: Path) -> frozenset[int]:
+    """The serial numbers a PEM CRL revokes (used by the broker's live revocation)."""
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    return frozenset(r.serial_number for r in crl)
+
+
+# ---------------------------------------------------------------------------------------
+# Mosquitto
+# ---------------------------------------------------------------------------------------
+def mosquitto_acl(registry: dict[str, Any]) -> str:
+    """The ACL for Debian's mosquitto, with ``use_identity_as_username`` (username = CN)."""
+    lines = [
+        "# pacegate ACL for mosquitto (written by 'pacegate pki'; do not edit by hand).",
+        "# The username is the client certificate's CN (use_identity_as_username true).",
+        "",
+        "# Only the gateway identity may subscribe to the telemetry tree.",
+        f"user {GATEWAY_ID}",
+        "topic read pacemakers/#",
+        "",
+    ]
+    revoked = sorted(d for d, e in registry["devices"].items() if e["status"] == "revoked")
+    for did in revoked:
+        # Belt and braces: the CRL stops new handshakes; this stops a session that is
+        # still open from publishing once mosquitto reloads (SIGHUP).
+        lines += [
+            f"# revoked {registry['devices'][did]['revoked_at']}",
+            f"user {did}",
+            "topic deny #",
+            "",
+        ]
+    lines += [
+        "# Every device publishes on its own topic only and subscribes to nothing.",
+        "pattern write pacemakers/%u/telemetry",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def mosquitto_conf(
+    layout: PkiLayout,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_MQTTS_PORT,
+    acl_file: Path | None = None,
+    extra: Sequence[str] = (),
+) -> str:
+    """A Mosquitto 2 configuration giving pacegate's guarantees (absolute paths)."""
+    root = layout.root.resolve()
+    lay = PkiLayout(root)
+    acl = (acl_file or lay.mosquitto_dir / "acl").resolve()
+    lines = [
+        "# pacegate: Mosquitto 2 configuration (written by 'pacegate pki'). Reload: SIGHUP.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {acl}",
+        "max_packet_size 4096",
+        "persistence false",
+        "",
+        f"listener {port} {host}",
+        "protocol mqtt",
+        "max_connections 10000",
+        f"cafile {lay.ca_cert}",
+        f"certfile {lay.broker_cert}",
+        f"keyfile {lay.broker_key}",
+        f"crlfile {lay.crl}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        *extra,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_mosquitto_files(layout: PkiLayout, registry: dict[str, Any]) -> None:
+    write_public(layout.mosquitto_dir / "acl", mosquitto_acl(registry).encode())
+    write_public(layout.mosquitto_dir / "pacegate.conf", mosquitto_conf(layout).encode())
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------
+def add_channel_identity(root: Path, name: str) -> tuple[Path, Path]:
+    """Create an ML-DSA-65 identity ``channel/<name>.mldsa.{key,pub}`` (key 0600)."""
+    layout = PkiLayout(Path(root))
+    if not name or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
+        raise PkiError(f"channel identity name {name!r}: use lower-case letters, digits, - and _")
+    key = mldsa.MLDSA65PrivateKey.generate()
+    write_secret(
+        layout.channel_key(name),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    write_public(
+        layout.channel_pub(name),
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    return layout.channel_key(name), layout.channel_pub(name)
+
+
+def init_pki(
+    root: Path, *, force: bool = False, broker_hosts: Sequence[str] | None = None
+) -> PkiLayout:
+    """Create the CA, broker and gateway identities, empty CRL, registry, PSK store,
+    PQ-channel identities and Mosquitto files. Refuses to replace a CA unless ``force``."""
+    layout = PkiLayout(Path(root))
+    if layout.ca_key.exists() or layout.ca_cert.exists():
+        if not force:
+            raise PkiError(
+                f"{layout.ca_cert}: a CA already exists; refusing to overwrite it "
+                "(use --force to destroy it and every identity it issued)"
+            )
+        for sub in (
+            layout.devices_dir,
+            layout.keystore_dir,
+            layout.channel_dir,
+            layout.mosquitto_dir,
+        ):
+            shutil.rmtree(sub, ignore_errors=True)
+        for f in (layout.registry, layout.crl):
+            f.unlink(missing_ok=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.root, SECRET_DIR_MODE)
+    hosts = list(broker_hosts) if broker_hosts else list(DEFAULT_BROKER_HOSTS)
+
+    ca = _make_ca()
+    write_secret(layout.ca_key, _key_pem(ca.key))
+    write_public(layout.ca_cert, _cert_pem(ca.cert))
+    now = _now()
+    for cn, cert_path, key_path, eku, sans in (
+        (
+            "broker",
+            layout.broker_cert,
+            layout.broker_key,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            _host_sans(hosts),
+        ),
+        (
+            GATEWAY_ID,
+            layout.gateway_cert,
+            layout.gateway_key,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            [x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + GATEWAY_ID)],
+        ),
+    ):
+        key = _new_key()
+        cert = _issue(
+            ca,
+            key,
+            cn,
+            eku=eku,
+            sans=sans,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + SERVICE_VALIDITY,
+        )
+        write_secret(key_path, _key_pem(key))
+        write_public(cert_path, _cert_pem(cert))
+
+    layout.devices_dir.mkdir(exist_ok=True)
+    layout.keystore_dir.mkdir(mode=SECRET_DIR_MODE, exist_ok=True)
+    PskStore.create(layout.psk_store, layout.psk_store_key)
+    registry: dict[str, Any] = {"version": REGISTRY_VERSION, "broker_hosts": hosts, "devices": {}}
+    _write_crl(layout, ca, registry)
+    _save_registry(layout, registry)
+    layout.channel_dir.mkdir(mode=SECRET_DIR_MODE, exist_ok=True)
+    for name in CHANNEL_IDENTITIES:
+        add_channel_identity(layout.root, name)
+    _write_mosquitto_files(layout, registry)
+    return layout
+
+
+def _write_new_secret(path: Path, data: bytes) -> None:
+    """Create a new 0600 file (bulk enrolment: no fsync per file, the store is fsynced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def enroll_devices(
+    root: Path,
+    ids: Iterable[str],
+    *,
+    days: int = DEFAULT_DEVICE_DAYS,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> list[Path]:
+    """Enroll many devices with one registry write and one PSK-store write.
+    Returns each device's bundle directory, in order."""
+    layout = PkiLayout(Path(root))
+    wanted = list(ids)
+    for did in wanted:
+        try:
+            validate_device_id(did)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+    if len(set(wanted)) != len(wanted):
+        dupes = sorted({d for d in wanted if wanted.count(d) > 1})
+        raise PkiError(f"device id(s) given twice: {', '.join(dupes)}")
+    if days < 1:
+        raise PkiError(f"--days must be at least 1, got {days}")
+    ca = _load_ca(layout)
+    registry = _load_registry(layout)
+    store = PskStore.load(layout.psk_store, layout.psk_store_key)
+    for did in wanted:
+        if did in registry["devices"] or did in store or layout.device_dir(did).exists():
+            raise PkiError(
+                f"device {did!r} is already enrolled in {layout.root} "
+                "(revoke it and enroll under a new id)"
+            )
+    now = _now()
+    nb = not_before if not_before is not None else now - CLOCK_SKEW
+    na = not_after if not_after is not None else now + timedelta(days=days)
+    if na <= nb:
+        raise PkiError("certificate notAfter must be later than notBefore")
+    out = []
+    for did in wanted:
+        key = _new_key()
+        cert = _issue(
+            ca,
+            key,
+            did,
+            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+            sans=[x509.UniformResourceIdentifier(device_san_uri(did))],
+            not_before=nb,
+            not_after=na,
+        )
+        psk = os.urandom(PSK_SIZE)
+        ddir = layout.device_dir(did)
+        ddir.mkdir(mode=SECRET_DIR_MODE, parents=True)
+        _write_new_secret(ddir / "device.key", _key_pem(key))
+        _write_new_secret(ddir / "device.psk", psk)
+        (ddir / "device.crt").write_bytes(_cert_pem(cert))
+        store.add(did, psk)
+        registry["devices"][did] = {
+            "serial": format(cert.serial_number, "x"),
+            "status": "active",
+            "not_before": nb.isoformat(),
+            "not_after": na.isoformat(),
+            "enrolled_at": now.isoformat(),
+            "revoked_at": None,
+        }
+        out.append(ddir)
+    store.save()
+    _save_registry(layout, registry)
+    return out
+
+
+def enroll_device(
+    root: Path,
+    device_id: str,
+    *,
+    days: int = DEFAULT_DEVICE_DAYS,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> Path:
+    """Issue one device's certificate, key and fresh PSK; returns its bundle directory."""
+    return enroll_devices(root, [device_id], days=days, not_before=not_before, not_after=not_after)[
+        0
+    ]
+
+
+def revoke_device(root: Path, device_id: str) -> None:
+    """Revoke a device: CRL re-signed, PSK-store entry marked revoked, Mosquitto ACL updated."""
+    layout = PkiLayout(Path(root))
+    try:
+        validate_device_id(device_id)
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
+    ca = _load_ca(layout)
+    registry = _load_registry(layout)
+    entry = registry["devices"].get(device_id)
+    if entry is None:
+        raise PkiError(f"device {device_id!r} is not enrolled in {layout.root}")
+    if entry["status"] == "revoked":
+        raise PkiError(f"device {device_id!r} was already revoked at {entry['revoked_at']}")
+    entry["status"] = "revoked"
+    entry["revoked_at"] = _now().isoformat()
+    store = PskStore.load(layout.psk_store, layout.psk_store_key)
+    if device_id in store:
+        store.revoke(device_id)
+        store.save()
+    _write_crl(layout, ca, registry)
+    _save_registry(layout, registry)
+    _write_mosquitto_files(layout, registry)
+
+
+def device_ids(root: Path, *, status: str | None = None) -> list[str]:
+    """Enrolled device ids (optionally only ``active`` or ``revoked`` ones)."""
+    registry = _load_registry(PkiLayout(Path(root)))
+    return sorted(d for d, e in registry["devices"].items() if status in (None, e["status"]))
+
+
+# ---------------------------------------------------------------------------------------
+# CLI targets
+# ---------------------------------------------------------------------------------------
+def cli_init(args: argparse.Namespace) -> int:
+    layout = init_pki(args.dir, force=args.force, broker_hosts=args.broker_hosts)
+    print(
+        f"pacegate: PKI created in {layout.root} (CA, broker, gateway, PQ-channel identities, "
+        f"PSK store, CRL, mosquitto/). Next: pacegate pki enroll DEVICE_ID --dir {layout.root}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cli_enroll(args: argparse.Namespace) -> int:
+    ddir = enroll_device(args.dir, args.device_id, days=args.days)
+    print(
+        f"pacegate: enrolled {args.device_id}: bundle in {ddir} "
+        "(device.crt, device.key, device.psk; keys are mode 0600)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cli_revoke(args: argparse.Namespace) -> int:
+    revoke_device(args.dir, args.device_id)
+    print(
+        f"pacegate: revoked {args.device_id}: CRL re-signed, PSK store updated. The embedded "
+        "broker applies it within seconds; send SIGHUP to mosquitto to reload.",
+        file=sys.stderr,
+    )
+    return 0

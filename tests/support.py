@@ -1,0 +1,312 @@
+"""Test support shared by every area: free ports, real brokers as subprocesses, MQTT clients.
+
+- :func:`free_port`, :func:`wait_for_port`;
+- :func:`embedded_broker` / :func:`mosquitto_broker`: context managers that start the real
+  embedded broker (``python -m pacegate broker -c <yaml>``) or Debian's mosquitto on a free
+  loopback port for a PKI directory, and yield a :class:`BrokerHandle`
+  (``.host``, ``.port``, ``.pki``, ``.kind``, ``.log_text()``, ``.reload()``);
+- :func:`mqtt_client`, :func:`try_connect`: paho clients over mTLS with a given identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from pacegate.layout import PkiLayout
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 20.0
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+READY_MARK = "pacegate broker listening on"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = START_TIMEOUT) -> None:
+    """Wait until something accepts TCP connections on (host, port); else TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.05)
+
+
+def have_mosquitto() -> bool:
+    return Path(MOSQUITTO).exists()
+
+
+@dataclass
+class BrokerHandle:
+    kind: str  # "embedded" | "mosquitto"
+    host: str
+    port: int
+    pki: PkiLayout
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    config_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def reload(self) -> None:
+        """Make the broker pick up a new CRL/ACL now. The embedded broker watches the CRL
+        on its own (this is a no-op); mosquitto reloads on SIGHUP."""
+        if self.kind == "mosquitto":
+            self.proc.send_signal(signal.SIGHUP)
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{self.kind} broker never logged {text!r}; log:\n{self.log_text()}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, mark: str, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if mark in text:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; log:\n{text}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {START_TIMEOUT} s; log:\n{text}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def embedded_broker(
+    pki_dir: Path,
+    workdir: Path,
+    *,
+    host: str = LOOPBACK,
+    port: int | None = None,
+    config_text: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[BrokerHandle]:
+    """Run ``pacegate broker`` (the real embedded broker) as a subprocess."""
+    from pacegate.broker.config import render_default_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    cfg = workdir / "broker.yaml"
+    text = config_text or render_default_config(pki_dir, host=host, port=port, config_dir=workdir)
+    cfg.write_text(text)
+    log_path = workdir / "broker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pacegate", "--log-json", "broker", "-c", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        _wait_ready(proc, log_path, READY_MARK, "pacegate broker")
+        yield BrokerHandle("embedded", host, port, PkiLayout(Path(pki_dir)), proc, log_path, cfg)
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def mosquitto_broker(
+    pki_dir: Path, workdir: Path, *, host: str = LOOPBACK, port: int | None = None
+) -> Iterator[BrokerHandle]:
+    """Run Debian's mosquitto with pacegate's configuration on a free loopback port."""
+    from pacegate.pki import mosquitto_conf
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    pki = PkiLayout(Path(pki_dir))
+    user = "root" if os.geteuid() == 0 else None  # root: do not drop to 'mosquitto'
+    extra = [f"user {user}"] if user else []
+    conf = mosquitto_conf(pki, host=host, port=port, extra=())
+    conf = "\n".join([*extra, "log_dest stderr", "log_type all", conf])
+    cfg = workdir / "mosquitto.conf"
+    cfg.write_text(conf)
+    log_path = workdir / "mosquitto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, log_path, "running", "mosquitto")
+        wait_for_port(host, port)
+        yield BrokerHandle("mosquitto", host, port, pki, proc, log_path, cfg)
+    finally:
+        _stop(proc)
+
+
+# ---------------------------------------------------------------------------------------
+# MQTT clients (paho) over mutual TLS
+# ---------------------------------------------------------------------------------------
+def client_tls_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(ca))
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def identity_files(pki: PkiLayout, identity: str) -> tuple[Path, Path]:
+    if identity == "gateway":
+        return pki.gateway_cert, pki.gateway_key
+    return pki.device_cert(identity), pki.device_key(identity)
+
+
+@dataclass
+class ConnectOutcome:
+    connected: bool
+    reason: str  # "Success", "Not authorized", or the TLS/socket error
+
+
+class MqttClient:
+    """A paho client running its network loop in a thread, recording what happens."""
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.messages: list[tuple[str, bytes]] = []
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.subacks: list[list[int]] = []
+        self.suback_event = threading.Event()
+        self.connack_reason: str | None = None
+        self.lock = threading.Lock()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
+
+    def _on_connect(self, _c: object, _u: object, _f: object, rc: object, _p: object) -> None:
+        self.connack_reason = str(rc)
+        if not getattr(rc, "is_failure", False):
+            self.connected.set()
+        else:
+            self.disconnected.set()
+
+    def _on_disconnect(self, _c: object, _u: object, _f: object, rc: object, _p: object) -> None:
+        self.disconnected.set()
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def _on_subscribe(
+        self, _c: object, _u: object, _mid: int, rcs: list[object], _p: object
+    ) -> None:
+        self.subacks.append([int(getattr(rc, "value", rc)) for rc in rcs])  # type: ignore[call-overload]
+        self.suback_event.set()
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
+        self.suback_event.clear()
+        self.client.subscribe(topic, qos)
+        if not self.suback_event.wait(timeout):
+            raise TimeoutError(f"no SUBACK for {topic}")
+        return self.subacks[-1]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 5.0) -> None:
+        info = self.client.publish(topic, payload, qos)
+        if qos:
+            info.wait_for_publish(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+def try_connect(
+    host: str,
+    port: int,
+    *,
+    ca: Path,
+    cert: Path | None,
+    key: Path | None,
+    client_id: str,
+    timeout: float = 5.0,
+) -> tuple[ConnectOutcome, MqttClient | None]:
+    """Connect over mTLS; return the outcome and, if connected, the running client."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        client_id=client_id,
+        protocol=mqtt.MQTTv311,
+    )
+    client.tls_set_context(client_tls_context(ca, cert, key))
+    wrapper = MqttClient(client)
+    try:
+        client.connect(host, port, keepalive=30)
+    except (ssl.SSLError, OSError) as exc:
+        return ConnectOutcome(False, f"{type(exc).__name__}: {exc}"), None
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if wrapper.connected.is_set():
+            # TLS 1.3: the server checks the client certificate after the client's
+            # handshake completes; a refusal arrives as a closed connection right after.
+            return ConnectOutcome(True, wrapper.connack_reason or "Success"), wrapper
+        if wrapper.disconnected.is_set():
+            break
+        time.sleep(0.01)
+    wrapper.close()
+    return ConnectOutcome(False, wrapper.connack_reason or "disconnected before CONNACK"), None
+
+
+def connect_as(
+    broker: BrokerHandle, identity: str, *, client_id: str | None = None, timeout: float = 5.0
+) -> tuple[ConnectOutcome, MqttClient | None]:
+    cert, key = identity_files(broker.pki, identity)
+    return try_connect(
+        broker.host,
+        broker.port,
+        ca=broker.pki.ca_cert,
+        cert=cert,
+        key=key,
+        client_id=client_id or identity,
+        timeout=timeout,
+    )
+
+
+def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``pred()`` until true or ``timeout``; return its last truth value."""
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
