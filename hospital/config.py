@@ -61,7 +61,7 @@ class HospitalConfig:
 
 
 def _port(section: ConfigSection, key: str, default: int, *, lo: int = 1) -> int:
-    return section.get_int(key, default, lo=lo, hi=65535)
+    return int(section.get_int(key, default, lo=lo, hi=65535))  # plain int, not ruamel's
 
 
 def _peer_name(section: ConfigSection, key: str, value: str) -> str:
@@ -87,7 +87,7 @@ def load_hospital_config(
 
     identity = root.section("identity", required=True)
     identity.check_keys({"name", "key"})
-    name = _peer_name(identity, "name", identity.get("name", str, "hospital"))
+    name = _peer_name(identity, "name", str(identity.get("name", str, "hospital")))
     key = identity.get_path("key", required=True, must_exist=require_channel_files)
 
     gateways: dict[str, Path] = {}
@@ -115,22 +115,22 @@ def load_hospital_config(
     cloud = root.section("cloud", required=True)
     cloud.check_keys({"host", "port", "server_name", "server_key"})
     cloud_ep = CloudEndpoint(
-        host=cloud.get("host", str, DEFAULT_HOST),
+        host=str(cloud.get("host", str, DEFAULT_HOST)),
         port=_port(cloud, "port", DEFAULT_CLOUD_PORT),
-        server_name=_peer_name(cloud, "server_name", cloud.get("server_name", str, "cloud")),
+        server_name=_peer_name(cloud, "server_name", str(cloud.get("server_name", str, "cloud"))),
         server_key=cloud.get_path("server_key", required=True),
     )
 
     return HospitalConfig(
         path=root.path,
-        listen_host=listen.get("host", str, DEFAULT_HOST),
+        listen_host=str(listen.get("host", str, DEFAULT_HOST)),
         listen_port=_port(listen, "port", DEFAULT_HOSPITAL_PORT, lo=0),
         identity_name=name,
         identity_key=key,
         allowed_gateways=gateways,
         database=database,
         keyring=keyring,
-        metrics_host=metrics.get("host", str, DEFAULT_HOST),
+        metrics_host=str(metrics.get("host", str, DEFAULT_HOST)),
         metrics_port=_port(metrics, "port", DEFAULT_HOSPITAL_METRICS_PORT, lo=0),
         cloud=cloud_ep,
         analysis=root.section("analysis"),

@@ -1,0 +1,258 @@
+"""``pacegate hospital -c hospital.yaml``: the ingest service.
+
+Gateways open post-quantum channel sessions (only pinned identities get one). Each channel
+message is one ``pacegate.ingest`` BATCH; the service stores it in one transaction and only
+*then* answers the ACK, so a gateway that holds the ACK knows the readings are on disk.
+
+:class:`IngestHandler` is the whole per-message logic as plain code (bytes in, ACK bytes out,
+or :class:`~pacegate.ingest.IngestWireError`); the asyncio part around it only moves bytes and
+runs the handler on the one writer thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from hospital.config import HospitalConfig, load_hospital_config
+from hospital.store import ReadingStore, SqliteReadingStore
+from pacegate.ingest import IngestAck, IngestBatch, IngestWireError, decode, encode_ack
+from pacegate.log import security_event
+
+log = logging.getLogger("pacegate.hospital")
+COMPONENT = "hospital"
+
+
+class HospitalMetrics:
+    """The service's Prometheus metrics, in their own registry (tests make several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.stored = Counter(
+            "pacegate_hospital_stored", "readings stored (exactly once)", registry=self.registry
+        )
+        self.duplicates = Counter(
+            "pacegate_hospital_duplicates",
+            "readings already stored, absorbed (at-least-once delivery)",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "pacegate_hospital_rejected",
+            "messages or readings refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.sessions = Gauge(
+            "pacegate_hospital_sessions", "open gateway sessions", registry=self.registry
+        )
+        self.batches = Counter(
+            "pacegate_hospital_batches",
+            "batches committed and acknowledged",
+            registry=self.registry,
+        )
+
+
+class IngestHandler:
+    """One ingest message in, one ACK out, after the batch is durably committed."""
+
+    def __init__(self, store: ReadingStore, metrics: HospitalMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    def handle(self, message: bytes, peer: str) -> bytes:
+        """Store the BATCH in ``message`` and return the encoded ACK.
+
+        Raises :class:`IngestWireError` for anything that is not a well-formed BATCH (the
+        session must then be closed); it is counted and logged here. A storage failure
+        raises as is, with no ACK: the gateway keeps the readings and sends them again.
+        """
+        try:
+            msg = decode(message)
+            if isinstance(msg, IngestAck):
+                raise IngestWireError("a gateway sent an ACK", reason="unexpected_ack")
+        except IngestWireError as exc:
+            self.metrics.rejected.labels(reason=exc.reason).inc()
+            security_event(
+                "ingest_message_rejected",
+                component=COMPONENT,
+                reason=exc.reason,
+                peer=peer,
+                detail=str(exc),
+                size=len(message),
+            )
+            raise
+        return encode_ack(self._store(msg, peer))
+
+    def _store(self, batch: IngestBatch, peer: str) -> IngestAck:
+        result = self.store.store_batch(batch.items)  # returns after COMMIT (fsync)
+        self.metrics.stored.inc(result.stored)
+        self.metrics.duplicates.inc(result.duplicates)
+        self.metrics.batches.inc()
+        if result.conflicts:
+            self.metrics.rejected.labels(reason="conflicting_duplicate").inc(result.conflicts)
+            security_event(
+                "conflicting_duplicate",
+                component=COMPONENT,
+                reason="conflicting_duplicate",
+                peer=peer,
+                detail="a (device, counter) already stored arrived with another reading",
+                count=result.conflicts,
+                batch_id=batch.batch_id,
+            )
+        log.debug(
+            "batch %d from %s: %d stored, %d duplicates",
+            batch.batch_id,
+            peer,
+            result.stored,
+            result.duplicates,
+        )
+        return IngestAck(batch.batch_id, result.stored, result.duplicates)
+
+
+@dataclass
+class RunningMetrics:
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics(cfg: HospitalConfig, metrics: HospitalMetrics) -> RunningMetrics:
+    server, thread = start_http_server(
+        cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry
+    )
+    return RunningMetrics(cfg.metrics_host, int(server.server_port), server, thread)
+
+
+class HospitalService:
+    """The ingest service: the channel server, the store, the metrics."""
+
+    def __init__(self, cfg: HospitalConfig, store: SqliteReadingStore) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = HospitalMetrics()
+        self.handler = IngestHandler(store, self.metrics)
+        # SQLite has one writer: every batch goes through this one thread, in arrival order
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hospital-store")
+
+    async def on_session(self, stream: Any) -> None:
+        channel = importlib.import_module("pacegate.channel")
+        peer = str(stream.peer_name)
+        loop = asyncio.get_running_loop()
+        self.metrics.sessions.inc()
+        log.info("session opened by %s", peer)
+        try:
+            while True:
+                try:
+                    message = await stream.recv()
+                except channel.ChannelClosed:
+                    return
+                try:
+                    ack = await loop.run_in_executor(
+                        self._writer, self.handler.handle, message, peer
+                    )
+                except IngestWireError:
+                    return  # counted and logged by the handler; the session closes below
+                except Exception:
+                    log.exception("storing a batch from %s failed; no ACK, session closed", peer)
+                    self.metrics.rejected.labels(reason="store_error").inc()
+                    return
+                await stream.send(ack)
+        except channel.ChannelClosed:
+            return
+        finally:
+            self.metrics.sessions.dec()
+            await _close_stream(stream)
+            log.info("session with %s closed", peer)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.store.close()
+
+
+async def _close_stream(stream: Any) -> None:
+    closer: Callable[[], Awaitable[None] | None] | None = getattr(stream, "close", None)
+    if closer is None:
+        return
+    with contextlib.suppress(Exception):
+        result = closer()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def run_service(
+    cfg: HospitalConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[HospitalService, Any, RunningMetrics], None] | None = None,
+) -> int:
+    channel = importlib.import_module("pacegate.channel")
+    identity = channel.load_identity(cfg.identity_key, cfg.identity_name)
+    allowed = {name: channel.load_public_key(path) for name, path in cfg.allowed_gateways.items()}
+    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    service = HospitalService(cfg, store)
+    running_metrics = start_metrics(cfg, service.metrics)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        server = await channel.serve(
+            cfg.listen_host,
+            cfg.listen_port,
+            identity=identity,
+            allowed_clients=allowed,
+            on_session=service.on_session,
+        )
+        try:
+            log.info(
+                "hospital listening on %s:%s (%d readings stored; metrics on %s:%d)",
+                cfg.listen_host,
+                _bound_port(server, cfg.listen_port),
+                store.count(),
+                running_metrics.host,
+                running_metrics.port,
+            )
+            if on_ready is not None:
+                on_ready(service, server, running_metrics)
+            await stop.wait()
+        finally:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+        running_metrics.close()
+        service.close()
+    return 0
+
+
+def _bound_port(server: Any, default: int) -> int:
+    with contextlib.suppress(AttributeError, IndexError, TypeError):
+        return int(server.sockets[0].getsockname()[1])
+    return default
+
+
+def main(args: argparse.Namespace) -> int:
+    """``pacegate hospital -c FILE`` (the ``rotate-key``/``verify`` actions live in store)."""
+    cfg = load_hospital_config(args.config, require_channel_files=True)
+    return asyncio.run(run_service(cfg))

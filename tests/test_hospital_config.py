@@ -1,0 +1,139 @@
+"""hospital.yaml: the default parses, every mistake names file, line, key and fix; and the
+``pacegate hospital verify|rotate-key`` commands over a real store."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from hospital.config import load_hospital_config, render_default_config
+from hospital.store import SqliteReadingStore
+from pacegate.cli import main as pacegate_main
+from pacegate.errors import ConfigError
+from pacegate.ingest import IngestItem
+from pacegate.layout import WorkLayout
+from pacegate.reading import Reading
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> WorkLayout:
+    w = WorkLayout(tmp_path / "work")
+    w.root.mkdir()
+    w.hospital_config.write_text(
+        render_default_config(
+            w,
+            host="127.0.0.1",
+            port=18884,
+            metrics_port=0,
+            cloud_host="127.0.0.1",
+            cloud_port=18885,
+        )
+    )
+    return w
+
+
+def write(work: WorkLayout, text: str) -> Path:
+    work.hospital_config.write_text(text)
+    return work.hospital_config
+
+
+def test_default_config_parses_with_paths_relative_to_the_file(work: WorkLayout) -> None:
+    cfg = load_hospital_config(work.hospital_config)
+    assert (cfg.listen_host, cfg.listen_port, cfg.metrics_port) == ("127.0.0.1", 18884, 0)
+    assert cfg.identity_key == work.pki.channel_key("hospital")
+    assert cfg.allowed_gateways == {"gateway": work.pki.channel_pub("gateway")}
+    assert cfg.database == work.hospital_dir / "readings.db"
+    assert cfg.keyring == work.hospital_dir / "keyring.json"
+    assert (cfg.cloud.host, cfg.cloud.port, cfg.cloud.server_name) == ("127.0.0.1", 18885, "cloud")
+    assert cfg.cloud.server_key == work.pki.channel_pub("cloud")
+
+
+def test_unknown_key_names_file_line_and_the_allowed_keys(work: WorkLayout) -> None:
+    text = work.hospital_config.read_text().replace("  keyring:", "  keyrnig:")
+    path = write(work, text)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "keyrnig" in ln)
+    with pytest.raises(ConfigError) as info:
+        load_hospital_config(path)
+    assert f"hospital.yaml:{line}: store.keyrnig: unknown key" in str(info.value)
+    assert "keyring" in str(info.value)
+
+
+def test_missing_identity_key_file_is_reported_for_the_service(work: WorkLayout) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_hospital_config(work.hospital_config, require_channel_files=True)
+    assert "identity.key" in str(info.value) and "pacegate pki" in str(info.value)
+    load_hospital_config(work.hospital_config)  # verify/rotate-key do not need it
+
+
+def test_no_allowed_gateway_is_refused(work: WorkLayout) -> None:
+    text = work.hospital_config.read_text()
+    text = text.replace("  gateway: pki/channel/gateway.mldsa.pub\n", "")
+    text = text.replace("allowed_gateways:", "allowed_gateways: {}\n#")
+    with pytest.raises(ConfigError, match="allowed_gateways"):
+        load_hospital_config(write(work, text))
+
+
+def test_out_of_range_port_names_the_key(work: WorkLayout) -> None:
+    text = work.hospital_config.read_text().replace("port: 18884", "port: 70000")
+    with pytest.raises(ConfigError, match=r"listen\.port: 70000 is out of range"):
+        load_hospital_config(write(work, text))
+
+
+def test_bad_gateway_name_is_refused(work: WorkLayout) -> None:
+    text = work.hospital_config.read_text().replace("  gateway: pki", "  Gate/Way: pki")
+    with pytest.raises(ConfigError, match="not a valid identity name"):
+        load_hospital_config(write(work, text))
+
+
+def test_keyring_inside_the_database_file_is_refused(work: WorkLayout) -> None:
+    text = work.hospital_config.read_text().replace("keyring.json", "readings.db")
+    with pytest.raises(ConfigError, match=r"store\.keyring: is the database file"):
+        load_hospital_config(write(work, text))
+
+
+# -- the commands ---------------------------------------------------------------------------
+def fill(work: WorkLayout, n: int) -> None:
+    cfg = load_hospital_config(work.hospital_config)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+        s.store_batch([IngestItem("pm-0001", i, Reading(60, 72, 1, t0)) for i in range(1, n + 1)])
+
+
+def test_verify_command_exits_zero_on_a_whole_chain(
+    work: WorkLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(work, 12)
+    assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 0
+    assert "verify: OK: 12 rows" in capsys.readouterr().err
+
+
+def test_verify_command_reports_a_deleted_row_and_exits_nonzero(
+    work: WorkLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(work, 12)
+    with sqlite3.connect(work.hospital_dir / "readings.db", isolation_level=None) as c:
+        c.execute("DELETE FROM readings WHERE seq = 4")
+    assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 1
+    err = capsys.readouterr().err
+    assert "verify: FAILED" in err and "row 5: missing_rows: row 4 deleted" in err
+
+
+def test_rotate_key_command_reencrypts_every_row(
+    work: WorkLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(work, 12)
+    assert pacegate_main(["hospital", "rotate-key", "-c", str(work.hospital_config)]) == 0
+    err = capsys.readouterr().err
+    assert "key version 2 now encrypts; 12 rows re-encrypted; retired versions: 1" in err
+    assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 0
+
+
+def test_commands_report_a_bad_config_with_exit_code_2(
+    work: WorkLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(work, "store: [1, 2]\n")
+    assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 2
+    assert "configuration error" in capsys.readouterr().err
