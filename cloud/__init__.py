@@ -1,0 +1,1 @@
+"""The CKKS cloud worker: computes analytics blind, holding the public context only."""

@@ -1,0 +1,95 @@
+"""cloud.yaml: the CKKS worker's configuration. This module owns the schema::
+
+    listen:
+      host: 127.0.0.1
+      port: 8885
+    identity:                      # the worker's ML-DSA-65 channel identity
+      name: cloud
+      key: pki/channel/cloud.mldsa.key
+    allowed_clients:               # pinned client identities: name -> ML-DSA public key
+      hospital: pki/channel/hospital.mldsa.pub
+    limits:
+      max_batches: 1048576         # per session (bounds every slot under the CKKS modulus)
+
+Relative paths resolve against the file's directory. The worker holds no CKKS key at all:
+the public context arrives with each session and is dropped when the session ends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud.worker import DEFAULT_MAX_BATCHES
+from pacegate.configfile import load_config
+from pacegate.layout import DEFAULT_CLOUD_PORT, DEFAULT_HOST, WorkLayout
+
+_IDENTITY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    path: Path
+    host: str
+    port: int
+    identity_name: str
+    identity_key: Path
+    allowed_clients: dict[str, Path]
+    max_batches: int = DEFAULT_MAX_BATCHES
+
+
+def load_cloud_config(path: str | Path) -> CloudConfig:
+    cfg = load_config(path)
+    cfg.check_keys({"listen", "identity", "allowed_clients", "limits"})
+    listen = cfg.section("listen")
+    listen.check_keys({"host", "port"})
+    identity = cfg.section("identity", required=True)
+    identity.check_keys({"name", "key"})
+    clients = cfg.section("allowed_clients", required=True)
+    if not clients.data:
+        raise cfg.error(
+            "allowed_clients",
+            "no client may connect",
+            fix="pin the hospital: 'hospital: pki/channel/hospital.mldsa.pub'",
+        )
+    allowed: dict[str, Path] = {}
+    for name in clients.data:
+        if not isinstance(name, str) or not _IDENTITY_NAME.fullmatch(name):
+            raise clients.error(str(name), "is not a valid identity name")
+        allowed[name] = clients.get_path(name, must_exist=True)
+    limits = cfg.section("limits")
+    limits.check_keys({"max_batches"})
+    return CloudConfig(
+        path=cfg.path,
+        host=listen.get("host", str, DEFAULT_HOST),
+        port=listen.get_int("port", DEFAULT_CLOUD_PORT, lo=0, hi=65535),
+        identity_name=identity.get("name", str, "cloud"),
+        identity_key=identity.get_path("key", required=True, must_exist=True),
+        allowed_clients=allowed,
+        max_batches=limits.get_int(
+            "max_batches", DEFAULT_MAX_BATCHES, lo=1, hi=DEFAULT_MAX_BATCHES
+        ),
+    )
+
+
+def render_default_config(
+    work: WorkLayout, *, host: str = DEFAULT_HOST, port: int = DEFAULT_CLOUD_PORT
+) -> str:
+    """The cloud.yaml that ``pacegate up``/``demo`` write into a work directory."""
+    pki = work.pki
+    key = pki.channel_key("cloud").relative_to(work.root)
+    hospital = pki.channel_pub("hospital").relative_to(work.root)
+    return (
+        "# pacegate CKKS cloud worker (holds the public CKKS context only)\n"
+        "listen:\n"
+        f"  host: {host}\n"
+        f"  port: {port}\n"
+        "identity:\n"
+        "  name: cloud\n"
+        f"  key: {key}\n"
+        "allowed_clients:\n"
+        f"  hospital: {hospital}\n"
+        "limits:\n"
+        f"  max_batches: {DEFAULT_MAX_BATCHES}\n"
+    )

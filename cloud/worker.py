@@ -1,0 +1,275 @@
+"""The CKKS cloud worker: computes aggregates blind on the hospital's ciphertexts.
+
+:class:`CloudSession` is the protocol, sans I/O: ``handle(message) -> reply`` for one
+hospital session (one channel connection). It holds the *public* context only, refuses a
+context that carries a secret key, and executes :func:`pacegate.analytics_wire.accumulator_plan`:
+slot-wise sums of lanes and of lane products (one multiplication, no relinearization, no
+rescaling, so neither relin nor Galois keys are needed). The hospital finishes the slot
+sums after decryption.
+
+:func:`main` (``pacegate cloud -c cloud.yaml``) serves it over the post-quantum channel:
+only the pinned hospital identity may connect. A refusal is answered with an ERROR
+message, counted and logged as a security event; the session ends and the worker keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import tenseal as ts
+
+from pacegate import analytics_wire as wire
+from pacegate import ckks
+from pacegate.analytics_wire import AnalyticsProtocolError
+from pacegate.log import security_event
+
+log = logging.getLogger("pacegate.cloud")
+COMPONENT = "cloud"
+# With inputs bounded by hospital/analysis (products <= 2**15) a slot stays below
+# 2**(15 + 20) < 2**ckks.MAX_SLOT_MAGNITUDE_BITS: 2**20 batches = 4.3 billion readings.
+DEFAULT_MAX_BATCHES = 1 << 20
+
+
+class SessionState(Enum):
+    AWAIT_OPEN = "await_open"
+    RECEIVING = "receiving"
+    FAILED = "failed"
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker process (exported in logs; metrics can read them)."""
+
+    sessions: int = 0
+    batches: int = 0
+    results: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+
+
+class CloudSession:
+    """One hospital's analysis session, sans I/O."""
+
+    def __init__(
+        self,
+        *,
+        max_batches: int = DEFAULT_MAX_BATCHES,
+        stats: WorkerStats | None = None,
+        peer: str | None = None,
+    ) -> None:
+        self.max_batches = max_batches
+        self.stats = stats if stats is not None else WorkerStats()
+        self.peer = peer
+        self.state = SessionState.AWAIT_OPEN
+        self.context: ts.Context | None = None
+        self.error: AnalyticsProtocolError | None = None
+        self.compute_seconds = 0.0
+        self._plan: tuple[wire.Accumulator, ...] = ()
+        self._lanes = 0
+        self._acc: dict[str, ts.CKKSVector] = {}
+        self._pending: list[ts.CKKSVector] = []
+        self._batches = 0  # complete batches folded into the accumulators
+
+    def handle(self, message: bytes) -> bytes:
+        """Process one request; always return the one reply to send (maybe ERROR)."""
+        try:
+            if self.state is SessionState.FAILED:
+                raise AnalyticsProtocolError(
+                    "session already failed; open a new connection", reason="session_failed"
+                )
+            reply = self._dispatch(wire.decode(message))
+        except AnalyticsProtocolError as exc:
+            return self._fail(exc)
+        return wire.encode(reply)
+
+    def _fail(self, exc: AnalyticsProtocolError) -> bytes:
+        if self.state is not SessionState.FAILED:
+            self.stats.refused[exc.reason] += 1
+            security_event(
+                "analytics_refused",
+                component=COMPONENT,
+                reason=exc.reason,
+                peer=self.peer,
+                detail=str(exc),
+            )
+            self.error = exc
+        self.state = SessionState.FAILED
+        # Drop everything the session held: a refused session keeps no ciphertexts.
+        self._acc.clear()
+        self._pending.clear()
+        return wire.encode(wire.Error(exc.reason, str(exc)))
+
+    def _dispatch(self, msg: wire.Message) -> wire.Message:
+        if isinstance(msg, wire.Open):
+            return self._open(msg)
+        if self.state is SessionState.AWAIT_OPEN:
+            raise AnalyticsProtocolError(
+                f"{type(msg).__name__.upper()} before OPEN", reason="unexpected_message"
+            )
+        if isinstance(msg, wire.Ciphertext):
+            return self._ciphertext(msg)
+        if isinstance(msg, wire.Fetch):
+            return self._fetch(msg)
+        raise AnalyticsProtocolError(
+            f"a worker does not accept {type(msg).__name__.upper()}", reason="unexpected_message"
+        )
+
+    def _open(self, msg: wire.Open) -> wire.Message:
+        if self.state is not SessionState.AWAIT_OPEN:
+            raise AnalyticsProtocolError("second OPEN in one session", reason="unexpected_message")
+        ctx = ckks.load_public_context(msg.context)
+        assert not ctx.is_private()  # load_public_context refuses it; belt and braces
+        self.context = ctx
+        self._plan = wire.accumulator_plan(msg.bands)
+        self._lanes = wire.lanes(msg.bands)
+        self.state = SessionState.RECEIVING
+        self.stats.sessions += 1
+        return wire.Ready(slots=ckks.SLOTS, max_batches=self.max_batches)
+
+    def _ciphertext(self, msg: wire.Ciphertext) -> wire.Message:
+        expected = (self._batches, len(self._pending))
+        if (msg.batch, msg.lane) != expected:
+            raise AnalyticsProtocolError(
+                f"got batch {msg.batch} lane {msg.lane}, expected batch {expected[0]} "
+                f"lane {expected[1]}",
+                reason="out_of_order",
+            )
+        if msg.batch >= self.max_batches:
+            raise AnalyticsProtocolError(
+                f"session exceeds {self.max_batches} batches", reason="too_many_batches"
+            )
+        assert self.context is not None
+        started = time.perf_counter()
+        vec = ckks.load_ciphertext(self.context, msg.data)
+        self._pending.append(vec)
+        if len(self._pending) == self._lanes:
+            self._fold(self._pending)
+            self._pending = []
+            self._batches += 1
+            self.stats.batches += 1
+        self.compute_seconds += time.perf_counter() - started
+        return wire.Ack(msg.batch, msg.lane)
+
+    def _fold(self, batch: list[ts.CKKSVector]) -> None:
+        for acc in self._plan:
+            term = batch[acc.lane]
+            if acc.other is not None:
+                term = term * batch[acc.other]  # size 3, scale 2**80: no relin, no rescale
+            current = self._acc.get(acc.name)
+            if current is None:
+                self._acc[acc.name] = term.copy() if acc.other is None else term
+            else:
+                current.add_(term)
+
+    def _fetch(self, msg: wire.Fetch) -> wire.Message:
+        if self._pending:
+            raise AnalyticsProtocolError(
+                f"FETCH with batch {self._batches} incomplete "
+                f"({len(self._pending)} of {self._lanes} lanes)",
+                reason="incomplete_batch",
+            )
+        if msg.batches != self._batches:
+            raise AnalyticsProtocolError(
+                f"hospital sent {msg.batches} batches, worker received {self._batches}",
+                reason="batch_count_mismatch",
+            )
+        if self._batches == 0:
+            raise AnalyticsProtocolError("FETCH before any batch", reason="no_data")
+        acc = self._acc.get(msg.name)
+        if acc is None:
+            raise AnalyticsProtocolError(
+                f"no accumulator named {msg.name!r}", reason="unknown_accumulator"
+            )
+        self.stats.results += 1
+        return wire.Result(
+            batches=self._batches,
+            name=msg.name,
+            data=acc.serialize(),
+            compute_seconds=self.compute_seconds,
+        )
+
+
+# --- the service ---------------------------------------------------------------------
+
+
+async def serve_session(stream: Any, session: CloudSession) -> None:
+    """Run one session over a channel stream (``recv() -> bytes``, ``send(bytes)``)."""
+    from pacegate.channel import ChannelClosed  # type: ignore[attr-defined]
+
+    try:
+        while True:
+            try:
+                request = await stream.recv()
+            except ChannelClosed:
+                return
+            reply = session.handle(request)
+            await stream.send(reply)
+            if session.state is SessionState.FAILED:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await stream.close()
+
+
+async def run_worker(
+    config: Any, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until ``stop`` is set. ``config`` is a :class:`cloud.config.CloudConfig`."""
+    from pacegate import channel
+
+    identity = channel.load_identity(config.identity_key, config.identity_name)  # type: ignore[attr-defined]
+    allowed = {
+        name: channel.load_public_key(path)  # type: ignore[attr-defined]
+        for name, path in config.allowed_clients.items()
+    }
+    stats = WorkerStats()
+
+    async def on_session(stream: Any) -> None:
+        peer = getattr(stream, "peer_name", None)
+        log.info("analysis session opened", extra={"fields": {"peer": peer}})
+        session = CloudSession(max_batches=config.max_batches, stats=stats, peer=peer)
+        await serve_session(stream, session)
+        log.info(
+            "analysis session closed",
+            extra={
+                "fields": {"peer": peer, "batches": session._batches, "state": session.state.value}
+            },
+        )
+
+    server = await channel.serve(  # type: ignore[attr-defined]
+        config.host, config.port, identity=identity, allowed_clients=allowed, on_session=on_session
+    )
+    stop = stop or asyncio.Event()
+    async with server:
+        log.info(
+            "cloud worker listening", extra={"fields": {"host": config.host, "port": config.port}}
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+
+
+def main(args: argparse.Namespace) -> int:
+    """``pacegate cloud -c cloud.yaml``."""
+    from cloud.config import load_cloud_config
+
+    config = load_cloud_config(args.config)
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(config, stop=stop)
+
+    asyncio.run(_run())
+    return 0

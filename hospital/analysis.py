@@ -1,0 +1,568 @@
+"""The hospital side of the confidential analytics (``pacegate analyze``).
+
+Stream readings out of the encrypted store, pack them into CKKS vectors (one vector per
+lane: heart rate, age, out-of-range indicator, one indicator per age band), send them to
+the cloud worker, which sums them and their products slot-wise *blind*; fetch the
+encrypted sums, decrypt them, finish the slot sums, derive the statistics, and check
+each one against the same statistic computed here in plaintext. Decrypted results never
+go back to the cloud. Memory is bounded by one batch of :data:`pacegate.ckks.SLOTS`
+readings, whatever the number of readings.
+
+The ``analysis:`` section of hospital.yaml (this module owns it)::
+
+    analysis:
+      bands: [0, 40, 60, 75]   # lower edges of the age bands, years; the last is open
+      tolerance: 1.0e-3        # relative error allowed between encrypted and plaintext
+      batch_size: 4096         # readings per CKKS batch (<= 4096 slots)
+      window: 16               # ciphertexts in flight before waiting for the worker's ACK
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tenseal as ts
+
+from pacegate import analytics_wire as wire
+from pacegate import ckks
+from pacegate.configfile import ConfigSection
+from pacegate.errors import ConfigError, PacegateError
+from pacegate.layout import WorkLayout
+from pacegate.reading import HEART_RATE_NORMAL_MAX, HEART_RATE_NORMAL_MIN, Reading
+
+log = logging.getLogger("pacegate.analysis")
+
+DEFAULT_BANDS = (0, 40, 60, 75)
+DEFAULT_TOLERANCE = 1e-3
+DEFAULT_WINDOW = 16
+# An error below a millionth of the statistic's unit (bpm, years, share) passes even when
+# the plaintext value is ~0 (a slope or correlation of random data), where relative
+# error is meaningless.
+ABSOLUTE_FLOOR = 1e-6
+
+
+class AnalysisError(PacegateError):
+    """The analysis could not run, or the worker refused it (message says why)."""
+
+
+class ToleranceExceeded(AnalysisError):
+    """An encrypted statistic differs from the plaintext one by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    bands: tuple[int, ...] = DEFAULT_BANDS
+    tolerance: float = DEFAULT_TOLERANCE
+    batch_size: int = ckks.SLOTS
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        if not self.bands or self.bands[0] != 0:
+            raise ValueError("bands must start at 0 so that every reading falls in one band")
+        if any(b <= a for a, b in zip(self.bands, self.bands[1:], strict=False)):
+            raise ValueError(f"band edges must increase strictly, got {list(self.bands)}")
+        if len(self.bands) > wire.MAX_BANDS:
+            raise ValueError(f"at most {wire.MAX_BANDS} bands")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
+        if not 1 <= self.batch_size <= ckks.SLOTS:
+            raise ValueError(f"batch_size must be in [1, {ckks.SLOTS}]")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+
+    def band_label(self, k: int) -> str:
+        lo = self.bands[k]
+        return f"{lo}-{self.bands[k + 1] - 1}" if k + 1 < len(self.bands) else f"{lo}+"
+
+
+def parse_analysis_settings(section: ConfigSection) -> AnalysisSettings:
+    """The ``analysis:`` section of hospital.yaml; every error names file, line and key."""
+    section.check_keys({"bands", "tolerance", "batch_size", "window"})
+    bands: tuple[int, ...] = DEFAULT_BANDS
+    if "bands" in section.data and section.data["bands"] is not None:
+        raw = section.data["bands"]
+        if not isinstance(raw, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in raw
+        ):
+            raise section.error("bands", "must be a list of integer ages", fix="e.g. [0, 40, 60]")
+        bands = tuple(int(b) for b in raw)
+    try:
+        return AnalysisSettings(
+            bands=bands,
+            tolerance=section.get_float("tolerance", DEFAULT_TOLERANCE, lo=1e-12, hi=0.5),
+            batch_size=section.get_int("batch_size", ckks.SLOTS, lo=1, hi=ckks.SLOTS),
+            window=section.get_int("window", DEFAULT_WINDOW, lo=1, hi=1024),
+        )
+    except ValueError as exc:
+        raise section.error("bands", str(exc), fix="strictly increasing, starting at 0") from None
+
+
+# --- plaintext reference and lane packing -----------------------------------------------
+
+
+@dataclass
+class PlainSums:
+    """Exact integer sums, the reference the encrypted results are checked against."""
+
+    bands: int
+    n: int = 0
+    hr: int = 0
+    hr2: int = 0
+    age: int = 0
+    age2: int = 0
+    age_hr: int = 0
+    out_of_range: int = 0
+    band_n: list[int] = field(default_factory=list)
+    band_hr: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.band_n = [0] * self.bands
+        self.band_hr = [0] * self.bands
+
+    def as_accumulators(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "hr": self.hr,
+            "hr2": self.hr2,
+            "age": self.age,
+            "age2": self.age2,
+            "age_hr": self.age_hr,
+            "out_of_range": self.out_of_range,
+        }
+        for k in range(self.bands):
+            out[f"band{k}_n"] = self.band_n[k]
+            out[f"band{k}_hr"] = self.band_hr[k]
+        return out
+
+
+def pack_lanes(readings: list[Reading], settings: AnalysisSettings, plain: PlainSums) -> list[Any]:
+    """The lane vectors of one batch (``wire.lanes(bands)`` arrays), updating ``plain``."""
+    hr = np.fromiter((r.heart_rate_bpm for r in readings), dtype=np.int64, count=len(readings))
+    age = np.fromiter((r.age for r in readings), dtype=np.int64, count=len(readings))
+    out = ((hr < HEART_RATE_NORMAL_MIN) | (hr > HEART_RATE_NORMAL_MAX)).astype(np.int64)
+    band = np.searchsorted(np.asarray(settings.bands), age, side="right") - 1
+    lanes: list[Any] = [None] * wire.lanes(len(settings.bands))
+    lanes[wire.LANE_HEART_RATE] = hr
+    lanes[wire.LANE_AGE] = age
+    lanes[wire.LANE_OUT_OF_RANGE] = out
+    plain.n += len(readings)
+    plain.hr += int(hr.sum())
+    plain.hr2 += int((hr * hr).sum())
+    plain.age += int(age.sum())
+    plain.age2 += int((age * age).sum())
+    plain.age_hr += int((age * hr).sum())
+    plain.out_of_range += int(out.sum())
+    for k in range(len(settings.bands)):
+        mask = (band == k).astype(np.int64)
+        lanes[wire.LANE_FIRST_BAND + k] = mask
+        plain.band_n[k] += int(mask.sum())
+        plain.band_hr[k] += int((mask * hr).sum())
+    return lanes
+
+
+def statistics_from_sums(sums: dict[str, float], settings: AnalysisSettings) -> dict[str, float]:
+    """The reported statistics from the (slot-summed) accumulators. Undefined ones (no
+    readings in a band, zero variance) are left out."""
+    bands = len(settings.bands)
+    n = sum(sums[f"band{k}_n"] for k in range(bands))
+    stats: dict[str, float] = {"count": n}
+    if n <= 0.5:
+        return stats
+    mean = sums["hr"] / n
+    var = max(sums["hr2"] / n - mean * mean, 0.0)
+    stats["heart_rate_mean"] = mean
+    stats["heart_rate_variance"] = var
+    stats["heart_rate_std"] = math.sqrt(var)
+    stats["out_of_range_share"] = sums["out_of_range"] / n
+    for k in range(bands):
+        label = settings.band_label(k)
+        bn = sums[f"band{k}_n"]
+        stats[f"band_{label}_count"] = bn
+        if bn > 0.5:
+            stats[f"band_{label}_heart_rate_mean"] = sums[f"band{k}_hr"] / bn
+    sxx = n * sums["age2"] - sums["age"] ** 2
+    syy = n * sums["hr2"] - sums["hr"] ** 2
+    sxy = n * sums["age_hr"] - sums["age"] * sums["hr"]
+    if sxx > 0:
+        stats["age_heart_rate_slope"] = sxy / sxx
+        if syy > 0:
+            stats["age_heart_rate_correlation"] = sxy / math.sqrt(sxx * syy)
+    return stats
+
+
+# --- the session ---------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    """What the session needs from the channel (``ChannelStream`` fits)."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+
+class LocalTransport:
+    """Hands messages to an in-process handler (``CloudSession.handle``): for tests and for
+    the benchmark's in-process mode. Replies are queued in order, as on a channel."""
+
+    def __init__(self, handle: Callable[[bytes], bytes]) -> None:
+        self._handle = handle
+        self._replies: list[bytes] = []
+        self.sent: list[int] = []
+
+    async def send(self, data: bytes) -> None:
+        self._replies.append(self._handle(data))
+
+    async def recv(self) -> bytes:
+        if not self._replies:
+            raise AnalysisError("no reply pending")
+        return self._replies.pop(0)
+
+
+@dataclass
+class Timings:
+    decrypt_rows: float = 0.0
+    ckks_encrypt: float = 0.0
+    transfer: float = 0.0
+    compute: float = 0.0  # as reported by the worker
+    decrypt: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class AnalysisReport:
+    settings: AnalysisSettings
+    plain: PlainSums
+    encrypted: dict[str, float]
+    plaintext: dict[str, float]
+    batches: int
+    excluded_implausible: int
+    bytes_sent: int
+    bytes_received: int
+    timings: Timings
+
+    def failures(self) -> list[str]:
+        out = []
+        for name, plain in self.plaintext.items():
+            enc = self.encrypted.get(name)
+            if enc is None:
+                out.append(f"{name}: no encrypted result")
+                continue
+            err = abs(enc - plain)
+            if not err <= max(self.settings.tolerance * abs(plain), ABSOLUTE_FLOOR):
+                out.append(
+                    f"{name}: encrypted {enc:.9g} vs plaintext {plain:.9g} "
+                    f"(error {err:.3g} > tolerance {self.settings.tolerance:g} relative)"
+                )
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures()
+
+    def to_json(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        for name, plain in self.plaintext.items():
+            enc = self.encrypted.get(name, float("nan"))
+            err = abs(enc - plain)
+            stats[name] = {
+                "encrypted": enc,
+                "plaintext": plain,
+                "abs_error": err,
+                "rel_error": err / abs(plain) if plain else err,
+            }
+        t = self.timings
+        return {
+            "ok": self.ok,
+            "count": self.plain.n,
+            "heart_rate_mean": stats.get("heart_rate_mean"),
+            "statistics": stats,
+            "failures": self.failures(),
+            "tolerance": self.settings.tolerance,
+            "bands": [self.settings.band_label(k) for k in range(len(self.settings.bands))],
+            "batches": self.batches,
+            "excluded_implausible": self.excluded_implausible,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "timings_s": {
+                "decrypt_rows": t.decrypt_rows,
+                "ckks_encrypt": t.ckks_encrypt,
+                "transfer": t.transfer,
+                "compute": t.compute,
+                "decrypt": t.decrypt,
+                "total": t.total,
+            },
+        }
+
+
+def _rebatch(
+    source: Iterable[list[Reading]], size: int, timings: Timings, excluded: list[int]
+) -> Iterator[list[Reading]]:
+    """Re-cut the store's batches into CKKS batches of ``size`` plausible readings.
+
+    Implausible readings (sensor glitches, flagged at ingest) are left out: they would
+    distort the statistics and, unbounded, could overflow a CKKS slot."""
+    pending: list[Reading] = []
+    it = iter(source)
+    while True:
+        started = time.perf_counter()
+        chunk = next(it, None)
+        timings.decrypt_rows += time.perf_counter() - started
+        if chunk is None:
+            break
+        for r in chunk:
+            if r.plausible:
+                pending.append(r)
+            else:
+                excluded[0] += 1
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+    if pending:
+        yield pending
+
+
+class _Conversation:
+    """Request/reply bookkeeping with a window of requests in flight."""
+
+    def __init__(self, transport: Transport, timings: Timings) -> None:
+        self.transport = transport
+        self.timings = timings
+        self.in_flight: list[tuple[int, int]] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def send(self, msg: wire.Message) -> None:
+        data = wire.encode(msg)
+        started = time.perf_counter()
+        await self.transport.send(data)
+        self.timings.transfer += time.perf_counter() - started
+        self.bytes_sent += len(data)
+
+    async def recv(self) -> wire.Message:
+        started = time.perf_counter()
+        data = await self.transport.recv()
+        self.timings.transfer += time.perf_counter() - started
+        self.bytes_received += len(data)
+        msg = wire.decode(data)
+        if isinstance(msg, wire.Error):
+            raise AnalysisError(
+                f"the cloud worker refused the analysis: [{msg.code}] {msg.message}"
+            )
+        return msg
+
+    async def drain_acks(self, keep: int) -> None:
+        while len(self.in_flight) > keep:
+            expected = self.in_flight.pop(0)
+            msg = await self.recv()
+            if not isinstance(msg, wire.Ack) or (msg.batch, msg.lane) != expected:
+                raise AnalysisError(f"cloud worker answered {msg!r}, expected ACK {expected}")
+
+
+async def analyze(
+    readings: Iterable[list[Reading]],
+    transport: Transport,
+    settings: AnalysisSettings | None = None,
+    *,
+    context: ts.Context | None = None,
+) -> AnalysisReport:
+    """Run one analysis session over ``transport`` and return the report (not yet checked
+    against the tolerance: see :meth:`AnalysisReport.failures`)."""
+    settings = settings or AnalysisSettings()
+    timings = Timings()
+    t0 = time.perf_counter()
+    ctx = context or ckks.create_context()
+    conv = _Conversation(transport, timings)
+    await conv.send(wire.Open(bands=len(settings.bands), context=ckks.public_context_bytes(ctx)))
+    ready = await conv.recv()
+    if not isinstance(ready, wire.Ready) or ready.slots != ckks.SLOTS:
+        raise AnalysisError(f"cloud worker answered {ready!r} to OPEN")
+    plain = PlainSums(len(settings.bands))
+    excluded = [0]
+    batches = 0
+    for batch in _rebatch(readings, settings.batch_size, timings, excluded):
+        if batches >= ready.max_batches:
+            raise AnalysisError(
+                f"more than {ready.max_batches} batches: narrow --since/--until or raise "
+                "the worker's limits.max_batches"
+            )
+        lanes = pack_lanes(batch, settings, plain)
+        for lane, values in enumerate(lanes):
+            started = time.perf_counter()
+            data = ckks.encrypt_vector(ctx, values)
+            timings.ckks_encrypt += time.perf_counter() - started
+            await conv.send(wire.Ciphertext(batch=batches, lane=lane, data=data))
+            conv.in_flight.append((batches, lane))
+            await conv.drain_acks(settings.window)
+        batches += 1
+    await conv.drain_acks(0)
+    if batches == 0:
+        raise AnalysisError("no plausible readings in the selected period: nothing to analyse")
+    sums: dict[str, float] = {}
+    for acc in wire.accumulator_plan(len(settings.bands)):
+        await conv.send(wire.Fetch(batches=batches, name=acc.name))
+        result = await conv.recv()
+        if not isinstance(result, wire.Result) or result.name != acc.name:
+            raise AnalysisError(f"cloud worker answered {result!r} to FETCH {acc.name}")
+        if result.batches != batches:
+            raise AnalysisError(f"cloud worker summed {result.batches} batches, sent {batches}")
+        timings.compute = result.compute_seconds
+        started = time.perf_counter()
+        try:
+            values = ckks.decrypt_vector(ctx, result.data, degree=acc.degree)
+        except wire.AnalyticsProtocolError as exc:
+            raise AnalysisError(f"cloud result {acc.name} refused: {exc}") from None
+        sums[acc.name] = math.fsum(values.tolist())  # the slot sum, finished locally
+        timings.decrypt += time.perf_counter() - started
+    timings.total = time.perf_counter() - t0
+    plain_stats = statistics_from_sums(
+        {k: float(v) for k, v in plain.as_accumulators().items()}, settings
+    )
+    return AnalysisReport(
+        settings=settings,
+        plain=plain,
+        encrypted=statistics_from_sums(sums, settings),
+        plaintext=plain_stats,
+        batches=batches,
+        excluded_implausible=excluded[0],
+        bytes_sent=conv.bytes_sent,
+        bytes_received=conv.bytes_received,
+        timings=timings,
+    )
+
+
+# --- against a work directory: store + channel ---------------------------------------
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        ts_ = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            None, option, f"{value!r} is not an ISO 8601 timestamp", fix="e.g. 2025-01-31T12:00:00Z"
+        ) from None
+    return ts_ if ts_.tzinfo else ts_.replace(tzinfo=UTC)
+
+
+async def run_analysis_async(
+    work: WorkLayout,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    settings: AnalysisSettings | None = None,
+    transport: Transport | None = None,
+) -> AnalysisReport:
+    """Analyse the work directory's store: the cloud endpoint and identities come from
+    hospital.yaml. ``transport`` replaces the channel (tests, in-process benchmark)."""
+    from hospital.config import load_hospital_config
+    from hospital.store import SqliteReadingStore
+
+    cfg = load_hospital_config(work.hospital_config)
+    if settings is None:
+        settings = parse_analysis_settings(cfg.analysis)
+    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    stream: Any = None
+    try:
+        if transport is None:
+            from pacegate import channel
+
+            identity = channel.load_identity(cfg.identity_key, cfg.identity_name)  # type: ignore[attr-defined]
+            server_key = channel.load_public_key(cfg.cloud.server_key)  # type: ignore[attr-defined]
+            try:
+                stream = await channel.connect(  # type: ignore[attr-defined]
+                    cfg.cloud.host,
+                    cfg.cloud.port,
+                    identity=identity,
+                    server_name=cfg.cloud.server_name,
+                    server_key=server_key,
+                )
+            except OSError as exc:
+                raise AnalysisError(
+                    f"cannot reach the cloud worker at {cfg.cloud.host}:{cfg.cloud.port} "
+                    f"({exc.strerror or exc}); is 'pacegate cloud' running? "
+                    f"(endpoint from {cfg.path}: cloud.host/cloud.port)"
+                ) from None
+            transport = stream
+        return await analyze(
+            store.iter_readings(since, until, settings.batch_size), transport, settings
+        )
+    finally:
+        if stream is not None:
+            await stream.close()
+        store.close()
+
+
+def run_analysis(
+    work: WorkLayout,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    settings: AnalysisSettings | None = None,
+) -> dict[str, Any]:
+    """Synchronous API: run the analysis and return its JSON report (``ok`` says whether
+    every statistic is within tolerance; the caller decides what a failure means)."""
+    report = asyncio.run(run_analysis_async(work, since=since, until=until, settings=settings))
+    return report.to_json()
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The human view: a rich table on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title=f"CKKS analysis of {report['count']} readings (blind in the cloud)")
+    for col in ("statistic", "encrypted", "plaintext", "abs error", "rel error"):
+        table.add_column(col, justify="left" if col == "statistic" else "right")
+    for name, v in report["statistics"].items():
+        table.add_row(
+            name,
+            f"{v['encrypted']:.9g}",
+            f"{v['plaintext']:.9g}",
+            f"{v['abs_error']:.2e}",
+            f"{v['rel_error']:.2e}",
+        )
+    console.print(table)
+    t = report["timings_s"]
+    console.print(
+        f"{report['batches']} batches, {report['bytes_sent'] / 1e6:.1f} MB sent, "
+        f"{report['bytes_received'] / 1e6:.1f} MB received; "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+    )
+    if report["excluded_implausible"]:
+        console.print(f"{report['excluded_implausible']} implausible readings left out")
+    for failure in report["failures"]:
+        console.print(f"[red]OUT OF TOLERANCE[/red] {failure}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``pacegate analyze --workdir DIR [--since T] [--until T] [--json]``."""
+    work = WorkLayout(Path(args.workdir).resolve())
+    since = _parse_time(args.since, "--since")
+    until = _parse_time(args.until, "--until")
+    report = run_analysis(work, since=since, until=until)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
+    if not report["ok"]:
+        print(
+            "pacegate analyze: encrypted results differ from plaintext beyond the tolerance "
+            f"({report['tolerance']:g} relative): " + "; ".join(report["failures"]),
+            file=sys.stderr,
+        )
+        return 3
+    return 0
