@@ -1,0 +1,419 @@
+"""Thin asyncio adapters around :class:`~pacegate.channel.session.ChannelSession`.
+
+``connect()`` and ``serve()`` run the handshake under a timeout, then hand the application a
+:class:`ChannelStream`: ``send(bytes)`` / ``recv() -> bytes`` of whole messages. A reader
+task feeds the session continuously, so key updates complete even while the application
+only sends. Peer errors are translated once, here: a ``ChannelError`` is counted, logged as
+a security event and the connection closed; the application sees :class:`ChannelClosed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pacegate.channel.errors import ChannelClosed, ChannelError
+from pacegate.channel.identity import ChannelIdentity, ChannelPublicKey
+from pacegate.channel.kem import KemProvider
+from pacegate.channel.session import (
+    DEFAULT_REKEY_AFTER_RECORDS,
+    DEFAULT_REKEY_AFTER_SECONDS,
+    MAX_MESSAGE_SIZE,
+    NEED_DATA,
+    ChannelSession,
+    HandshakeComplete,
+    Message,
+    PeerClosed,
+    SessionStats,
+)
+from pacegate.errors import LocalProtocolError
+from pacegate.log import security_event
+
+log = logging.getLogger("pacegate.channel")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Handshakes in progress at once on one server; beyond this new connections are closed at
+# once (counted, logged). A bad handshake costs ~0.2 ms of CPU, a slow one only a socket.
+DEFAULT_MAX_PENDING_HANDSHAKES = 256
+_READ_SIZE = 256 * 1024
+# Whole messages decoded but not yet taken by recv(); when full the reader stops reading
+# and TCP pushes back on the peer.
+_INBOX_SIZE = 64
+_CLOSE_FLUSH_TIMEOUT = 2.0
+
+
+class _End:
+    """Queued after the last message: why the stream ended."""
+
+    def __init__(self, cause: ChannelError | None) -> None:
+        self.cause = cause
+
+
+class ChannelStream:
+    """An established channel session: whole messages in and out."""
+
+    def __init__(
+        self,
+        session: ChannelSession,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        component: str = "channel",
+    ) -> None:
+        if session.peer_name is None:
+            raise LocalProtocolError("ChannelStream needs an established session")
+        self.peer_name: str = session.peer_name
+        self._session = session
+        self._reader = reader
+        self._writer = writer
+        self._component = component
+        peer = writer.get_extra_info("peername")
+        self.peer_address: str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self._inbox: asyncio.Queue[bytes | _End] = asyncio.Queue(_INBOX_SIZE)
+        self._drain_lock = asyncio.Lock()
+        self._closed = False
+        self._end: _End | None = None
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(), name=f"channel-reader-{self.peer_name}"
+        )
+
+    @property
+    def stats(self) -> SessionStats:
+        """Records sent/received, messages, application and wire bytes, rekeys."""
+        return self._session.stats
+
+    @property
+    def epoch(self) -> int:
+        """How many key updates this session has completed."""
+        return self._session.epoch
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._end is not None
+
+    async def send(self, message: bytes) -> None:
+        """Send one application message (at most ``max_message_size`` bytes)."""
+        if self.closed:
+            raise ChannelClosed("channel closed", cause=self._end.cause if self._end else None)
+        try:
+            data = self._session.send(bytes(message))
+        except LocalProtocolError as exc:
+            if not self._session.established:
+                raise ChannelClosed(f"channel closed: {exc}") from None
+            raise
+        await self._write(data)
+
+    async def recv(self) -> bytes:
+        """The next whole message; :class:`ChannelClosed` at EOF, after an error or close."""
+        if self._end is not None and self._inbox.empty():
+            raise ChannelClosed("channel closed", cause=self._end.cause)
+        if self._closed:
+            raise ChannelClosed("channel closed by us")
+        item = await self._inbox.get()
+        if isinstance(item, _End):
+            self._end = item
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(item)  # later recv() calls end too
+            raise ChannelClosed(
+                "channel closed by peer" if item.cause is None else f"channel failed: {item.cause}",
+                cause=item.cause,
+            )
+        return item
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                yield await self.recv()
+            except ChannelClosed:
+                return
+
+    async def close(self) -> None:
+        """Send a Close record (so the peer can tell it from a truncation), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        data = self._session.close()
+        try:
+            if data and not self._writer.is_closing():
+                self._writer.write(data)
+                async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                    await self._writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self._writer.close()
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, TimeoutError):
+                async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                    await self._writer.wait_closed()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(_End(None))  # wake a recv() waiting in another task
+
+    async def __aenter__(self) -> ChannelStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._writer.is_closing():
+            raise ChannelClosed("connection lost")
+        self._writer.write(data)
+        try:
+            async with self._drain_lock:
+                await self._writer.drain()
+        except OSError as exc:
+            raise ChannelClosed(f"connection lost: {exc}") from None
+
+    async def _read_loop(self) -> None:
+        cause: ChannelError | None = None
+        try:
+            while True:
+                event = self._session.next_event()
+                pending = self._session.data_to_send()  # key-update answers
+                if pending and not self._writer.is_closing():
+                    self._writer.write(pending)
+                if isinstance(event, Message):
+                    await self._inbox.put(event.data)
+                elif isinstance(event, PeerClosed):
+                    break
+                elif event is NEED_DATA:
+                    try:
+                        data = await self._reader.read(_READ_SIZE)
+                    except OSError:
+                        data = b""
+                    self._session.receive_data(data)
+        except ChannelError as exc:
+            cause = exc
+            if not self._closed:
+                security_event(
+                    "channel_session_error",
+                    component=self._component,
+                    reason=exc.reason,
+                    peer=self.peer_name,
+                    address=self.peer_address,
+                    detail=str(exc),
+                )
+            self._writer.close()
+        except Exception as exc:  # a bug here must not leave recv() waiting forever
+            log.exception("channel reader for %s failed", self.peer_name)
+            cause = ChannelError(f"internal error: {exc!r}", reason="internal")
+            self._writer.close()
+        await self._inbox.put(_End(cause))
+
+
+async def _handshake(
+    session: ChannelSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> str:
+    """Drive the handshake to completion; returns the authenticated peer name."""
+    while True:
+        try:
+            event = session.next_event()
+        finally:
+            out = session.data_to_send()
+            if out:
+                writer.write(out)
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+        if isinstance(event, HandshakeComplete):
+            return event.peer_name
+        if event is NEED_DATA:
+            try:
+                data = await reader.read(_READ_SIZE)
+            except OSError:
+                data = b""
+            session.receive_data(data)
+        else:  # a Message cannot come before HandshakeComplete; keep the invariant explicit
+            raise ChannelError("data before the handshake completed", reason="unexpected_message")
+
+
+def _session_options(
+    kem_provider: KemProvider | str | None,
+    rekey_after_records: int,
+    rekey_after_seconds: float,
+    max_message_size: int,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    return {
+        "kem": kem_provider,
+        "rekey_after_records": rekey_after_records,
+        "rekey_after_seconds": rekey_after_seconds,
+        "max_message_size": max_message_size,
+        "clock": clock,
+    }
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    identity: ChannelIdentity,
+    server_name: str,
+    server_key: ChannelPublicKey,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
+    rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    kem_provider: KemProvider | str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    component: str = "channel",
+) -> ChannelStream:
+    """Open a session to ``server_name`` at host:port, which must prove it holds
+    ``server_key``. Raises ``OSError`` if unreachable, :class:`ChannelError` if the
+    handshake fails (impostor, refused, timeout)."""
+    session = ChannelSession.client(
+        identity,
+        server_name=server_name,
+        server_key=server_key,
+        **_session_options(
+            kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+        ),
+    )
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(session.initiate())
+            await _handshake(session, reader, writer)
+    except TimeoutError:
+        if writer is not None:
+            writer.close()
+        exc = ChannelError(
+            f"handshake with {server_name} at {host}:{port} timed out after {handshake_timeout}s",
+            reason="handshake_timeout",
+        )
+        _log_refusal(component, exc, server_name, f"{host}:{port}")
+        raise exc from None
+    except ChannelError as exc:
+        assert writer is not None
+        writer.close()
+        _log_refusal(component, exc, server_name, f"{host}:{port}")
+        raise
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    return ChannelStream(session, reader, writer, component=component)
+
+
+def _log_refusal(component: str, exc: ChannelError, peer: str | None, address: str) -> None:
+    security_event(
+        "channel_handshake_failed",
+        component=component,
+        reason=exc.reason,
+        peer=peer,
+        address=address,
+        detail=str(exc),
+    )
+
+
+@dataclass
+class ChannelServerStats:
+    """What a server saw, for metrics (pass one to :func:`serve` to read it)."""
+
+    connections: int = 0
+    sessions: int = 0
+    active_sessions: int = 0
+    pending_handshakes: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # by reason
+    session_errors: int = 0
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    identity: ChannelIdentity,
+    allowed_clients: Mapping[str, ChannelPublicKey],
+    on_session: Callable[[ChannelStream], Awaitable[None]],
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+    rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
+    rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    kem_provider: KemProvider | str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    stats: ChannelServerStats | None = None,
+    component: str = "channel",
+) -> asyncio.Server:
+    """Accept sessions from the pinned ``allowed_clients``; run ``on_session(stream)`` for
+    each, then close it. Garbage, timeouts and refusals close that connection only."""
+    allowed = dict(allowed_clients)
+    counters = stats if stats is not None else ChannelServerStats()
+    options = _session_options(
+        kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+    )
+    ChannelSession.server(identity, allowed_clients=allowed, **options)  # validate options now
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counters.connections += 1
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        if counters.pending_handshakes >= max_pending_handshakes:
+            _refuse(counters, component, "handshake_limit", address, "too many handshakes")
+            writer.close()
+            return
+        counters.pending_handshakes += 1
+        session = ChannelSession.server(identity, allowed_clients=allowed, **options)
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                await _handshake(session, reader, writer)
+        except TimeoutError:
+            _refuse(counters, component, "handshake_timeout", address, f"{handshake_timeout}s")
+            writer.close()
+            return
+        except ChannelError as exc:
+            _refuse(counters, component, exc.reason, address, str(exc))
+            writer.close()
+            return
+        except OSError as exc:
+            _refuse(counters, component, "connection_lost", address, str(exc))
+            writer.close()
+            return
+        finally:
+            counters.pending_handshakes -= 1
+        stream = ChannelStream(session, reader, writer, component=component)
+        counters.sessions += 1
+        counters.active_sessions += 1
+        log.info("channel session from %s (%s) established", stream.peer_name, address)
+        try:
+            await on_session(stream)
+        except ChannelClosed as exc:
+            if exc.cause is not None:
+                counters.session_errors += 1
+        except Exception:
+            counters.session_errors += 1
+            log.exception("on_session for %s failed; closing that session", stream.peer_name)
+        finally:
+            counters.active_sessions -= 1
+            await stream.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+def _refuse(
+    counters: ChannelServerStats, component: str, reason: str, address: str, detail: str
+) -> None:
+    counters.count_refusal(reason)
+    security_event(
+        "channel_handshake_refused",
+        component=component,
+        reason=reason,
+        address=address,
+        detail=detail,
+    )
