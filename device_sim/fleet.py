@@ -199,8 +199,10 @@ async def run_fleet(
     connect_concurrency: int = DEFAULT_CONNECT_CONCURRENCY,
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Callable[[FleetProgress], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> FleetSummary:
-    """Run ``count`` enrolled devices of ``work`` for ``duration`` seconds at ``rate`` Hz each."""
+    """Run ``count`` enrolled devices of ``work`` for ``duration`` seconds at ``rate`` Hz each
+    (or until ``stop`` is set), then drain and disconnect."""
     if not rate > 0:
         raise ConfigError(None, "--rate", f"must be > 0 readings/s, got {rate}")
     if not duration > 0:
@@ -247,12 +249,16 @@ async def run_fleet(
         asyncio.create_task(_report(devices, progress, started)) if progress is not None else None
     )
     try:
-        await asyncio.sleep(duration)
+        if stop is None:
+            await asyncio.sleep(duration)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=duration)
         for t in sensors:
             t.cancel()
         await asyncio.gather(*sensors, return_exceptions=True)
         drain_until = loop.time() + drain_s
-        while loop.time() < drain_until and any(d.unacknowledged for d in devices):
+        while loop.time() < drain_until and any(d.unacknowledged and d.connected for d in devices):
             await asyncio.sleep(0.05)
     finally:
         for t in sensors:

@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="physiological model seed (default 0)")
+    p.add_argument(
+        "--counter-block",
+        type=int,
+        default=1024,
+        help="nonce counters reserved per flash write (default 1024; see docs/devices.md)",
+    )
     p = _add(
         sub,
         "analyze",
