@@ -120,8 +120,11 @@ def _handshake_reason(exc: BaseException) -> str:
 class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
     """Refuses any single read larger than the packet limit, before buffering it."""
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int
+    ) -> None:
         super().__init__(reader)
+        self._writer = writer
         self._limit = limit
         self.refused = False
 
@@ -136,6 +139,9 @@ class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
                 size=n,
                 limit=self._limit,
             )
+            # amqtt's reader loop swallows read errors and goes on parsing; cut the
+            # connection so that the rest of the oversized packet is never read at all.
+            self._writer.transport.abort()
             raise asyncio.IncompleteReadError(b"", n)
         data: bytes = await super().read(n)
         return data
@@ -210,7 +216,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             return
         limit = self.cfg.max_payload + PACKET_OVERHEAD
         await self._client_connected(
-            listener_name, _BoundedReader(reader, limit), StreamWriterAdapter(writer)
+            listener_name, _BoundedReader(reader, writer, limit), StreamWriterAdapter(writer)
         )
 
     async def _client_connected(

@@ -1,0 +1,91 @@
+"""broker.yaml: the schema, its error messages, and the shipped files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacegate.broker.config import load_broker_config, render_default_config
+from pacegate.errors import ConfigError
+from pacegate.layout import PkiLayout
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, pki: PkiLayout, **replace: str) -> Path:
+    text = render_default_config(pki.root, host="127.0.0.1", port=18883, config_dir=tmp_path)
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "broker.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_loads_with_paths_relative_to_its_file(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    cfg = load_broker_config(_write(tmp_path, pki))
+    assert cfg.tls.crl.resolve() == pki.crl.resolve()
+    assert "pki/" in (tmp_path / "broker.yaml").read_text()  # relative, not absolute
+    assert cfg.port == 18883 and cfg.max_payload == 4096
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("max_payload: 4096", "max_payload: lots", "limits.max_payload"),
+        ("max_connections: 10000", "max_connections: 0", "limits.max_connections"),
+        ("port: 18883", "port: 70000", "listener.port"),
+        (
+            "gateway_identity: gateway",
+            "gateway_identity: gateway\n  gateway_idnetity: x",
+            "acl.gateway_idnetity",
+        ),
+        ("crl: ", "crl: missing/", "tls.crl"),
+    ],
+)
+def test_malformed_broker_yaml_names_the_file_line_and_key(
+    pki: PkiLayout, tmp_path: Path, old: str, new: str, key: str
+) -> None:
+    path = _write(tmp_path, pki, **{old: new})
+    with pytest.raises(ConfigError) as err:
+        load_broker_config(path)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{path}:")
+    assert err.value.line is not None
+
+
+def test_broker_command_reports_a_malformed_config_and_exits_2(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, pki, **{"handshake_timeout: 10.0": "handshake_timeout: [1]"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "broker", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert f"{path}:" in proc.stderr and "limits.handshake_timeout" in proc.stderr
+
+
+def test_shipped_broker_yaml_points_at_certs_and_has_no_plaintext_listener() -> None:
+    text = (REPO / "broker.yaml").read_text()
+    assert "ca: certs/ca.crt" in text and "crl: certs/crl.pem" in text
+    assert "1883" not in text
+
+
+def test_shipped_mosquitto_conf_requires_certificates() -> None:
+    text = (REPO / "mosquitto" / "pacegate.conf").read_text()
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "crlfile certs/crl.pem",
+        "allow_anonymous false",
+    ):
+        assert line in text

@@ -1,0 +1,166 @@
+"""The PKI: what `pacegate pki init|enroll|revoke` writes, and what it refuses."""
+
+from __future__ import annotations
+
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from pacegate.cli import main as cli_main
+from pacegate.identity import device_san_uri
+from pacegate.keystore import PskStore
+from pacegate.layout import PkiLayout
+from pacegate.pki import (
+    PkiError,
+    add_channel_identity,
+    enroll_device,
+    enroll_devices,
+    init_pki,
+    revoke_device,
+    revoked_serials,
+)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _cert(p: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(p.read_bytes())
+
+
+def test_private_keys_and_psks_are_owner_only(pki: PkiLayout) -> None:
+    secrets = [pki.ca_key, pki.broker_key, pki.gateway_key, pki.psk_store, pki.psk_store_key]
+    secrets += [pki.device_key("pm-0001"), pki.device_psk("pm-0001")]
+    secrets += [pki.channel_key(n) for n in ("hospital", "gateway", "cloud")]
+    for p in secrets:
+        assert _mode(p) == 0o600, p
+
+
+def test_ca_has_the_extensions_of_a_ca(pki: PkiLayout) -> None:
+    ca = _cert(pki.ca_cert)
+    bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca
+    ku = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+    ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    ca.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    assert ca.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+
+
+def test_device_certificate_names_the_device_and_chains_to_the_ca(pki: PkiLayout) -> None:
+    cert = _cert(pki.device_cert("pm-0002"))
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pm-0002"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [device_san_uri("pm-0002")]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 91
+    verifier = PolicyBuilder().store(Store([_cert(pki.ca_cert)])).build_client_verifier()
+    verifier.verify(cert, [])
+
+
+def test_broker_certificate_covers_the_configured_hosts(tmp_path: Path) -> None:
+    layout = init_pki(tmp_path / "p", broker_hosts=["mqtt.ward.example", "10.0.0.5"])
+    cert = _cert(layout.broker_cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["mqtt.ward.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_each_device_gets_a_fresh_psk_kept_in_the_encrypted_store(pki: PkiLayout) -> None:
+    store = PskStore.load(pki.psk_store, pki.psk_store_key)
+    psks = {d: pki.device_psk(d).read_bytes() for d in ("pm-0001", "pm-0002", "pm-0003")}
+    assert all(len(p) == 32 for p in psks.values())
+    assert len(set(psks.values())) == 3
+    for did, psk in psks.items():
+        entry = store.get(did)
+        assert entry is not None and entry.psk == psk and not entry.revoked
+        assert psk not in pki.psk_store.read_bytes()
+
+
+def test_init_refuses_to_overwrite_a_ca_without_force(pki: PkiLayout) -> None:
+    before = pki.ca_cert.read_bytes()
+    with pytest.raises(PkiError, match="already exists"):
+        init_pki(pki.root)
+    assert pki.ca_cert.read_bytes() == before
+    init_pki(pki.root, force=True)
+    assert pki.ca_cert.read_bytes() != before
+    assert not pki.device_dir("pm-0001").exists()
+
+
+@pytest.mark.parametrize("bad", ["PM-1", "pm/1", "pm+1", "pm#1", "..", "a.b", "", "gateway"])
+def test_unsafe_device_ids_are_refused(pki: PkiLayout, bad: str) -> None:
+    with pytest.raises(PkiError):
+        enroll_device(pki.root, bad)
+
+
+def test_duplicate_and_unknown_ids_get_clear_errors(pki: PkiLayout) -> None:
+    with pytest.raises(PkiError, match="'pm-0001' is already enrolled"):
+        enroll_device(pki.root, "pm-0001")
+    with pytest.raises(PkiError, match="given twice"):
+        enroll_devices(pki.root, ["pm-0100", "pm-0100"])
+    with pytest.raises(PkiError, match="'pm-9999' is not enrolled"):
+        revoke_device(pki.root, "pm-9999")
+
+
+def test_revocation_resigns_the_crl_and_marks_the_psk_revoked(pki: PkiLayout) -> None:
+    serial = _cert(pki.device_cert("pm-0002")).serial_number
+    assert revoked_serials(pki.crl) == frozenset()
+    revoke_device(pki.root, "pm-0002")
+    assert revoked_serials(pki.crl) == {serial}
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.is_signature_valid(_cert(pki.ca_cert).public_key())  # type: ignore[arg-type]
+    assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(UTC)
+    entry = PskStore.load(pki.psk_store, pki.psk_store_key).get("pm-0002")
+    assert entry is not None and entry.revoked
+    acl = (pki.mosquitto_dir / "acl").read_text()
+    assert "user pm-0002\ntopic deny #" in acl
+    with pytest.raises(PkiError, match="already revoked"):
+        revoke_device(pki.root, "pm-0002")
+
+
+def test_bulk_enrolment_writes_every_bundle_and_one_store(pki: PkiLayout) -> None:
+    ids = [f"bulk-{i:04d}" for i in range(300)]
+    dirs = enroll_devices(pki.root, ids)
+    assert [d.name for d in dirs] == ids
+    store = PskStore.load(pki.psk_store, pki.psk_store_key)
+    assert len(store) == 303
+    assert all(store.get(i) is not None for i in ids)
+
+
+def test_pq_channel_identities_are_ml_dsa_65_key_pairs(pki: PkiLayout, tmp_path: Path) -> None:
+    add_channel_identity(pki.root, "gateway-2")
+    for name in ("hospital", "gateway", "cloud", "gateway-2"):
+        key = serialization.load_pem_private_key(pki.channel_key(name).read_bytes(), None)
+        pub = serialization.load_pem_public_key(pki.channel_pub(name).read_bytes())
+        assert isinstance(key, mldsa.MLDSA65PrivateKey)
+        assert isinstance(pub, mldsa.MLDSA65PublicKey)
+        pub.verify(key.sign(b"hello"), b"hello")
+
+
+def test_cli_enrolls_and_revokes_without_printing_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "certs"
+    assert cli_main(["pki", "init", "--dir", str(d)]) == 0
+    assert cli_main(["pki", "enroll", "pm-0042", "--dir", str(d), "--days", "30"]) == 0
+    assert cli_main(["pki", "enroll", "pm-0042", "--dir", str(d)]) == 1
+    assert cli_main(["pki", "revoke", "pm-0042", "--dir", str(d)]) == 0
+    assert cli_main(["pki", "init", "--dir", str(d)]) == 1
+    out = capsys.readouterr()
+    layout = PkiLayout(d)
+    psk = layout.device_psk("pm-0042").read_bytes()
+    key_pem = layout.device_key("pm-0042").read_text()
+    for secret in (psk.hex(), key_pem.splitlines()[1]):
+        assert secret not in out.out + out.err
+    assert "already enrolled" in out.err
