@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -78,6 +77,10 @@ class CloudSession:
         self._acc: dict[str, ts.CKKSVector] = {}
         self._pending: list[ts.CKKSVector] = []
         self._batches = 0  # complete batches folded into the accumulators
+
+    @property
+    def batches(self) -> int:
+        return self._batches
 
     def handle(self, message: bytes) -> bytes:
         """Process one request; always return the one reply to send (maybe ERROR)."""
@@ -203,63 +206,59 @@ class CloudSession:
 
 async def serve_session(stream: Any, session: CloudSession) -> None:
     """Run one session over a channel stream (``recv() -> bytes``, ``send(bytes)``)."""
-    from pacegate.channel import ChannelClosed  # type: ignore[attr-defined]
+    from pacegate.channel import ChannelClosed
 
-    try:
-        while True:
-            try:
-                request = await stream.recv()
-            except ChannelClosed:
-                return
-            reply = session.handle(request)
-            await stream.send(reply)
-            if session.state is SessionState.FAILED:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await stream.close()
+    while True:
+        try:
+            request = await stream.recv()
+        except ChannelClosed:
+            return
+        reply = session.handle(request)
+        await stream.send(reply)
+        if session.state is SessionState.FAILED:
+            return  # the ERROR reply is sent; serve() closes the stream
 
 
-async def run_worker(
-    config: Any, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
-) -> None:
-    """Serve until ``stop`` is set. ``config`` is a :class:`cloud.config.CloudConfig`."""
+async def start_worker(config: Any, *, stats: WorkerStats | None = None) -> asyncio.Server:
+    """Listen on ``config.host:config.port`` (port 0: the OS picks) for pinned hospitals.
+    ``config`` is a :class:`cloud.config.CloudConfig`."""
     from pacegate import channel
 
-    identity = channel.load_identity(config.identity_key, config.identity_name)  # type: ignore[attr-defined]
-    allowed = {
-        name: channel.load_public_key(path)  # type: ignore[attr-defined]
-        for name, path in config.allowed_clients.items()
-    }
-    stats = WorkerStats()
+    identity = channel.load_identity(config.identity_key, config.identity_name)
+    allowed = {name: channel.load_public_key(path) for name, path in config.allowed_clients.items()}
+    counters = stats if stats is not None else WorkerStats()
 
     async def on_session(stream: Any) -> None:
         peer = getattr(stream, "peer_name", None)
+        session = CloudSession(max_batches=config.max_batches, stats=counters, peer=peer)
         log.info("analysis session opened", extra={"fields": {"peer": peer}})
-        session = CloudSession(max_batches=config.max_batches, stats=stats, peer=peer)
-        await serve_session(stream, session)
-        log.info(
-            "analysis session closed",
-            extra={
-                "fields": {"peer": peer, "batches": session._batches, "state": session.state.value}
-            },
-        )
+        try:
+            await serve_session(stream, session)
+        finally:
+            session.context = None  # drop the public context with the session
+            log.info(
+                "analysis session closed",
+                extra={
+                    "fields": {
+                        "peer": peer,
+                        "batches": session.batches,
+                        "state": session.state.value,
+                    }
+                },
+            )
 
-    server = await channel.serve(  # type: ignore[attr-defined]
-        config.host, config.port, identity=identity, allowed_clients=allowed, on_session=on_session
+    return await channel.serve(
+        config.host,
+        config.port,
+        identity=identity,
+        allowed_clients=allowed,
+        on_session=on_session,
+        component=COMPONENT,
     )
-    stop = stop or asyncio.Event()
-    async with server:
-        log.info(
-            "cloud worker listening", extra={"fields": {"host": config.host, "port": config.port}}
-        )
-        if ready is not None:
-            ready.set()
-        await stop.wait()
 
 
 def main(args: argparse.Namespace) -> int:
-    """``pacegate cloud -c cloud.yaml``."""
+    """``pacegate cloud -c cloud.yaml``: serve until SIGINT/SIGTERM."""
     from cloud.config import load_cloud_config
 
     config = load_cloud_config(args.config)
@@ -269,7 +268,13 @@ def main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker(config, stop=stop)
+        server = await start_worker(config)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            log.info(
+                "cloud worker listening", extra={"fields": {"host": config.host, "port": port}}
+            )
+            await stop.wait()
 
     asyncio.run(_run())
     return 0

@@ -479,10 +479,10 @@ async def run_analysis_async(
         if transport is None:
             from pacegate import channel
 
-            identity = channel.load_identity(cfg.identity_key, cfg.identity_name)  # type: ignore[attr-defined]
-            server_key = channel.load_public_key(cfg.cloud.server_key)  # type: ignore[attr-defined]
+            identity = channel.load_identity(cfg.identity_key, cfg.identity_name)
+            server_key = channel.load_public_key(cfg.cloud.server_key)
             try:
-                stream = await channel.connect(  # type: ignore[attr-defined]
+                stream = await channel.connect(
                     cfg.cloud.host,
                     cfg.cloud.port,
                     identity=identity,
