@@ -77,7 +77,8 @@ class GatewayMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` in a daemon thread; return the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        # exact int and str: socket.getaddrinfo refuses subclasses (ruamel.yaml scalars)
+        server, _thread = start_http_server(int(port), addr=str(host), registry=self.registry)
         self._server = server
         return int(server.server_port)
 

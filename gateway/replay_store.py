@@ -43,7 +43,7 @@ class ReplayStore:
         self.size = size
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # the window is committed before an MQTT ack: it must reach the disk
             self._db.execute("PRAGMA synchronous=FULL")

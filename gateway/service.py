@@ -1,0 +1,398 @@
+"""``pacegate gateway -c gateway.yaml``: receive, open, forward, acknowledge.
+
+Threads: paho-mqtt runs its network loop in its own thread and only hands each message to the
+asyncio loop (``call_soon_threadsafe``); the pipeline, the replay store, the spool and the
+channel all live on the asyncio loop, so none of them needs a lock.
+
+MQTT: one client with the gateway's certificate, ``clean_session=False`` (the broker keeps
+QoS 1 messages for us while we are away), manual acknowledgements. A message is acknowledged
+when it is rejected (it will never be valid) or once its reading is durable (hospital ACK or
+spool) *and* its replay window is committed. After every (re)connect the broker redelivers
+what was not acknowledged, so the live replay windows rewind to the durable ones, and acks
+owed to the previous connection are not sent (their packet ids belong to the new redelivery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from gateway.config import GatewayConfig, GatewayConfigError, load_gateway_config
+from gateway.forwarder import ChannelStream, Connector, Forwarder, Pending
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Accepted, PipelineState, process
+from gateway.replay_store import ReplayStore
+from gateway.spool import Spool
+from pacegate.errors import ConfigError
+from pacegate.keystore import PskStore
+from pacegate.log import security_event
+from pacegate.tlsconf import client_context
+
+log = logging.getLogger("pacegate.gateway")
+
+# Security events per rejection reason and second; beyond it they are only counted, so that a
+# flood of garbage cannot turn into a flood of log lines (the metrics still count each one).
+SECURITY_EVENTS_PER_REASON_PER_S = 20
+MQTT_RECONNECT_MIN_S = 1
+MQTT_RECONNECT_MAX_S = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    generation: int
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    arrived: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    generation: int
+
+
+def hospital_connector(cfg: GatewayConfig) -> Connector | None:
+    """The PQ channel to the hospital, or None if this build has no channel module yet."""
+    try:
+        from pacegate import channel
+    except ImportError:
+        return None
+    connect = getattr(channel, "connect", None)
+    if connect is None:
+        return None
+    h = cfg.hospital
+    # our channel name is the identity file's stem: pki/channel/<name>.mldsa.key
+    name = h.identity.name.removesuffix(".mldsa.key")
+    identity = channel.load_identity(h.identity, name)
+    server_key = channel.load_public_key(h.server_key)
+
+    async def _connect() -> ChannelStream:
+        stream: ChannelStream = await connect(
+            str(h.host),
+            int(h.port),
+            identity=identity,
+            server_name=h.server_name,
+            server_key=server_key,
+        )
+        return stream
+
+    return _connect
+
+
+class Gateway:
+    """One running gateway. ``await run(stop)``; ``request_reload()`` is SIGHUP."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        *,
+        metrics: GatewayMetrics | None = None,
+        connector: Connector | None = None,
+        use_channel: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or GatewayMetrics()
+        self.metrics_port: int | None = None
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.replay = ReplayStore(cfg.replay_db)
+        self.keys = PskStore.load(cfg.psk_store.path, cfg.psk_store.key)
+        self._keys_mtime = _mtime(cfg.psk_store.path)
+        self._cfg_mtime = _mtime(cfg.path)
+        self.state = PipelineState(routes=cfg.routes, keys=self.keys, windows=self.replay)
+        self.spool = Spool(cfg.spool.path, cfg.spool.key, max_readings=cfg.spool.max_readings)
+        if connector is None and use_channel:
+            connector = hospital_connector(cfg)
+            if connector is None:
+                log.warning("no PQ channel available in this build: readings stay in the spool")
+        self.forwarder = Forwarder(
+            cfg.hospital,
+            self.spool,
+            self.metrics,
+            connector=connector,
+            on_durable=self._on_durable,
+            on_spool_full=self._pause_mqtt,
+            on_spool_room=self._resume_mqtt,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[_Message | _Connected] = asyncio.Queue()
+        self._generation = 0
+        self._current = 0  # generation whose messages the consumer is processing
+        self._gen_lock = threading.Lock()
+        self._client: mqtt.Client | None = None
+        self._subscribed: dict[str, int] = {}
+        self._reload_requested = False
+        self._event_budget: dict[str, tuple[int, int]] = {}
+        self._paused = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_port)
+        self._client = self._make_client()
+        self._start_mqtt()
+        tasks = [
+            asyncio.create_task(self._consume(stop), name="gateway-consume"),
+            asyncio.create_task(self.forwarder.run(stop), name="gateway-forward"),
+            asyncio.create_task(self._watch(stop), name="gateway-watch"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="gateway-stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    # a bug, not a peer: stop so that the supervisor restarts a clean process
+                    # (nothing is lost: unacked messages stay with the broker)
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            stopper.cancel()
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await asyncio.to_thread(self._stop_mqtt)
+            self.metrics.close()
+            self.spool.close()
+            self.replay.close()
+            log.info("gateway stopped")
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+
+    # -- MQTT (callbacks run on paho's thread) ----------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        m = self.cfg.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=m.client_id,
+            clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            manual_ack=True,
+        )
+        client.tls_set_context(client_context(m.ca, m.cert, m.key))
+        client.reconnect_delay_set(MQTT_RECONNECT_MIN_S, MQTT_RECONNECT_MAX_S)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _start_mqtt(self) -> None:
+        assert self._client is not None
+        m = self.cfg.mqtt
+        self._client.connect_async(str(m.host), int(m.port), keepalive=int(m.keepalive_s))
+        self._client.loop_start()
+
+    def _stop_mqtt(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None
+    ) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connection refused: %s", reason)
+            return
+        with self._gen_lock:
+            self._generation += 1
+            gen = self._generation
+        topics = [(r.topic, r.qos) for r in self.state.routes]
+        client.subscribe(topics)
+        self._subscribed = dict(topics)
+        self.metrics.mqtt_up.set(1)
+        log.info("MQTT session up (generation %d), subscribed to %d filters", gen, len(topics))
+        self._post(_Connected(gen))
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.metrics.mqtt_up.set(0)
+        if not self._paused:
+            log.warning("MQTT session lost (%s); paho reconnects", reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._gen_lock:
+            gen = self._generation
+        self._post(_Message(gen, msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic()))
+
+    def _post(self, item: _Message | _Connected) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._inbox.put_nowait, item)
+
+    def _ack(self, generation: int, mid: int, qos: int) -> None:
+        if qos > 0 and generation == self._current and self._client is not None:
+            self._client.ack(mid, qos)
+
+    # -- the asyncio side ------------------------------------------------------------------
+    async def _consume(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            item = await self._inbox.get()
+            if isinstance(item, _Connected):
+                # the broker redelivers every unacked message on this connection
+                self._current = item.generation
+                self.replay.reset_live()
+                self.forwarder.drop_queued()
+                continue
+            self._handle(item)
+
+    def _handle(self, msg: _Message) -> None:
+        m = self.metrics
+        m.received.inc()
+        if msg.generation != self._current:
+            return  # from a connection that is gone; the broker sends it again
+        result = process(
+            msg.topic, msg.payload, self.state, now=time.monotonic(), wall=datetime.now(UTC)
+        )
+        m.receive_latency.observe(time.monotonic() - msg.arrived)
+        if isinstance(result, Accepted):
+            m.accepted.inc()
+            if result.flagged:
+                m.flagged.inc()
+            log.debug("accepted %s #%d", result.item.device_id, result.item.counter)
+            self.forwarder.submit(
+                Pending(result.item, msg.mid, msg.qos, msg.generation, msg.arrived)
+            )
+            return
+        m.rejected.labels(reason=result.reason).inc()
+        if self._may_log(result.reason):
+            security_event(
+                "reading_rejected",
+                component="gateway",
+                reason=result.reason,
+                peer=result.device_id,
+                route=result.route.name if result.route else None,
+                detail=result.detail,
+                size=len(msg.payload),
+            )
+        self._ack(msg.generation, msg.mid, msg.qos)  # refused for good: do not redeliver
+
+    def _may_log(self, reason: str) -> bool:
+        second = int(time.monotonic())
+        start, count = self._event_budget.get(reason, (second, 0))
+        if start != second:
+            start, count = second, 0
+        self._event_budget[reason] = (start, count + 1)
+        if count == SECURITY_EVENTS_PER_REASON_PER_S:
+            log.warning("more than %d '%s' rejections this second: counting only", count, reason)
+        return count < SECURITY_EVENTS_PER_REASON_PER_S
+
+    def _on_durable(self, batch: Sequence[Pending]) -> None:
+        self.replay.mark_durable((p.item.device_id, p.item.counter) for p in batch)
+        for p in batch:
+            self._ack(p.generation, p.mid, p.qos)
+
+    def _pause_mqtt(self) -> None:
+        self._paused = True
+        self._current = -1  # nothing in flight may be acked now
+        asyncio.get_running_loop().run_in_executor(None, self._stop_mqtt)
+
+    def _resume_mqtt(self) -> None:
+        self._paused = False
+        assert self._client is not None
+        self._start_mqtt()
+
+    # -- reloads ---------------------------------------------------------------------------
+    async def _watch(self, stop: asyncio.Event) -> None:
+        poll = self.cfg.reload.poll_s or 1.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(poll, 0.5))
+            mt = _mtime(self.cfg.path)
+            if self._reload_requested or (self.cfg.reload.poll_s and mt != self._cfg_mtime):
+                self._reload_requested = False
+                self._cfg_mtime = mt
+                self.reload_config()
+            kt = _mtime(self.cfg.psk_store.path)
+            if kt != self._keys_mtime:
+                self._keys_mtime = kt
+                self.reload_keys()
+
+    def reload_config(self) -> bool:
+        try:
+            new = load_gateway_config(self.cfg.path)
+        except GatewayConfigError as exc:
+            self.metrics.reloads.labels(result="invalid").inc()
+            log.error("gateway.yaml edit refused, previous configuration kept:\n%s", exc)
+            return False
+        restart_only = [
+            name
+            for name in ("mqtt", "psk_store", "state_dir", "hospital", "spool", "metrics")
+            if getattr(new, name) != getattr(self.cfg, name)
+        ]
+        if restart_only:
+            log.warning("changes to %s take effect at restart", ", ".join(restart_only))
+        self.state.routes = new.routes
+        self.cfg = _with_routes(self.cfg, new)
+        self._resubscribe()
+        self.metrics.reloads.labels(result="applied").inc()
+        log.info("gateway.yaml reloaded: %d routes", len(new.routes))
+        return True
+
+    def _resubscribe(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        want = {r.topic: r.qos for r in self.state.routes}
+        gone = [t for t in self._subscribed if t not in want]
+        new = [(t, q) for t, q in want.items() if self._subscribed.get(t) != q]
+        if gone:
+            client.unsubscribe(gone)
+        if new:
+            client.subscribe(new)
+        self._subscribed = want
+
+    def reload_keys(self) -> None:
+        try:
+            keys = PskStore.load(self.cfg.psk_store.path, self.cfg.psk_store.key)
+        except (ConfigError, ValueError, KeyError) as exc:
+            log.error("PSK store reload failed, previous keys kept: %s", exc)
+            return
+        self.keys = keys
+        self.state.keys = keys
+        log.info("PSK store reloaded: %d devices", len(keys))
+
+
+def _with_routes(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
+    import dataclasses
+
+    return dataclasses.replace(old, routes=new.routes, reload=new.reload)
+
+
+def _mtime(path: os.PathLike[str] | str) -> float:
+    try:
+        return os.stat(path).st_mtime_ns / 1e9
+    except OSError:
+        return 0.0
+
+
+def main(args: argparse.Namespace) -> int:
+    """``pacegate gateway -c FILE``: run until SIGINT/SIGTERM; SIGHUP reloads the file."""
+    cfg = load_gateway_config(args.config)
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        gw = Gateway(cfg)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, gw.request_reload)
+        await gw.run(stop)
+
+    asyncio.run(_run())
+    return 0

@@ -1,0 +1,288 @@
+"""The gateway against a real broker: sealed readings opened, every attack refused and counted.
+
+Real parts: the PKI from ``pacegate pki``, the embedded amqtt broker and Debian's mosquitto as
+subprocesses, paho clients with device certificates, the gateway's own paho client over mTLS,
+SQLite replay state and the encrypted spool. The hospital is not running in this file, so
+accepted readings end in the spool, where the tests read them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import GatewayConfig, load_gateway_config, render_default_config
+from gateway.forwarder import Connector
+from gateway.service import Gateway
+from gateway.spool import Spool
+from pacegate.identity import telemetry_topic
+from pacegate.ingest import IngestItem
+from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.reading import Reading
+from pacegate.sealed import seal_reading
+from tests.support import BrokerHandle, MqttClient, connect_as, free_port, wait_until
+
+WAIT = 15.0
+
+
+def write_gateway_yaml(
+    work: Path, broker: BrokerHandle, *, hospital_port: int | None = None, **replace: str
+) -> Path:
+    """A gateway.yaml for ``work`` (whose ``pki/`` is the test PKI) and ``broker``."""
+    text = render_default_config(
+        WorkLayout(work),
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        hospital_host="127.0.0.1",
+        hospital_port=hospital_port or free_port(),  # nothing listens: hospital is down
+        metrics_port=0,
+    )
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = work / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+class RunningGateway:
+    """A :class:`Gateway` on its own asyncio loop in a thread, as the service runs it."""
+
+    def __init__(self, cfg: GatewayConfig, connector: Connector | None = None) -> None:
+        self.gw = Gateway(cfg, connector=connector, use_channel=connector is not None)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        assert wait_until(lambda: self.gw.metrics_port is not None or self.error, WAIT)
+        if self.error is not None:
+            raise self.error
+        assert wait_until(lambda: self.metric("pacegate_gateway_mqtt_connected") == 1, WAIT)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.gw.run(self._stop))
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+        finally:
+            self._loop.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.gw.metrics.value(name, **labels)
+
+    def rejected(self, reason: str) -> float:
+        return self.metric("pacegate_gateway_rejected_total", reason=reason)
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.gw.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def call(self, fn: Callable[[], object]) -> None:
+        self._loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(20)
+        assert not self._thread.is_alive(), "gateway did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def running_gateway(config: Path, connector: Connector | None = None) -> Iterator[RunningGateway]:
+    gw = RunningGateway(load_gateway_config(config), connector)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+class Device:
+    """A simulated pacemaker as the tests need it: its cert, its PSK, its own counter."""
+
+    def __init__(self, broker: BrokerHandle, device_id: str) -> None:
+        self.id = device_id
+        self.psk = broker.pki.device_psk(device_id).read_bytes()
+        self.topic = telemetry_topic(device_id)
+        self.counter = 0
+        outcome, client = connect_as(broker, device_id)
+        assert client is not None, outcome
+        self.client: MqttClient = client
+
+    def seal(self, hr: int = 72, counter: int | None = None) -> bytes:
+        if counter is None:
+            self.counter += 1
+            counter = self.counter
+        reading = Reading(age=64, heart_rate_bpm=hr, sensor_id=7, timestamp=datetime.now(UTC))
+        return seal_reading(self.psk, self.id, counter, reading)
+
+    def publish(self, payload: bytes, topic: str | None = None) -> None:
+        self.client.publish(topic or self.topic, payload, qos=1)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.contextmanager
+def devices(broker: BrokerHandle, *ids: str) -> Iterator[list[Device]]:
+    devs = [Device(broker, i) for i in ids]
+    try:
+        yield devs
+    finally:
+        for d in devs:
+            d.close()
+
+
+def spooled(cfg_path: Path) -> list[IngestItem]:
+    cfg = load_gateway_config(cfg_path)
+    spool = Spool(cfg.spool.path, cfg.spool.key, max_readings=cfg.spool.max_readings)
+    try:
+        return spool.items()
+    finally:
+        spool.close()
+
+
+def test_readings_from_devices_are_opened_by_the_gateway(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    config = write_gateway_yaml(tmp_path, broker)
+    with running_gateway(config) as gw, devices(broker, "pm-0001", "pm-0002") as (a, b):
+        for _ in range(5):
+            a.publish(a.seal(hr=70))
+            b.publish(b.seal(hr=300))  # implausible: flagged, not dropped
+        assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 10, WAIT)
+        assert wait_until(lambda: gw.metric("pacegate_gateway_spooled") == 10, WAIT)
+        text = gw.scrape()
+        assert "pacegate_gateway_received_total 10.0" in text
+        assert "pacegate_gateway_flagged_total 5.0" in text
+        assert "pacegate_gateway_receive_latency_seconds_count 10.0" in text
+    items = spooled(config)
+    got = sorted((i.device_id, i.counter, i.reading.heart_rate_bpm, i.flags) for i in items)
+    want = sorted(
+        [("pm-0001", c, 70, 0) for c in range(1, 6)] + [("pm-0002", c, 300, 1) for c in range(1, 6)]
+    )
+    assert got == want
+
+
+def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    from pacegate.pki import enroll_device
+
+    # the gateway's key store is a copy taken before pm-0009 is enrolled: unknown to it
+    pki = PkiLayout(tmp_path / "pki")
+    gw_store = tmp_path / "gw-keystore"
+    shutil.copytree(pki.keystore_dir, gw_store)
+    enroll_device(pki.root, "pm-0009")
+    config = write_gateway_yaml(
+        tmp_path,
+        broker,
+        **{"path: pki/keystore/psk.store": f"path: {gw_store}/psk.store"},
+        **{"key: pki/keystore/psk.key": f"key: {gw_store}/psk.key"},
+    )
+    with (
+        running_gateway(config) as gw,
+        devices(broker, "pm-0001", "pm-0002", "pm-0009") as (a, b, stranger),
+    ):
+        good = a.seal()
+        a.publish(good)
+        assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 1, WAIT)
+
+        flipped = bytearray(a.seal())
+        flipped[-1] ^= 0x80
+        a.publish(bytes(flipped))
+        a.publish(a.seal()[:-5])  # truncated
+        a.publish(good)  # replayed
+        b.publish(a.seal())  # pm-0001's payload moved to pm-0002's topic
+        stranger.publish(stranger.seal())  # enrolled at the broker, unknown to the gateway
+        a.publish(b"\x01" * 200)  # oversized for the route (80 bytes)
+        a.publish(b"\x07" + a.seal()[1:])  # a version nobody speaks
+
+        expected = {
+            "bad_tag": 2,
+            "malformed": 1,
+            "replay": 1,
+            "unknown_device": 1,
+            "oversized": 1,
+            "unsupported_version": 1,
+        }
+        assert wait_until(lambda: all(gw.rejected(r) == n for r, n in expected.items()), WAIT), {
+            r: gw.rejected(r) for r in expected
+        }
+        # still up, still opening readings
+        a.publish(a.seal())
+        assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 2, WAIT)
+        text = gw.scrape()
+        assert 'pacegate_gateway_rejected_total{reason="bad_tag"} 2.0' in text
+        assert gw.metric("pacegate_gateway_received_total") == 9
+        assert wait_until(lambda: gw.metric("pacegate_gateway_spooled") == 2, WAIT)
+    assert len(spooled(config)) == 2
+
+
+def test_replay_state_survives_a_gateway_restart(
+    embedded_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    config = write_gateway_yaml(tmp_path, embedded_broker)
+    with devices(embedded_broker, "pm-0001") as (a,):
+        payloads = [a.seal() for _ in range(3)]
+        with running_gateway(config) as gw:
+            for p in payloads:
+                a.publish(p)
+            assert wait_until(lambda: gw.metric("pacegate_gateway_spooled") == 3, WAIT)
+        with running_gateway(config) as gw2:
+            for p in payloads:
+                a.publish(p)
+            a.publish(a.seal())
+            assert wait_until(lambda: gw2.rejected("replay") == 3, WAIT)
+            assert wait_until(lambda: gw2.metric("pacegate_gateway_accepted_total") == 1, WAIT)
+            assert wait_until(lambda: gw2.metric("pacegate_gateway_spooled") == 4, WAIT)
+    assert [i.counter for i in spooled(config)] == [1, 2, 3, 4]
+
+
+def test_invalid_edit_keeps_the_old_config_and_a_valid_one_applies(
+    embedded_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    config = write_gateway_yaml(tmp_path, embedded_broker)
+    original = config.read_text()
+    with running_gateway(config) as gw, devices(embedded_broker, "pm-0001") as (a,):
+        config.write_text(original.replace("pacemakers/+/telemetry", "pacemakers/pm+/telemetry"))
+        gw.call(gw.gw.request_reload)  # what SIGHUP does
+        assert wait_until(
+            lambda: gw.metric("pacegate_gateway_config_reloads_total", result="invalid") >= 1, WAIT
+        )
+        a.publish(a.seal())
+        assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 1, WAIT)
+
+        # a valid edit, picked up from the file's mtime alone: a route limit of 30 bytes
+        time.sleep(0.01)
+        config.write_text(original.replace("max_payload_bytes: 80", "max_payload_bytes: 30"))
+        assert wait_until(
+            lambda: gw.metric("pacegate_gateway_config_reloads_total", result="applied") >= 1, WAIT
+        )
+        a.publish(a.seal())
+        assert wait_until(lambda: gw.rejected("oversized") == 1, WAIT)
+
+
+def test_newly_enrolled_device_is_accepted_without_a_restart(
+    embedded_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    from pacegate.pki import enroll_device
+
+    config = write_gateway_yaml(tmp_path, embedded_broker)
+    with running_gateway(config) as gw:
+        enroll_device(tmp_path / "pki", "pm-0042")  # rewrites the PSK store
+        with devices(embedded_broker, "pm-0042") as (d,):
+            assert wait_until(lambda: gw.gw.keys.get("pm-0042") is not None, WAIT)
+            d.publish(d.seal())
+            assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 1, WAIT)
