@@ -14,19 +14,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from hospital.config import HospitalConfig, load_hospital_config
 from hospital.store import ReadingStore, SqliteReadingStore
+from pacegate.channel import (
+    ChannelClosed,
+    ChannelServerStats,
+    ChannelStream,
+    load_identity,
+    load_public_key,
+    serve,
+)
 from pacegate.ingest import IngestAck, IngestBatch, IngestWireError, decode, encode_ack
 from pacegate.log import security_event
 
@@ -47,12 +56,13 @@ class HospitalMetrics:
             "readings already stored, absorbed (at-least-once delivery)",
             registry=self.registry,
         )
-        self.rejected = Counter(
-            "pacegate_hospital_rejected",
-            "messages or readings refused, by reason",
-            ["reason"],
-            registry=self.registry,
-        )
+        # refusals by reason: ours (malformed ingest message, conflicting_duplicate,
+        # store_error) and the channel's, prefixed "channel_" (handshake refusals such as
+        # channel_unknown_client, and records that ended a session such as channel_bad_record)
+        self.channel = ChannelServerStats()
+        self._rejected: dict[str, int] = {}
+        self._rejected_lock = threading.Lock()
+        self.registry.register(_RejectedCollector(self))
         self.sessions = Gauge(
             "pacegate_hospital_sessions", "open gateway sessions", registry=self.registry
         )
@@ -61,6 +71,33 @@ class HospitalMetrics:
             "batches committed and acknowledged",
             registry=self.registry,
         )
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        with self._rejected_lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + count
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        with self._rejected_lock:
+            merged = dict(self._rejected)
+        for reason, n in list(self.channel.refused.items()):
+            key = f"channel_{reason}"
+            merged[key] = merged.get(key, 0) + n
+        return merged
+
+
+class _RejectedCollector(Collector):
+    def __init__(self, metrics: HospitalMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "pacegate_hospital_rejected",
+            "messages, readings or connections refused, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._metrics.rejected_by_reason().items()):
+            family.add_metric([reason], n)
+        yield family
 
 
 class IngestHandler:
@@ -82,7 +119,7 @@ class IngestHandler:
             if isinstance(msg, IngestAck):
                 raise IngestWireError("a gateway sent an ACK", reason="unexpected_ack")
         except IngestWireError as exc:
-            self.metrics.rejected.labels(reason=exc.reason).inc()
+            self.metrics.reject(exc.reason)
             security_event(
                 "ingest_message_rejected",
                 component=COMPONENT,
@@ -100,7 +137,7 @@ class IngestHandler:
         self.metrics.duplicates.inc(result.duplicates)
         self.metrics.batches.inc()
         if result.conflicts:
-            self.metrics.rejected.labels(reason="conflicting_duplicate").inc(result.conflicts)
+            self.metrics.reject("conflicting_duplicate", result.conflicts)
             security_event(
                 "conflicting_duplicate",
                 component=COMPONENT,
@@ -151,60 +188,51 @@ class HospitalService:
         # SQLite has one writer: every batch goes through this one thread, in arrival order
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hospital-store")
 
-    async def on_session(self, stream: Any) -> None:
-        channel = importlib.import_module("pacegate.channel")
-        peer = str(stream.peer_name)
+    async def on_session(self, stream: ChannelStream) -> None:
+        """Serve one gateway session: BATCH in, ACK out after commit, until it ends.
+        Returning closes the session (``serve`` does it)."""
+        peer = stream.peer_name
         loop = asyncio.get_running_loop()
         self.metrics.sessions.inc()
-        log.info("session opened by %s", peer)
+        log.info("session opened by gateway %s", peer)
         try:
             while True:
                 try:
                     message = await stream.recv()
-                except channel.ChannelClosed:
+                except ChannelClosed as exc:
+                    if exc.cause is not None:  # tampered, replayed, truncated record...
+                        self.metrics.reject(f"channel_{exc.cause.reason}")
                     return
                 try:
                     ack = await loop.run_in_executor(
                         self._writer, self.handler.handle, message, peer
                     )
                 except IngestWireError:
-                    return  # counted and logged by the handler; the session closes below
+                    return  # counted and logged by the handler; the session closes
                 except Exception:
                     log.exception("storing a batch from %s failed; no ACK, session closed", peer)
-                    self.metrics.rejected.labels(reason="store_error").inc()
+                    self.metrics.reject("store_error")
                     return
                 await stream.send(ack)
-        except channel.ChannelClosed:
-            return
+        except ChannelClosed:
+            return  # the peer went away while we answered; it will resend
         finally:
             self.metrics.sessions.dec()
-            await _close_stream(stream)
-            log.info("session with %s closed", peer)
+            log.info("session with gateway %s closed", peer)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self.store.close()
 
 
-async def _close_stream(stream: Any) -> None:
-    closer: Callable[[], Awaitable[None] | None] | None = getattr(stream, "close", None)
-    if closer is None:
-        return
-    with contextlib.suppress(Exception):
-        result = closer()
-        if asyncio.iscoroutine(result):
-            await result
-
-
 async def run_service(
     cfg: HospitalConfig,
     *,
     stop: asyncio.Event | None = None,
-    on_ready: Callable[[HospitalService, Any, RunningMetrics], None] | None = None,
+    on_ready: Callable[[HospitalService, asyncio.Server, RunningMetrics], None] | None = None,
 ) -> int:
-    channel = importlib.import_module("pacegate.channel")
-    identity = channel.load_identity(cfg.identity_key, cfg.identity_name)
-    allowed = {name: channel.load_public_key(path) for name, path in cfg.allowed_gateways.items()}
+    identity = load_identity(cfg.identity_key, cfg.identity_name)
+    allowed = {name: load_public_key(path) for name, path in cfg.allowed_gateways.items()}
     store = SqliteReadingStore.open(cfg.database, cfg.keyring)
     service = HospitalService(cfg, store)
     running_metrics = start_metrics(cfg, service.metrics)
@@ -214,12 +242,14 @@ async def run_service(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        server = await channel.serve(
+        server = await serve(
             cfg.listen_host,
             cfg.listen_port,
             identity=identity,
             allowed_clients=allowed,
             on_session=service.on_session,
+            stats=service.metrics.channel,
+            component=COMPONENT,
         )
         try:
             log.info(
@@ -246,7 +276,7 @@ async def run_service(
     return 0
 
 
-def _bound_port(server: Any, default: int) -> int:
+def _bound_port(server: asyncio.Server, default: int) -> int:
     with contextlib.suppress(AttributeError, IndexError, TypeError):
         return int(server.sockets[0].getsockname()[1])
     return default
