@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "add a new at-rest key and re-encrypt every row online",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument(
+        "--keep-old", action="store_true", help="keep the older keys in the keyring afterwards"
+    )
     p = _add(
         hosp_sub,
         "verify",
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check the hash chain: detect deleted or reordered rows",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p = _add(sub, "cloud", "cloud.worker:main", "run the CKKS cloud worker (public context only)")
     p.add_argument("-c", "--config", type=Path, required=True)
 

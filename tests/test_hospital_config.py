@@ -137,3 +137,26 @@ def test_commands_report_a_bad_config_with_exit_code_2(
     write(work, "store: [1, 2]\n")
     assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 2
     assert "configuration error" in capsys.readouterr().err
+
+
+def test_verify_json_reports_problems_as_one_object(
+    work: WorkLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    fill(work, 6)
+    with sqlite3.connect(work.hospital_dir / "readings.db", isolation_level=None) as c:
+        c.execute("DELETE FROM readings WHERE seq = 6")
+    assert pacegate_main(["hospital", "verify", "--json", "-c", str(work.hospital_config)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["rows"] == 5
+    assert [p["kind"] for p in report["problems"]] == ["head_mismatch"]
+
+
+def test_rotate_key_keep_old_leaves_both_keys(work: WorkLayout) -> None:
+    from hospital.keyring import Keyring
+
+    fill(work, 3)
+    argv = ["hospital", "rotate-key", "--keep-old", "-c", str(work.hospital_config)]
+    assert pacegate_main(argv) == 0
+    assert Keyring.load(work.hospital_dir / "keyring.json").versions == [1, 2]
