@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from pacegate.errors import ConfigError, PacegateError
@@ -121,7 +122,6 @@ def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
     from cloud.config import render_default_config as cloud_config
     from gateway.config import render_default_config as gateway_config
     from hospital.config import render_default_config as hospital_config
-
     from pacegate.broker.config import render_default_config as broker_config
 
     texts = {
@@ -163,15 +163,29 @@ def read_endpoints(work: WorkLayout) -> Endpoints | None:
         ) from None
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def _listens(pid: int, port: int) -> bool:
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
+
+
+def wait_for_listen(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until ``proc`` has a listening socket on ``port``.
+
+    We look at the process's sockets rather than connecting: a probe connection that closes
+    mid-handshake is, to a zero-trust service, a refused peer, and would be logged and counted
+    as one.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise StackError(f"exited with code {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        if _listens(proc.pid, port):
             return
         time.sleep(0.1)
-    raise StackError(f"did not listen on {host}:{port} within {timeout:.0f} s")
+    raise StackError(f"did not listen on port {port} within {timeout:.0f} s")
 
 
 @dataclass
@@ -255,7 +269,7 @@ class Stack:
         self.services.append(service)
         host, port = self._port_of(name)
         try:
-            wait_for_port(host, port, SERVICE_START_TIMEOUT_S, proc)
+            wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
         except StackError as exc:
             raise StackError(
                 f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{service.tail()}"
