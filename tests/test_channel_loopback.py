@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import gc
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+
+import pytest
 
 from pacegate.channel import (
     ChannelClosed,
@@ -20,6 +24,7 @@ from pacegate.channel import (
     connect,
     serve,
 )
+from pacegate.channel.wire import FRAME_HEADER, FRAME_HEADER_SIZE, FrameType
 
 HOST = "127.0.0.1"
 WAIT = 20.0  # guard against hangs only; no test asserts how long anything takes
@@ -106,3 +111,487 @@ async def test_round_trip_over_loopback_authenticates_both_peers() -> None:
         assert srv.recorder.peers == ["gateway"]
         assert srv.recorder.messages == [b"reading batch 1", big]
         assert stream.stats.messages_sent == 2 and stream.stats.records_sent > 16
+
+
+# ------------------------------------------------------------------ a man in the middle
+
+
+class Cut:
+    """In a hook's output: close both directions here (a truncation)."""
+
+
+CUT = Cut()
+FrameHook = Callable[[int, bytes], list[bytes | Cut]]
+
+
+class FrameProxy:
+    """A real TCP relay on loopback that hands every frame to a hook before forwarding."""
+
+    def __init__(
+        self,
+        target_port: int,
+        c2s: FrameHook | None = None,
+        s2c: FrameHook | None = None,
+    ) -> None:
+        self.target_port = target_port
+        self.c2s = c2s
+        self.s2c = s2c
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> FrameProxy:
+        self._server = await asyncio.start_server(self._handle, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        sreader, swriter = await asyncio.open_connection(HOST, self.target_port)
+        writers = (cwriter, swriter)
+        tasks = [
+            asyncio.create_task(self._pump(creader, swriter, self.c2s, writers)),
+            asyncio.create_task(self._pump(sreader, cwriter, self.s2c, writers)),
+        ]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _pump(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        hook: FrameHook | None,
+        writers: tuple[asyncio.StreamWriter, ...],
+    ) -> None:
+        index = 0
+        try:
+            while True:
+                header = await reader.readexactly(FRAME_HEADER_SIZE)
+                _, length = FRAME_HEADER.unpack(header)
+                frame = header + await reader.readexactly(length)
+                out = hook(index, frame) if hook else [frame]
+                index += 1
+                for item in out:
+                    if isinstance(item, Cut):
+                        await writer.drain()
+                        for w in writers:
+                            w.close()
+                        return
+                    writer.write(item)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+# Client-to-server frame indices: 0 ClientHello, 1 ClientAuth, then one record per small
+# application message: 2 = "A", 3 = "B", 4 = "C".
+def flip_last_byte(frame: bytes) -> bytes:
+    return frame[:-1] + bytes([frame[-1] ^ 0x01])
+
+
+def tampered(i: int, f: bytes) -> list[bytes | Cut]:
+    return [flip_last_byte(f)] if i == 3 else [f]
+
+
+def replayed(i: int, f: bytes) -> list[bytes | Cut]:
+    return [f, f] if i == 2 else [f]
+
+
+def dropped(i: int, f: bytes) -> list[bytes | Cut]:
+    return [] if i == 3 else [f]
+
+
+def truncated_between_records(i: int, f: bytes) -> list[bytes | Cut]:
+    return [CUT] if i == 3 else [f]
+
+
+def truncated_inside_a_record(i: int, f: bytes) -> list[bytes | Cut]:
+    return [f[: len(f) // 2], CUT] if i == 3 else [f]
+
+
+def make_reorderer() -> FrameHook:
+    held: list[bytes] = []
+
+    def reordered(i: int, f: bytes) -> list[bytes | Cut]:
+        if i == 3:
+            held.append(f)
+            return []
+        if i == 4:
+            return [f, *held]
+        return [f]
+
+    return reordered
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        (lambda: tampered, "bad_record"),
+        (lambda: replayed, "bad_record"),
+        (make_reorderer, "bad_record"),
+        (lambda: dropped, "bad_record"),
+        (lambda: truncated_between_records, "truncated"),
+        (lambda: truncated_inside_a_record, "truncated"),
+    ],
+    ids=["tampered", "replayed", "reordered", "dropped", "truncated", "cut-mid-record"],
+)
+async def test_record_attack_closes_the_session_and_nothing_is_delivered_twice(
+    attack: Callable[[], FrameHook], reason: str
+) -> None:
+    async with running_server() as srv, FrameProxy(srv.port, c2s=attack()) as proxy:
+        stream = await gateway_connect(proxy.port)
+        try:
+            for msg in (b"A", b"B", b"C"):
+                await stream.send(msg)
+            acks = []
+            with pytest.raises(ChannelClosed):
+                while True:
+                    acks.append(await asyncio.wait_for(stream.recv(), WAIT))
+        finally:
+            await stream.close()
+        cause = await srv.recorder.next_end()
+        assert cause is not None and cause.reason == reason
+        assert srv.recorder.messages == [b"A"]  # the prefix before the attack, once
+        # the server may fail on B before its application acknowledged A: both are fine
+        assert acks in ([], [b"ack:A"])
+
+
+# ------------------------------------------------------------------ who may talk
+
+
+async def test_unknown_client_is_refused_before_any_application_data() -> None:
+    async with running_server() as srv:
+        with pytest.raises(ChannelError) as info:
+            await gateway_connect(srv.port, identity=INTRUDER)
+        assert info.value.reason == "refused_by_peer"
+        assert srv.stats.refused == {"unknown_client": 1}
+        assert srv.recorder.peers == [] and srv.stats.sessions == 0
+
+
+async def test_client_with_a_known_name_but_an_unpinned_key_is_refused() -> None:
+    impostor_gateway = ChannelIdentity("gateway", INTRUDER.private_key)
+    async with running_server() as srv:
+        with pytest.raises(ChannelError) as info:
+            await gateway_connect(srv.port, identity=impostor_gateway)
+        assert info.value.reason == "refused_by_peer"
+        assert srv.stats.refused == {"bad_signature": 1}
+        assert srv.recorder.peers == []
+
+
+async def test_impostor_server_with_the_wrong_key_is_refused_by_the_client() -> None:
+    recorder = Recorder()
+    impostor = ChannelIdentity("hospital", INTRUDER.private_key)
+    server = await serve(
+        HOST,
+        0,
+        identity=impostor,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=recorder.on_session,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ChannelError) as info:
+            await gateway_connect(port)
+        assert info.value.reason == "bad_server_identity"
+        # the client never sent a message: the impostor's session ends empty
+        assert await recorder.next_end() is not None
+        assert recorder.messages == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_server_with_another_pinned_name_is_refused_by_the_client() -> None:
+    async with running_server() as srv:
+        with pytest.raises(ChannelError) as info:
+            await gateway_connect(srv.port, server_name="cloud")
+        assert info.value.reason == "bad_server_identity"
+
+
+# ------------------------------------------------------------------ downgrade
+
+
+def _add_legacy_version(i: int, f: bytes) -> list[bytes | Cut]:
+    """Rewrite the ClientHello's offer from [v1] to [v1, 0x0000] (a 'legacy' version)."""
+    if i != 0:
+        return [f]
+    body = f[FRAME_HEADER_SIZE:]
+    assert body[0] == 1  # one version offered
+    new_body = bytes([2]) + body[1:3] + b"\x00\x00" + body[3:]
+    return [FRAME_HEADER.pack(FrameType.CLIENT_HELLO, len(new_body)) + new_body]
+
+
+def _change_server_random(i: int, f: bytes) -> list[bytes | Cut]:
+    if i != 0:
+        return [f]
+    return [f[:10] + bytes([f[10] ^ 0xFF]) + f[11:]]
+
+
+@pytest.mark.parametrize(
+    "hooks",
+    [{"c2s": _add_legacy_version}, {"s2c": _change_server_random}],
+    ids=["altered-client-offer", "altered-server-hello"],
+)
+async def test_altered_hello_in_the_transcript_fails_the_handshake(
+    hooks: dict[str, FrameHook],
+) -> None:
+    async with running_server() as srv, FrameProxy(srv.port, **hooks) as proxy:
+        with pytest.raises(ChannelError):
+            await gateway_connect(proxy.port)
+        assert srv.stats.sessions == 0
+        assert sum(srv.stats.refused.values()) == 1
+        assert srv.recorder.peers == []
+
+
+# ------------------------------------------------------------------ rekey
+
+
+async def test_rekey_after_n_records_is_transparent_and_traffic_continues() -> None:
+    async with running_server() as srv:
+        stream = await gateway_connect(srv.port, rekey_after_records=4)
+        try:
+            for i in range(40):
+                await stream.send(b"m%d" % i)
+                assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:m%d" % i
+            assert stream.stats.rekeys >= 5
+            assert stream.epoch == stream.stats.rekeys
+        finally:
+            await stream.close()
+        assert await srv.recorder.next_end() is None
+        assert srv.recorder.messages == [b"m%d" % i for i in range(40)]
+
+
+async def test_rekey_after_t_seconds_is_transparent_and_traffic_continues() -> None:
+    now = [1000.0]
+    async with running_server() as srv:
+        stream = await gateway_connect(srv.port, rekey_after_seconds=60.0, clock=lambda: now[0])
+        try:
+            for i in range(6):
+                now[0] += 61.0  # a minute passes between readings
+                await stream.send(b"t%d" % i)
+                assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:t%d" % i
+            assert stream.stats.rekeys >= 5
+        finally:
+            await stream.close()
+        assert srv.recorder.messages == [b"t%d" % i for i in range(6)]
+
+
+async def test_rekey_completes_while_the_client_only_sends() -> None:
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def sink(stream: ChannelStream) -> None:
+        async for m in stream:
+            got.append(m)
+        done.set()
+
+    server = await serve(
+        HOST,
+        0,
+        identity=HOSPITAL,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=sink,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        stream = await gateway_connect(port, rekey_after_records=8)
+        for i in range(100):
+            await stream.send(b"s%d" % i)
+        await stream.close()
+        await asyncio.wait_for(done.wait(), WAIT)
+        assert got == [b"s%d" % i for i in range(100)]
+        assert stream.stats.rekeys >= 3
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ------------------------------------------------------------------ garbage and floods
+
+
+async def _send_raw(port: int, data: bytes, *, then_close: bool = True) -> bytes:
+    """Write ``data`` to the server as a stranger; returns what the server answered."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if then_close:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), WAIT)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before closing (a reset, when it left our bytes unread, counts
+    as closed too)."""
+    try:
+        return await asyncio.wait_for(reader.read(), WAIT)
+    except ConnectionResetError:
+        return b""
+
+
+async def _valid_client_hello() -> bytes:
+    from pacegate.channel.session import ChannelSession
+
+    return ChannelSession.client(
+        GATEWAY, server_name="hospital", server_key=HOSPITAL.public_key
+    ).initiate()
+
+
+async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hello = await _valid_client_hello()
+    garbage = [
+        b"GET / HTTP/1.1\r\nHost: hospital\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100),  # a TLS ClientHello
+        bytes(5),
+        b"\x01\xff\xff\xff\xff",  # a ClientHello announcing 4 GiB
+        b"\x17\x00\x00\x00\x10" + bytes(16),  # a record before any handshake
+        hello[:200],  # half a hello, then EOF
+        hello + b"\x17\x00\x00\x00\x20" + bytes(32),  # a hello, then a forged record
+        hello[:-1] + bytes([hello[-1] ^ 1]),  # a hello with a corrupted ML-KEM key
+        b"",  # connect and close at once
+    ]
+    caplog.set_level(logging.WARNING, logger="pacegate.security")
+    async with running_server() as srv:
+        answers = await asyncio.gather(*(_send_raw(srv.port, g) for g in garbage))
+        # nothing readable came back, except ServerHellos to the well-formed hellos
+        for g, answer in zip(garbage, answers, strict=True):
+            assert answer == b"" or (g.startswith(hello[:5]) and answer[:1] == b"\x02")
+        # the server still serves a real gateway afterwards
+        stream = await gateway_connect(srv.port)
+        await stream.send(b"still alive")
+        assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:still alive"
+        await stream.close()
+        assert sum(srv.stats.refused.values()) == len(garbage)
+        assert srv.stats.sessions == 1
+    refusals = [
+        r
+        for r in caplog.records
+        if getattr(r, "fields", {}).get("event") == ("channel_handshake_refused")
+    ]
+    assert len(refusals) == len(garbage)
+
+
+async def test_half_open_connection_is_closed_at_the_handshake_timeout() -> None:
+    async with running_server(handshake_timeout=0.3) as srv:
+        reader, writer = await asyncio.open_connection(HOST, srv.port)
+        try:
+            # a real gateway is served while the silent connection waits
+            stream = await gateway_connect(srv.port)
+            await stream.send(b"x")
+            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:x"
+            await stream.close()
+            assert await _read_until_closed(reader) == b""  # the server hung up
+            assert srv.stats.refused == {"handshake_timeout": 1}
+        finally:
+            writer.close()
+
+
+async def test_flood_of_bad_handshakes_beyond_the_limit_is_shed_and_counted() -> None:
+    async with running_server(handshake_timeout=1.0, max_pending_handshakes=4) as srv:
+        idle = [await asyncio.open_connection(HOST, srv.port) for _ in range(12)]
+        try:
+            for _, w in idle:
+                w.write(b"\x01\x00")  # a hello that never completes
+            for _, w in idle:
+                await w.drain()
+            closed = await asyncio.gather(*(_read_until_closed(r) for r, _ in idle))
+            assert closed == [b""] * 12
+            assert srv.stats.refused.get("handshake_limit", 0) >= 1
+            assert sum(srv.stats.refused.values()) == 12
+            assert srv.stats.pending_handshakes == 0
+            stream = await gateway_connect(srv.port)
+            await stream.send(b"after the flood")
+            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:after the flood"
+            await stream.close()
+        finally:
+            for _, w in idle:
+                w.close()
+
+
+async def test_client_connect_to_a_silent_server_times_out_with_a_channel_error() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, HOST, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ChannelError) as info:
+            await gateway_connect(port, handshake_timeout=0.3)
+        assert info.value.reason == "handshake_timeout"
+    finally:
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_unreachable_server_raises_oserror_for_the_caller_to_spool() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, HOST, 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(OSError):
+        await gateway_connect(port)
+
+
+async def test_failing_application_handler_closes_only_its_session() -> None:
+    calls = 0
+
+    async def flaky(stream: ChannelStream) -> None:
+        nonlocal calls
+        calls += 1
+        msg = await stream.recv()
+        if msg == b"boom":
+            raise RuntimeError("application bug")
+        await stream.send(b"ok")
+
+    stats = ChannelServerStats()
+    server = await serve(
+        HOST,
+        0,
+        identity=HOSPITAL,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=flaky,
+        stats=stats,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        bad = await gateway_connect(port)
+        await bad.send(b"boom")
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(bad.recv(), WAIT)
+        await bad.close()
+        good = await gateway_connect(port)
+        await good.send(b"fine")
+        assert await asyncio.wait_for(good.recv(), WAIT) == b"ok"
+        await good.close()
+        assert calls == 2 and stats.session_errors == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Leaked sockets are reported by the test that leaked them, not a later one."""
+    yield
+    gc.collect()

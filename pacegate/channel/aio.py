@@ -64,6 +64,7 @@ class ChannelStream:
         writer: asyncio.StreamWriter,
         *,
         component: str = "channel",
+        rekey_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         if session.peer_name is None:
             raise LocalProtocolError("ChannelStream needs an established session")
@@ -76,8 +77,11 @@ class ChannelStream:
         self.peer_address: str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self._inbox: asyncio.Queue[bytes | _End] = asyncio.Queue(_INBOX_SIZE)
         self._drain_lock = asyncio.Lock()
+        self._rekeyed = asyncio.Condition()  # notified when an epoch ends or the reader stops
+        self._rekey_timeout = rekey_timeout
         self._closed = False
         self._end: _End | None = None
+        self._failure: ChannelError | None = None  # set by the reader the moment it fails
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"channel-reader-{self.peer_name}"
         )
@@ -94,12 +98,19 @@ class ChannelStream:
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._end is not None
+        return self._closed or self._end is not None or self._reader_task.done()
+
+    @property
+    def failure(self) -> ChannelError | None:
+        """The peer error that ended this session, if any."""
+        return self._failure
 
     async def send(self, message: bytes) -> None:
         """Send one application message (at most ``max_message_size`` bytes)."""
-        if self.closed:
-            raise ChannelClosed("channel closed", cause=self._end.cause if self._end else None)
+        if self.closed or self._failure is not None:
+            raise ChannelClosed("channel closed", cause=self._failure)
+        if self._session.rekey_overdue():
+            await self._wait_for_rekey()
         try:
             data = self._session.send(bytes(message))
         except LocalProtocolError as exc:
@@ -107,6 +118,30 @@ class ChannelStream:
                 raise ChannelClosed(f"channel closed: {exc}") from None
             raise
         await self._write(data)
+
+    async def _wait_for_rekey(self) -> None:
+        try:
+            async with asyncio.timeout(self._rekey_timeout), self._rekeyed:
+                await self._rekeyed.wait_for(
+                    lambda: self.closed or not self._session.rekey_overdue()
+                )
+        except TimeoutError:
+            exc = ChannelError(
+                f"{self.peer_name} did not answer a key update within {self._rekey_timeout}s",
+                reason="rekey_timeout",
+            )
+            self._failure = exc
+            security_event(
+                "channel_session_error",
+                component=self._component,
+                reason=exc.reason,
+                peer=self.peer_name,
+                address=self.peer_address,
+            )
+            await self.close()
+            raise ChannelClosed(str(exc), cause=exc) from None
+        if self.closed:
+            raise ChannelClosed("channel closed", cause=self._failure)
 
     async def recv(self) -> bytes:
         """The next whole message; :class:`ChannelClosed` at EOF, after an error or close."""
@@ -169,19 +204,24 @@ class ChannelStream:
         if not data:
             return
         if self._writer.is_closing():
-            raise ChannelClosed("connection lost")
+            raise ChannelClosed("connection lost", cause=self._failure)
         self._writer.write(data)
         try:
             async with self._drain_lock:
                 await self._writer.drain()
         except OSError as exc:
-            raise ChannelClosed(f"connection lost: {exc}") from None
+            raise ChannelClosed(f"connection lost: {exc}", cause=self._failure) from None
 
     async def _read_loop(self) -> None:
         cause: ChannelError | None = None
+        epoch = self._session.epoch
         try:
             while True:
                 event = self._session.next_event()
+                if self._session.epoch != epoch:
+                    epoch = self._session.epoch
+                    async with self._rekeyed:
+                        self._rekeyed.notify_all()
                 pending = self._session.data_to_send()  # key-update answers
                 if pending and not self._writer.is_closing():
                     self._writer.write(pending)
@@ -196,7 +236,7 @@ class ChannelStream:
                         data = b""
                     self._session.receive_data(data)
         except ChannelError as exc:
-            cause = exc
+            cause = self._failure = exc
             if not self._closed:
                 security_event(
                     "channel_session_error",
@@ -209,8 +249,10 @@ class ChannelStream:
             self._writer.close()
         except Exception as exc:  # a bug here must not leave recv() waiting forever
             log.exception("channel reader for %s failed", self.peer_name)
-            cause = ChannelError(f"internal error: {exc!r}", reason="internal")
+            cause = self._failure = ChannelError(f"internal error: {exc!r}", reason="internal")
             self._writer.close()
+        async with self._rekeyed:
+            self._rekeyed.notify_all()
         await self._inbox.put(_End(cause))
 
 
@@ -305,7 +347,9 @@ async def connect(
         if writer is not None:
             writer.close()
         raise
-    return ChannelStream(session, reader, writer, component=component)
+    return ChannelStream(
+        session, reader, writer, component=component, rekey_timeout=handshake_timeout
+    )
 
 
 def _log_refusal(component: str, exc: ChannelError, peer: str | None, address: str) -> None:
@@ -361,6 +405,14 @@ async def serve(
     ChannelSession.server(identity, allowed_clients=allowed, **options)  # validate options now
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle_connection(reader, writer)
+        except asyncio.CancelledError:
+            # the loop is shutting down: this connection's task ends here, quietly (asyncio's
+            # start_server would otherwise log the cancellation as an error)
+            writer.close()
+
+    async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counters.connections += 1
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
@@ -387,7 +439,9 @@ async def serve(
             return
         finally:
             counters.pending_handshakes -= 1
-        stream = ChannelStream(session, reader, writer, component=component)
+        stream = ChannelStream(
+            session, reader, writer, component=component, rekey_timeout=handshake_timeout
+        )
         counters.sessions += 1
         counters.active_sessions += 1
         log.info("channel session from %s (%s) established", stream.peer_name, address)

@@ -619,6 +619,16 @@ class ChannelSession:
             )
         )
 
+    def rekey_overdue(self) -> bool:
+        """Client: a key update is in flight and this key has already protected twice the
+        configured number of records; the sender should wait for the update to finish
+        (the asyncio adapter does), so that one key never protects more than that."""
+        return (
+            self.role == Role.CLIENT
+            and self.state is State.REKEYING
+            and self._epoch_sent >= 2 * self.rekey_after_records
+        )
+
     def _maybe_rekey(self) -> None:
         if self.rekey_due():
             self._start_rekey()
