@@ -272,3 +272,28 @@ async def test_two_hundred_devices_connect_and_publish_through_the_embedded_brok
     assert summary.connect_failures == 0
     assert summary.acknowledged >= count
     assert summary.produced == summary.acknowledged + summary.failed + summary.dropped
+
+
+async def test_revoked_devices_tls_handshake_fails_and_does_not_hang(
+    embedded_broker: BrokerHandle, pki: PkiLayout
+) -> None:
+    from device_sim.mqtt import ConnectionLost, MqttConnection
+    from pacegate.pki import revoke_device
+    from pacegate.tlsconf import client_context
+
+    ctx = client_context(pki.ca_cert, pki.device_cert("pm-0001"), pki.device_key("pm-0001"))
+    conn = await MqttConnection.open(embedded_broker.host, embedded_broker.port, ctx, "pm-0001")
+    conn.close()
+    revoke_device(pki.root, "pm-0001")
+    refused = None
+    for _ in range(100):  # the embedded broker applies a new CRL within seconds
+        try:
+            conn = await MqttConnection.open(
+                embedded_broker.host, embedded_broker.port, ctx, "pm-0001", timeout=5.0
+            )
+        except (OSError, ConnectionLost) as exc:
+            refused = exc
+            break
+        conn.close()
+        await asyncio.sleep(0.1)
+    assert refused is not None, "a revoked device still connects"
