@@ -359,6 +359,8 @@ def main(args: argparse.Namespace) -> int:
                 progress=show,
             )
         )
+    if not console.is_terminal:
+        console.line()  # a non-terminal Live leaves its last frame without a newline
     data = summary.to_json()
     if args.json:
         sys.stdout.write(json.dumps(data) + "\n")
