@@ -591,6 +591,7 @@ routes:
     qos: 1
     limits:
       max_payload_bytes: {DEFAULT_MAX_PAYLOAD}
-      max_rate_per_device: 50     # messages/s per device; 0 = no limit
-      burst: 100
+      # max_rate_per_device: 0    # messages/s per device (0 = no limit). Readings over it
+      #                           # are refused and acknowledged, even a legitimate backlog
+      #                           # after an outage: set it far above the devices' rate.
 """
