@@ -595,3 +595,54 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     """Leaked sockets are reported by the test that leaked them, not a later one."""
     yield
     gc.collect()
+
+
+async def test_a_receiver_that_does_not_read_pushes_back_on_the_sender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pacegate.channel import aio
+
+    monkeypatch.setattr(aio, "_INBOX_BYTES", 1024 * 1024)
+    streams: asyncio.Queue[ChannelStream] = asyncio.Queue()
+    release = asyncio.Event()
+    received: list[bytes] = []
+
+    async def slow_reader(stream: ChannelStream) -> None:
+        streams.put_nowait(stream)
+        await release.wait()
+        async for m in stream:
+            received.append(m)
+
+    server = await serve(
+        HOST,
+        0,
+        identity=HOSPITAL,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=slow_reader,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = await gateway_connect(port)
+        server_side = await asyncio.wait_for(streams.get(), WAIT)
+        messages = [bytes([i]) * (1024 * 1024) for i in range(24)]
+
+        async def send_all() -> None:
+            for m in messages:
+                await client.send(m)
+            await client.close()
+
+        sender = asyncio.create_task(send_all())
+        await asyncio.sleep(0.5)  # let the sender run until TCP pushes back
+        assert not sender.done()  # 24 MiB did not all fit: the sender is held back
+        assert server_side._inbox_bytes <= 2 * 1024 * 1024  # buffered: bounded
+        release.set()
+        await asyncio.wait_for(sender, WAIT)
+        for _ in range(200):
+            if len(received) == len(messages):
+                break
+            await asyncio.sleep(0.05)
+        assert received == messages
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()

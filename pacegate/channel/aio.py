@@ -41,9 +41,11 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # once (counted, logged). A bad handshake costs ~0.2 ms of CPU, a slow one only a socket.
 DEFAULT_MAX_PENDING_HANDSHAKES = 256
 _READ_SIZE = 256 * 1024
-# Whole messages decoded but not yet taken by recv(); when full the reader stops reading
-# and TCP pushes back on the peer.
+# Whole messages decoded but not yet taken by recv(): at most this many, and at most this
+# many bytes (beyond one message); when full the reader stops reading and TCP pushes back on
+# the peer, so a fast sender cannot fill a slow receiver's memory.
 _INBOX_SIZE = 64
+_INBOX_BYTES = 32 * 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT = 2.0
 
 
@@ -76,6 +78,8 @@ class ChannelStream:
         peer = writer.get_extra_info("peername")
         self.peer_address: str = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self._inbox: asyncio.Queue[bytes | _End] = asyncio.Queue(_INBOX_SIZE)
+        self._inbox_bytes = 0
+        self._inbox_drained = asyncio.Event()
         self._drain_lock = asyncio.Lock()
         self._rekeyed = asyncio.Condition()  # notified when an epoch ends or the reader stops
         self._rekey_timeout = rekey_timeout
@@ -158,6 +162,9 @@ class ChannelStream:
                 "channel closed by peer" if item.cause is None else f"channel failed: {item.cause}",
                 cause=item.cause,
             )
+        self._inbox_bytes -= len(item)
+        if self._inbox_bytes <= _INBOX_BYTES:
+            self._inbox_drained.set()
         return item
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -227,6 +234,10 @@ class ChannelStream:
                     self._writer.write(pending)
                 if isinstance(event, Message):
                     await self._inbox.put(event.data)
+                    self._inbox_bytes += len(event.data)
+                    while self._inbox_bytes > _INBOX_BYTES:
+                        self._inbox_drained.clear()
+                        await self._inbox_drained.wait()
                 elif isinstance(event, PeerClosed):
                     break
                 elif event is NEED_DATA:
