@@ -15,6 +15,13 @@ The ``analysis:`` section of hospital.yaml (this module owns it)::
       tolerance: 1.0e-3        # relative error allowed between encrypted and plaintext
       batch_size: 4096         # readings per CKKS batch (<= 4096 slots)
       window: 16               # ciphertexts in flight before waiting for the worker's ACK
+      workers: 2               # processes decrypting store rows beside the CKKS work (0: none)
+
+With ``workers`` > 0 and a large enough store, rows are read and Fernet-decrypted by a pool
+of processes (each opens the store and keyring itself, over a slice of row sequence
+numbers) while this process CKKS-encrypts and ships the previous slices: decryption and
+CKKS encryption run on different cores. Slices come back in order, so the batches are
+exactly those of a sequential scan.
 """
 
 from __future__ import annotations
@@ -24,15 +31,19 @@ import asyncio
 import json
 import logging
 import math
+import multiprocessing
+import resource
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import tenseal as ts
 
 from pacegate import analytics_wire as wire
@@ -47,6 +58,11 @@ log = logging.getLogger("pacegate.analysis")
 DEFAULT_BANDS = (0, 40, 60, 75)
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_WINDOW = 16
+DEFAULT_WORKERS = 2
+# Rows per slice handed to a decrypting process (~0.3 s of work), and the smallest store
+# worth starting processes for (starting one costs about a second).
+DEFAULT_CHUNK_ROWS = 16_384
+DEFAULT_PARALLEL_MIN_ROWS = 50_000
 # An error below a millionth of the statistic's unit (bpm, years, share) passes even when
 # the plaintext value is ~0 (a slope or correlation of random data), where relative
 # error is meaningless.
@@ -67,6 +83,10 @@ class AnalysisSettings:
     tolerance: float = DEFAULT_TOLERANCE
     batch_size: int = ckks.SLOTS
     window: int = DEFAULT_WINDOW
+    workers: int = DEFAULT_WORKERS
+    # not in hospital.yaml: tuning knobs for tests and benchmarks
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    parallel_min_rows: int = DEFAULT_PARALLEL_MIN_ROWS
 
     def __post_init__(self) -> None:
         if not self.bands or self.bands[0] != 0:
@@ -81,6 +101,10 @@ class AnalysisSettings:
             raise ValueError(f"batch_size must be in [1, {ckks.SLOTS}]")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        if self.chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
 
     def band_label(self, k: int) -> str:
         lo = self.bands[k]
@@ -89,7 +113,7 @@ class AnalysisSettings:
 
 def parse_analysis_settings(section: ConfigSection) -> AnalysisSettings:
     """The ``analysis:`` section of hospital.yaml; every error names file, line and key."""
-    section.check_keys({"bands", "tolerance", "batch_size", "window"})
+    section.check_keys({"bands", "tolerance", "batch_size", "window", "workers"})
     bands: tuple[int, ...] = DEFAULT_BANDS
     if "bands" in section.data and section.data["bands"] is not None:
         raw = section.data["bands"]
@@ -104,6 +128,7 @@ def parse_analysis_settings(section: ConfigSection) -> AnalysisSettings:
             tolerance=section.get_float("tolerance", DEFAULT_TOLERANCE, lo=1e-12, hi=0.5),
             batch_size=section.get_int("batch_size", ckks.SLOTS, lo=1, hi=ckks.SLOTS),
             window=section.get_int("window", DEFAULT_WINDOW, lo=1, hi=1024),
+            workers=section.get_int("workers", DEFAULT_WORKERS, lo=0, hi=64),
         )
     except ValueError as exc:
         raise section.error("bands", str(exc), fix="strictly increasing, starting at 0") from None
@@ -146,17 +171,48 @@ class PlainSums:
         return out
 
 
-def pack_lanes(readings: list[Reading], settings: AnalysisSettings, plain: PlainSums) -> list[Any]:
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass
+class RowChunk:
+    """The plausible readings of one slice of the store, as two integer columns: what
+    crosses from a decrypting process to the analysis (no timestamps, no device ids)."""
+
+    age: IntArray
+    hr: IntArray
+    excluded: int = 0  # implausible readings of the slice, left out
+    seconds: float = 0.0  # time spent reading and decrypting the slice
+    peak_rss: int = 0  # of the process that decrypted it, bytes (0: this process)
+
+
+def chunk_from_readings(readings: Iterable[Reading]) -> RowChunk:
+    """Columns of the plausible readings; implausible ones (sensor glitches, flagged at
+    ingest) are counted and left out: they would distort the statistics and, unbounded,
+    could overflow a CKKS slot."""
+    ages: list[int] = []
+    hrs: list[int] = []
+    excluded = 0
+    for r in readings:
+        if r.plausible:
+            ages.append(r.age)
+            hrs.append(r.heart_rate_bpm)
+        else:
+            excluded += 1
+    return RowChunk(np.array(ages, dtype=np.int64), np.array(hrs, dtype=np.int64), excluded)
+
+
+def pack_lanes(
+    age: IntArray, hr: IntArray, settings: AnalysisSettings, plain: PlainSums
+) -> list[IntArray]:
     """The lane vectors of one batch (``wire.lanes(bands)`` arrays), updating ``plain``."""
-    hr = np.fromiter((r.heart_rate_bpm for r in readings), dtype=np.int64, count=len(readings))
-    age = np.fromiter((r.age for r in readings), dtype=np.int64, count=len(readings))
     out = ((hr < HEART_RATE_NORMAL_MIN) | (hr > HEART_RATE_NORMAL_MAX)).astype(np.int64)
     band = np.searchsorted(np.asarray(settings.bands), age, side="right") - 1
-    lanes: list[Any] = [None] * wire.lanes(len(settings.bands))
+    lanes: list[IntArray] = [out] * wire.lanes(len(settings.bands))
     lanes[wire.LANE_HEART_RATE] = hr
     lanes[wire.LANE_AGE] = age
     lanes[wire.LANE_OUT_OF_RANGE] = out
-    plain.n += len(readings)
+    plain.n += len(hr)
     plain.hr += int(hr.sum())
     plain.hr2 += int((hr * hr).sum())
     plain.age += int(age.sum())
@@ -232,12 +288,18 @@ class LocalTransport:
 
 @dataclass
 class Timings:
+    """Seconds per phase. With decrypting processes the phases overlap: ``decrypt_rows`` is
+    then their summed busy time and ``rows_wait`` the time this process waited for rows."""
+
     decrypt_rows: float = 0.0
     ckks_encrypt: float = 0.0
     transfer: float = 0.0
     compute: float = 0.0  # as reported by the worker
     decrypt: float = 0.0
     total: float = 0.0
+    rows_wait: float = 0.0
+    row_workers: int = 0  # decrypting processes used (0: rows decrypted in this process)
+    row_workers_peak_rss: int = 0  # bytes, the largest of them
 
 
 @dataclass
@@ -302,35 +364,150 @@ class AnalysisReport:
                 "compute": t.compute,
                 "decrypt": t.decrypt,
                 "total": t.total,
+                "rows_wait": t.rows_wait,
             },
+            "row_workers": t.row_workers,
         }
 
 
-def _rebatch(
-    source: Iterable[list[Reading]], size: int, timings: Timings, excluded: list[int]
-) -> Iterator[list[Reading]]:
-    """Re-cut the store's batches into CKKS batches of ``size`` plausible readings.
-
-    Implausible readings (sensor glitches, flagged at ingest) are left out: they would
-    distort the statistics and, unbounded, could overflow a CKKS slot."""
-    pending: list[Reading] = []
-    it = iter(source)
+async def _sequential_chunks(
+    readings: Iterable[list[Reading]], timings: Timings
+) -> AsyncIterator[RowChunk]:
+    """Row chunks from an in-process iterable (the store's ``iter_readings``, or a list)."""
+    it = iter(readings)
     while True:
         started = time.perf_counter()
-        chunk = next(it, None)
+        batch = next(it, None)
+        chunk = None if batch is None else chunk_from_readings(batch)
         timings.decrypt_rows += time.perf_counter() - started
         if chunk is None:
-            break
-        for r in chunk:
-            if r.plausible:
-                pending.append(r)
-            else:
-                excluded[0] += 1
-        while len(pending) >= size:
-            yield pending[:size]
-            pending = pending[size:]
+            return
+        yield chunk
+
+
+async def _batches(
+    source: AsyncIterator[RowChunk], size: int, excluded: list[int]
+) -> AsyncIterator[tuple[IntArray, IntArray]]:
+    """Re-cut row chunks into CKKS batches of ``size`` readings (``(age, hr)`` columns),
+    in order: the batches of a sequential scan, however the chunks were cut."""
+    ages: list[IntArray] = []
+    hrs: list[IntArray] = []
+    pending = 0
+    async for chunk in source:
+        excluded[0] += chunk.excluded
+        ages.append(chunk.age)
+        hrs.append(chunk.hr)
+        pending += len(chunk.age)
+        if pending < size:
+            continue
+        age, hr = np.concatenate(ages), np.concatenate(hrs)
+        start = 0
+        while pending - start >= size:
+            yield age[start : start + size], hr[start : start + size]
+            start += size
+        ages, hrs, pending = [age[start:]], [hr[start:]], pending - start
     if pending:
-        yield pending
+        yield np.concatenate(ages), np.concatenate(hrs)
+
+
+# --- decrypting the store in other processes ---------------------------------------------
+
+_WORKER_STORES: dict[tuple[str, str], Any] = {}
+
+
+def _decrypt_slice(
+    db_path: str,
+    keyring_path: str,
+    lo: int,
+    hi: int,
+    since: datetime | None,
+    until: datetime | None,
+) -> RowChunk:
+    """In a decrypting process: rows ``lo <= seq < hi`` as columns. The process opens the
+    store and its keyring itself (once); no key crosses the process boundary."""
+    started = time.perf_counter()
+    try:
+        store = _WORKER_STORES.get((db_path, keyring_path))
+        if store is None:
+            from hospital.store import SqliteReadingStore
+
+            store = SqliteReadingStore.open(Path(db_path), Path(keyring_path))
+            _WORKER_STORES[(db_path, keyring_path)] = store
+        chunk = chunk_from_readings(
+            r for batch in store.iter_readings(since, until, seq_range=(lo, hi)) for r in batch
+        )
+    except Exception as exc:  # re-raised in the analysis process: must pickle
+        raise AnalysisError(f"decrypting store rows {lo}..{hi - 1} failed: {exc}") from None
+    chunk.seconds = time.perf_counter() - started
+    chunk.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return chunk
+
+
+class ParallelRows:
+    """Decrypt the store's rows in ``settings.workers`` processes (spawned: nothing of this
+    process is inherited), ``chunk_rows`` rows per task, a bounded number of tasks ahead.
+    Chunks come back in sequence order. Rows stored after :meth:`start` are not read."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        keyring_path: Path,
+        bounds: tuple[int, int],
+        settings: AnalysisSettings,
+        timings: Timings,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> None:
+        self._args = (str(db_path), str(keyring_path))
+        self._bounds = bounds
+        self._settings = settings
+        self._timings = timings
+        self._since, self._until = since, until
+        self._pool: Any = None
+        self._starts: Iterator[int] = iter(())
+        self._pending: deque[Any] = deque()
+
+    def start(self) -> None:
+        """Start the processes and queue the first slices (before the CKKS context is made
+        and the session opened, so they overlap)."""
+        workers = self._settings.workers
+        self._pool = multiprocessing.get_context("spawn").Pool(workers)
+        self._timings.row_workers = workers
+        lo, hi = self._bounds
+        self._starts = iter(range(lo, hi + 1, self._settings.chunk_rows))
+        for _ in range(2 * workers + 2):  # bounded read-ahead
+            self._submit()
+
+    def _submit(self) -> None:
+        start = next(self._starts, None)
+        if start is not None:
+            stop = min(start + self._settings.chunk_rows, self._bounds[1] + 1)
+            args = (*self._args, start, stop, self._since, self._until)
+            self._pending.append(self._pool.apply_async(_decrypt_slice, args))
+
+    async def chunks(self) -> AsyncIterator[RowChunk]:
+        if self._pool is None:
+            self.start()
+        while self._pending:
+            result = self._pending.popleft()
+            started = time.perf_counter()
+            while not result.ready():
+                await asyncio.sleep(0.002)
+            self._timings.rows_wait += time.perf_counter() - started
+            chunk: RowChunk = result.get()
+            self._submit()
+            self._timings.decrypt_rows += chunk.seconds
+            self._timings.row_workers_peak_rss = max(
+                self._timings.row_workers_peak_rss, chunk.peak_rss
+            )
+            yield chunk
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
 
 class _Conversation:
@@ -381,6 +558,20 @@ async def analyze(
     against the tolerance: see :meth:`AnalysisReport.failures`)."""
     settings = settings or AnalysisSettings()
     timings = Timings()
+    return await analyze_chunks(
+        _sequential_chunks(readings, timings), transport, settings, timings, context=context
+    )
+
+
+async def analyze_chunks(
+    chunks: AsyncIterator[RowChunk],
+    transport: Transport,
+    settings: AnalysisSettings,
+    timings: Timings,
+    *,
+    context: ts.Context | None = None,
+) -> AnalysisReport:
+    """:func:`analyze` over row chunks (e.g. :meth:`ParallelRows.chunks`)."""
     t0 = time.perf_counter()
     ctx = context or ckks.create_context()
     conv = _Conversation(transport, timings)
@@ -391,16 +582,16 @@ async def analyze(
     plain = PlainSums(len(settings.bands))
     excluded = [0]
     batches = 0
-    for batch in _rebatch(readings, settings.batch_size, timings, excluded):
+    async for age, hr in _batches(chunks, settings.batch_size, excluded):
         if batches >= ready.max_batches:
             raise AnalysisError(
                 f"more than {ready.max_batches} batches: narrow --since/--until or raise "
                 "the worker's limits.max_batches"
             )
-        lanes = pack_lanes(batch, settings, plain)
-        for lane, values in enumerate(lanes):
+        lanes = pack_lanes(age, hr, settings, plain)
+        for lane, column in enumerate(lanes):
             started = time.perf_counter()
-            data = ckks.encrypt_vector(ctx, values)
+            data = ckks.encrypt_vector(ctx, column)
             timings.ckks_encrypt += time.perf_counter() - started
             await conv.send(wire.Ciphertext(batch=batches, lane=lane, data=data))
             conv.in_flight.append((batches, lane))
@@ -496,6 +687,17 @@ async def run_analysis_async(
                     f"(endpoint from {cfg.path}: cloud.host/cloud.port)"
                 ) from None
             transport = stream
+        bounds = store.seq_bounds()
+        if settings.workers > 0 and bounds[1] - bounds[0] + 1 >= settings.parallel_min_rows:
+            timings = Timings()
+            rows = ParallelRows(
+                cfg.database, cfg.keyring, bounds, settings, timings, since=since, until=until
+            )
+            try:
+                rows.start()
+                return await analyze_chunks(rows.chunks(), transport, settings, timings)
+            finally:
+                rows.close()
         return await analyze(
             store.iter_readings(since, until, settings.batch_size), transport, settings
         )

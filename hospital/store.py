@@ -105,7 +105,11 @@ class ReadingStore(Protocol):
         since: datetime | None = None,
         until: datetime | None = None,
         batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
     ) -> Iterator[list[StoredReading]]: ...
+
+    def seq_bounds(self) -> tuple[int, int]: ...
 
     def close(self) -> None: ...
 
@@ -335,30 +339,52 @@ class SqliteReadingStore:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM readings").fetchone()[0])
 
+    def seq_bounds(self) -> tuple[int, int]:
+        """``(first, last)`` row sequence numbers, ``(0, 0)`` when empty. Cheap (the primary
+        key's b-tree ends), unlike :meth:`count`: lets callers split a scan into
+        ``seq_range`` slices, e.g. one per process."""
+        with self._lock:
+            lo, hi = self._conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
+        return (int(lo), int(hi)) if lo is not None else (0, 0)
+
     def iter_records(
         self,
         since: datetime | None = None,
         until: datetime | None = None,
         batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
     ) -> Iterator[list[StoredReading]]:
         """Stream every stored reading in arrival order, ``batch_size`` rows per query.
 
         Timestamps are not in clear in the database, so ``since`` (inclusive) and ``until``
         (exclusive) are applied after decryption: a filtered scan costs a full scan. Memory
         stays bounded by one batch; no read transaction is held between batches.
+        ``seq_range=(lo, hi)`` limits the scan to rows ``lo <= seq < hi`` (several
+        processes can each decrypt a slice; see :meth:`seq_bounds`).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         for bound in (since, until):
             if bound is not None and bound.tzinfo is None:
                 raise ValueError("since/until must be timezone-aware")
-        last = 0
+        last, stop = 0, None
+        if seq_range is not None:
+            lo, stop = seq_range
+            last = max(lo - 1, 0)
         while True:
             with self._lock:
-                rows = self._conn.execute(
-                    "SELECT seq, token FROM readings WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (last, batch_size),
-                ).fetchall()
+                if stop is None:
+                    rows = self._conn.execute(
+                        "SELECT seq, token FROM readings WHERE seq > ? ORDER BY seq LIMIT ?",
+                        (last, batch_size),
+                    ).fetchall()
+                else:
+                    rows = self._conn.execute(
+                        "SELECT seq, token FROM readings WHERE seq > ? AND seq < ? "
+                        "ORDER BY seq LIMIT ?",
+                        (last, stop, batch_size),
+                    ).fetchall()
                 self.keyring.refresh()
             if not rows:
                 return
@@ -384,8 +410,10 @@ class SqliteReadingStore:
         since: datetime | None = None,
         until: datetime | None = None,
         batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
     ) -> Iterator[list[Reading]]:
-        for batch in self.iter_records(since, until, batch_size):
+        for batch in self.iter_records(since, until, batch_size, seq_range=seq_range):
             yield [r.reading for r in batch]
 
     # -- maintenance ----------------------------------------------------------------------------
