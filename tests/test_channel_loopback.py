@@ -646,3 +646,19 @@ async def test_a_receiver_that_does_not_read_pushes_back_on_the_sender(
         release.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_idle_client_rekeys_on_time_without_traffic() -> None:
+    async with running_server() as srv:
+        stream = await gateway_connect(srv.port, rekey_after_seconds=0.1)
+        try:
+            for _ in range(400):  # bounded wait; the assertion is on the epoch, not the time
+                if stream.epoch >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert stream.epoch >= 2 and stream.stats.messages_sent == 0
+            await stream.send(b"after idle")
+            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:after idle"
+        finally:
+            await stream.close()
+        assert await srv.recorder.next_end() is None

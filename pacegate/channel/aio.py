@@ -47,6 +47,8 @@ _READ_SIZE = 256 * 1024
 _INBOX_SIZE = 64
 _INBOX_BYTES = 32 * 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT = 2.0
+# How often an idle client checks whether its key is due for replacement.
+_MIN_TIMER, _MAX_TIMER = 0.05, 30.0
 
 
 class _End:
@@ -86,9 +88,17 @@ class ChannelStream:
         self._closed = False
         self._end: _End | None = None
         self._failure: ChannelError | None = None  # set by the reader the moment it fails
-        self._reader_task = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._reader_task = loop.create_task(
             self._read_loop(), name=f"channel-reader-{self.peer_name}"
         )
+        # The client also rekeys an idle session on time, so that a key never outlives
+        # rekey_after_seconds in memory (forward secrecy for what it protected before).
+        self._timer_task: asyncio.Task[None] | None = None
+        if session.role == "client":
+            self._timer_task = loop.create_task(
+                self._rekey_timer(), name=f"channel-rekey-{self.peer_name}"
+            )
 
     @property
     def stats(self) -> SessionStats:
@@ -193,6 +203,8 @@ class ChannelStream:
         finally:
             self._writer.close()
             self._reader_task.cancel()
+            if self._timer_task is not None:
+                self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError, TimeoutError):
                 async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
                     await self._writer.wait_closed()
@@ -218,6 +230,13 @@ class ChannelStream:
                 await self._writer.drain()
         except OSError as exc:
             raise ChannelClosed(f"connection lost: {exc}", cause=self._failure) from None
+
+    async def _rekey_timer(self) -> None:
+        interval = min(max(self._session.rekey_after_seconds / 4, _MIN_TIMER), _MAX_TIMER)
+        while not self.closed:
+            await asyncio.sleep(interval)
+            if self._session.rekey_due() and not self._writer.is_closing():
+                self._writer.write(self._session.request_rekey())
 
     async def _read_loop(self) -> None:
         cause: ChannelError | None = None
