@@ -662,3 +662,17 @@ async def test_an_idle_client_rekeys_on_time_without_traffic() -> None:
         finally:
             await stream.close()
         assert await srv.recorder.next_end() is None
+
+
+async def test_clients_enrolled_or_removed_in_the_live_mapping_apply_to_new_sessions() -> None:
+    allowed = {"gateway": GATEWAY.public_key}
+    async with running_server(allowed_clients=allowed) as srv:
+        with pytest.raises(ChannelError):
+            await gateway_connect(srv.port, identity=INTRUDER)
+        allowed["intruder"] = INTRUDER.public_key  # enrolled
+        stream = await gateway_connect(srv.port, identity=INTRUDER)
+        await stream.close()
+        del allowed["gateway"]  # removed
+        with pytest.raises(ChannelError):
+            await gateway_connect(srv.port)
+        assert srv.recorder.peers == ["intruder"]

@@ -426,8 +426,10 @@ async def serve(
     component: str = "channel",
 ) -> asyncio.Server:
     """Accept sessions from the pinned ``allowed_clients``; run ``on_session(stream)`` for
-    each, then close it. Garbage, timeouts and refusals close that connection only."""
-    allowed = dict(allowed_clients)
+    each, then close it. Garbage, timeouts and refusals close that connection only.
+    ``allowed_clients`` is read at every handshake (not copied), so updating the mapping
+    enrols or removes a client for new sessions without a restart."""
+    allowed = allowed_clients  # consulted at each handshake: callers may enrol/revoke live
     counters = stats if stats is not None else ChannelServerStats()
     options = _session_options(
         kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock

@@ -175,7 +175,9 @@ class ChannelSession:
         self.identity = identity
         self.server_name = server_name
         self._server_key = server_key
-        self._allowed = dict(allowed_clients or {})
+        self._allowed: Mapping[str, ChannelPublicKey] = (
+            allowed_clients if allowed_clients is not None else {}
+        )
         self._kem = select_kem_provider(kem)
         self.rekey_after_records = rekey_after_records
         self.rekey_after_seconds = rekey_after_seconds
