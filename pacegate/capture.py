@@ -84,7 +84,8 @@ class Ports:
 class CaptureReport:
     pcap: str
     keylog: str | None
-    ports: dict[str, int]
+    pcap_with_keys: str | None = None  # the capture with the key log embedded (one file)
+    ports: dict[str, int] = field(default_factory=dict)
     packets: int = 0
     tls_handshakes: int = 0
     tls_versions: dict[str, int] = field(default_factory=dict)
@@ -167,7 +168,7 @@ def analyse(
     pcap: Path, keylog: Path | None, ports: Ports, work: WorkLayout | None = None
 ) -> CaptureReport:
     """Verify a capture; see the module docstring for what is checked."""
-    report = CaptureReport(str(pcap), str(keylog) if keylog else None, vars(ports).copy())
+    report = CaptureReport(str(pcap), str(keylog) if keylog else None, ports=vars(ports).copy())
     report.packets = len(_tshark(pcap, None, ports, "frame", ["frame.number"]))
 
     hello = _tshark(
@@ -296,6 +297,26 @@ def _suite_names(pcap: Path, ports: Ports, suites: Counter[str]) -> dict[str, in
     return {names.get(code.lower(), code): n for code, n in suites.items()}
 
 
+def _inject_secrets(pcap: Path, keylog: Path) -> str | None:
+    """Write ``<name>-with-keys.pcapng``: the capture with its TLS secrets embedded (a pcapng
+    Decryption Secrets Block), so Wireshark decrypts it with no preference to set."""
+    editcap = shutil.which("editcap")
+    if editcap is None:
+        return None
+    target = pcap.with_name(pcap.stem + "-with-keys.pcapng")
+    proc = subprocess.run(
+        [editcap, "--inject-secrets", f"tls,{keylog}", str(pcap), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        log.warning("editcap could not embed the key log: %s", proc.stderr.strip()[:300])
+        return None
+    return str(target)
+
+
 def _start_dumpcap(out: Path, duration: float | None) -> subprocess.Popen[bytes]:
     argv = [_need("dumpcap"), "-q", "-i", "lo", "-f", "tcp", "-w", str(out)]
     if duration is not None:
@@ -370,6 +391,8 @@ def main(args: argparse.Namespace) -> int:
         finally:
             _stop(dumpcap)
     report = analyse(out, keylog, Ports.of(work), work)
+    if keylog is not None and keylog.exists():
+        report.pcap_with_keys = _inject_secrets(out, keylog)
     if args.json:
         print(json.dumps(report.to_json()))
     _print_human(report)
@@ -404,5 +427,11 @@ def _print_human(r: CaptureReport) -> None:
         if r.ok
         else "[red]FAILED[/red]"
     )
+    if r.pcap_with_keys:
+        console.print(f"open in Wireshark (decrypts on its own): wireshark {r.pcap_with_keys}")
     if r.keylog:
-        console.print(f"open in Wireshark: wireshark -o tls.keylog_file:{r.keylog} {r.pcap}")
+        console.print(f"or: wireshark -o tls.keylog_file:{r.keylog} {r.pcap}")
+    console.print(
+        f"display filters: mqtt.msgtype == 3 (PUBLISH); tls.handshake.type == 13 "
+        f"(CertificateRequest); tcp.port == {r.ports.get('mqtt')} (see docs/wireshark.md)"
+    )

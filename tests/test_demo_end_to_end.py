@@ -217,3 +217,4 @@ def test_capture_around_a_demo_shows_tls_client_certs_and_sealed_payloads(tmp_pa
     assert report["readings_searched"] > 0 and report["plaintext_findings"] == []
     assert report["pq_channel_bytes"] > 0
     assert out.exists() and Path(report["keylog"]).exists()
+    assert report["pcap_with_keys"] and Path(report["pcap_with_keys"]).exists()
