@@ -51,7 +51,14 @@ from pacegate import ckks
 from pacegate.configfile import ConfigSection
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.layout import WorkLayout
-from pacegate.reading import HEART_RATE_NORMAL_MAX, HEART_RATE_NORMAL_MIN, Reading
+from pacegate.reading import (
+    AGE_MAX,
+    HEART_RATE_NORMAL_MAX,
+    HEART_RATE_NORMAL_MIN,
+    HEART_RATE_PLAUSIBLE_MAX,
+    HEART_RATE_PLAUSIBLE_MIN,
+    Reading,
+)
 
 log = logging.getLogger("pacegate.analysis")
 
@@ -200,6 +207,12 @@ def chunk_from_readings(readings: Iterable[Reading]) -> RowChunk:
         else:
             excluded += 1
     return RowChunk(np.array(ages, dtype=np.int64), np.array(hrs, dtype=np.int64), excluded)
+
+
+def chunk_from_columns(age: IntArray, hr: IntArray) -> RowChunk:
+    """:func:`chunk_from_readings` for columns (the same plausibility rule)."""
+    ok = (hr >= HEART_RATE_PLAUSIBLE_MIN) & (hr <= HEART_RATE_PLAUSIBLE_MAX) & (age <= AGE_MAX)
+    return RowChunk(age[ok], hr[ok], int(len(ok) - np.count_nonzero(ok)))
 
 
 def pack_lanes(
@@ -433,9 +446,12 @@ def _decrypt_slice(
 
             store = SqliteReadingStore.open(Path(db_path), Path(keyring_path))
             _WORKER_STORES[(db_path, keyring_path)] = store
-        chunk = chunk_from_readings(
-            r for batch in store.iter_readings(since, until, seq_range=(lo, hi)) for r in batch
-        )
+        ages: list[int] = []
+        rates: list[int] = []
+        for batch_ages, batch_rates in store.iter_reading_values(since, until, seq_range=(lo, hi)):
+            ages += batch_ages
+            rates += batch_rates
+        chunk = chunk_from_columns(np.array(ages, dtype=np.int64), np.array(rates, dtype=np.int64))
     except Exception as exc:  # re-raised in the analysis process: must pickle
         raise AnalysisError(f"decrypting store rows {lo}..{hi - 1} failed: {exc}") from None
     chunk.seconds = time.perf_counter() - started
