@@ -398,6 +398,24 @@ async def _sequential_chunks(
         yield chunk
 
 
+async def _value_chunks(
+    values: Iterator[tuple[list[int], list[int]]], timings: Timings
+) -> AsyncIterator[RowChunk]:
+    """Row chunks from the store's value scan, in this process."""
+    while True:
+        started = time.perf_counter()
+        batch = next(values, None)
+        chunk = None if batch is None else chunk_from_columns(*map(_int_column, batch))
+        timings.decrypt_rows += time.perf_counter() - started
+        if chunk is None:
+            return
+        yield chunk
+
+
+def _int_column(values: list[int]) -> IntArray:
+    return np.array(values, dtype=np.int64)
+
+
 async def _batches(
     source: AsyncIterator[RowChunk], size: int, excluded: list[int]
 ) -> AsyncIterator[tuple[IntArray, IntArray]]:
@@ -451,7 +469,7 @@ def _decrypt_slice(
         for batch_ages, batch_rates in store.iter_reading_values(since, until, seq_range=(lo, hi)):
             ages += batch_ages
             rates += batch_rates
-        chunk = chunk_from_columns(np.array(ages, dtype=np.int64), np.array(rates, dtype=np.int64))
+        chunk = chunk_from_columns(_int_column(ages), _int_column(rates))
     except Exception as exc:  # re-raised in the analysis process: must pickle
         raise AnalysisError(f"decrypting store rows {lo}..{hi - 1} failed: {exc}") from None
     chunk.seconds = time.perf_counter() - started
@@ -714,9 +732,9 @@ async def run_analysis_async(
                 return await analyze_chunks(rows.chunks(), transport, settings, timings)
             finally:
                 rows.close()
-        return await analyze(
-            store.iter_readings(since, until, settings.batch_size), transport, settings
-        )
+        timings = Timings()
+        values = store.iter_reading_values(since, until, settings.batch_size)
+        return await analyze_chunks(_value_chunks(values, timings), transport, settings, timings)
     finally:
         if stream is not None:
             await stream.close()
