@@ -1,16 +1,20 @@
 """Benchmark of the confidential analytics, end to end, real parts only.
 
     .venv/bin/python bench/bench_analytics.py [--readings 1000000] [--workdir DIR]
+                                              [--workers 2] [--baseline] [--json]
 
 1. Set-up (not timed as analysis): channel identities, hospital.yaml/cloud.yaml, a real
    SQLite store with N readings as Fernet tokens (kept in --workdir for re-runs).
-2. Start ``pacegate cloud`` as a separate process (its own core), over the real
-   post-quantum channel.
-3. Run the analysis: stream and Fernet-decrypt rows, CKKS-encrypt, ship, compute blind,
-   fetch, decrypt, check against plaintext.
+2. Start ``pacegate cloud`` as a separate process, over the real post-quantum channel.
+3. Run the analysis: rows read and Fernet-decrypted by ``--workers`` spawned processes
+   (0: in this process), CKKS-encrypt, ship, compute blind, fetch, decrypt, check against
+   plaintext. ``--baseline`` also runs the sequential analysis (workers 0) in the same run
+   and prints the speed-up.
 
-Prints total time, time per phase, bytes shipped, peak memory of the hospital process and
-of the cloud worker (max RSS), and the target (< 30 s, < 1 GB on a 2-core machine).
+Prints total time, time per phase (they overlap when rows are decrypted in other
+processes), CPU seconds per process and how many cores were busy, bytes shipped, peak
+memory (VmHWM / max RSS) of every process and their sum, and whether the targets are met
+(< 30 s, < 1 GB on a 2-core machine), computed in the same run.
 """
 
 from __future__ import annotations

@@ -778,6 +778,11 @@ def print_table(report: dict[str, Any]) -> None:
         f"{report['bytes_received'] / 1e6:.1f} MB received; "
         + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
     )
+    if report.get("row_workers"):
+        console.print(
+            f"(rows decrypted by {report['row_workers']} processes beside the CKKS work: "
+            "phases overlap; decrypt_rows is their summed time)"
+        )
     if report["excluded_implausible"]:
         console.print(f"{report['excluded_implausible']} implausible readings left out")
     for failure in report["failures"]:
