@@ -37,6 +37,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -480,7 +481,9 @@ def _decrypt_slice(
 class ParallelRows:
     """Decrypt the store's rows in ``settings.workers`` processes (spawned: nothing of this
     process is inherited), ``chunk_rows`` rows per task, a bounded number of tasks ahead.
-    Chunks come back in sequence order. Rows stored after :meth:`start` are not read."""
+    Chunks come back in sequence order. Rows stored after :meth:`start` are not read. A
+    decrypting process that dies fails the analysis (``BrokenProcessPool``), never hangs it.
+    """
 
     def __init__(
         self,
@@ -498,15 +501,15 @@ class ParallelRows:
         self._settings = settings
         self._timings = timings
         self._since, self._until = since, until
-        self._pool: Any = None
+        self._pool: ProcessPoolExecutor | None = None
         self._starts: Iterator[int] = iter(())
-        self._pending: deque[Any] = deque()
+        self._pending: deque[Future[RowChunk]] = deque()
 
     def start(self) -> None:
         """Start the processes and queue the first slices (before the CKKS context is made
         and the session opened, so they overlap)."""
         workers = self._settings.workers
-        self._pool = multiprocessing.get_context("spawn").Pool(workers)
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         self._timings.row_workers = workers
         lo, hi = self._bounds
         self._starts = iter(range(lo, hi + 1, self._settings.chunk_rows))
@@ -515,21 +518,18 @@ class ParallelRows:
 
     def _submit(self) -> None:
         start = next(self._starts, None)
-        if start is not None:
+        if start is not None and self._pool is not None:
             stop = min(start + self._settings.chunk_rows, self._bounds[1] + 1)
             args = (*self._args, start, stop, self._since, self._until)
-            self._pending.append(self._pool.apply_async(_decrypt_slice, args))
+            self._pending.append(self._pool.submit(_decrypt_slice, *args))
 
     async def chunks(self) -> AsyncIterator[RowChunk]:
         if self._pool is None:
             self.start()
         while self._pending:
-            result = self._pending.popleft()
             started = time.perf_counter()
-            while not result.ready():
-                await asyncio.sleep(0.002)
+            chunk = await asyncio.wrap_future(self._pending.popleft())
             self._timings.rows_wait += time.perf_counter() - started
-            chunk: RowChunk = result.get()
             self._submit()
             self._timings.decrypt_rows += chunk.seconds
             self._timings.row_workers_peak_rss = max(
@@ -538,10 +538,11 @@ class ParallelRows:
             yield chunk
 
     def close(self) -> None:
+        """Drop queued slices, let running ones finish (a fraction of a second), reap."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._pending.clear()
 
 
 class _Conversation:
