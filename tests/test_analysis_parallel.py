@@ -133,3 +133,22 @@ def test_value_scan_names_a_row_that_does_not_decrypt(tmp_path: Path) -> None:
     store = SqliteReadingStore.open(cfg.database, cfg.keyring)
     with store, pytest.raises(StoreError, match="row 123 does not decrypt"):
         list(store.iter_reading_values())
+
+
+def test_workers_is_read_from_hospital_yaml_and_a_negative_count_names_the_key(
+    tmp_path: Path,
+) -> None:
+    from hospital.analysis import parse_analysis_settings
+    from pacegate.errors import ConfigError
+
+    work = WorkLayout(tmp_path)
+    text = render_hospital_config(work, port=0, metrics_port=0, cloud_port=1)
+    for value, expected in (("0", 0), ("3", 3)):
+        work.hospital_config.write_text(
+            text.replace("analysis: {}", f"analysis: {{workers: {value}}}")
+        )
+        cfg = load_hospital_config(work.hospital_config)
+        assert parse_analysis_settings(cfg.analysis).workers == expected
+    work.hospital_config.write_text(text.replace("analysis: {}", "analysis: {workers: -1}"))
+    with pytest.raises(ConfigError, match="workers"):
+        parse_analysis_settings(load_hospital_config(work.hospital_config).analysis)
