@@ -1,0 +1,103 @@
+"""The end-to-end benchmark runs and reports what it promises (never its timings), and its
+plaintext run replaces each crypto layer by an identity that carries the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from bench.bench_pipeline import NullKeyring, null_open, null_seal
+from pacegate.reading import Reading
+from pacegate.sealed import SEALED_SIZE_V1, SealedReadingError, open_reading, seal_reading
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "bench_pipeline.py"
+READING = Reading(age=71, heart_rate_bpm=64, sensor_id=3, timestamp=datetime.now(UTC))
+PSK = bytes(range(32))
+
+
+def test_null_seal_carries_the_same_bytes_as_a_seal_and_opens_to_the_same_reading() -> None:
+    sealed = seal_reading(PSK, "pm-0001", 9, READING)
+    nulled = null_seal(PSK, "pm-0001", 9, READING)
+    assert len(nulled) == len(sealed) == SEALED_SIZE_V1
+    assert nulled[:9] == sealed[:9]  # same header: version and counter
+    assert null_open(PSK, "pm-0001", nulled) == open_reading(PSK, "pm-0001", sealed)
+
+
+def test_a_real_seal_is_not_mistaken_for_a_null_seal() -> None:
+    # the plaintext gateway would otherwise count sealed readings as plaintext ones
+    with pytest.raises(SealedReadingError):
+        null_open(PSK, "pm-0001", seal_reading(PSK, "pm-0001", 9, READING))
+
+
+def test_null_keyring_stores_rows_in_clear_and_stays_idempotent(tmp_path: Path) -> None:
+    from hospital.store import SqliteReadingStore
+    from pacegate.ingest import IngestItem
+
+    store = SqliteReadingStore(tmp_path / "db.sqlite", NullKeyring.create(tmp_path / "k.json"))
+    try:
+        items = [IngestItem("pm-0001", c, READING) for c in (1, 2, 3)]
+        assert store.store_batch(items).stored == 3
+        again = store.store_batch(items)
+        assert (again.stored, again.duplicates) == (0, 3)
+        assert store.count() == 3
+    finally:
+        store.close()
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("db.sqlite*"))
+    assert b'"heart_rate_bpm":64' in on_disk  # the identity keyring really stores clear rows
+
+
+def test_quick_bench_completes_and_reports_positive_consistent_figures(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("SSLKEYLOGFILE", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    t, h, c = r["throughput"], r["handshake"], r["cpu"]
+    assert r["readings_per_repeat"] == r["devices"] * (r["readings_per_repeat"] // r["devices"])
+    for key in ("secured", "plaintext"):
+        runs = t[f"{key}_runs_readings_per_s"]
+        assert len(runs) == r["repeats"]
+        assert all(x > 0 for x in runs)
+        assert t[f"{key}_readings_per_s"] in runs  # the median of the repeats
+    ratio = t["secured_readings_per_s"] / t["plaintext_readings_per_s"]
+    assert t["secured_over_plaintext"] == pytest.approx(ratio, abs=2e-3)
+    assert 1 <= t["readings_per_batch"] <= r["readings_per_repeat"]
+    for name in ("pq_channel", "tls13_mtls", "tcp_connect"):
+        assert h[name]["median_ms"] > 0 and h[name]["mean_ms"] > 0
+    assert h["pq_over_tls13"] > 0
+    sec = c["secured_cpu_s_per_1000_readings"]
+    plain = c["plaintext_cpu_s_per_1000_readings"]
+    assert set(sec) == set(plain) == {"broker", "gateway", "hospital", "devices"}
+    assert all(v >= 0 for v in (*sec.values(), *plain.values()))
+    assert sum(sec.values()) > 0 and sum(plain.values()) > 0
+    assert all(v > 0 for v in c["op_costs_us"].values())
+    assert set(c["crypto_share_op_count"]) == {"gateway", "hospital"}
+    # no process the bench started outlives it (their configs live under tmp_path)
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if any(text in arg for arg in p.cmdline()):
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
