@@ -34,8 +34,9 @@ from typing import Any
 from device_sim.counter import DEFAULT_BLOCK, CounterStore
 from device_sim.device import DEFAULT_BUFFER_LIMIT, Backoff, Endpoint, SimulatedDevice
 from device_sim.model import HeartModel, derive_seed
+from pacegate.endpoints import Endpoints, read_endpoints
 from pacegate.errors import ConfigError
-from pacegate.layout import DEFAULT_HOST, DEFAULT_MQTTS_PORT, PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout, WorkLayout
 from pacegate.sealed import PSK_SIZE
 from pacegate.tlsconf import client_context
 
@@ -88,25 +89,7 @@ class DeviceBundle:
 
 def read_endpoint(work: WorkLayout) -> Endpoint:
     """The broker endpoint from ``endpoints.json`` (written by ``pacegate up``), or the default."""
-    path = work.endpoints
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return Endpoint(DEFAULT_HOST, DEFAULT_MQTTS_PORT)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            path, "", f"not valid JSON: {exc.msg}", line=exc.lineno, fix="restart 'pacegate up'"
-        ) from None
-    mqtt = data.get("mqtt") if isinstance(data, dict) else None
-    if not isinstance(mqtt, dict):
-        raise ConfigError(
-            path, "mqtt", "missing or not an object", fix='add {"mqtt": {"host": ..., "port": ...}}'
-        )
-    host, port = mqtt.get("host", DEFAULT_HOST), mqtt.get("port", DEFAULT_MQTTS_PORT)
-    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(
-            path, "mqtt", f"bad host/port {host!r}:{port!r}", fix="a host string and a port 1-65535"
-        )
+    host, port = (read_endpoints(work) or Endpoints()).mqtt
     return Endpoint(host, port)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pacegate.endpoints import Endpoints, read_endpoints
 from pacegate.errors import PacegateError, RemoteProtocolError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
@@ -72,12 +73,8 @@ class Ports:
 
     @classmethod
     def of(cls, work: WorkLayout | None) -> Ports:
-        if work is not None and work.endpoints.exists():
-            data = json.loads(work.endpoints.read_text())
-            return cls(
-                int(data["mqtt"]["port"]), int(data["hospital"]["port"]), int(data["cloud"]["port"])
-            )
-        return cls()
+        ep = (read_endpoints(work) if work is not None else None) or Endpoints()
+        return cls(ep.mqtt[1], ep.hospital[1], ep.cloud[1])
 
 
 @dataclass

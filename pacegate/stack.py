@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -26,11 +25,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from pacegate.endpoints import DEFAULT_HOSPITAL_METRICS_PORT, Endpoints, read_endpoints
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
@@ -50,31 +50,11 @@ SERVICE_START_TIMEOUT_S = 60.0
 # flight, spool). Bounded so that a broken stack ends the demo with a clear report.
 DRAIN_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
-DEFAULT_HOSPITAL_METRICS_PORT = 9109
 SERVICE_ORDER = ("broker", "cloud", "hospital", "gateway")
 
 
 class StackError(PacegateError):
     """A service failed to start, died, or the pipeline did not drain."""
-
-
-@dataclass
-class Endpoints:
-    mqtt: tuple[str, int]
-    hospital: tuple[str, int]
-    cloud: tuple[str, int]
-    gateway_metrics: tuple[str, int]
-    hospital_metrics: tuple[str, int]
-
-    def to_json(self) -> dict[str, dict[str, Any]]:
-        return {name: {"host": h, "port": p} for name, (h, p) in vars(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Endpoints:
-        def get(name: str) -> tuple[str, int]:
-            return str(data[name]["host"]), int(data[name]["port"])
-
-        return cls(*(get(name) for name in cls.__dataclass_fields__))
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -149,18 +129,7 @@ def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
     for path, text in texts.items():
         if overwrite or not path.exists():
             path.write_text(text)
-    work.endpoints.write_text(json.dumps(ep.to_json(), indent=2) + "\n")
-
-
-def read_endpoints(work: WorkLayout) -> Endpoints | None:
-    try:
-        return Endpoints.from_json(json.loads(work.endpoints.read_text()))
-    except FileNotFoundError:
-        return None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            work.endpoints, "", f"unreadable endpoints file: {exc}", fix="delete it and rerun"
-        ) from None
+    ep.write(work)
 
 
 def _listens(pid: int, port: int) -> bool:
