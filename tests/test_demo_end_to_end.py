@@ -6,6 +6,7 @@ gateway, the hospital with its SQLite store, the CKKS cloud worker, the simulate
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ def pacegate(
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[WorkLayout, dict[str, Any]]:
     work = WorkLayout(tmp_path_factory.mktemp("demo"))
     proc = pacegate(
+        "--log-json",
         "demo",
         "--workdir",
         str(work.root),
@@ -114,6 +116,25 @@ def test_no_file_in_the_work_directory_holds_a_reading_in_clear(
         data = path.read_bytes()
         offenders += [f"{path}: {n[:40]!r}" for n in needles if n in data]
     assert offenders == []
+
+
+def test_service_logs_are_json_lines_and_hold_no_secret(
+    demo_run: tuple[WorkLayout, dict[str, Any]],
+) -> None:
+    work, _ = demo_run
+    secrets = [work.pki.device_psk(d).read_bytes() for d in ("pm-0001", "pm-0002")]
+    needles = [s.hex().encode() for s in secrets] + [base64.b64encode(s) for s in secrets]
+    needles.append(b"PRIVATE KEY")
+    for service in ("broker", "gateway", "hospital", "cloud"):
+        raw = (work.logs_dir / f"{service}.log").read_bytes()
+        assert [n for n in needles if n in raw] == [], service
+        lines = raw.decode().splitlines()
+        assert lines, service
+        for line in lines:
+            record = json.loads(line)
+            assert {"ts", "level", "logger", "msg"} <= record.keys()
+            if record["logger"] == "pacegate.security":
+                assert {"event", "component", "reason"} <= record.keys()
 
 
 def test_demo_secrets_are_private_files(demo_run: tuple[WorkLayout, dict[str, Any]]) -> None:
