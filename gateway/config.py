@@ -482,6 +482,16 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         seen_topics.setdefault(route.topic, i)
         routes.append(route)
 
+    if spool and hospital and spool.max_readings < hospital.batch_max_readings:
+        assert s is not None
+        out.errors.append(
+            s.error(
+                "max_readings",
+                f"{spool.max_readings} is smaller than one batch "
+                f"(hospital.batch_max_readings: {hospital.batch_max_readings})",
+                fix="give the spool room for many batches, or make batches smaller",
+            )
+        )
     if out.errors:
         out.errors.sort(key=lambda e: e.line or 0)
         raise GatewayConfigError(out.errors)

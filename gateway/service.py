@@ -137,6 +137,7 @@ class Gateway:
         self._reload_requested = False
         self._event_budget: dict[str, tuple[int, int]] = {}
         self._paused = False
+        self._stopping = False  # a disconnect we asked for (shutdown, spool full)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,14 +195,15 @@ class Gateway:
 
     def _start_mqtt(self) -> None:
         assert self._client is not None
+        self._stopping = False
         m = self.cfg.mqtt
         self._client.connect_async(str(m.host), int(m.port), keepalive=int(m.keepalive_s))
         self._client.loop_start()
 
     def _stop_mqtt(self) -> None:
+        self._stopping = True
         if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+            _stop_client(self._client)
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None
@@ -221,7 +223,7 @@ class Gateway:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.metrics.mqtt_up.set(0)
-        if not self._paused:
+        if not self._stopping:
             log.warning("MQTT session lost (%s); paho reconnects", reason)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -300,11 +302,15 @@ class Gateway:
     def _pause_mqtt(self) -> None:
         self._paused = True
         self._current = -1  # nothing in flight may be acked now
-        asyncio.get_running_loop().run_in_executor(None, self._stop_mqtt)
+        self._stopping = True
+        client = self._client
+        if client is not None:
+            asyncio.get_running_loop().run_in_executor(None, _stop_client, client)
 
     def _resume_mqtt(self) -> None:
         self._paused = False
-        assert self._client is not None
+        # a fresh client: paho's loop_start() on a stopped client leaks its wake-up sockets
+        self._client = self._make_client()
         self._start_mqtt()
 
     # -- reloads ---------------------------------------------------------------------------
@@ -366,6 +372,11 @@ class Gateway:
         self.keys = keys
         self.state.keys = keys
         log.info("PSK store reloaded: %d devices", len(keys))
+
+
+def _stop_client(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
 
 
 def _with_routes(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:

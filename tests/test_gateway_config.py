@@ -143,3 +143,9 @@ def test_config_check_prints_ok_or_every_error(
 )
 def test_topic_filter_syntax(topic: str, bad: bool) -> None:
     assert (topic_filter_problem(topic) is not None) == bad
+
+
+def test_spool_smaller_than_one_batch_is_refused(tmp_path: Path) -> None:
+    text = _default(tmp_path).replace("max_readings: 1000000", "max_readings: 50")
+    (error,) = _errors(_write(tmp_path, text))
+    assert "spool.max_readings: 50 is smaller than one batch" in error

@@ -249,3 +249,37 @@ def test_gateway_kill_9_mid_stream_loses_nothing(
         h.kill(signal.SIGTERM)
         records = h.records()
     assert len(records) == 300 and set(records) == want
+
+
+@pytest.mark.mosquitto
+def test_full_spool_pauses_mqtt_and_loses_nothing(
+    mosquitto_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    from gateway.config import load_gateway_config
+
+    with hospital(tmp_path, start=False) as h:
+        config = write_gateway_yaml(
+            tmp_path,
+            mosquitto_broker,
+            hospital_port=h.port,
+            **{
+                "batch_max_readings: 200": "batch_max_readings: 5\n  reconnect_max_s: 0.5",
+                "max_readings: 1000000": "max_readings: 10",
+            },
+        )
+        connector = hospital_connector(load_gateway_config(config))
+        with (
+            running_gateway(config, connector) as gw,
+            devices(mosquitto_broker, "pm-0001") as (a,),
+        ):
+            for _ in range(25):
+                a.publish(a.seal())
+            assert wait_until(lambda: gw.metric("pacegate_gateway_spool_full_total") >= 1, WAIT)
+            assert wait_until(lambda: gw.metric("pacegate_gateway_mqtt_connected") == 0, WAIT)
+            assert gw.metric("pacegate_gateway_spooled") <= 10
+            h.start()  # the spool drains, MQTT resumes, the broker hands over the rest
+            assert wait_until(lambda: h.stored() == 25, DRAIN_WAIT), h.stored()
+            assert wait_until(lambda: gw.metric("pacegate_gateway_mqtt_connected") == 1, WAIT)
+        h.kill(signal.SIGTERM)
+        records = h.records()
+    assert sorted(records) == [("pm-0001", c) for c in range(1, 26)]
