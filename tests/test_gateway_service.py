@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from gateway.config import GatewayConfig, load_gateway_config, render_default_config
 from gateway.forwarder import Connector
 from gateway.service import Gateway
@@ -176,7 +178,7 @@ def test_readings_from_devices_are_opened_by_the_gateway(
 
 
 def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
-    broker: BrokerHandle, tmp_path: Path
+    broker: BrokerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pacegate.pki import enroll_device
 
@@ -228,6 +230,14 @@ def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
         assert gw.metric("pacegate_gateway_received_total") == 9
         assert wait_until(lambda: gw.metric("pacegate_gateway_spooled") == 2, WAIT)
     assert len(spooled(config)) == 2
+    events = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("event") == "reading_rejected"
+    ]
+    assert len(events) == sum(expected.values())
+    secrets = (a.psk.hex(), good.hex(), bytes(flipped).hex(), "heart_rate")
+    for record in events:
+        text = f"{record.getMessage()} {record.fields}"  # type: ignore[attr-defined]
+        assert not any(s in text for s in secrets), text
 
 
 def test_replay_state_survives_a_gateway_restart(
