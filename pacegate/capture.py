@@ -40,6 +40,7 @@ from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_MQTTS_PORT,
+    SECRET_FILE_MODE,
     WorkLayout,
 )
 from pacegate.sealed import open_reading, parse_header
@@ -390,6 +391,10 @@ def main(args: argparse.Namespace) -> int:
     report = analyse(out, keylog, Ports.of(work), work)
     if keylog is not None and keylog.exists():
         report.pcap_with_keys = _inject_secrets(out, keylog)
+    # A capture with its key log decrypts the session: owner-only, like any secret.
+    for path in (out, keylog, report.pcap_with_keys):
+        if path is not None and Path(path).exists():
+            Path(path).chmod(SECRET_FILE_MODE)
     if args.json:
         print(json.dumps(report.to_json()))
     _print_human(report)

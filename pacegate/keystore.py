@@ -87,10 +87,20 @@ class PskStore:
                 fix="run 'pacegate pki init --dir DIR' and enroll devices",
             ) from None
         if len(blob) < len(_MAGIC) + 1 + _NONCE + 16 or not blob.startswith(_MAGIC):
-            raise ConfigError(path, "", "not a pacegate PSK store (bad magic or truncated)")
+            raise ConfigError(
+                path,
+                "",
+                "not a pacegate PSK store (bad magic or truncated)",
+                fix="restore it from backup, or re-create the PKI with 'pacegate pki init --force'",
+            )
         version = blob[len(_MAGIC)]
         if version != _VERSION:
-            raise ConfigError(path, "", f"PSK store version {version} is not supported")
+            raise ConfigError(
+                path,
+                "",
+                f"PSK store version {version} is not supported",
+                fix="use the pacegate version that wrote it, or re-enroll the devices",
+            )
         nonce = blob[len(_MAGIC) + 1 : len(_MAGIC) + 1 + _NONCE]
         try:
             plain = AESGCM(key).decrypt(
@@ -103,16 +113,24 @@ class PskStore:
                 "PSK store does not decrypt under its key file "
                 f"{key_path} (tampered, or the wrong key file)",
             ) from None
-        data = json.loads(plain)
         devices = {}
-        for did, entry in data.get("devices", {}).items():
-            devices[did] = DeviceKey(
-                device_id=did,
-                psk=base64.b64decode(entry["psk"]),
-                status=entry["status"],
-                enrolled_at=entry["enrolled_at"],
-                revoked_at=entry.get("revoked_at"),
-            )
+        try:
+            data = json.loads(plain)
+            for did, entry in data["devices"].items():
+                devices[did] = DeviceKey(
+                    device_id=did,
+                    psk=base64.b64decode(entry["psk"], validate=True),
+                    status=entry["status"],
+                    enrolled_at=entry["enrolled_at"],
+                    revoked_at=entry.get("revoked_at"),
+                )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                path,
+                "devices",
+                f"malformed entry ({type(exc).__name__}: {exc})",
+                fix="restore the store from backup; it authenticated, so it was written badly",
+            ) from None
         return cls(path, key_path, devices)
 
     def get(self, device_id: str) -> DeviceKey | None:
@@ -181,5 +199,10 @@ def _read_key(key_path: Path) -> bytes:
             key_path, "", "PSK store key file not found", fix="run 'pacegate pki init --dir DIR'"
         ) from None
     if len(key) != STORE_KEY_SIZE:
-        raise ConfigError(key_path, "", f"PSK store key must be {STORE_KEY_SIZE} bytes")
+        raise ConfigError(
+            key_path,
+            "",
+            f"PSK store key must be {STORE_KEY_SIZE} bytes, found {len(key)}",
+            fix="restore the key file from backup (without it the store cannot be read)",
+        )
     return key

@@ -25,6 +25,7 @@ Work directory (``pacegate up|devices|analyze|demo --workdir DIR``)::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ DEFAULT_GATEWAY_METRICS_PORT = 9108  # Prometheus text, loopback only
 # Private keys, PSKs, keyrings: owner read/write only.
 SECRET_FILE_MODE = 0o600
 SECRET_DIR_MODE = 0o700
+PUBLIC_FILE_MODE = 0o644  # certificates, CRL, public keys: meant to be read
 
 
 @dataclass(frozen=True)
@@ -169,30 +171,38 @@ class WorkLayout:
         return self.root / "endpoints.json"
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the first byte (no window where the
-    file is world-readable), atomically (write a temp file, fsync, rename)."""
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a fresh temp file beside ``path`` (mkstemp: unique name, mode 0600
+    from creation), fsync it, then rename it over ``path`` and fsync the directory. A crash
+    leaves the old file or the new one, never a mix; two writers never share a temp file."""
     import os
+    import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_FILE_MODE)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, SECRET_FILE_MODE)
-        os.write(fd, data)
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(dir_fd)
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Atomically write a secret (key, PSK, keyring): mode 0600 from the first byte."""
+    _atomic_write(path, data, SECRET_FILE_MODE)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Atomically write a non-secret file (certificates, CRL, public keys)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, data, PUBLIC_FILE_MODE)

@@ -20,11 +20,13 @@ Private keys and PSKs are written 0600 and never printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -453,7 +455,7 @@ def _write_new_secret(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def enroll_devices(
+def _enroll_devices_unlocked(
     root: Path,
     ids: Iterable[str],
     *,
@@ -461,8 +463,6 @@ def enroll_devices(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
 ) -> list[Path]:
-    """Enroll many devices with one registry write and one PSK-store write.
-    Returns each device's bundle directory, in order."""
     layout = PkiLayout(Path(root))
     wanted = list(ids)
     for did in wanted:
@@ -479,7 +479,13 @@ def enroll_devices(
     registry = _load_registry(layout)
     store = PskStore.load(layout.psk_store, layout.psk_store_key)
     for did in wanted:
-        if did in registry["devices"] or did in store or layout.device_dir(did).exists():
+        known = did in registry["devices"] or did in store
+        if not known and layout.device_dir(did).exists():
+            raise PkiError(
+                f"{layout.device_dir(did)} exists but {did!r} is not in {layout.registry}: "
+                "an enrolment was interrupted; remove that directory and enroll again"
+            )
+        if known:
             raise PkiError(
                 f"device {did!r} is already enrolled in {layout.root} "
                 "(revoke it and enroll under a new id)"
@@ -522,6 +528,41 @@ def enroll_devices(
     return out
 
 
+@contextlib.contextmanager
+def _pki_lock(layout: PkiLayout) -> Iterator[None]:
+    """Serialise changes to one PKI directory: enrol and revoke read, modify and write the
+    registry, the PSK store and the CRL, and two at once would lose one's changes."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.root / ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def enroll_devices(
+    root: Path,
+    ids: Iterable[str],
+    *,
+    days: int = DEFAULT_DEVICE_DAYS,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> list[Path]:
+    """Enroll many devices with one registry write and one PSK-store write, under the
+    directory's lock. Returns each device's bundle directory, in order."""
+    with _pki_lock(PkiLayout(Path(root))):
+        return _enroll_devices_unlocked(
+            root, ids, days=days, not_before=not_before, not_after=not_after
+        )
+
+
+def revoke_device(root: Path, device_id: str) -> None:
+    """Revoke ``device_id``: CRL re-signed, PSK marked revoked, Mosquitto ACL updated."""
+    with _pki_lock(PkiLayout(Path(root))):
+        _revoke_device_unlocked(root, device_id)
+
+
 def enroll_device(
     root: Path,
     device_id: str,
@@ -536,7 +577,7 @@ def enroll_device(
     ]
 
 
-def revoke_device(root: Path, device_id: str) -> None:
+def _revoke_device_unlocked(root: Path, device_id: str) -> None:
     """Revoke a device: CRL re-signed, PSK-store entry marked revoked, Mosquitto ACL updated."""
     layout = PkiLayout(Path(root))
     try:

@@ -24,6 +24,10 @@ KEYLOG_ENV = "SSLKEYLOGFILE"
 def _apply_keylog(ctx: ssl.SSLContext) -> None:
     path = os.environ.get(KEYLOG_ENV)
     if path:
+        # The key log decrypts the traffic: create it owner-only before OpenSSL opens it
+        # (OpenSSL would create it with the umask's mode, world-readable by default).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
         ctx.keylog_filename = path
 
 
@@ -47,10 +51,22 @@ def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
         ) from None
 
 
+def _load_verify(ctx: ssl.SSLContext, path: Path, what: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            path,
+            "",
+            f"not a PEM {what}: {exc.reason or exc}",
+            fix="regenerate the PKI files with 'pacegate pki init' (or copy the right file)",
+        ) from None
+
+
 def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
     if not ca.exists():
         raise ConfigError(ca, "", "CA certificate not found", fix="run 'pacegate pki init'")
-    ctx.load_verify_locations(cafile=str(ca))
+    _load_verify(ctx, ca, "CA certificate")
 
 
 def server_context(
@@ -73,7 +89,7 @@ def load_crl(ctx: ssl.SSLContext, crl: Path) -> None:
     """Make ``ctx`` check client certificates against the CRL in ``crl`` (PEM)."""
     if not crl.exists():
         raise ConfigError(crl, "", "CRL not found", fix="run 'pacegate pki init' to create it")
-    ctx.load_verify_locations(cafile=str(crl))
+    _load_verify(ctx, crl, "CRL")
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 

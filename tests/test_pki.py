@@ -20,6 +20,7 @@ from pacegate.layout import PkiLayout
 from pacegate.pki import (
     PkiError,
     add_channel_identity,
+    device_ids,
     enroll_device,
     enroll_devices,
     init_pki,
@@ -164,3 +165,29 @@ def test_cli_enrolls_and_revokes_without_printing_secrets(
     for secret in (psk.hex(), key_pem.splitlines()[1]):
         assert secret not in out.out + out.err
     assert "already enrolled" in out.err
+
+
+def test_concurrent_enrolments_lose_no_device(tmp_path: Path) -> None:
+    import multiprocessing
+
+    root = tmp_path / "pki"
+    init_pki(root)
+    ctx = multiprocessing.get_context("spawn")
+    batches = [[f"pm-{w}{i:03d}" for i in range(20)] for w in range(4)]
+    procs = [ctx.Process(target=enroll_devices, args=(root, ids)) for ids in batches]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = PskStore.load(PkiLayout(root).psk_store, PkiLayout(root).psk_store_key)
+    assert sorted(store.device_ids()) == sorted(d for ids in batches for d in ids)
+    assert sorted(device_ids(root)) == sorted(store.device_ids())
+
+
+def test_interrupted_enrolment_names_the_directory_to_remove(tmp_path: Path) -> None:
+    root = tmp_path / "pki"
+    layout = init_pki(root)
+    layout.device_dir("pm-0009").mkdir(parents=True)
+    with pytest.raises(PkiError, match="interrupted"):
+        enroll_device(root, "pm-0009")

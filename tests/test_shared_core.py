@@ -162,3 +162,25 @@ def test_security_events_are_json_and_secret_fields_are_redacted() -> None:
     assert event["peer"] == "pm-0001"
     assert event["psk"] == event["session_key"] == event["reading"] == "<redacted>"
     assert "00" * 32 not in buf.getvalue()
+
+
+# -- TLS contexts -------------------------------------------------------------------------
+def test_tls_key_log_is_created_owner_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacegate.pki import init_pki
+    from pacegate.tlsconf import KEYLOG_ENV, client_context
+
+    pki = init_pki(tmp_path / "pki")
+    keylog = tmp_path / "keys.log"
+    monkeypatch.setenv(KEYLOG_ENV, str(keylog))
+    client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key)
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
+
+
+def test_garbage_ca_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    from pacegate.pki import init_pki
+    from pacegate.tlsconf import client_context
+
+    pki = init_pki(tmp_path / "pki")
+    pki.ca_cert.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=str(pki.ca_cert)):
+        client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key)
