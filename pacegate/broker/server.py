@@ -33,10 +33,11 @@ from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapt
 from amqtt.broker import Broker, BrokerProtocolHandler, Server
 from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError
-from amqtt.session import Session
+from amqtt.session import IncomingApplicationMessage, Session
 from cryptography import x509
 
 from pacegate.broker.config import BrokerConfig, load_broker_config
+from pacegate.broker.delivery import DeliveringHandler
 from pacegate.broker.plugins import COMPONENT, CertIdentityAuthPlugin, TopicAclPlugin
 from pacegate.log import security_event
 from pacegate.tlsconf import peer_identity, server_context
@@ -250,10 +251,13 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            return await asyncio.wait_for(
+            _stock, session = await asyncio.wait_for(
                 super()._initialize_client_session(reader, writer, remote_address, remote_port),
                 timeout=self.cfg.connect_timeout,
             )
+            # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
+            # properly (pacegate.broker.delivery)
+            return DeliveringHandler(self.plugins_manager, deliver=self._relay), session
         except TimeoutError:
             security_event(
                 "connect_refused",
@@ -311,6 +315,27 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             return True
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
+
+    async def _relay(self, handler: DeliveringHandler, message: IncomingApplicationMessage) -> bool:
+        """Relay one incoming PUBLISH now (before its PUBACK): amqtt's checks, our size
+        check and ACL, then into the broadcast queue. False: close the connection."""
+        if handler.session is None:
+            return False
+        done: asyncio.Future[IncomingApplicationMessage] = self._loop.create_future()
+        done.set_result(message)
+        return await self._handle_message_delivery(handler.session, handler, done)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # The messages queued for an offline persistent session, sent on its reconnect.
+        # amqtt awaited their PUBACKs here (so the connection's SUBSCRIBEs waited too) and
+        # flagged them RETAIN; they are ordinary deliveries: started in order, not awaited.
+        handler = self._get_handler(session)
+        if not isinstance(handler, DeliveringHandler):
+            await super()._publish_session_retained_messages(session)
+            return
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            handler.spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False))
 
     # -- live revocation ---------------------------------------------------------------
     async def watch_crl(self) -> None:
