@@ -206,15 +206,10 @@ def _gateway_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-# Against mosquitto only: amqtt 0.12 drops a QoS 1 message it has sent to a subscriber when
-# the PUBACK does not come within 5 s or the connection ends (handler.py pops it from
-# inflight_out in a ``finally``), so it never redelivers what a killed gateway had in flight.
-@pytest.mark.mosquitto
+# Both brokers: the embedded one keeps a QoS 1 message in the gateway's session until its
+# PUBACK and resends it on reconnect (pacegate.broker.delivery; stock amqtt 0.12 forgot it).
 @pytest.mark.timeout(180)
-def test_gateway_kill_9_mid_stream_loses_nothing(
-    mosquitto_broker: BrokerHandle, tmp_path: Path
-) -> None:
-    broker = mosquitto_broker
+def test_gateway_kill_9_mid_stream_loses_nothing(broker: BrokerHandle, tmp_path: Path) -> None:
     metrics_port = free_port()
     want = {(d, c) for d in ("pm-0001", "pm-0002") for c in range(1, 151)}
     with hospital(tmp_path) as h:
@@ -251,16 +246,13 @@ def test_gateway_kill_9_mid_stream_loses_nothing(
     assert len(records) == 300 and set(records) == want
 
 
-@pytest.mark.mosquitto
-def test_full_spool_pauses_mqtt_and_loses_nothing(
-    mosquitto_broker: BrokerHandle, tmp_path: Path
-) -> None:
+def test_full_spool_pauses_mqtt_and_loses_nothing(broker: BrokerHandle, tmp_path: Path) -> None:
     from gateway.config import load_gateway_config
 
     with hospital(tmp_path, start=False) as h:
         config = write_gateway_yaml(
             tmp_path,
-            mosquitto_broker,
+            broker,
             hospital_port=h.port,
             **{
                 "batch_max_readings: 200": "batch_max_readings: 5\n  reconnect_max_s: 0.5",
@@ -270,7 +262,7 @@ def test_full_spool_pauses_mqtt_and_loses_nothing(
         connector = hospital_connector(load_gateway_config(config))
         with (
             running_gateway(config, connector) as gw,
-            devices(mosquitto_broker, "pm-0001") as (a,),
+            devices(broker, "pm-0001") as (a,),
         ):
             for _ in range(25):
                 a.publish(a.seal())
