@@ -4,12 +4,16 @@ No I/O: the service feeds it messages and acts on the result (count, log, forwar
 Order of checks, cheapest and least revealing first::
 
     route match -> device id from the topic level -> PSK (unknown / revoked refused)
-    -> size limit -> rate limit -> sealed header (version, length) -> replay window check
-    -> ChaCha20-Poly1305 open (AAD binds version, device id, counter) -> window accept
-    -> timestamp sanity -> plausibility (flagged, never dropped) -> accepted
+    -> size limit -> sealed header (version, length) -> replay window check
+    -> ChaCha20-Poly1305 open (AAD binds version, device id, counter) -> rate limit
+    -> window accept -> timestamp sanity -> plausibility (flagged, never dropped) -> accepted
 
 The replay window is checked *before* the AEAD (a replay costs no crypto) and advanced only
-*after* the tag verified (a forger cannot move it). The windows here are the *live* ones;
+*after* the tag verified (a forger cannot move it). The per-device rate bucket is charged only
+for readings that authenticated and passed the window check (a refused one leaves its counter
+unspent): anyone who can publish on a device's topic
+(a neighbour's will message, a forged payload) cannot spend that device's budget and get its
+genuine readings refused. The windows here are the *live* ones;
 :mod:`gateway.replay_store` persists a window only once its readings are durably handed on,
 so a crash never turns an unacknowledged MQTT message into a "replay".
 """
@@ -25,7 +29,6 @@ from gateway.config import Route
 from pacegate.identity import is_valid_device_id
 from pacegate.ingest import FLAG_IMPLAUSIBLE, IngestItem
 from pacegate.keystore import DeviceKey
-from pacegate.reading import Reading
 from pacegate.replay import ReplayRejected, ReplayWindow
 from pacegate.sealed import SealedReadingError, open_reading, parse_header
 
@@ -145,8 +148,6 @@ def process(
             device_id,
             route,
         )
-    if not state.take_token(route, device_id, now):
-        return Rejected(RATE_LIMITED, "over the route's per-device rate", device_id, route)
     try:
         header = parse_header(payload)
         if header.version != route.version:
@@ -159,6 +160,9 @@ def process(
         window = state.windows.live(device_id)
         window.check(header.counter)
         counter, reading = open_reading(key.psk, device_id, payload)
+        # charged only now, for an authentic new reading; refused, its counter stays unspent
+        if not state.take_token(route, device_id, now):
+            return Rejected(RATE_LIMITED, "over the route's per-device rate", device_id, route)
         window.accept(counter)
     except SealedReadingError as exc:
         return Rejected(exc.reason, str(exc), device_id, route)
@@ -168,9 +172,5 @@ def process(
     skew = timedelta(seconds=route.limits.max_clock_skew_s)
     if not EARLIEST_TIMESTAMP <= reading.timestamp <= wall + skew:
         return Rejected(OUT_OF_RANGE, "timestamp outside the plausible range", device_id, route)
-    flags = 0 if _plausible(reading) else FLAG_IMPLAUSIBLE
+    flags = 0 if reading.plausible else FLAG_IMPLAUSIBLE
     return Accepted(route, IngestItem(device_id, counter, reading, flags))
-
-
-def _plausible(reading: Reading) -> bool:
-    return reading.plausible

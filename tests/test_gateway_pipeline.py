@@ -175,6 +175,26 @@ def test_rate_limit_refuses_a_burst_beyond_the_bucket(store: ReplayStore) -> Non
     assert isinstance(later, Accepted)
 
 
+def test_forged_payloads_on_a_devices_topic_do_not_spend_its_rate_budget(
+    store: ReplayStore,
+) -> None:
+    state = _state(store, _route(rate=1.0, burst=2))
+    first = seal_reading(PSK_A, "pm-a", 1, _reading())
+    assert isinstance(_run(state, T_A, first), Accepted)
+    # at the same instant: forgeries under another key, bit flips, replays of the genuine one
+    flipped = bytearray(seal_reading(PSK_A, "pm-a", 2, _reading()))
+    flipped[-1] ^= 1
+    attacks = [seal_reading(PSK_B, "pm-a", c, _reading()) for c in range(2, 40)]
+    attacks += [bytes(flipped), first, first]
+    refused = [_run(state, T_A, p) for p in attacks]
+    assert {r.reason for r in refused if isinstance(r, Rejected)} == {"bad_tag", "replay"}
+    assert not any(isinstance(r, Accepted) for r in refused)
+    # the bucket (burst 2) still holds the token for the device's next genuine reading
+    assert isinstance(_run(state, T_A, seal_reading(PSK_A, "pm-a", 2, _reading())), Accepted)
+    over = _run(state, T_A, seal_reading(PSK_A, "pm-a", 3, _reading()))
+    assert isinstance(over, Rejected) and over.reason == "rate_limited"
+
+
 def test_replay_state_survives_a_restart_once_durable(tmp_path: Path) -> None:
     s1 = ReplayStore(tmp_path / "replay.db")
     sealed = [seal_reading(PSK_A, "pm-a", c, _reading()) for c in (1, 2, 3)]
