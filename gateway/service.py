@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from gateway.config import GatewayConfig, GatewayConfigError, load_gateway_config
 from gateway.forwarder import ChannelStream, Connector, Forwarder, Pending
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Accepted, PipelineState, process
+from gateway.pipeline import UNKNOWN_DEVICE, Accepted, PipelineState, Rejected, process
 from gateway.replay_store import ReplayStore
 from gateway.spool import Spool
 from pacegate.errors import ConfigError
@@ -110,7 +110,7 @@ class Gateway:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.replay = ReplayStore(cfg.replay_db)
         self.keys = PskStore.load(cfg.psk_store.path, cfg.psk_store.key)
-        self._keys_mtime = _mtime(cfg.psk_store.path)
+        self._keys_stamp = _stamp(cfg.psk_store.path)
         self._cfg_mtime = _mtime(cfg.path)
         self.state = PipelineState(routes=cfg.routes, keys=self.keys, windows=self.replay)
         self.spool = Spool(cfg.spool.path, cfg.spool.key, max_readings=cfg.spool.max_readings)
@@ -136,7 +136,6 @@ class Gateway:
         self._subscribed: dict[str, int] = {}
         self._reload_requested = False
         self._event_budget: dict[str, tuple[int, int]] = {}
-        self._paused = False
         self._stopping = False  # a disconnect we asked for (shutdown, spool full)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -258,9 +257,7 @@ class Gateway:
         m.received.inc()
         if msg.generation != self._current:
             return  # from a connection that is gone; the broker sends it again
-        result = process(
-            msg.topic, msg.payload, self.state, now=time.monotonic(), wall=datetime.now(UTC)
-        )
+        result = self.decide(msg.topic, msg.payload)
         m.receive_latency.observe(time.monotonic() - msg.arrived)
         if isinstance(result, Accepted):
             m.accepted.inc()
@@ -284,6 +281,27 @@ class Gateway:
             )
         self._ack(msg.generation, msg.mid, msg.qos)  # refused for good: do not redeliver
 
+    def decide(self, topic: str, payload: bytes) -> Accepted | Rejected:
+        """The pipeline's decision for one message, with the PSK store re-checked once.
+
+        A device enrolled a moment ago publishes before the watcher's next poll: before its
+        message is refused (and acknowledged, i.e. dropped) as ``unknown_device``, the PSK store
+        is reloaded if its file changed (one ``stat``) and the lookup retried. An id that is
+        still unknown afterwards is refused for good, so an unenrolled device cannot fill the
+        broker's queue with messages the gateway never acknowledges.
+        """
+        result = process(topic, payload, self.state, now=time.monotonic(), wall=datetime.now(UTC))
+        if (
+            isinstance(result, Rejected)
+            and result.reason == UNKNOWN_DEVICE
+            and result.device_id is not None  # a valid id, merely not in the store we hold
+            and self.refresh_keys()
+        ):
+            result = process(
+                topic, payload, self.state, now=time.monotonic(), wall=datetime.now(UTC)
+            )
+        return result
+
     def _may_log(self, reason: str) -> bool:
         second = int(time.monotonic())
         start, count = self._event_budget.get(reason, (second, 0))
@@ -300,7 +318,6 @@ class Gateway:
             self._ack(p.generation, p.mid, p.qos)
 
     def _pause_mqtt(self) -> None:
-        self._paused = True
         self._current = -1  # nothing in flight may be acked now
         self._stopping = True
         client = self._client
@@ -308,7 +325,6 @@ class Gateway:
             asyncio.get_running_loop().run_in_executor(None, _stop_client, client)
 
     def _resume_mqtt(self) -> None:
-        self._paused = False
         # a fresh client: paho's loop_start() on a stopped client leaks its wake-up sockets
         self._client = self._make_client()
         self._start_mqtt()
@@ -324,10 +340,7 @@ class Gateway:
                 self._reload_requested = False
                 self._cfg_mtime = mt
                 self.reload_config()
-            kt = _mtime(self.cfg.psk_store.path)
-            if kt != self._keys_mtime:
-                self._keys_mtime = kt
-                self.reload_keys()
+            self.refresh_keys()
 
     def reload_config(self) -> bool:
         try:
@@ -363,15 +376,24 @@ class Gateway:
             client.subscribe(new)
         self._subscribed = want
 
-    def reload_keys(self) -> None:
+    def refresh_keys(self) -> bool:
+        """Reload the PSK store if its file changed since it was read; True if reloaded."""
+        stamp = _stamp(self.cfg.psk_store.path)
+        if stamp == self._keys_stamp:
+            return False
+        self._keys_stamp = stamp  # a bad file is reported once, not on every message
+        return self.reload_keys()
+
+    def reload_keys(self) -> bool:
         try:
             keys = PskStore.load(self.cfg.psk_store.path, self.cfg.psk_store.key)
         except (ConfigError, ValueError, KeyError) as exc:
             log.error("PSK store reload failed, previous keys kept: %s", exc)
-            return
+            return False
         self.keys = keys
         self.state.keys = keys
         log.info("PSK store reloaded: %d devices", len(keys))
+        return True
 
 
 def _stop_client(client: mqtt.Client) -> None:
@@ -383,6 +405,15 @@ def _with_routes(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     import dataclasses
 
     return dataclasses.replace(old, routes=new.routes, reload=new.reload)
+
+
+def _stamp(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten (in place or by atomic replace)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _mtime(path: os.PathLike[str] | str) -> float:

@@ -17,11 +17,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import GatewayConfig, load_gateway_config, render_default_config
 from gateway.forwarder import Connector
+from gateway.pipeline import Accepted, Rejected
 from gateway.service import Gateway
 from gateway.spool import Spool
 from pacegate.identity import telemetry_topic
@@ -187,12 +189,11 @@ def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
     gw_store = tmp_path / "gw-keystore"
     shutil.copytree(pki.keystore_dir, gw_store)
     enroll_device(pki.root, "pm-0009")
-    config = write_gateway_yaml(
-        tmp_path,
-        broker,
-        **{"path: pki/keystore/psk.store": f"path: {gw_store}/psk.store"},
-        **{"key: pki/keystore/psk.key": f"key: {gw_store}/psk.key"},
-    )
+    edits: dict[str, Any] = {
+        "path: pki/keystore/psk.store": f"path: {gw_store}/psk.store",
+        "key: pki/keystore/psk.key": f"key: {gw_store}/psk.key",
+    }
+    config = write_gateway_yaml(tmp_path, broker, **edits)
     with (
         running_gateway(config) as gw,
         devices(broker, "pm-0001", "pm-0002", "pm-0009") as (a, b, stranger),
@@ -293,6 +294,42 @@ def test_newly_enrolled_device_is_accepted_without_a_restart(
     with running_gateway(config) as gw:
         enroll_device(tmp_path / "pki", "pm-0042")  # rewrites the PSK store
         with devices(embedded_broker, "pm-0042") as (d,):
-            assert wait_until(lambda: gw.gw.keys.get("pm-0042") is not None, WAIT)
-            d.publish(d.seal())
+            d.publish(d.seal())  # at once: no waiting for the watcher's poll
             assert wait_until(lambda: gw.metric("pacegate_gateway_accepted_total") == 1, WAIT)
+        assert gw.rejected("unknown_device") == 0
+
+
+def test_reading_published_right_after_enrolment_is_not_refused_as_unknown(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """The PSK store is re-checked before ``unknown_device``: no poll interval to lose it in.
+    The gateway is built but not run, so no watcher can reload the store first."""
+    from pacegate.pki import enroll_device
+
+    text = render_default_config(
+        WorkLayout(tmp_path),
+        mqtt_host="127.0.0.1",
+        mqtt_port=free_port(),
+        hospital_host="127.0.0.1",
+        hospital_port=free_port(),
+        metrics_port=0,
+    )
+    (tmp_path / "gateway.yaml").write_text(text)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
+    try:
+        topic = telemetry_topic("pm-0042")
+        reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
+        stranger = gw.decide(topic, seal_reading(bytes(32), "pm-0042", 1, reading))
+        assert isinstance(stranger, Rejected) and stranger.reason == "unknown_device"
+
+        enroll_device(pki_dir, "pm-0042")  # rewrites the PSK store
+        psk = PkiLayout(pki_dir).device_psk("pm-0042").read_bytes()
+        result = gw.decide(topic, seal_reading(psk, "pm-0042", 1, reading))
+        assert isinstance(result, Accepted), result
+        # still unknown after the check: refused for good (acknowledged, not left queued)
+        other = gw.decide(telemetry_topic("pm-0099"), seal_reading(psk, "pm-0099", 1, reading))
+        assert isinstance(other, Rejected) and other.reason == "unknown_device"
+        assert not gw.refresh_keys()  # unchanged file: no reload
+    finally:
+        gw.spool.close()
+        gw.replay.close()
