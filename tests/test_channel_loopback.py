@@ -503,26 +503,164 @@ async def test_half_open_connection_is_closed_at_the_handshake_timeout() -> None
             writer.close()
 
 
-async def test_flood_of_bad_handshakes_beyond_the_limit_is_shed_and_counted() -> None:
-    async with running_server(handshake_timeout=1.0, max_pending_handshakes=4) as srv:
-        idle = [await asyncio.open_connection(HOST, srv.port) for _ in range(12)]
+async def _open_from(source: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection from ``source`` (any 127.0.0.0/8 address is loopback on Linux),
+    so that one test can play several hosts."""
+    return await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Wait for the server to have processed what we did (bounded; no duration asserted)."""
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def _stalled_after_hello(
+    source: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sends a genuine ClientHello, reads the ServerHello and then stalls:
+    the server holds it as a pending handshake until handshake_timeout."""
+    reader, writer = await _open_from(source, port)
+    writer.write(await _valid_client_hello())
+    await writer.drain()
+    header = await asyncio.wait_for(reader.readexactly(FRAME_HEADER_SIZE), WAIT)
+    ftype, length = FRAME_HEADER.unpack(header)
+    assert ftype == FrameType.SERVER_HELLO
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def _round_trip(port: int, text: bytes) -> None:
+    stream = await gateway_connect(port)
+    try:
+        await stream.send(text)
+        assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:" + text[:16]
+    finally:
+        await stream.close()
+
+
+@pytest.mark.parametrize("spread", [True, False], ids=["40-sources", "same-source"])
+async def test_idle_connections_beyond_the_server_limit_cannot_lock_out_a_genuine_client(
+    spread: bool,
+) -> None:
+    # F3: 256 connections that send nothing used to hold every handshake slot for the whole
+    # handshake_timeout, and the genuine gateway was refused (handshake_limit).
+    async with running_server(handshake_timeout=WAIT * 3, first_frame_timeout=WAIT * 3) as srv:
+        sources = [f"127.0.0.{2 + i // 8}" if spread else HOST for i in range(320)]
+        idle = [await _open_from(src, srv.port) for src in sources]
         try:
-            for _, w in idle:
-                w.write(b"\x01\x00")  # a hello that never completes
-            for _, w in idle:
-                await w.drain()
-            closed = await asyncio.gather(*(_read_until_closed(r) for r, _ in idle))
-            assert closed == [b""] * 12
-            assert srv.stats.refused.get("handshake_limit", 0) >= 1
-            assert sum(srv.stats.refused.values()) == 12
-            assert srv.stats.pending_handshakes == 0
-            stream = await gateway_connect(srv.port)
-            await stream.send(b"after the flood")
-            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:after the flood"
-            await stream.close()
+            await _until(lambda: srv.stats.connections == len(idle))
+            if spread:  # 40 hosts x 8: the server is full, the 64 oldest were evicted
+                assert srv.stats.pending_handshakes == 256
+            else:  # one host: only its per-source cap is held
+                assert srv.stats.pending_by_source == {HOST: 8}
+            evicted = len(idle) - (256 if spread else 8)
+            assert srv.stats.refused == {"handshake_evicted": evicted}
+            # the genuine gateway (from 127.0.0.1, like the same-source flood) gets in at once
+            await _round_trip(srv.port, b"still reachable")
+            assert srv.stats.sessions == 1
+            assert srv.stats.refused == {"handshake_evicted": evicted + 1}  # made room for it
         finally:
             for _, w in idle:
                 w.close()
+
+
+async def test_one_source_cannot_hold_more_than_the_per_source_cap() -> None:
+    async with running_server(
+        handshake_timeout=WAIT * 3, first_frame_timeout=WAIT * 3, max_pending_per_source=4
+    ) as srv:
+        idle = [await _open_from("127.0.0.2", srv.port) for _ in range(10)]
+        stalled: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            await _until(lambda: srv.stats.connections == 10)
+            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
+            assert srv.stats.refused == {"handshake_evicted": 6}
+            # the oldest were evicted: the first six see the server hang up
+            assert await asyncio.gather(*(_read_until_closed(r) for r, _ in idle[:6])) == [b""] * 6
+            # four genuine hellos that then stall replace the four idle ones...
+            stalled = [await _stalled_after_hello("127.0.0.2", srv.port) for _ in range(4)]
+            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
+            assert srv.stats.refused == {"handshake_evicted": 10}
+            # ...and once the source's cap holds only hellos, a fifth is refused outright
+            reader, writer = await _open_from("127.0.0.2", srv.port)
+            stalled.append((reader, writer))
+            assert await _read_until_closed(reader) == b""
+            assert srv.stats.refused == {"handshake_evicted": 10, "handshake_source_limit": 1}
+            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
+            # another host is not affected
+            await _round_trip(srv.port, b"other host")
+        finally:
+            for _, w in idle + stalled:
+                w.close()
+
+
+async def test_full_server_of_stalled_hellos_refuses_the_newcomer_and_recovers() -> None:
+    async with running_server(handshake_timeout=WAIT * 3, max_pending_handshakes=4) as srv:
+        stalled = [await _stalled_after_hello(f"127.0.0.{2 + i}", srv.port) for i in range(4)]
+        try:
+            assert srv.stats.pending_handshakes == 4
+            with pytest.raises(ChannelError) as info:
+                await gateway_connect(srv.port)  # nothing to evict: every slot sent a hello
+            assert info.value.reason == "handshake_eof"
+            assert srv.stats.refused == {"handshake_limit": 1}
+            for _, w in stalled:
+                w.close()
+            await _until(lambda: srv.stats.pending_handshakes == 0)
+            await _round_trip(srv.port, b"after the flood")
+        finally:
+            for _, w in stalled:
+                w.close()
+
+
+async def test_connection_without_its_first_frame_is_closed_at_the_first_frame_timeout() -> None:
+    async with running_server(handshake_timeout=WAIT * 3, first_frame_timeout=0.2) as srv:
+        # a genuine hello that then stalls is under handshake_timeout, not the first-frame one
+        _, hello_w = await _stalled_after_hello(HOST, srv.port)
+        silent_r, silent_w = await asyncio.open_connection(HOST, srv.port)
+        dribble_r, dribble_w = await asyncio.open_connection(HOST, srv.port)
+        try:
+            dribble_w.write((await _valid_client_hello())[:100])  # part of a hello, then waits
+            assert await _read_until_closed(silent_r) == b""
+            assert await _read_until_closed(dribble_r) == b""
+            assert srv.stats.refused == {"first_frame_timeout": 2}
+            # the stalled hello started first, yet is still pending: a later deadline applies
+            assert srv.stats.pending_handshakes == 1
+            # a genuine client sends its hello at once and is unaffected
+            await _round_trip(srv.port, b"prompt client")
+        finally:
+            for w in (hello_w, silent_w, dribble_w):
+                w.close()
+
+
+def test_server_options_are_checked_when_it_starts() -> None:
+    for bad in (
+        {"first_frame_timeout": 0},
+        {"handshake_timeout": -1.0},
+        {"max_pending_per_source": 0},
+        {"max_pending_handshakes": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            asyncio.run(
+                serve(
+                    HOST,
+                    0,
+                    identity=HOSPITAL,
+                    allowed_clients={},
+                    on_session=Recorder().on_session,
+                    **bad,  # type: ignore[arg-type]
+                )
+            )
+
+
+def test_source_key_groups_an_ipv6_host_by_its_64_and_unmaps_ipv4() -> None:
+    from pacegate.channel.aio import _source_key
+
+    assert _source_key("127.0.0.1") == "127.0.0.1"
+    assert _source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert _source_key("2001:db8:1:2:aaaa::1") == _source_key("2001:db8:1:2:bbbb::9%eth0")
+    assert _source_key("2001:db8:1:2::1") != _source_key("2001:db8:1:3::1")
+    assert _source_key("not-an-ip") == "not-an-ip"
 
 
 async def test_client_connect_to_a_silent_server_times_out_with_a_channel_error() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,15 +32,32 @@ from pacegate.channel.session import (
     PeerClosed,
     SessionStats,
 )
+from pacegate.channel.states import State
 from pacegate.errors import LocalProtocolError
 from pacegate.log import security_event
 
 log = logging.getLogger("pacegate.channel")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-# Handshakes in progress at once on one server; beyond this new connections are closed at
-# once (counted, logged). A bad handshake costs ~0.2 ms of CPU, a slow one only a socket.
+# A genuine client writes its ClientHello in the same breath as it connects (one frame of
+# ~1.3 KB), so the server sees it one round trip after the accept. 2 s is far beyond any
+# honest RTT, and it bounds what a silent or byte-dribbling connection (slowloris) can hold
+# to 2 s instead of the whole handshake_timeout.
+FIRST_FRAME_TIMEOUT = 2.0
+# Handshakes in progress at once on one server. When it is full, the oldest connection that
+# has not yet sent a whole ClientHello is evicted to make room (an idle socket cannot lock
+# honest clients out); if every pending connection has sent one, the newcomer is refused.
+# A bad handshake costs ~0.2 ms of CPU, an idle one only a socket.
 DEFAULT_MAX_PENDING_HANDSHAKES = 256
+# Handshakes in progress at once from one source address (an IPv6 /64 counts as one). It
+# caps how many slots one host can hold *after* its ClientHello (up to handshake_timeout),
+# so filling a 256-slot server with stalled handshakes takes 32 addresses; at the cap, that
+# source's own oldest connection without a ClientHello is evicted first. Established
+# sessions do not count, only handshakes in flight: a host may hold any number of sessions
+# and only has to avoid starting more than 8 at the very same instant (each pacegate client
+# opens one at a time). Many gateways behind one NAT reconnecting at once may see a few
+# refusals, which they retry like any failed connect (max_pending_per_source raises it).
+DEFAULT_MAX_PENDING_PER_SOURCE = 8
 _READ_SIZE = 256 * 1024
 # Whole messages decoded but not yet taken by recv(): at most this many, and at most this
 # many bytes (beyond one message); when full the reader stops reading and TCP pushes back on
@@ -287,12 +305,19 @@ class ChannelStream:
 
 
 async def _handshake(
-    session: ChannelSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    session: ChannelSession,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_progress: Callable[[], None] | None = None,
 ) -> str:
-    """Drive the handshake to completion; returns the authenticated peer name."""
+    """Drive the handshake to completion; returns the authenticated peer name.
+    ``on_progress`` is called after each step of the session (the server watches for the
+    end of WAIT_CLIENT_HELLO)."""
     while True:
         try:
             event = session.next_event()
+            if on_progress is not None:
+                on_progress()
         finally:
             out = session.data_to_send()
             if out:
@@ -401,6 +426,8 @@ class ChannelServerStats:
     sessions: int = 0
     active_sessions: int = 0
     pending_handshakes: int = 0
+    # handshakes in flight by source (address, or IPv6 /64); sources with none are absent
+    pending_by_source: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # by reason
     session_errors: int = 0
 
@@ -416,7 +443,9 @@ async def serve(
     allowed_clients: Mapping[str, ChannelPublicKey],
     on_session: Callable[[ChannelStream], Awaitable[None]],
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+    max_pending_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
@@ -428,9 +457,28 @@ async def serve(
     """Accept sessions from the pinned ``allowed_clients``; run ``on_session(stream)`` for
     each, then close it. Garbage, timeouts and refusals close that connection only.
     ``allowed_clients`` is read at every handshake (not copied), so updating the mapping
-    enrols or removes a client for new sessions without a restart."""
+    enrols or removes a client for new sessions without a restart.
+
+    A connection must deliver its whole ClientHello within ``first_frame_timeout`` and
+    finish the handshake within ``handshake_timeout``. At most ``max_pending_handshakes``
+    handshakes run at once, at most ``max_pending_per_source`` from one address; when
+    either is full the oldest connection still without a ClientHello is evicted (from
+    that source, or from any source) and only if there is none is the newcomer refused."""
+    for name, value in (
+        ("handshake_timeout", handshake_timeout),
+        ("first_frame_timeout", first_frame_timeout),
+    ):
+        if not value > 0:
+            raise ValueError(f"serve(): {name} must be > 0 seconds, got {value!r}")
+    for name, count in (
+        ("max_pending_handshakes", max_pending_handshakes),
+        ("max_pending_per_source", max_pending_per_source),
+    ):
+        if count < 1:
+            raise ValueError(f"serve(): {name} must be at least 1, got {count!r}")
     allowed = allowed_clients  # consulted at each handshake: callers may enrol/revoke live
     counters = stats if stats is not None else ChannelServerStats()
+    pending = _PendingHandshakes(counters)
     options = _session_options(
         kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
     )
@@ -444,33 +492,80 @@ async def serve(
             # start_server would otherwise log the cancellation as an error)
             writer.close()
 
+    def evict(source: str | None, why: str) -> bool:
+        victim = pending.evict_oldest_idle(source)
+        if victim is None:
+            return False
+        _refuse(
+            counters,
+            component,
+            "handshake_evicted",
+            victim.address,
+            f"{why}: closed before its ClientHello to admit a newer connection",
+        )
+        return True
+
     async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counters.connections += 1
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        if counters.pending_handshakes >= max_pending_handshakes:
+        source = _source_key(peer[0]) if isinstance(peer, tuple) else "?"
+        me = _Pending(source, address, writer)
+        # make room by evicting the oldest connection still without a ClientHello (from
+        # this source at its cap, from anyone when the server is full); refuse if none
+        if pending.from_source(source) >= max_pending_per_source and not evict(
+            source, f"{source} already has {max_pending_per_source} handshakes in flight"
+        ):
+            _refuse(
+                counters,
+                component,
+                "handshake_source_limit",
+                address,
+                f"{max_pending_per_source} handshakes already in flight from {source}",
+            )
+            writer.close()
+            return
+        if len(pending) >= max_pending_handshakes and not evict(
+            None, f"all {max_pending_handshakes} handshake slots in use"
+        ):
             _refuse(counters, component, "handshake_limit", address, "too many handshakes")
             writer.close()
             return
-        counters.pending_handshakes += 1
+        pending.add(me)
         session = ChannelSession.server(identity, allowed_clients=allowed, **options)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # the first frame has its own, shorter deadline; it is not a separate limit if the
+        # whole handshake's deadline comes first
+        first_frame_limited = first_frame_timeout < handshake_timeout
         try:
-            async with asyncio.timeout(handshake_timeout):
-                await _handshake(session, reader, writer)
+            async with asyncio.timeout(min(first_frame_timeout, handshake_timeout)) as deadline:
+
+                def on_progress() -> None:
+                    if not me.hello_seen and session.state != State.WAIT_CLIENT_HELLO:
+                        me.hello_seen = True
+                        deadline.reschedule(started + handshake_timeout)
+
+                await _handshake(session, reader, writer, on_progress)
         except TimeoutError:
-            _refuse(counters, component, "handshake_timeout", address, f"{handshake_timeout}s")
+            if first_frame_limited and not me.hello_seen:
+                reason, limit = "first_frame_timeout", first_frame_timeout
+            else:
+                reason, limit = "handshake_timeout", handshake_timeout
+            _refuse(counters, component, reason, address, f"{limit}s")
             writer.close()
             return
-        except ChannelError as exc:
-            _refuse(counters, component, exc.reason, address, str(exc))
-            writer.close()
-            return
-        except OSError as exc:
-            _refuse(counters, component, "connection_lost", address, str(exc))
+        except (ChannelError, OSError) as exc:
+            if me.evicted:
+                pass  # counted and logged when it was evicted
+            elif isinstance(exc, ChannelError):
+                _refuse(counters, component, exc.reason, address, str(exc))
+            else:
+                _refuse(counters, component, "connection_lost", address, str(exc))
             writer.close()
             return
         finally:
-            counters.pending_handshakes -= 1
+            pending.remove(me)
         stream = ChannelStream(
             session, reader, writer, component=component, rekey_timeout=handshake_timeout
         )
@@ -490,6 +585,85 @@ async def serve(
             await stream.close()
 
     return await asyncio.start_server(handle, host, port)
+
+
+def _source_key(host: str) -> str:
+    """The unit of the per-source cap: the IPv4 address, or the IPv6 /64 (one host usually
+    holds a whole /64, so counting single IPv6 addresses would not cap anything)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class _Pending:
+    """One connection whose handshake is in flight."""
+
+    __slots__ = ("address", "evicted", "hello_seen", "source", "writer")
+
+    def __init__(self, source: str, address: str, writer: asyncio.StreamWriter) -> None:
+        self.source = source
+        self.address = address
+        self.writer = writer
+        self.hello_seen = False  # a whole ClientHello arrived (it now costs us KEM state)
+        self.evicted = False  # closed by us to make room (already counted and logged)
+
+
+class _PendingHandshakes:
+    """The handshakes in flight, oldest first, overall and by source; mirrors its counts
+    into the server's stats."""
+
+    def __init__(self, counters: ChannelServerStats) -> None:
+        self._counters = counters
+        self._all: dict[_Pending, None] = {}  # insertion-ordered: oldest first
+        self._by_source: dict[str, dict[_Pending, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def from_source(self, source: str) -> int:
+        return len(self._by_source.get(source, ()))
+
+    def add(self, entry: _Pending) -> None:
+        self._all[entry] = None
+        self._by_source.setdefault(entry.source, {})[entry] = None
+        self._sync(entry.source)
+
+    def remove(self, entry: _Pending) -> None:
+        if entry not in self._all:
+            return  # already removed (evicted)
+        del self._all[entry]
+        group = self._by_source.get(entry.source)
+        if group is not None:
+            group.pop(entry, None)
+            if not group:
+                del self._by_source[entry.source]
+        self._sync(entry.source)
+
+    def evict_oldest_idle(self, source: str | None) -> _Pending | None:
+        """Close and return the oldest connection (from ``source``, or from any) that has
+        not sent a whole ClientHello; None if there is none."""
+        candidates = self._all if source is None else self._by_source.get(source, {})
+        victim = next((e for e in candidates if not e.hello_seen), None)
+        if victim is None:
+            return None
+        victim.evicted = True
+        self.remove(victim)
+        victim.writer.close()  # its read sees EOF and its handshake task ends quietly
+        return victim
+
+    def _sync(self, source: str) -> None:
+        self._counters.pending_handshakes = len(self._all)
+        n = self.from_source(source)
+        if n:
+            self._counters.pending_by_source[source] = n
+        else:
+            self._counters.pending_by_source.pop(source, None)
 
 
 def _refuse(
