@@ -16,9 +16,9 @@ window of requests in flight; replies come back in order)::
                                                            msg_len u16 | message (UTF-8)
 
 A batch is ``lanes(bands)`` ciphertexts of :data:`pacegate.ckks.SLOTS` slots, one message
-each (a few hundred KB per message, well under the channel's per-message limit, ``max_message_size``:
-16 MiB by default; the channel cuts it into 64 KiB records itself), sent lane by lane,
-batch after batch, from 0. The worker answers FETCH only when every batch it received is
+each (a few hundred KB: well under the channel's per-message limit, ``max_message_size``,
+16 MiB by default; the channel itself cuts a message into 64 KiB records), sent lane by
+lane, batch after batch, from 0. The worker answers FETCH only when every batch it received is
 complete and the count matches the hospital's, then returns the named accumulator.
 
 The SHA-256 beside each ciphertext catches corruption that SEAL's structural checks would
