@@ -7,6 +7,9 @@ asyncio adapters (:mod:`pacegate.channel.aio`).
 
 from pacegate.channel.aio import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_MAX_PENDING_PER_SOURCE,
+    FIRST_FRAME_TIMEOUT,
     ChannelServerStats,
     ChannelStream,
     connect,
@@ -30,8 +33,11 @@ from pacegate.channel.session import (
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_PENDING_HANDSHAKES",
+    "DEFAULT_MAX_PENDING_PER_SOURCE",
     "DEFAULT_REKEY_AFTER_RECORDS",
     "DEFAULT_REKEY_AFTER_SECONDS",
+    "FIRST_FRAME_TIMEOUT",
     "MAX_MESSAGE_SIZE",
     "ChannelClosed",
     "ChannelError",
