@@ -42,8 +42,8 @@ class ReplayStore:
         self.path = path
         self.size = size
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # the window is committed before an MQTT ack: it must reach the disk
             self._db.execute("PRAGMA synchronous=FULL")
@@ -56,6 +56,7 @@ class ReplayStore:
                 for did, h, b in rows
             }
         except sqlite3.DatabaseError as exc:
+            self._db.close()
             raise ConfigError(
                 path,
                 "state_dir",

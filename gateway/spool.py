@@ -69,12 +69,24 @@ class Spool:
         path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         self._fernet = Fernet(base64.urlsafe_b64encode(_load_or_create_key(key_path)))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # a spooled reading is acknowledged to the broker: it must be on disk first
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
-        row = self._db.execute("SELECT COALESCE(SUM(readings), 0), COUNT(*) FROM spool").fetchone()
+        try:
+            os.chmod(path, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # a spooled reading is acknowledged to the broker: it must be on disk first
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(readings), 0), COUNT(*) FROM spool"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ConfigError(
+                path,
+                "spool.path",
+                f"spool database is unreadable: {exc}",
+                fix="restore it from backup; moving it aside starts an empty spool, and the "
+                "readings it held are lost (the broker already had their acknowledgements)",
+            ) from None
         self._readings = int(row[0])
         self._batches = int(row[1])
 

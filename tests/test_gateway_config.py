@@ -149,3 +149,22 @@ def test_spool_smaller_than_one_batch_is_refused(tmp_path: Path) -> None:
     text = _default(tmp_path).replace("max_readings: 1000000", "max_readings: 50")
     (error,) = _errors(_write(tmp_path, text))
     assert "spool.max_readings: 50 is smaller than one batch" in error
+
+
+@pytest.mark.parametrize("which", ["spool", "replay"])
+def test_damaged_state_database_is_a_config_error_naming_the_file_and_the_fix(
+    tmp_path: Path, which: str
+) -> None:
+    from gateway.replay_store import ReplayStore
+    from gateway.spool import Spool
+    from pacegate.errors import ConfigError
+
+    db = tmp_path / f"{which}.db"
+    db.write_bytes(b"this is not an SQLite database, it was overwritten " * 200)
+    with pytest.raises(ConfigError) as err:
+        if which == "spool":
+            Spool(db, tmp_path / "spool.key", max_readings=1000).close()
+        else:
+            ReplayStore(db).close()
+    text = str(err.value)
+    assert str(db) in text and "unreadable" in text and "fix: restore it from backup" in text
