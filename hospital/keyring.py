@@ -123,10 +123,6 @@ class Keyring:
         ring._stamp = _stamp(st)
         return ring
 
-    @classmethod
-    def open_or_create(cls, path: Path) -> Keyring:
-        return cls.load(path) if path.exists() else cls.create(path)
-
     def save(self) -> None:
         data = {
             "format": FORMAT,

@@ -363,42 +363,13 @@ class SqliteReadingStore:
         ``seq_range=(lo, hi)`` limits the scan to rows ``lo <= seq < hi`` (several
         processes can each decrypt a slice; see :meth:`seq_bounds`).
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        for bound in (since, until):
-            if bound is not None and bound.tzinfo is None:
-                raise ValueError("since/until must be timezone-aware")
-        last, stop = 0, None
-        if seq_range is not None:
-            lo, stop = seq_range
-            last = max(lo - 1, 0)
-        while True:
-            with self._lock:
-                if stop is None:
-                    rows = self._conn.execute(
-                        "SELECT seq, token FROM readings WHERE seq > ? ORDER BY seq LIMIT ?",
-                        (last, batch_size),
-                    ).fetchall()
-                else:
-                    rows = self._conn.execute(
-                        "SELECT seq, token FROM readings WHERE seq > ? AND seq < ? "
-                        "ORDER BY seq LIMIT ?",
-                        (last, stop, batch_size),
-                    ).fetchall()
-                self.keyring.refresh()
-            if not rows:
-                return
-            last = rows[-1][0]
+        for page in self._plaintext_pages(since, until, batch_size, seq_range):
             out = []
-            for seq, token in rows:
+            for seq, plaintext in page:
                 try:
-                    record = decode_plaintext(self.keyring.decrypt(token))
-                except (InvalidToken, ValueError, KeyError, TypeError) as exc:
-                    raise StoreError(
-                        f"{self.db_path}: row {seq} does not decrypt under the keyring "
-                        f"{self.keyring.path} ({type(exc).__name__}); run "
-                        "'pacegate hospital verify'"
-                    ) from None
+                    record = decode_plaintext(plaintext)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise self._undecryptable(seq, type(exc).__name__) from None
                 ts = record.reading.timestamp
                 if (since is None or ts >= since) and (until is None or ts < until):
                     out.append(record)
@@ -429,6 +400,39 @@ class SqliteReadingStore:
         :class:`Reading` is built, which makes a scan ~25 % cheaper. Timestamps are parsed
         only when ``since``/``until`` filter. A row that does not decrypt or parse raises
         :class:`StoreError` naming it, as in :meth:`iter_records`."""
+        for page in self._plaintext_pages(since, until, batch_size, seq_range):
+            plaintexts = [plaintext for _, plaintext in page]
+            try:
+                objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
+                readings = [o["reading"] for o in objs]
+                ages = [int(r["age"]) for r in readings]
+                rates = [int(r["heart_rate_bpm"]) for r in readings]
+                if since is not None or until is not None:
+                    keep = [_in_period(r["timestamp"], since, until) for r in readings]
+                    ages = [a for a, k in zip(ages, keep, strict=True) if k]
+                    rates = [h for h, k in zip(rates, keep, strict=True) if k]
+            except (ValueError, KeyError, TypeError):
+                for seq, plaintext in page:
+                    try:  # find the culprit, and say which row it is
+                        decode_plaintext(plaintext)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise self._undecryptable(seq, type(exc).__name__) from None
+                raise
+            if ages:
+                yield ages, rates
+
+    def _plaintext_pages(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        batch_size: int,
+        seq_range: tuple[int, int] | None,
+    ) -> Iterator[list[tuple[int, bytes]]]:
+        """``(seq, plaintext)`` of the rows ``seq_range`` selects (all when None), in arrival
+        order, one list per query of ``batch_size`` rows; the lock is held per query only.
+        Checks the arguments both public scans share (``since``/``until`` only for a
+        timezone: the callers filter). A token that does not decrypt raises
+        :class:`StoreError` naming its row."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         for bound in (since, until):
@@ -447,30 +451,13 @@ class SqliteReadingStore:
             if not rows:
                 return
             last = rows[-1][0]
-            plaintexts = []
+            page = []
             for seq, token in rows:
                 try:
-                    plaintexts.append(self.keyring.decrypt(token))
+                    page.append((seq, self.keyring.decrypt(token)))
                 except InvalidToken:
                     raise self._undecryptable(seq, "InvalidToken") from None
-            try:
-                objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
-                readings = [o["reading"] for o in objs]
-                ages = [int(r["age"]) for r in readings]
-                rates = [int(r["heart_rate_bpm"]) for r in readings]
-                if since is not None or until is not None:
-                    keep = [_in_period(r["timestamp"], since, until) for r in readings]
-                    ages = [a for a, k in zip(ages, keep, strict=True) if k]
-                    rates = [h for h, k in zip(rates, keep, strict=True) if k]
-            except (ValueError, KeyError, TypeError):
-                for (seq, _), plaintext in zip(rows, plaintexts, strict=True):
-                    try:  # find the culprit, and say which row it is
-                        decode_plaintext(plaintext)
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise self._undecryptable(seq, type(exc).__name__) from None
-                raise
-            if ages:
-                yield ages, rates
+            yield page
 
     def _undecryptable(self, seq: int, why: str) -> StoreError:
         return StoreError(
