@@ -162,6 +162,7 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
         t.add_row(key.replace("_", " "), str(report.get(key)))
     for reason, n in sorted(report["rejected"].items()):
         t.add_row(f"rejected: {reason}", str(n))
+    t.add_row("whole demo (set-up to report)", f"{report['duration_s']:.1f} s")
     console.print(t)
     analysis = report.get("analysis") or {}
     stats = analysis.get("statistics") if isinstance(analysis, dict) else None
@@ -173,8 +174,8 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
             if isinstance(v, dict) and "encrypted" in v:
                 a.add_row(
                     name,
-                    f"{v['encrypted']:.6g}",
-                    f"{v['plaintext']:.6g}",
+                    f"{v['encrypted']:,.4f}",
+                    f"{v['plaintext']:,.4f}",
                     f"{v.get('abs_error', 0):.2e}",
                 )
         console.print(a)
@@ -187,6 +188,9 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     work = WorkLayout(args.workdir.resolve())
+    if args.log_level != "DEBUG":
+        # the spinner and the live view say what the stack's INFO lines would say
+        logging.getLogger("pacegate.stack").setLevel(logging.WARNING)
     t0 = time.monotonic()
     with console.status("setting up the PKI and enrolling pacemakers"):
         prepare_workdir(work, args.devices)
