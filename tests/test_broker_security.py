@@ -4,15 +4,30 @@ the embedded amqtt broker and Debian's mosquitto with pacegate's configuration."
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
+from pacegate.broker.config import render_default_config
+from pacegate.broker.server import MAX_PENDING_PER_SOURCE
 from pacegate.identity import telemetry_topic
 from pacegate.pki import enroll_device, init_pki, revoke_device
-from tests.support import BrokerHandle, MqttClient, connect_as, try_connect, wait_until
+from tests.support import (
+    LOOPBACK,
+    BrokerHandle,
+    MqttClient,
+    client_tls_context,
+    connect_as,
+    embedded_broker,
+    free_port,
+    identity_files,
+    try_connect,
+    wait_until,
+)
 
 
 def _security_events(broker: BrokerHandle) -> list[dict[str, object]]:
@@ -244,3 +259,204 @@ def test_oversized_payload_is_dropped_and_the_connection_closed(
     finally:
         dev.close()
         gw.close()
+
+
+def _start_client(
+    broker: BrokerHandle,
+    identity: str,
+    *,
+    client_id: str,
+    clean_session: bool = True,
+    will: tuple[str, bytes] | None = None,
+) -> MqttClient:
+    """A paho client with ``identity``'s certificate, started; wait on ``.connected`` /
+    ``.disconnected`` for the outcome (``.connack_reason`` says why)."""
+    cert, key = identity_files(broker.pki, identity)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        client_id=client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=clean_session,
+    )
+    client.tls_set_context(client_tls_context(broker.pki.ca_cert, cert, key))
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1)
+    wrapper = MqttClient(client)
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.loop_start()
+    return wrapper
+
+
+def _connack(client: MqttClient) -> bool:
+    """True if the broker accepted the CONNECT, False if it refused it or hung up."""
+    assert wait_until(lambda: client.connected.is_set() or client.disconnected.is_set())
+    return client.connected.is_set() and not client.disconnected.is_set()
+
+
+def _persistent_gateway(broker: BrokerHandle) -> MqttClient:
+    gw = _start_client(broker, "gateway", client_id="gateway", clean_session=False)
+    assert _connack(gw), gw.connack_reason
+    assert gw.subscribe("pacemakers/#") == [1]
+    return gw
+
+
+def test_device_cannot_take_over_the_gateways_persistent_session(
+    embedded_broker: BrokerHandle,
+) -> None:
+    """pm-0001's own valid certificate, client id ``gateway``, ``clean_session=False``:
+    amqtt hands it the gateway's stored session (whose ``ssl_object`` is the gateway's
+    certificate); the broker judges the connection's certificate and refuses it first."""
+    broker = embedded_broker
+    gw = _persistent_gateway(broker)
+    try:
+        for _ in range(2):  # "and keep doing it"
+            attacker = _start_client(broker, "pm-0001", client_id="gateway", clean_session=False)
+            accepted = _connack(attacker)
+            attacker.close()
+            assert not accepted, "pm-0001's certificate was accepted as the gateway"
+            assert attacker.connack_reason == "Not authorized"
+        assert not gw.disconnected.is_set(), "the real gateway was kicked off"
+        dev = _connected(broker, "pm-0003")
+        dev.publish(telemetry_topic("pm-0003"), b"for-the-hospital")
+        assert wait_until(lambda: (telemetry_topic("pm-0003"), b"for-the-hospital") in gw.messages)
+        dev.close()
+        assert not gw.disconnected.is_set()
+        refused = [
+            e
+            for e in _security_events(broker)
+            if e["event"] == "connect_refused" and e["reason"] == "client_id_mismatch"
+        ]
+        assert len(refused) == 2 and all(e["peer"] == "pm-0001" for e in refused), refused
+    finally:
+        gw.close()
+
+
+def test_a_will_on_another_devices_topic_never_reaches_the_gateway(broker: BrokerHandle) -> None:
+    """amqtt broadcasts a will without the publish ACL; the embedded broker refuses any
+    CONNECT with a will, mosquitto checks the will's topic against the ACL."""
+    gw = _gateway(broker)
+    try:
+        forger = _start_client(
+            broker, "pm-0001", client_id="pm-0001", will=(telemetry_topic("pm-0002"), b"forged")
+        )
+        accepted = _connack(forger)
+        if broker.kind == "embedded":
+            assert not accepted
+            assert forger.connack_reason == "Not authorized"
+            assert any(
+                e["event"] == "connect_refused"
+                and e["reason"] == "will_refused"
+                and e["will_topic"] == telemetry_topic("pm-0002")
+                for e in _security_events(broker)
+            )
+        if accepted:  # drop the socket without DISCONNECT: the will fires now
+            forger.client.loop_stop()
+            sock = forger.client.socket()
+            assert isinstance(sock, socket.socket)  # an ssl.SSLSocket
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        honest = _connected(broker, "pm-0003")
+        honest.publish(telemetry_topic("pm-0003"), b"marker")
+        assert wait_until(lambda: (telemetry_topic("pm-0003"), b"marker") in gw.messages)
+        honest.close()
+        assert not wait_until(lambda: any(p == b"forged" for _, p in gw.messages), timeout=1.0)
+    finally:
+        gw.close()
+
+
+def _still_open(sockets: list[socket.socket]) -> int:
+    """How many of these idle client sockets the broker has not closed yet."""
+    n = 0
+    for s in sockets:
+        try:
+            if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                n += 1  # the broker sent something: still open
+        except BlockingIOError:
+            n += 1
+        except OSError:
+            pass  # reset by the broker
+    return n
+
+
+def test_stalled_tls_handshakes_count_against_max_connections(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """Sockets that never start their handshake are connections from the accept on: with
+    ``max_connections: 3`` at most 3 stay open, the oldest is evicted for each newcomer, so
+    a genuine device still gets in (the handshake timeout is too long to explain a close)."""
+    workdir = tmp_path / "limited"
+    workdir.mkdir()
+    port = free_port(LOOPBACK)
+    text = render_default_config(pki_dir, host=LOOPBACK, port=port, config_dir=workdir)
+    text = text.replace("max_connections: 10000", "max_connections: 3")
+    text = text.replace("handshake_timeout: 10.0", "handshake_timeout: 120.0")
+    assert "max_connections: 3" in text and "handshake_timeout: 120.0" in text
+    with embedded_broker(pki_dir, workdir, port=port, config_text=text) as broker:
+        idle = [socket.create_connection((broker.host, broker.port)) for _ in range(50)]
+        try:
+            assert wait_until(lambda: _still_open(idle) <= 3), _still_open(idle)
+            assert _still_open(idle) == 3
+            dev = _connected(broker, "pm-0001")
+            dev.publish(telemetry_topic("pm-0001"), b"sealed")
+            dev.close()
+            events = _security_events(broker)
+            evicted = [e for e in events if e["event"] == "connection_evicted"]
+            assert len(evicted) >= 48 and {e["reason"] for e in evicted} == {"max_connections"}
+            assert not any(e["event"] == "tls_handshake_refused" for e in events)
+        finally:
+            for s in idle:
+                s.close()
+
+
+def _closed_at_once(broker: BrokerHandle, identity: str) -> bool:
+    """True if the broker closes a new connection before or during its TLS handshake."""
+    cert, key = identity_files(broker.pki, identity)
+    ctx = client_tls_context(broker.pki.ca_cert, cert, key)
+    with socket.create_connection((broker.host, broker.port), timeout=5.0) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=broker.host) as tls:
+                return tls.recv(1) == b""
+        except OSError:
+            return True
+
+
+def test_established_sessions_fill_max_connections_and_the_next_is_refused(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "limited"
+    workdir.mkdir()
+    port = free_port(LOOPBACK)
+    text = render_default_config(pki_dir, host=LOOPBACK, port=port, config_dir=workdir)
+    text = text.replace("max_connections: 10000", "max_connections: 2")
+    with embedded_broker(pki_dir, workdir, port=port, config_text=text) as broker:
+        first, second = _connected(broker, "pm-0001"), _connected(broker, "pm-0002")
+        try:
+            assert _closed_at_once(broker, "pm-0003")
+            assert any(
+                e["event"] == "connect_refused" and e["reason"] == "max_connections"
+                for e in _security_events(broker)
+            )
+            assert not first.disconnected.is_set() and not second.disconnected.is_set()
+        finally:
+            first.close()
+            second.close()
+
+
+def test_one_source_holds_at_most_its_cap_of_pending_connections(
+    embedded_broker: BrokerHandle,
+) -> None:
+    broker = embedded_broker
+    idle = [
+        socket.create_connection((broker.host, broker.port))
+        for _ in range(MAX_PENDING_PER_SOURCE + 10)
+    ]
+    try:
+        assert wait_until(lambda: _still_open(idle) <= MAX_PENDING_PER_SOURCE)
+        assert _still_open(idle) == MAX_PENDING_PER_SOURCE
+        dev = _connected(broker, "pm-0001")  # evicts this source's oldest idle socket
+        dev.close()
+        evicted = [e for e in _security_events(broker) if e["event"] == "connection_evicted"]
+        assert len(evicted) >= 11 and {e["reason"] for e in evicted} == {"pending_per_source"}
+    finally:
+        for s in idle:
+            s.close()

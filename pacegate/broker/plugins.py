@@ -1,6 +1,13 @@
 """pacegate's amqtt plugins: who may connect (certificate identity = client id, not
 revoked) and what each identity may do with which topic.
 
+Both plugins judge the *connection's* certificate, never ``session.ssl_object``: for a
+persistent (``clean_session=False``) client id amqtt hands over the session object of the
+previous connection, whose ``ssl_object`` is that connection's certificate. The broker
+(``pacegate.broker.server``) binds each accepted session to the certificate of the
+connection that owns it (:data:`IDENTITY_KEY`, :data:`CERT_KEY` in ``session.attributes``)
+and publishes the certificate of the connection being handled in :data:`CONN_CERT`.
+
 Rules (ARCHITECTURE.md):
 - the MQTT client id must equal the identity in the client certificate (its CN);
 - a device publishes only on ``pacemakers/<its id>/telemetry`` and subscribes to nothing;
@@ -11,6 +18,7 @@ Rules (ARCHITECTURE.md):
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +34,30 @@ COMPONENT = "broker"
 TELEMETRY_ROOT = "pacemakers/"
 
 
-def session_peer_cert(session: Session | None) -> bytes | None:
-    if session is None or session.ssl_object is None:
+# ``session.attributes`` keys: the identity and certificate (DER) of the connection that
+# owns the session, set by the broker once the CONNECT's client id matched that identity.
+IDENTITY_KEY = "pacegate.identity"
+CERT_KEY = "pacegate.cert_der"
+
+# The client certificate (DER) of the connection handled by the current task, set by the
+# broker right after the TLS handshake (each connection is its own task).
+CONN_CERT: ContextVar[bytes | None] = ContextVar("pacegate_conn_cert", default=None)
+
+
+def session_identity(session: Session | None) -> str | None:
+    """The certificate identity bound to ``session`` by the broker (None: not bound)."""
+    if session is None:
         return None
-    der = session.ssl_object.getpeercert(binary_form=True)
-    return der if der else None
+    identity = session.attributes.get(IDENTITY_KEY)
+    return identity if isinstance(identity, str) else None
+
+
+def session_cert(session: Session | None) -> bytes | None:
+    """The certificate (DER) of the connection that owns ``session`` (None: not bound)."""
+    if session is None:
+        return None
+    der = session.attributes.get(CERT_KEY)
+    return der if isinstance(der, bytes) else None
 
 
 def _remote(session: Session) -> str:
@@ -46,10 +73,11 @@ class _GuardMixin:
 
 
 class CertIdentityAuthPlugin(_GuardMixin, BaseAuthPlugin):  # type: ignore[misc]
-    """CONNECT is accepted only if the certificate's identity is the client id."""
+    """CONNECT is accepted only if the identity in the certificate of the connection being
+    handled (:data:`CONN_CERT`) is the client id, and that certificate is not revoked."""
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        der = session_peer_cert(session)
+        der = CONN_CERT.get()
         identity = peer_identity(der)
         if der is None or identity is None:
             security_event(
@@ -60,7 +88,7 @@ class CertIdentityAuthPlugin(_GuardMixin, BaseAuthPlugin):  # type: ignore[misc]
                 client_id=session.client_id,
             )
             return False
-        if session.client_id != identity:
+        if session.client_id != identity or session_identity(session) != identity:
             security_event(
                 "connect_refused",
                 component=COMPONENT,
@@ -100,7 +128,9 @@ def device_may(identity: str, topic: str, action: Action, gateway_identity: str)
 
 
 class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
-    """Enforces :func:`device_may`; a refused PUBLISH is dropped before any broadcast."""
+    """Enforces :func:`device_may` for the identity bound to the session (that of the
+    certificate of the connection owning it); a refused PUBLISH is dropped before any
+    broadcast. An unbound session may do nothing."""
 
     @dataclass
     class Config:
@@ -115,7 +145,7 @@ class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
     ) -> bool | None:
         if session is None or topic is None or action is None:
             return False
-        identity = peer_identity(session_peer_cert(session))
+        identity = session_identity(session)
         if identity is not None and device_may(
             identity, topic, action, self.config.gateway_identity
         ):

@@ -7,10 +7,17 @@ What this adds to amqtt 0.12.1 (whose listener uses ``CERT_OPTIONAL``):
 - :class:`RevocationGuard` watches ``crl.pem``: when it changes, a fresh context is built
   (each connection's handshake uses the newest one, so a revoked device's new handshakes
   fail) and live sessions whose certificate is now revoked are closed, without a restart;
-- authentication runs *before* amqtt touches any session: stock amqtt deletes the old
-  session of a clean-session client id, and takes over a connected one, before it looks
-  at the authentication result, so a refused client could kick the gateway;
-- limits: connections beyond ``max_connections`` are refused (not queued), the TLS
+- the CONNECT's client id is checked against the *connection's* certificate before amqtt
+  touches any session: stock amqtt deletes the old session of a clean-session client id,
+  hands a persistent one (``clean_session=False``, with the previous connection's
+  certificate in ``ssl_object``) to the newcomer, copying its will into it, and takes over a
+  connected one, all before it looks at the authentication result;
+- a CONNECT carrying a will is refused (amqtt broadcasts a will without the publish ACL;
+  no pacegate client sets one);
+- limits: connections are counted from the TCP accept (TLS handshake included); beyond
+  ``max_connections`` the oldest connection that has not yet sent its CONNECT is evicted,
+  else the newcomer is refused (never queued); one source address holds at most
+  :data:`MAX_PENDING_PER_SOURCE` such pending connections (its oldest is evicted); the TLS
   handshake and the CONNECT each have a timeout, a packet larger than ``max_payload``
   (plus header room) closes the connection before it is buffered;
 - every refusal is a :func:`pacegate.log.security_event`.
@@ -22,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import ipaddress
 import logging
 import signal
 import ssl
@@ -32,13 +40,21 @@ from typing import Any
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, BrokerProtocolHandler, Server
 from amqtt.contexts import ListenerType
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.session import IncomingApplicationMessage, Session
 from cryptography import x509
 
 from pacegate.broker.config import BrokerConfig, load_broker_config
 from pacegate.broker.delivery import DeliveringHandler
-from pacegate.broker.plugins import COMPONENT, CertIdentityAuthPlugin, TopicAclPlugin
+from pacegate.broker.plugins import (
+    CERT_KEY,
+    COMPONENT,
+    CONN_CERT,
+    IDENTITY_KEY,
+    CertIdentityAuthPlugin,
+    TopicAclPlugin,
+    session_cert,
+)
 from pacegate.log import security_event
 from pacegate.tlsconf import peer_identity, server_context
 
@@ -49,10 +65,50 @@ log = logging.getLogger("pacegate.broker")
 PACKET_OVERHEAD = 512
 READY_MESSAGE = "pacegate broker listening on %s:%d (mTLS required, CRL %s)"
 
+# Connections from one source address (an IPv6 /64 counts as one) that may be pending at
+# once: accepted but without a CONNECT read yet (in the TLS handshake, or between it and the
+# CONNECT). At the cap, that source's oldest pending connection is evicted to admit the new
+# one, so one host holds at most this many slots with stalled sockets, however fast it
+# opens them. Established sessions do not count. A genuine client is pending for one TLS
+# handshake plus one round trip (milliseconds); the device simulator starts at most 64
+# handshakes at once (device_sim.fleet.DEFAULT_CONNECT_CONCURRENCY), a whole 200-device
+# test fleet fits at once, and many gateways behind one NAT reconnecting in the same instant
+# would see their oldest attempts evicted, which they retry like any failed connect.
+MAX_PENDING_PER_SOURCE = 256
+
 # The certificate identity of the connection handled by the current task.
 _CONN_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pacegate_conn_identity", default=None
 )
+
+
+class _Conn:
+    """One accepted TCP connection, counted from the accept until it closes."""
+
+    __slots__ = ("evicted", "remote", "source", "writer")
+
+    def __init__(self, source: str, remote: str, writer: asyncio.StreamWriter) -> None:
+        self.source = source
+        self.remote = remote
+        self.writer = writer
+        self.evicted = False  # closed by us to admit a newer connection (already logged)
+
+
+# The connection handled by the current task.
+_CONN: contextvars.ContextVar[_Conn | None] = contextvars.ContextVar("pacegate_conn", default=None)
+
+
+def _source_key(host: str) -> str:
+    """The unit of the per-source cap: the IPv4 address, or the IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _serial_of(der: bytes) -> int:
@@ -154,6 +210,10 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         self.guard = RevocationGuard(cfg)
         super().__init__(amqtt_config(cfg), plugin_namespace="pacegate.broker.plugins")
         self._watch_task: asyncio.Task[None] | None = None
+        self.open_connections = 0  # from the TCP accept until the socket is closed
+        # connections without a CONNECT read yet, oldest first
+        self._pending: dict[_Conn, None] = {}
+        self._pending_by_source: dict[str, int] = {}
 
     # -- listener ----------------------------------------------------------------------
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
@@ -183,13 +243,49 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 return int(inst.sockets[0].getsockname()[1])
         return self.cfg.port
 
+    # -- connection accounting -----------------------------------------------------------
+    def _add_pending(self, conn: _Conn) -> None:
+        self._pending[conn] = None
+        self._pending_by_source[conn.source] = self._pending_by_source.get(conn.source, 0) + 1
+
+    def _drop_pending(self, conn: _Conn) -> None:
+        if self._pending.pop(conn, 0) is None:
+            n = self._pending_by_source[conn.source] - 1
+            if n:
+                self._pending_by_source[conn.source] = n
+            else:
+                del self._pending_by_source[conn.source]
+
+    def _evict_oldest_pending(self, source: str | None, reason: str, limit: int) -> bool:
+        """Close the oldest pending connection (of ``source``, or of anyone); False if none."""
+        victim = next((c for c in self._pending if source is None or c.source == source), None)
+        if victim is None:
+            return False
+        self._drop_pending(victim)
+        victim.evicted = True
+        security_event(
+            "connection_evicted",
+            component=COMPONENT,
+            reason=reason,
+            peer=victim.remote,
+            limit=limit,
+        )
+        victim.writer.transport.abort()
+        return True
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if peer else "?"
-        server = self._servers.get(listener_name)
-        if server is not None and server.conn_count >= self.cfg.max_connections:
+        conn = _Conn(_source_key(str(peer[0])) if peer else "?", remote, writer)
+        # Make room: a source at its cap of pending connections loses its oldest; a full
+        # broker loses its oldest pending connection; refused if every slot is a session.
+        if self._pending_by_source.get(conn.source, 0) >= MAX_PENDING_PER_SOURCE:
+            self._evict_oldest_pending(conn.source, "pending_per_source", MAX_PENDING_PER_SOURCE)
+        if self.open_connections >= self.cfg.max_connections and not self._evict_oldest_pending(
+            None, "max_connections", self.cfg.max_connections
+        ):
             security_event(
                 "connect_refused",
                 component=COMPONENT,
@@ -197,23 +293,43 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 peer=remote,
                 limit=self.cfg.max_connections,
             )
-            writer.close()
+            writer.transport.abort()
             return
+        self.open_connections += 1
+        self._add_pending(conn)
+        _CONN.set(conn)
+        try:
+            await self._serve_connection(reader, writer, listener_name, conn)
+        finally:
+            self.open_connections -= 1
+            self._drop_pending(conn)
+            writer.close()
+
+    async def _serve_connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        listener_name: str,
+        conn: _Conn,
+    ) -> None:
         # The handshake runs here rather than in the listener so that (1) each connection
-        # gets the newest context (the newest CRL) and (2) a refused handshake is a
-        # security event instead of a line asyncio only prints in debug mode.
+        # gets the newest context (the newest CRL), (2) a refused handshake is a security
+        # event instead of a line asyncio only prints in debug mode and (3) a connection in
+        # its handshake counts against the limits.
         try:
             await writer.start_tls(
                 self.guard.context, ssl_handshake_timeout=self.cfg.handshake_timeout
             )
         except Exception as exc:  # any failure: refuse, never crash the listener
-            security_event(
-                "tls_handshake_refused",
-                component=COMPONENT,
-                reason=_handshake_reason(exc),
-                peer=remote,
-            )
-            writer.close()
+            if not conn.evicted:  # an evicted one was logged when it was evicted
+                security_event(
+                    "tls_handshake_refused",
+                    component=COMPONENT,
+                    reason=_handshake_reason(exc),
+                    peer=conn.remote,
+                )
+            return
+        if conn.evicted:
             return
         limit = self.cfg.max_payload + PACKET_OVERHEAD
         await self._client_connected(
@@ -245,19 +361,19 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             await _quiet_close(writer)
             return
         _CONN_IDENTITY.set(identity)
+        CONN_CERT.set(der)
         await super()._client_connected(listener_name, reader, writer)
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's, with the CONNECT judged against the connection's certificate *before*
+        any session is deleted, reused or modified (amqtt does it after)."""
         try:
-            _stock, session = await asyncio.wait_for(
-                super()._initialize_client_session(reader, writer, remote_address, remote_port),
-                timeout=self.cfg.connect_timeout,
-            )
-            # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
-            # properly (pacegate.broker.delivery)
-            return DeliveringHandler(self.plugins_manager, deliver=self._relay), session
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                stock, incoming = await BrokerProtocolHandler.init_from_connect(
+                    reader, writer, self.plugins_manager
+                )
         except TimeoutError:
             security_event(
                 "connect_refused",
@@ -268,6 +384,62 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             )
             await _quiet_close(writer)
             raise AMQTTError("no CONNECT before the timeout") from None
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            await _quiet_close(writer)
+            raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}") from exc
+        conn = _CONN.get()
+        if conn is not None:
+            self._drop_pending(conn)  # no longer pending: its CONNECT is here
+        der = CONN_CERT.get()
+        identity = peer_identity(der)
+        refusal = None
+        if identity is None or incoming.client_id != identity:
+            refusal = "client_id_mismatch"
+        elif incoming.will_flag:
+            refusal = "will_refused"
+        if refusal is not None or identity is None or der is None:
+            refusal = refusal or "no_client_certificate"
+            security_event(
+                "connect_refused",
+                component=COMPONENT,
+                reason=refusal,
+                peer=identity,
+                client_id=incoming.client_id,
+                will_topic=incoming.will_topic if incoming.will_flag else None,
+                remote=f"{remote_address}:{remote_port}",
+            )
+            incoming.parent = 0
+            stock.attach(incoming, reader, writer)
+            with contextlib.suppress(Exception):
+                await stock.mqtt_connack_authorize(False)
+            await _quiet_close(writer)
+            raise AMQTTError(f"CONNECT refused: {refusal}")
+        session = incoming
+        if incoming.clean_session:
+            await self._delete_session(identity)
+            session.parent = 0
+        elif identity in self._sessions:
+            # the identity's own persistent session: this connection's parameters and
+            # certificate replace those of the previous connection
+            session, _ = self._sessions[identity]
+            session.keep_alive = incoming.keep_alive
+            session.username = incoming.username
+            session.password = incoming.password
+            session.will_flag = False
+            session.will_message = session.will_topic = None
+            session.remote_address, session.remote_port = remote_address, remote_port
+            session.ssl_object = incoming.ssl_object
+            session.parent = 1
+        else:
+            session.parent = 0
+        session.attributes[IDENTITY_KEY] = identity
+        session.attributes[CERT_KEY] = der
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
+        # properly (pacegate.broker.delivery)
+        return DeliveringHandler(self.plugins_manager, deliver=self._relay), session
 
     async def _delete_session(self, client_id: str) -> None:
         # amqtt deletes a clean-session client's old session before authenticating it:
@@ -348,9 +520,9 @@ class PacegateBroker(Broker):  # type: ignore[misc]
     async def close_revoked_sessions(self, serials: frozenset[int]) -> int:
         closed = 0
         for client_id, (session, handler) in list(self._sessions.items()):
-            if session.transitions.state != "connected" or session.ssl_object is None:
+            if session.transitions.state != "connected":
                 continue
-            der = session.ssl_object.getpeercert(binary_form=True)
+            der = session_cert(session)
             if not der or _serial_of(der) not in serials:
                 continue
             security_event(
