@@ -316,6 +316,10 @@ def serve_plain_broker(config: Path) -> None:
             Broker.__init__(self, conf, plugin_namespace="pacegate.broker.plugins")
             self._watch_task = None
 
+        def _connection_identity(self, incoming: Any) -> tuple[str | None, bytes | None]:
+            # no TLS, so no certificate: the claimed client id stands in for the identity
+            return str(incoming.client_id), b""
+
         async def stream_connected(
             self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
         ) -> None:

@@ -364,6 +364,13 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         CONN_CERT.set(der)
         await super()._client_connected(listener_name, reader, writer)
 
+    def _connection_identity(self, incoming: Session) -> tuple[str | None, bytes | None]:
+        """Who this connection is: the identity in its TLS client certificate, and the
+        certificate. (The one seam the plaintext benchmark replaces; ``incoming`` is the
+        CONNECT's session, unused here on purpose: a claim is never an identity.)"""
+        der = CONN_CERT.get()
+        return peer_identity(der), der
+
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
@@ -390,8 +397,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         conn = _CONN.get()
         if conn is not None:
             self._drop_pending(conn)  # no longer pending: its CONNECT is here
-        der = CONN_CERT.get()
-        identity = peer_identity(der)
+        identity, der = self._connection_identity(incoming)
         refusal = None
         if identity is None or incoming.client_id != identity:
             refusal = "client_id_mismatch"
