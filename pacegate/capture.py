@@ -112,15 +112,14 @@ def _need(tool: str) -> str:
     return path
 
 
-def _tshark(
-    pcap: Path,
-    keylog: Path | None,
-    ports: Ports,
-    display_filter: str,
-    fields: list[str],
-    *,
-    occurrence: str = "a",
-) -> list[list[str]]:
+TSHARK_TIMEOUT_S = (
+    300  # reading a demo-sized capture takes seconds; a stuck tshark must not hang us
+)
+
+
+def _run_tshark(pcap: Path, keylog: Path | None, ports: Ports, *args: str) -> str:
+    """Run tshark on ``pcap`` with the MQTT port decoded as TLS, then MQTT (and decrypted
+    with ``keylog`` when given); return its standard output."""
     argv = [
         _need("tshark"),
         "-n",
@@ -130,6 +129,28 @@ def _tshark(
         f"tcp.port=={ports.mqtt},tls",
         "-d",
         f"tls.port=={ports.mqtt},mqtt",
+    ]
+    if keylog is not None and keylog.exists():
+        argv += ["-o", f"tls.keylog_file:{keylog}"]
+    proc = subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=TSHARK_TIMEOUT_S, check=False
+    )
+    if proc.returncode != 0:
+        raise CaptureError(f"tshark failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+    return proc.stdout
+
+
+def _tshark(
+    pcap: Path,
+    keylog: Path | None,
+    ports: Ports,
+    display_filter: str,
+    fields: list[str],
+    *,
+    occurrence: str = "a",
+) -> list[list[str]]:
+    """The values of ``fields`` for each packet matching ``display_filter``."""
+    args = [
         "-Y",
         display_filter,
         "-T",
@@ -141,14 +162,10 @@ def _tshark(
         "-E",
         "aggregator=,",
     ]
-    if keylog is not None and keylog.exists():
-        argv += ["-o", f"tls.keylog_file:{keylog}"]
     for f in fields:
-        argv += ["-e", f]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    if proc.returncode != 0:
-        raise CaptureError(f"tshark failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
-    return [line.split("\t") for line in proc.stdout.splitlines() if line.strip()]
+        args += ["-e", f]
+    out = _run_tshark(pcap, keylog, ports, *args)
+    return [line.split("\t") for line in out.splitlines() if line.strip()]
 
 
 def _load_psks(work: WorkLayout | None) -> dict[str, bytes]:
@@ -274,20 +291,8 @@ def _suite_names(pcap: Path, ports: Ports, suites: Counter[str]) -> dict[str, in
     """Cipher suite names as Wireshark prints them (e.g. TLS_AES_256_GCM_SHA384)."""
     if not suites:
         return {}
-    argv = [
-        _need("tshark"),
-        "-n",
-        "-r",
-        str(pcap),
-        "-d",
-        f"tcp.port=={ports.mqtt},tls",
-        "-Y",
-        "tls.handshake.type==2",
-        "-V",
-    ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     names: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in _run_tshark(pcap, None, ports, "-Y", "tls.handshake.type==2", "-V").splitlines():
         line = line.strip()
         if line.startswith("Cipher Suite:") and "(" in line:
             name, code = line[len("Cipher Suite:") :].rsplit("(", 1)

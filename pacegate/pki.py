@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,6 +52,9 @@ from pacegate.layout import (
     write_secret,
 )
 from pacegate.sealed import PSK_SIZE
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 CA_VALIDITY = timedelta(days=3650)
 SERVICE_VALIDITY = timedelta(days=825)  # the CA/B forum's old ceiling for server certificates
@@ -446,6 +450,30 @@ def init_pki(
     return layout
 
 
+@contextlib.contextmanager
+def _pki_lock(layout: PkiLayout) -> Iterator[None]:
+    """Serialise changes to one PKI directory: enrol and revoke read, modify and write the
+    registry, the PSK store and the CRL, and two at once would lose one's changes."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.root / ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _locked(func: Callable[Concatenate[Path, P], R]) -> Callable[Concatenate[Path, P], R]:
+    """Run a PKI change under the lock of the directory given as its first argument."""
+
+    @functools.wraps(func)
+    def under_lock(root: Path, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with _pki_lock(PkiLayout(Path(root))):
+            return func(root, *args, **kwargs)
+
+    return under_lock
+
+
 def _write_new_secret(path: Path, data: bytes) -> None:
     """Create a new 0600 file (bulk enrolment: no fsync per file, the store is fsynced)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
@@ -455,7 +483,8 @@ def _write_new_secret(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _enroll_devices_unlocked(
+@_locked
+def enroll_devices(
     root: Path,
     ids: Iterable[str],
     *,
@@ -463,6 +492,8 @@ def _enroll_devices_unlocked(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
 ) -> list[Path]:
+    """Enroll many devices with one registry write and one PSK-store write.
+    Returns each device's bundle directory, in order."""
     layout = PkiLayout(Path(root))
     wanted = list(ids)
     for did in wanted:
@@ -528,41 +559,6 @@ def _enroll_devices_unlocked(
     return out
 
 
-@contextlib.contextmanager
-def _pki_lock(layout: PkiLayout) -> Iterator[None]:
-    """Serialise changes to one PKI directory: enrol and revoke read, modify and write the
-    registry, the PSK store and the CRL, and two at once would lose one's changes."""
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with open(layout.root / ".lock", "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def enroll_devices(
-    root: Path,
-    ids: Iterable[str],
-    *,
-    days: int = DEFAULT_DEVICE_DAYS,
-    not_before: datetime | None = None,
-    not_after: datetime | None = None,
-) -> list[Path]:
-    """Enroll many devices with one registry write and one PSK-store write, under the
-    directory's lock. Returns each device's bundle directory, in order."""
-    with _pki_lock(PkiLayout(Path(root))):
-        return _enroll_devices_unlocked(
-            root, ids, days=days, not_before=not_before, not_after=not_after
-        )
-
-
-def revoke_device(root: Path, device_id: str) -> None:
-    """Revoke ``device_id``: CRL re-signed, PSK marked revoked, Mosquitto ACL updated."""
-    with _pki_lock(PkiLayout(Path(root))):
-        _revoke_device_unlocked(root, device_id)
-
-
 def enroll_device(
     root: Path,
     device_id: str,
@@ -577,7 +573,8 @@ def enroll_device(
     ]
 
 
-def _revoke_device_unlocked(root: Path, device_id: str) -> None:
+@_locked
+def revoke_device(root: Path, device_id: str) -> None:
     """Revoke a device: CRL re-signed, PSK-store entry marked revoked, Mosquitto ACL updated."""
     layout = PkiLayout(Path(root))
     try:
