@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -174,8 +175,36 @@ def mosquitto_broker(
 # ---------------------------------------------------------------------------------------
 # MQTT clients (paho) over mutual TLS
 # ---------------------------------------------------------------------------------------
-def client_tls_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+class ClosingTlsContext(ssl.SSLContext):
+    """A client context that remembers every socket it wraps, so that its owner can close
+    them all (:meth:`close_sockets`).
+
+    paho wraps and handshakes in one private step and, when the handshake fails (a broker
+    that refuses before or during TLS, or a refused reconnect in paho's own thread), drops
+    the wrapped socket without closing it: a ``ResourceWarning`` at garbage collection,
+    which ``filterwarnings=error`` turns into a test error somewhere else."""
+
+    def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
+        # (ssl.SSLContext is set up in __new__; this only adds the bookkeeping)
+        self._wrapped: list[ssl.SSLSocket] = []
+        self._wrapped_lock = threading.Lock()  # paho wraps in its network thread
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        with self._wrapped_lock:
+            self._wrapped.append(sock)
+        return sock
+
+    def close_sockets(self) -> None:
+        """Close every socket wrapped so far (closing a closed socket is a no-op)."""
+        with self._wrapped_lock:
+            socks, self._wrapped = self._wrapped, []
+        for sock in socks:
+            sock.close()
+
+
+def client_tls_context(ca: Path, cert: Path | None, key: Path | None) -> ClosingTlsContext:
+    ctx = ClosingTlsContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=str(ca))
     if cert is not None and key is not None:
@@ -198,8 +227,9 @@ class ConnectOutcome:
 class MqttClient:
     """A paho client running its network loop in a thread, recording what happens."""
 
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: mqtt.Client, tls: ClosingTlsContext | None = None) -> None:
         self.client = client
+        self.tls = tls  # closed with the client: paho may drop a socket it wrapped
         self.messages: list[tuple[str, bytes]] = []
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -248,6 +278,8 @@ class MqttClient:
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()
+        if self.tls is not None:
+            self.tls.close_sockets()
 
 
 def try_connect(
@@ -260,18 +292,25 @@ def try_connect(
     client_id: str,
     timeout: float = 5.0,
 ) -> tuple[ConnectOutcome, MqttClient | None]:
-    """Connect over mTLS; return the outcome and, if connected, the running client."""
+    """Connect over mTLS; return the outcome and, if connected, the running client (which
+    the caller closes). Every other path closes every socket it opened."""
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
         client_id=client_id,
         protocol=mqtt.MQTTv311,
     )
-    client.tls_set_context(client_tls_context(ca, cert, key))
-    wrapper = MqttClient(client)
+    tls = client_tls_context(ca, cert, key)
+    client.tls_set_context(tls)
+    wrapper = MqttClient(client, tls)
     try:
         client.connect(host, port, keepalive=30)
     except (ssl.SSLError, OSError) as exc:
+        # refused before or during the handshake: paho dropped the wrapped socket unclosed
+        tls.close_sockets()
         return ConnectOutcome(False, f"{type(exc).__name__}: {exc}"), None
+    except BaseException:
+        tls.close_sockets()
+        raise
     client.loop_start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

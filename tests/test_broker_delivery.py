@@ -15,19 +15,30 @@ persistent session (``clean_session=False``) and manual acknowledgements, as the
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
+from pacegate.broker.config import render_default_config
 from pacegate.identity import telemetry_topic
-from tests.support import BrokerHandle, client_tls_context, connect_as, wait_until
+from tests.support import (
+    LOOPBACK,
+    BrokerHandle,
+    client_tls_context,
+    connect_as,
+    embedded_broker,
+    free_port,
+    wait_until,
+)
 
 WAIT = 20.0
 GATEWAY = "gateway"
@@ -235,3 +246,62 @@ def test_publishes_acknowledged_while_the_subscriber_is_offline_wait_in_its_sess
             f"{len(want - set(sub.payloads()))} of {len(want)} lost"
         )
         assert len(sub.payloads()) == len(want)  # nothing twice: all were acknowledged
+
+
+def test_a_connect_refused_before_the_tls_handshake_leaves_no_socket_open(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """``try_connect`` (tests/support.py) closes the TLS socket paho drops when the broker
+    refuses the connection before its handshake (here: ``max_connections: 1``, taken by an
+    established session); an unclosed one is a ResourceWarning, a test error elsewhere."""
+    workdir = tmp_path / "limited"
+    workdir.mkdir()
+    port = free_port(LOOPBACK)
+    text = render_default_config(pki_dir, host=LOOPBACK, port=port, config_dir=workdir)
+    text = text.replace("max_connections: 10000", "max_connections: 1")
+    assert "max_connections: 1\n" in text
+    with embedded_broker(pki_dir, workdir, port=port, config_text=text) as broker:
+        outcome, first = connect_as(broker, "pm-0001")
+        assert first is not None, outcome
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outcome, second = connect_as(broker, "pm-0002")
+                gc.collect()
+            assert second is None and not outcome.connected, outcome
+            assert "max_connections" in broker.wait_for_log("max_connections")
+            leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
+            assert leaked == [], [str(w.message) for w in leaked]
+        finally:
+            first.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_subscriber_reconnecting_mid_stream_gets_each_message_once_and_in_order(
+    broker: BrokerHandle,
+) -> None:
+    """The persistent session reconnects while a publisher is still sending: its backlog
+    (the offline queue) goes out first, then the live messages, each once, in order."""
+    sent = [f"mid-{i:04d}" for i in range(400)]
+    with subscriber(broker, ack=True):
+        pass  # the persistent session and its subscription now exist; it is offline
+    outcome, dev = connect_as(broker, "pm-0001")
+    assert dev is not None, outcome
+    try:
+        infos = []
+        for i, p in enumerate(sent):
+            infos.append(dev.client.publish(telemetry_topic("pm-0001"), p, qos=1))
+            if i == 100:
+                infos[50].wait_for_publish(WAIT)  # some are queued offline by now
+                sub = Subscriber(broker, ack=True)  # reconnects while the rest flows
+        for info in infos:
+            info.wait_for_publish(WAIT)
+            assert info.is_published()
+    finally:
+        dev.close()
+    try:
+        assert wait_until(lambda: len(sub.payloads()) >= len(sent), WAIT), len(sub.payloads())
+        time.sleep(0.5)  # a second copy, if any, would come right behind
+        assert sub.payloads() == sent
+    finally:
+        sub.close()

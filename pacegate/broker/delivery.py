@@ -1,6 +1,6 @@
 """QoS 1 delivery that keeps MQTT 3.1.1's promises, which amqtt 0.12.1 does not.
 
-Two amqtt defects, both fixed here by a subclass of its per-connection protocol handler
+Three amqtt defects, all fixed here by a subclass of its per-connection protocol handler
 (:class:`DeliveringHandler`, installed by :class:`pacegate.broker.server.PacegateBroker`):
 
 1. **Outgoing in-flight messages are forgotten.** amqtt waits 5 s for a subscriber's PUBACK
@@ -19,6 +19,14 @@ Two amqtt defects, both fixed here by a subclass of its per-connection protocol 
    the offline queue of every persistent session) *before* the PUBACK is sent, so a PUBACK
    means the broker owns the message. QoS 0 messages take the same path (without PUBACK).
    Publishes of one connection are relayed in arrival order.
+3. **Live messages overtake, and were sent twice with, a reconnect's backlog.** amqtt marks
+   a reconnecting session connected (so the broadcast loop hands it live messages at once)
+   before the handler has started, resent its in-flight messages or drained its offline
+   queue. A live message could so be sent first (out of order), and, being in
+   ``inflight_out`` when the resends were collected, be sent a second time with DUP=1 on the
+   same connection. Here live publishes wait at a gate until the backlog is under way:
+   resends of ``inflight_out`` first, then the offline queue, then live messages, each sent
+   once per connection.
 
 QoS 2 keeps amqtt's own flow (pacegate's devices and gateway use QoS 1).
 """
@@ -31,6 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -38,6 +47,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import (
     OUTGOING,
+    ApplicationMessage,
     IncomingApplicationMessage,
     OutgoingApplicationMessage,
 )
@@ -54,6 +64,9 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._deliver = deliver
         self._relay_order = asyncio.Lock()  # FIFO: publishes relayed in arrival order
         self._background: set[asyncio.Task[Any]] = set()
+        # Live publishes (the broadcast loop's) wait here until the reconnect backlog has
+        # been started (deliver_backlog), or until the connection ends.
+        self._live = asyncio.Event()
 
     # -- connection state --------------------------------------------------------------
     def closing(self) -> bool:
@@ -66,7 +79,19 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         # done, so a disconnect during start() was lost; create it first.
         if self.closing():
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
-        await ProtocolHandler.start(self)
+        try:
+            await ProtocolHandler.start(self)
+        except BaseException:
+            self._live.set()  # never strand live publishes behind a handler that failed
+            raise
+
+    async def stop(self) -> None:
+        self._live.set()  # waiting live publishes find the handler closing: kept in session
+        await super().stop()
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        await super().handle_disconnect(disconnect)
+        self._live.set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in a task this handler keeps a reference to until it ends."""
@@ -74,6 +99,39 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    # -- outgoing: backlog first, then live messages ---------------------------------------
+    def deliver_backlog(self, offline: asyncio.Queue[ApplicationMessage]) -> None:
+        """After :meth:`start` (which started the resends of ``inflight_out``): start sending
+        the session's offline queue, in order, then let live publishes through.
+
+        Every send is started as a task here, before the gate opens: a task's first step
+        allocates the packet id, stores the message in ``inflight_out`` and queues on the
+        FIFO write lock without suspending, and the event loop runs those first steps before
+        the wake-ups of the live publishes that the gate releases. So the wire order is:
+        resends, offline queue, live."""
+        while not offline.empty():
+            queued = offline.get_nowait()
+            self.spawn(
+                ProtocolHandler.mqtt_publish(self, queued.topic, queued.data, queued.qos, False)
+            )
+        self._live.set()
+
+    async def mqtt_publish(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> OutgoingApplicationMessage:
+        """A live publish to this client: sent after the reconnect backlog (see module doc)."""
+        if not self._live.is_set():
+            await self._live.wait()
+        message: OutgoingApplicationMessage = await super().mqtt_publish(
+            topic, data, qos, retain, ack_timeout
+        )
+        return message
 
     # -- incoming: relay, then PUBACK --------------------------------------------------
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
@@ -113,11 +171,10 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         packet_id = app_message.packet_id
         if packet_id is None:
             raise ValueError("QoS 1 message without a packet id")
+        if packet_id in self._puback_waiters:
+            return  # already in flight on this connection: sent once per connection
         # The session owns it until the PUBACK, across connections.
         session.inflight_out.setdefault(packet_id, app_message)
-        previous = self._puback_waiters.get(packet_id)
-        if previous is not None:
-            previous.cancel()
         waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
         self._puback_waiters[packet_id] = waiter  # before sending: a PUBACK may be quick
         if self.closing():
@@ -144,11 +201,15 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         """MQTT-4.4.0-1: resend unacknowledged PUBLISH on reconnect, in their order.
 
         QoS 1 resends are started here (their packets go out in this order: the write lock
-        is FIFO) but not awaited: their PUBACKs come when the client is ready."""
+        is FIFO) but not awaited: their PUBACKs come when the client is ready. Only messages
+        of earlier connections are resent: live publishes are held back until the backlog
+        is under way, and one already in flight here is never sent again."""
         if self.session is None:
             return
         others = []
         for message in list(self.session.inflight_out.values()):
+            if message.packet_id in self._puback_waiters:
+                continue  # in flight on this connection, not unacknowledged from a past one
             if message.qos == QOS_1:
                 self.spawn(self._handle_qos1_message_flow(message))
             else:

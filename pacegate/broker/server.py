@@ -506,14 +506,13 @@ class PacegateBroker(Broker):  # type: ignore[misc]
     async def _publish_session_retained_messages(self, session: Session) -> None:
         # The messages queued for an offline persistent session, sent on its reconnect.
         # amqtt awaited their PUBACKs here (so the connection's SUBSCRIBEs waited too) and
-        # flagged them RETAIN; they are ordinary deliveries: started in order, not awaited.
+        # flagged them RETAIN; they are ordinary deliveries: started in order, not awaited,
+        # after the in-flight resends and before any live message (see delivery.py).
         handler = self._get_handler(session)
         if not isinstance(handler, DeliveringHandler):
             await super()._publish_session_retained_messages(session)
             return
-        while not session.retained_messages.empty():
-            queued = session.retained_messages.get_nowait()
-            handler.spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False))
+        handler.deliver_backlog(session.retained_messages)
 
     # -- live revocation ---------------------------------------------------------------
     async def watch_crl(self) -> None:
