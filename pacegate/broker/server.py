@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
-import ipaddress
 import logging
 import signal
 import ssl
@@ -56,6 +55,7 @@ from pacegate.broker.plugins import (
     session_cert,
 )
 from pacegate.log import security_event
+from pacegate.peers import source_key
 from pacegate.tlsconf import peer_identity, server_context
 
 log = logging.getLogger("pacegate.broker")
@@ -96,19 +96,6 @@ class _Conn:
 
 # The connection handled by the current task.
 _CONN: contextvars.ContextVar[_Conn | None] = contextvars.ContextVar("pacegate_conn", default=None)
-
-
-def _source_key(host: str) -> str:
-    """The unit of the per-source cap: the IPv4 address, or the IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def _serial_of(der: bytes) -> int:
@@ -278,7 +265,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
     ) -> None:
         peer = writer.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if peer else "?"
-        conn = _Conn(_source_key(str(peer[0])) if peer else "?", remote, writer)
+        conn = _Conn(source_key(str(peer[0])) if peer else "?", remote, writer)
         # Make room: a source at its cap of pending connections loses its oldest; a full
         # broker loses its oldest pending connection; refused if every slot is a session.
         if self._pending_by_source.get(conn.source, 0) >= MAX_PENDING_PER_SOURCE:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,6 +34,7 @@ from pacegate.channel.session import (
 from pacegate.channel.states import State
 from pacegate.errors import LocalProtocolError
 from pacegate.log import security_event
+from pacegate.peers import source_key
 
 log = logging.getLogger("pacegate.channel")
 
@@ -509,7 +509,7 @@ async def serve(
         counters.connections += 1
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        source = _source_key(peer[0]) if isinstance(peer, tuple) else "?"
+        source = source_key(peer[0]) if isinstance(peer, tuple) else "?"
         me = _Pending(source, address, writer)
         # make room by evicting the oldest connection still without a ClientHello (from
         # this source at its cap, from anyone when the server is full); refuse if none
@@ -585,20 +585,6 @@ async def serve(
             await stream.close()
 
     return await asyncio.start_server(handle, host, port)
-
-
-def _source_key(host: str) -> str:
-    """The unit of the per-source cap: the IPv4 address, or the IPv6 /64 (one host usually
-    holds a whole /64, so counting single IPv6 addresses would not cap anything)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class _Pending:
