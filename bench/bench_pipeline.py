@@ -87,14 +87,13 @@ from device_sim.device import Backoff, Endpoint, SimulatedDevice  # noqa: E402
 from device_sim.fleet import load_bundle  # noqa: E402
 from device_sim.model import HeartModel  # noqa: E402
 from device_sim.mqtt import (  # noqa: E402
-    ConnAck,
-    ConnectionLost,
-    ConnectionRefused,
     MqttClientProtocol,
     MqttConnection,
     TlsStream,
+    await_connack,
 )
 from hospital.keyring import Keyring  # noqa: E402
+from pacegate.endpoints import Endpoints  # noqa: E402
 from pacegate.layout import DEFAULT_HOST, WorkLayout  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
 from pacegate.sealed import (  # noqa: E402
@@ -105,7 +104,6 @@ from pacegate.sealed import (  # noqa: E402
     parse_header,
 )
 from pacegate.stack import (  # noqa: E402
-    Endpoints,
     StackError,
     choose_endpoints,
     prepare_workdir,
@@ -180,16 +178,8 @@ async def open_plain_mqtt(host: str, port: int, client_id: str, keepalive: int) 
         _, stream = await loop.create_connection(PlainStream, host, port)
         proto = MqttClientProtocol()
         stream.write(proto.connect(client_id, keepalive=keepalive))
-        conn = MqttConnection(stream, proto, keepalive)
-        while True:
-            data = await stream.read()
-            if not data:
-                raise ConnectionLost("broker closed the connection before CONNACK")
-            for event in proto.receive_data(data):
-                if isinstance(event, ConnAck):
-                    if not event.accepted:
-                        raise ConnectionRefused(event.return_code)
-                    return conn
+        await await_connack(stream, proto)
+        return MqttConnection(stream, proto, keepalive)
 
 
 class PlainDevice(SimulatedDevice):

@@ -515,6 +515,20 @@ class TlsStream(asyncio.Protocol):
             self._transport.abort()
 
 
+async def await_connack(stream: TlsStream, proto: MqttClientProtocol) -> None:
+    """Read from ``stream`` until the broker's CONNACK: return if it accepts, raise
+    :class:`ConnectionRefused` if it refuses, :class:`ConnectionLost` if it hangs up."""
+    while True:
+        data = await stream.read()
+        if not data:
+            raise ConnectionLost("broker closed the connection before CONNACK")
+        for event in proto.receive_data(data):
+            if isinstance(event, ConnAck):
+                if not event.accepted:
+                    raise ConnectionRefused(event.return_code)
+                return
+
+
 class MqttConnection:
     """One live MQTT connection over TLS: :meth:`open`, then :meth:`read_events` in a loop."""
 
@@ -546,16 +560,8 @@ class MqttConnection:
                 await tls.handshake_done
                 proto = MqttClientProtocol()
                 tls.write(proto.connect(client_id, keepalive=keepalive))
-                conn = cls(tls, proto, keepalive)
-                while True:
-                    data = await tls.read()
-                    if not data:
-                        raise ConnectionLost("broker closed the connection before CONNACK")
-                    for event in proto.receive_data(data):
-                        if isinstance(event, ConnAck):
-                            if not event.accepted:
-                                raise ConnectionRefused(event.return_code)
-                            return conn
+                await await_connack(tls, proto)
+                return cls(tls, proto, keepalive)
         except BaseException:
             if tls is not None:
                 tls.abort()
