@@ -330,7 +330,13 @@ def mosquitto_conf(
         "allow_anonymous false",
         f"acl_file {acl}",
         "max_packet_size 4096",
-        "persistence false",
+        # Sessions and queued QoS 1 messages survive a broker restart (the payloads are
+        # sealed readings: nothing rests on disk in clear), and a gateway away for a while
+        # finds its backlog: mosquitto's default queue of 1,000 is minutes of a ward.
+        "persistence true",
+        f"persistence_location {lay.mosquitto_dir / 'data'}/",
+        "autosave_interval 10",
+        "max_queued_messages 100000",
         "",
         f"listener {port} {host}",
         "protocol mqtt",
@@ -349,6 +355,7 @@ def mosquitto_conf(
 
 
 def _write_mosquitto_files(layout: PkiLayout, registry: dict[str, Any]) -> None:
+    (layout.mosquitto_dir / "data").mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
     write_public(layout.mosquitto_dir / "acl", mosquitto_acl(registry).encode())
     write_public(layout.mosquitto_dir / "pacegate.conf", mosquitto_conf(layout).encode())
 

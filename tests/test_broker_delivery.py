@@ -305,3 +305,26 @@ def test_a_subscriber_reconnecting_mid_stream_gets_each_message_once_and_in_orde
         assert sub.payloads() == sent
     finally:
         sub.close()
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_keeps_an_offline_gateways_backlog_across_a_broker_restart(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    from tests.support import mosquitto_broker
+
+    port = free_port()
+    want = [f"pm-0001-restart-{i:03d}" for i in range(50)]
+    with mosquitto_broker(pki_dir, tmp_path / "first", port=port) as broker:
+        with subscriber(broker, ack=True):
+            pass  # persistent session and subscription exist; the gateway goes away
+        _publish_and_leave(broker, "pm-0001", want)
+    # SIGTERM made mosquitto save its persistence file; a new process on the same port
+    # and PKI (same persistence location) must still hold the gateway's backlog
+    with (
+        mosquitto_broker(pki_dir, tmp_path / "second", port=port) as broker,
+        subscriber(broker, ack=True) as sub,
+    ):
+        assert wait_until(lambda: sub.payloads() == want, WAIT), (
+            f"{len(set(want) - set(sub.payloads()))} of {len(want)} lost in the restart"
+        )
