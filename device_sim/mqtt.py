@@ -35,13 +35,14 @@ PROTOCOL_LEVEL_311 = 4
 MAX_INCOMING_PACKET = 64 * 1024
 MAX_PACKET_ID = 0xFFFF
 
+CONNACK_NOT_AUTHORIZED = 5  # MQTT 3.1.1 §3.2.2.3: what the broker answers a refused identity
 CONNACK_REASONS = {
     0: "accepted",
     1: "unacceptable protocol version",
     2: "client identifier rejected",
     3: "server unavailable",
     4: "bad user name or password",
-    5: "not authorized",
+    CONNACK_NOT_AUTHORIZED: "not authorized",
 }
 
 
