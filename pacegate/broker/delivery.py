@@ -24,9 +24,9 @@ Three amqtt defects, all fixed here by a subclass of its per-connection protocol
    before the handler has started, resent its in-flight messages or drained its offline
    queue. A live message could so be sent first (out of order), and, being in
    ``inflight_out`` when the resends were collected, be sent a second time with DUP=1 on the
-   same connection. Here live publishes wait at a gate until the backlog is under way:
-   resends of ``inflight_out`` first, then the offline queue, then live messages, each sent
-   once per connection.
+   same connection. Here live publishes wait at a gate until the backlog is written:
+   resends of ``inflight_out`` first, then the offline queue (one task writes it, packet after
+   packet, and only then opens the gate), then live messages, each sent once per connection.
 
 QoS 2 keeps amqtt's own flow (pacegate's devices and gateway use QoS 1).
 """
@@ -102,20 +102,36 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     # -- outgoing: backlog first, then live messages ---------------------------------------
     def deliver_backlog(self, offline: asyncio.Queue[ApplicationMessage]) -> None:
-        """After :meth:`start` (which started the resends of ``inflight_out``): start sending
-        the session's offline queue, in order, then let live publishes through.
+        """After :meth:`start` (which started the resends of ``inflight_out``): send the
+        session's offline queue, in order, then let live publishes through.
 
-        Every send is started as a task here, before the gate opens: a task's first step
-        allocates the packet id, stores the message in ``inflight_out`` and queues on the
-        FIFO write lock without suspending, and the event loop runs those first steps before
-        the wake-ups of the live publishes that the gate releases. So the wire order is:
-        resends, offline queue, live."""
+        One task writes the whole backlog, packet after packet, and opens the gate only once
+        the last one is written. A live publish whose task was created before this call but
+        has not run yet therefore still finds the gate shut: the gate is not a question of
+        which task runs first. PUBACKs are awaited in the background."""
+        backlog: list[ApplicationMessage] = []
         while not offline.empty():
-            queued = offline.get_nowait()
-            self.spawn(
-                ProtocolHandler.mqtt_publish(self, queued.topic, queued.data, queued.qos, False)
-            )
-        self._live.set()
+            backlog.append(offline.get_nowait())
+        self.spawn(self._write_backlog(backlog))
+
+    async def _write_backlog(self, backlog: list[ApplicationMessage]) -> None:
+        try:
+            for queued in backlog:
+                if queued.qos != QOS_1 or self.session is None:  # QoS 2: amqtt's flow
+                    self.spawn(
+                        ProtocolHandler.mqtt_publish(
+                            self, queued.topic, queued.data, queued.qos, False
+                        )
+                    )
+                    continue
+                message = OutgoingApplicationMessage(
+                    self.session.next_packet_id, queued.topic, QOS_1, queued.data, False
+                )
+                waiter = await self._send_qos1(message)
+                if waiter is not None:
+                    self.spawn(self._await_puback(message, waiter))
+        finally:
+            self._live.set()
 
     async def mqtt_publish(
         self,
@@ -167,27 +183,50 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
             await super()._handle_qos1_message_flow(app_message)
             return
         assert isinstance(app_message, OutgoingApplicationMessage)
-        session = self.session
+        waiter = await self._send_qos1(app_message)
+        if waiter is not None:
+            await self._await_puback(app_message, waiter)
+
+    async def _send_qos1(
+        self, app_message: OutgoingApplicationMessage
+    ) -> asyncio.Future[PubackPacket] | None:
+        """Put ``app_message`` in the session until its PUBACK and write it once on this
+        connection. Returns the PUBACK waiter, or None if it was not sent here (already in
+        flight on this connection, or the connection is ending: the next one resends it)."""
+        assert self.session is not None
         packet_id = app_message.packet_id
         if packet_id is None:
             raise ValueError("QoS 1 message without a packet id")
         if packet_id in self._puback_waiters:
-            return  # already in flight on this connection: sent once per connection
+            return None  # already in flight on this connection: sent once per connection
         # The session owns it until the PUBACK, across connections.
-        session.inflight_out.setdefault(packet_id, app_message)
+        self.session.inflight_out.setdefault(packet_id, app_message)
         waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
         self._puback_waiters[packet_id] = waiter  # before sending: a PUBACK may be quick
         if self.closing():
-            waiter.cancel()  # stop() may already have cancelled the others
+            del self._puback_waiters[packet_id]
+            return None  # kept in inflight_out; the next connection resends it
+        # DUP=1 if it may have reached the client before (MQTT-3.3.1-1)
+        packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
         try:
-            if waiter.cancelled():
-                return  # kept in inflight_out; the next connection resends it
-            # DUP=1 if it may have reached the client before (MQTT-3.3.1-1)
-            packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
             await self._send_packet(packet)
-            app_message.publish_packet = packet
+        except BaseException:
+            if self._puback_waiters.get(packet_id) is waiter:
+                del self._puback_waiters[packet_id]
+            raise
+        app_message.publish_packet = packet
+        return waiter
+
+    async def _await_puback(
+        self, app_message: OutgoingApplicationMessage, waiter: asyncio.Future[PubackPacket]
+    ) -> None:
+        """Wait for the PUBACK of a message :meth:`_send_qos1` wrote; only then does the
+        session let go of it. If the connection ends first, it stays for the next one."""
+        assert self.session is not None
+        packet_id = app_message.packet_id
+        try:
             app_message.puback_packet = await waiter
-            session.inflight_out.pop(packet_id, None)
+            self.session.inflight_out.pop(packet_id, None)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not waiter.cancelled() or (task is not None and task.cancelling()):
