@@ -376,31 +376,18 @@ def serve_plain_hospital(config: Path) -> None:
 
 def serve_plain_gateway(config: Path) -> None:
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
     import gateway.pipeline
     from gateway.config import load_gateway_config
     from gateway.forwarder import ChannelStream
-    from gateway.service import MQTT_RECONNECT_MAX_S, MQTT_RECONNECT_MIN_S, Gateway
+    from gateway.service import Gateway
 
     # the one crypto call of the gateway's per-message decision, as its identity
     setattr(gateway.pipeline, "open_reading", null_open)  # noqa: B010
 
     class PlainGateway(Gateway):
-        def _make_client(self) -> mqtt.Client:  # Gateway._make_client minus tls_set_context
-            m = self.cfg.mqtt
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=m.client_id,
-                clean_session=False,
-                protocol=MQTTProtocolVersion.MQTTv311,
-                manual_ack=True,
-            )
-            client.reconnect_delay_set(MQTT_RECONNECT_MIN_S, MQTT_RECONNECT_MAX_S)
-            client.on_connect = self._on_connect
-            client.on_disconnect = self._on_disconnect
-            client.on_message = self._on_message
-            return client
+        def _secure(self, client: mqtt.Client) -> None:
+            pass  # MQTT over plain TCP: the TLS layer as an identity
 
     cfg = load_gateway_config(config)
 

@@ -185,12 +185,17 @@ class Gateway:
             protocol=MQTTProtocolVersion.MQTTv311,
             manual_ack=True,
         )
-        client.tls_set_context(client_context(m.ca, m.cert, m.key))
+        self._secure(client)
         client.reconnect_delay_set(MQTT_RECONNECT_MIN_S, MQTT_RECONNECT_MAX_S)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
+
+    def _secure(self, client: mqtt.Client) -> None:
+        """Mutual TLS with the gateway identity (the seam the plaintext benchmark replaces)."""
+        m = self.cfg.mqtt
+        client.tls_set_context(client_context(m.ca, m.cert, m.key))
 
     def _start_mqtt(self) -> None:
         assert self._client is not None
