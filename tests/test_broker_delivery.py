@@ -91,10 +91,14 @@ class Subscriber:
         assert self.subscribed.wait(WAIT), "no SUBACK"
 
     def _on_message(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.received.append((msg.payload.decode(), bool(msg.dup)))
+        # Acknowledge before recording: a test that sees the message recorded may disconnect
+        # at once, and paho queues packets in order, so the PUBACK is then already ahead of
+        # the DISCONNECT. Recording first let the DISCONNECT overtake the last PUBACK, and the
+        # broker then (correctly) redelivered that message to the next session.
         if self.ack:
             client.ack(msg.mid, msg.qos)
+        with self.lock:
+            self.received.append((msg.payload.decode(), bool(msg.dup)))
 
     def payloads(self) -> list[str]:
         with self.lock:
