@@ -52,6 +52,11 @@ from amqtt.session import (
     OutgoingApplicationMessage,
 )
 
+
+async def _nothing() -> None:
+    """The task body of a packet already handled when the reader loop read it."""
+
+
 # ``deliver(handler, message) -> keep_connection``: relay one incoming PUBLISH now.
 Deliver = Callable[["DeliveringHandler", IncomingApplicationMessage], Awaitable[bool]]
 
@@ -235,6 +240,27 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             if self._puback_waiters.get(packet_id) is waiter:
                 del self._puback_waiters[packet_id]
+
+    def handle_puback(self, puback: PubackPacket) -> Coroutine[Any, Any, None]:
+        """Release the acknowledged message now, while the reader loop reads the packet.
+
+        amqtt's reader loop calls ``asyncio.create_task(self.handle_puback(packet))`` and,
+        when the stream ends (a DISCONNECT and EOF right behind the last PUBACKs), cancels
+        every task it created that has not finished, including tasks that never started.
+        A PUBACK handled inside the task could so be lost, and the session then resent an
+        acknowledged message to the next connection. The work is therefore done in this
+        synchronous call, before the task exists; the task it returns does nothing. Only a
+        message in flight on this connection is released: a stray packet id changes nothing."""
+        header = puback.variable_header
+        waiter = self._puback_waiters.get(header.packet_id) if header is not None else None
+        if waiter is None:
+            if header is not None:
+                self.logger.debug("PUBACK for unknown packet id %s", header.packet_id)
+        elif not waiter.done():
+            if self.session is not None:
+                self.session.inflight_out.pop(header.packet_id, None)
+            waiter.set_result(puback)
+        return _nothing()
 
     async def _retry_deliveries(self) -> None:
         """MQTT-4.4.0-1: resend unacknowledged PUBLISH on reconnect, in their order.
