@@ -314,7 +314,9 @@ async def test_server_with_another_pinned_name_is_refused_by_the_client() -> Non
     async with running_server() as srv:
         with pytest.raises(ChannelError) as info:
             await gateway_connect(srv.port, server_name="cloud")
-        assert info.value.reason == "bad_server_identity"
+        # the hello names the server the client meant: the server refuses it at once
+        assert info.value.reason == "refused_by_peer"
+        assert srv.stats.refused == {"wrong_server": 1} and srv.stats.sessions == 0
 
 
 # ------------------------------------------------------------------ downgrade
@@ -455,7 +457,7 @@ async def _valid_client_hello() -> bytes:
 async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hello = await _valid_client_hello()
+    hello, other_hello = await _valid_client_hello(), await _valid_client_hello()
     garbage = [
         b"GET / HTTP/1.1\r\nHost: hospital\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100),  # a TLS ClientHello
@@ -464,15 +466,15 @@ async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
         b"\x17\x00\x00\x00\x10" + bytes(16),  # a record before any handshake
         hello[:200],  # half a hello, then EOF
         hello + b"\x17\x00\x00\x00\x20" + bytes(32),  # a hello, then a forged record
-        hello[:-1] + bytes([hello[-1] ^ 1]),  # a hello with a corrupted ML-KEM key
+        other_hello[:-1] + bytes([other_hello[-1] ^ 1]),  # a hello with a corrupted signature
         b"",  # connect and close at once
     ]
     caplog.set_level(logging.WARNING, logger="pacegate.security")
     async with running_server() as srv:
         answers = await asyncio.gather(*(_send_raw(srv.port, g) for g in garbage))
-        # nothing readable came back, except ServerHellos to the well-formed hellos
+        # nothing readable came back, except a ServerHello or an Alert to well-formed hellos
         for g, answer in zip(garbage, answers, strict=True):
-            assert answer == b"" or (g.startswith(hello[:5]) and answer[:1] == b"\x02")
+            assert answer == b"" or (g.startswith(hello[:5]) and answer[:1] in (b"\x02", b"\x15"))
         # the server still serves a real gateway afterwards
         stream = await gateway_connect(srv.port)
         await stream.send(b"still alive")

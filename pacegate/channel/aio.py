@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacegate.channel.admission import HelloReplayCache
 from pacegate.channel.errors import ChannelClosed, ChannelError
 from pacegate.channel.identity import ChannelIdentity, ChannelPublicKey
 from pacegate.channel.kem import KemProvider
 from pacegate.channel.session import (
+    DEFAULT_MAX_SESSION_LIFETIME,
     DEFAULT_REKEY_AFTER_RECORDS,
     DEFAULT_REKEY_AFTER_SECONDS,
     MAX_MESSAGE_SIZE,
@@ -32,6 +34,7 @@ from pacegate.channel.session import (
     SessionStats,
 )
 from pacegate.channel.states import State
+from pacegate.channel.wire import CloseReason
 from pacegate.errors import LocalProtocolError
 from pacegate.log import security_event
 from pacegate.peers import source_key
@@ -65,8 +68,20 @@ _READ_SIZE = 256 * 1024
 _INBOX_SIZE = 64
 _INBOX_BYTES = 32 * 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT = 2.0
-# How often an idle client checks whether its key is due for replacement.
+# How often a session applies its time-driven rules without traffic (rekey on time,
+# maximum lifetime, rekey grace): a quarter of the shortest period, within these bounds.
 _MIN_TIMER, _MAX_TIMER = 0.05, 30.0
+# A server checks at least this often that each session's client is still pinned, so that
+# removing it from allowed_clients closes its live sessions within about a second.
+TRUST_CHECK_INTERVAL = 1.0
+# Session ends that are routine (logged at info); every other reason is a security event.
+_ROUTINE_ENDS = frozenset({"session_expired"})
+# What the peer's Close reason means for this end (None: a clean close).
+_PEER_CLOSE_CAUSES = {
+    CloseReason.UNAUTHORIZED: ("refused_by_peer", "the peer no longer accepts this session"),
+    CloseReason.EXPIRED: ("session_expired", "the peer ended the session at a limit"),
+    CloseReason.PROTOCOL_ERROR: ("refused_by_peer", "the peer closed on a protocol error"),
+}
 
 
 class _End:
@@ -106,17 +121,18 @@ class ChannelStream:
         self._closed = False
         self._end: _End | None = None
         self._failure: ChannelError | None = None  # set by the reader the moment it fails
+        self._local_end: ChannelError | None = None  # a limit of ours ended the session
         loop = asyncio.get_running_loop()
         self._reader_task = loop.create_task(
             self._read_loop(), name=f"channel-reader-{self.peer_name}"
         )
-        # The client also rekeys an idle session on time, so that a key never outlives
-        # rekey_after_seconds in memory (forward secrecy for what it protected before).
-        self._timer_task: asyncio.Task[None] | None = None
-        if session.role == "client":
-            self._timer_task = loop.create_task(
-                self._rekey_timer(), name=f"channel-rekey-{self.peer_name}"
-            )
+        # Both ends apply the time rules to an idle session too: the client rekeys on time
+        # (a key never outlives rekey_after_seconds in memory), the server asks for a rekey,
+        # checks that the client is still pinned, and either ends the session at its
+        # maximum lifetime.
+        self._timer_task: asyncio.Task[None] | None = loop.create_task(
+            self._session_timer(), name=f"channel-timer-{self.peer_name}"
+        )
 
     @property
     def stats(self) -> SessionStats:
@@ -149,6 +165,9 @@ class ChannelStream:
             if not self._session.established:
                 raise ChannelClosed(f"channel closed: {exc}") from None
             raise
+        except ChannelError as exc:  # a limit of ours ended the session
+            await self._end_locally(exc)
+            raise ChannelClosed(str(exc), cause=exc) from None
         await self._write(data)
 
     async def _wait_for_rekey(self) -> None:
@@ -179,6 +198,8 @@ class ChannelStream:
         """The next whole message; :class:`ChannelClosed` at EOF, after an error or close."""
         if self._end is not None and self._inbox.empty():
             raise ChannelClosed("channel closed", cause=self._end.cause)
+        if self._local_end is not None and self._inbox.empty():
+            raise ChannelClosed(str(self._local_end), cause=self._local_end)
         if self._closed:
             raise ChannelClosed("channel closed by us")
         item = await self._inbox.get()
@@ -249,12 +270,49 @@ class ChannelStream:
         except OSError as exc:
             raise ChannelClosed(f"connection lost: {exc}", cause=self._failure) from None
 
-    async def _rekey_timer(self) -> None:
-        interval = min(max(self._session.rekey_after_seconds / 4, _MIN_TIMER), _MAX_TIMER)
+    async def _session_timer(self) -> None:
+        session = self._session
+        periods = [session.rekey_after_seconds, session.max_session_lifetime, session.rekey_grace]
+        if session.role == "server":
+            periods.append(4 * TRUST_CHECK_INTERVAL)
+        interval = min(max(min(periods) / 4, _MIN_TIMER), _MAX_TIMER)
         while not self.closed:
             await asyncio.sleep(interval)
-            if self._session.rekey_due() and not self._writer.is_closing():
-                self._writer.write(self._session.request_rekey())
+            if self._writer.is_closing():
+                return
+            try:
+                data = session.poll()
+            except ChannelError as exc:
+                await self._end_locally(exc)
+                return
+            if data:
+                self._writer.write(data)
+
+    async def _end_locally(self, exc: ChannelError) -> None:
+        """A limit of ours (lifetime, trust, rekey, key exhaustion) ended the session: tell
+        the peer (the session queued a Close record), log once, stop the reader and wake
+        anyone waiting in recv()."""
+        if self._local_end is not None or self._closed:
+            return
+        self._local_end = self._failure = exc
+        _log_session_end(self._component, exc, self.peer_name, self.peer_address)
+        data = self._session.data_to_send()
+        try:
+            if data and not self._writer.is_closing():
+                self._writer.write(data)
+                async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                    await self._writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        self._writer.close()
+        if asyncio.current_task() is not self._reader_task:
+            self._reader_task.cancel()
+        if self._timer_task is not None and asyncio.current_task() is not self._timer_task:
+            self._timer_task.cancel()
+        async with self._rekeyed:
+            self._rekeyed.notify_all()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait(_End(exc))
 
     async def _read_loop(self) -> None:
         cause: ChannelError | None = None
@@ -276,6 +334,10 @@ class ChannelStream:
                         self._inbox_drained.clear()
                         await self._inbox_drained.wait()
                 elif isinstance(event, PeerClosed):
+                    meaning = _PEER_CLOSE_CAUSES.get(event.reason)  # type: ignore[call-overload]
+                    if meaning is not None:
+                        cause = self._failure = ChannelError(meaning[1], reason=meaning[0])
+                        _log_session_end(self._component, cause, self.peer_name, self.peer_address)
                     break
                 elif event is NEED_DATA:
                     try:
@@ -286,14 +348,10 @@ class ChannelStream:
         except ChannelError as exc:
             cause = self._failure = exc
             if not self._closed:
-                security_event(
-                    "channel_session_error",
-                    component=self._component,
-                    reason=exc.reason,
-                    peer=self.peer_name,
-                    address=self.peer_address,
-                    detail=str(exc),
-                )
+                _log_session_end(self._component, exc, self.peer_name, self.peer_address)
+            pending = self._session.data_to_send()  # a Close record when a limit ended it
+            if pending and not self._writer.is_closing():
+                self._writer.write(pending)
             self._writer.close()
         except Exception as exc:  # a bug here must not leave recv() waiting forever
             log.exception("channel reader for %s failed", self.peer_name)
@@ -336,19 +394,37 @@ async def _handshake(
             raise ChannelError("data before the handshake completed", reason="unexpected_message")
 
 
+def _log_session_end(component: str, exc: ChannelError, peer: str, address: str) -> None:
+    if exc.reason in _ROUTINE_ENDS:
+        log.info("channel session with %s (%s) ended: %s", peer, address, exc)
+        return
+    security_event(
+        "channel_session_error",
+        component=component,
+        reason=exc.reason,
+        peer=peer,
+        address=address,
+        detail=str(exc),
+    )
+
+
 def _session_options(
     kem_provider: KemProvider | str | None,
     rekey_after_records: int,
     rekey_after_seconds: float,
     max_message_size: int,
+    max_session_lifetime: float,
     clock: Callable[[], float],
+    wall_clock: Callable[[], float],
 ) -> dict[str, Any]:
     return {
         "kem": kem_provider,
         "rekey_after_records": rekey_after_records,
         "rekey_after_seconds": rekey_after_seconds,
         "max_message_size": max_message_size,
+        "max_session_lifetime": max_session_lifetime,
         "clock": clock,
+        "wall_clock": wall_clock,
     }
 
 
@@ -363,8 +439,10 @@ async def connect(
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME,
     kem_provider: KemProvider | str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     component: str = "channel",
 ) -> ChannelStream:
     """Open a session to ``server_name`` at host:port, which must prove it holds
@@ -375,7 +453,13 @@ async def connect(
         server_name=server_name,
         server_key=server_key,
         **_session_options(
-            kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+            kem_provider,
+            rekey_after_records,
+            rekey_after_seconds,
+            max_message_size,
+            max_session_lifetime,
+            clock,
+            wall_clock,
         ),
     )
     writer: asyncio.StreamWriter | None = None
@@ -449,8 +533,10 @@ async def serve(
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME,
     kem_provider: KemProvider | str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     stats: ChannelServerStats | None = None,
     component: str = "channel",
 ) -> asyncio.Server:
@@ -480,8 +566,17 @@ async def serve(
     counters = stats if stats is not None else ChannelServerStats()
     pending = _PendingHandshakes(counters)
     options = _session_options(
-        kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+        kem_provider,
+        rekey_after_records,
+        rekey_after_seconds,
+        max_message_size,
+        max_session_lifetime,
+        clock,
+        wall_clock,
     )
+    # one replay cache for every session of this server: a hello admitted on one
+    # connection is refused on any other
+    options["replay_cache"] = HelloReplayCache()
     ChannelSession.server(identity, allowed_clients=allowed, **options)  # validate options now
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
