@@ -816,3 +816,84 @@ async def test_clients_enrolled_or_removed_in_the_live_mapping_apply_to_new_sess
         with pytest.raises(ChannelError):
             await gateway_connect(srv.port)
         assert srv.recorder.peers == ["intruder"]
+
+
+# ------------------------------------------------------------------ trust changes end sessions
+
+
+async def test_removing_a_pinned_client_closes_its_live_session_within_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 14: an un-pinned client's session used to rekey on forever.
+    caplog.set_level(logging.WARNING, logger="pacegate.security")
+    allowed = {"gateway": GATEWAY.public_key}
+    async with running_server(allowed_clients=allowed) as srv:
+        stream = await gateway_connect(srv.port)
+        try:
+            await stream.send(b"pinned")
+            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:pinned"
+            del allowed["gateway"]  # the operator removes it; no traffic follows
+            with pytest.raises(ChannelClosed) as info:
+                await asyncio.wait_for(stream.recv(), WAIT)
+            assert info.value.cause is not None and info.value.cause.reason == "refused_by_peer"
+            cause = await srv.recorder.next_end()
+            assert cause is not None and cause.reason == "client_unpinned"
+        finally:
+            await stream.close()
+    reasons = [getattr(r, "fields", {}).get("reason") for r in caplog.records]
+    assert "client_unpinned" in reasons
+
+
+async def test_a_session_past_its_maximum_lifetime_is_closed_and_the_client_reconnects() -> None:
+    async with running_server(max_session_lifetime=0.5) as srv:
+        stream = await gateway_connect(srv.port)  # the client's own lifetime is the default
+        try:
+            with pytest.raises(ChannelClosed) as info:
+                await asyncio.wait_for(stream.recv(), WAIT)
+            assert info.value.cause is not None and info.value.cause.reason == "session_expired"
+        finally:
+            await stream.close()
+        cause = await srv.recorder.next_end()
+        assert cause is not None and cause.reason == "session_expired"
+        await _round_trip(srv.port, b"re-authenticated")  # a full handshake again
+        assert srv.stats.sessions == 2
+
+
+async def test_server_enforces_its_own_rekey_limits_against_a_lax_client() -> None:
+    # Issue 14: a server configured for 10 records / 1 s sent 101 records over 10,000 s in
+    # epoch 0, because only the client counted. Here the client would never rekey on its own.
+    sent: list[int] = []
+
+    async def chatty(stream: ChannelStream) -> None:
+        for i in range(101):
+            await stream.send(b"s%d" % i)
+        sent.append(stream.epoch)
+        await stream.recv()  # until the client closes
+
+    server = await serve(
+        HOST,
+        0,
+        identity=HOSPITAL,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=chatty,
+        rekey_after_records=10,
+        rekey_after_seconds=1.0,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        stream = await gateway_connect(port, rekey_after_records=10**6, rekey_after_seconds=1e6)
+        try:
+            got = [await asyncio.wait_for(stream.recv(), WAIT) for _ in range(101)]
+            assert got == [b"s%d" % i for i in range(101)]
+            assert stream.epoch >= 5  # at least one key update per 20 server records
+            epoch = stream.epoch
+            # and on time: an idle session is rekeyed once the server's period is over
+            async with asyncio.timeout(WAIT):
+                while stream.epoch == epoch:
+                    await asyncio.sleep(0.05)
+        finally:
+            await stream.close()
+        assert sent and sent[0] >= 5
+    finally:
+        server.close()
+        await server.wait_closed()

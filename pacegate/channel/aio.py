@@ -316,13 +316,13 @@ class ChannelStream:
 
     async def _read_loop(self) -> None:
         cause: ChannelError | None = None
-        epoch = self._session.epoch
+        phase = (self._session.epoch, self._session.state)
         try:
             while True:
                 event = self._session.next_event()
-                if self._session.epoch != epoch:
-                    epoch = self._session.epoch
-                    async with self._rekeyed:
+                if (self._session.epoch, self._session.state) != phase:
+                    phase = (self._session.epoch, self._session.state)
+                    async with self._rekeyed:  # a sender may wait for a key update
                         self._rekeyed.notify_all()
                 pending = self._session.data_to_send()  # key-update answers
                 if pending and not self._writer.is_closing():

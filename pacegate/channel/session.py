@@ -576,7 +576,7 @@ class ChannelSession:
             if payload:
                 raise ChannelError("KeyUpdateDone with a payload", reason="malformed")
             self._recv, self._pending_recv = self._pending_recv, None
-            self._new_epoch_counters()
+            self._epoch_received = 0  # the receive key changes here, the send key did before
         elif ctype is ContentType.KEY_UPDATE_REQUEST:
             if payload:
                 raise ChannelError("KeyUpdateRequest with a payload", reason="malformed")
@@ -769,17 +769,16 @@ class ChannelSession:
         c_ap, s_ap = ks.application_keys(self._master, self.epoch)
         mine, theirs = (c_ap, s_ap) if self.role == Role.CLIENT else (s_ap, c_ap)
         self._send = ks.RecordProtection(mine)
-        if both:
-            self._recv = ks.RecordProtection(theirs)
-        else:
-            self._pending_recv = ks.RecordProtection(theirs)
-        self._new_epoch_counters()
-
-    def _new_epoch_counters(self) -> None:
+        # each counter counts the records of one key: the send key changes now, the
+        # receive key now (both) or at KeyUpdateDone (the server)
         self._epoch_started = self._clock()
         self._epoch_sent = 0
-        self._epoch_received = 0
         self._ku_requested_at = None
+        if both:
+            self._recv = ks.RecordProtection(theirs)
+            self._epoch_received = 0
+        else:
+            self._pending_recv = ks.RecordProtection(theirs)
 
     # ---------------------------------------------------------------- application data
 
@@ -824,7 +823,11 @@ class ChannelSession:
             return False
         if self.role == Role.CLIENT:
             return self.state is State.REKEYING
-        return self.state is State.ESTABLISHED and self._ku_requested_at is not None
+        # the server: it asked and waits for the client's KeyUpdate, or the new key is
+        # already used up before the client's KeyUpdateDone came back
+        return self.state is State.REKEY_RESPONDED or (
+            self.state is State.ESTABLISHED and self._ku_requested_at is not None
+        )
 
     def _maybe_rekey(self) -> None:
         if not self.rekey_due():
