@@ -47,19 +47,24 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # honest RTT, and it bounds what a silent or byte-dribbling connection (slowloris) can hold
 # to 2 s instead of the whole handshake_timeout.
 FIRST_FRAME_TIMEOUT = 2.0
-# Handshakes in progress at once on one server. When it is full, the oldest connection that
-# has not yet sent a whole ClientHello is evicted to make room (an idle socket cannot lock
-# honest clients out); if every pending connection has sent one, the newcomer is refused.
-# A bad handshake costs ~0.2 ms of CPU, an idle one only a socket.
+# Connections that have not yet delivered a ClientHello signed by a pinned client (idle,
+# dribbling, or being read). They have cost the server nothing but a socket, so there is no
+# per-source cap on them: when there are this many, the oldest is evicted for the newcomer.
+# A genuine client's hello is verified a moment after its accept, so a flood would have to
+# open this many connections within that moment to evict it (with a cap of 8 per source, a
+# flood of 16 to 64 connections at a time from the gateway's own address did, issue 9).
+# ~1,024 sockets and their buffers are a few tens of MB at most.
+DEFAULT_MAX_UNVERIFIED_CONNECTIONS = 1024
+# Handshakes past a verified hello (the server has spent a KEM and holds state until
+# ClientAuth or handshake_timeout), in all. Only a pinned client can get here, so these
+# limits bound what a stolen key (or a bug) can hold; beyond them its hello is refused
+# with Alert(busy) before the KEM.
 DEFAULT_MAX_PENDING_HANDSHAKES = 256
-# Handshakes in progress at once from one source address (an IPv6 /64 counts as one). It
-# caps how many slots one host can hold *after* its ClientHello (up to handshake_timeout),
-# so filling a 256-slot server with stalled handshakes takes 32 addresses; at the cap, that
-# source's own oldest connection without a ClientHello is evicted first. Established
-# sessions do not count, only handshakes in flight: a host may hold any number of sessions
-# and only has to avoid starting more than 8 at the very same instant (each pacegate client
-# opens one at a time). Many gateways behind one NAT reconnecting at once may see a few
-# refusals, which they retry like any failed connect (max_pending_per_source raises it).
+# The same from one source address (an IPv6 /64 counts as one). Established sessions do not
+# count, only handshakes in flight: a host may hold any number of sessions and only has to
+# avoid starting more than 8 at the very same instant (each pacegate client opens one at a
+# time). Many gateways behind one NAT reconnecting at once may see a few refusals, which
+# they retry like any failed connect (max_pending_per_source raises it).
 DEFAULT_MAX_PENDING_PER_SOURCE = 8
 _READ_SIZE = 256 * 1024
 # Whole messages decoded but not yet taken by recv(): at most this many, and at most this
@@ -509,7 +514,8 @@ class ChannelServerStats:
     connections: int = 0
     sessions: int = 0
     active_sessions: int = 0
-    pending_handshakes: int = 0
+    pending_handshakes: int = 0  # in flight: with or without a verified hello
+    unverified_connections: int = 0  # of those, without a verified hello yet
     # handshakes in flight by source (address, or IPv6 /64); sources with none are absent
     pending_by_source: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # by reason
@@ -530,6 +536,7 @@ async def serve(
     first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
     max_pending_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
+    max_unverified_connections: int = DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
@@ -546,10 +553,11 @@ async def serve(
     enrols or removes a client for new sessions without a restart.
 
     A connection must deliver its whole ClientHello within ``first_frame_timeout`` and
-    finish the handshake within ``handshake_timeout``. At most ``max_pending_handshakes``
-    handshakes run at once, at most ``max_pending_per_source`` from one address; when
-    either is full the oldest connection still without a ClientHello is evicted (from
-    that source, or from any source) and only if there is none is the newcomer refused."""
+    finish the handshake within ``handshake_timeout``. Of the connections without a verified
+    hello, at most ``max_unverified_connections`` are kept (the oldest is evicted for a
+    newcomer). Past a verified hello, at most ``max_pending_handshakes`` handshakes run at
+    once, at most ``max_pending_per_source`` from one address; beyond that the hello is
+    refused (Alert busy) before the server spends a KEM."""
     for name, value in (
         ("handshake_timeout", handshake_timeout),
         ("first_frame_timeout", first_frame_timeout),
@@ -559,6 +567,7 @@ async def serve(
     for name, count in (
         ("max_pending_handshakes", max_pending_handshakes),
         ("max_pending_per_source", max_pending_per_source),
+        ("max_unverified_connections", max_unverified_connections),
     ):
         if count < 1:
             raise ValueError(f"serve(): {name} must be at least 1, got {count!r}")
@@ -587,18 +596,14 @@ async def serve(
             # start_server would otherwise log the cancellation as an error)
             writer.close()
 
-    def evict(source: str | None, why: str) -> bool:
-        victim = pending.evict_oldest_idle(source)
-        if victim is None:
-            return False
-        _refuse(
-            counters,
-            component,
-            "handshake_evicted",
-            victim.address,
-            f"{why}: closed before its ClientHello to admit a newer connection",
-        )
-        return True
+    def admit(me: _Pending, client: str) -> str | None:
+        """Called by the session once ``client``'s hello is verified, before its KEM."""
+        if pending.verified_from_source(me.source) >= max_pending_per_source:
+            return "handshake_source_limit"
+        if pending.verified >= max_pending_handshakes:
+            return "handshake_limit"
+        pending.mark_verified(me)
+        return None
 
     async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counters.connections += 1
@@ -606,28 +611,26 @@ async def serve(
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         source = source_key(peer[0]) if isinstance(peer, tuple) else "?"
         me = _Pending(source, address, writer)
-        # make room by evicting the oldest connection still without a ClientHello (from
-        # this source at its cap, from anyone when the server is full); refuse if none
-        if pending.from_source(source) >= max_pending_per_source and not evict(
-            source, f"{source} already has {max_pending_per_source} handshakes in flight"
-        ):
-            _refuse(
-                counters,
-                component,
-                "handshake_source_limit",
-                address,
-                f"{max_pending_per_source} handshakes already in flight from {source}",
-            )
-            writer.close()
-            return
-        if len(pending) >= max_pending_handshakes and not evict(
-            None, f"all {max_pending_handshakes} handshake slots in use"
-        ):
-            _refuse(counters, component, "handshake_limit", address, "too many handshakes")
-            writer.close()
-            return
+        # make room by evicting the oldest connection without a verified hello: it has
+        # cost nothing but a socket, and a newcomer is never refused for it
+        if pending.unverified >= max_unverified_connections:
+            victim = pending.evict_oldest_unverified()
+            if victim is not None:
+                _refuse(
+                    counters,
+                    component,
+                    "handshake_evicted",
+                    victim.address,
+                    f"{max_unverified_connections} connections without a verified hello: "
+                    "closed to admit a newer connection",
+                )
         pending.add(me)
-        session = ChannelSession.server(identity, allowed_clients=allowed, **options)
+        session = ChannelSession.server(
+            identity,
+            allowed_clients=allowed,
+            admit=lambda client: admit(me, client),
+            **options,
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         # the first frame has its own, shorter deadline; it is not a separate limit if the
@@ -637,13 +640,13 @@ async def serve(
             async with asyncio.timeout(min(first_frame_timeout, handshake_timeout)) as deadline:
 
                 def on_progress() -> None:
-                    if not me.hello_seen and session.state != State.WAIT_CLIENT_HELLO:
-                        me.hello_seen = True
+                    if not me.rescheduled and session.state != State.WAIT_CLIENT_HELLO:
+                        me.rescheduled = True
                         deadline.reschedule(started + handshake_timeout)
 
                 await _handshake(session, reader, writer, on_progress)
         except TimeoutError:
-            if first_frame_limited and not me.hello_seen:
+            if first_frame_limited and not me.verified:
                 reason, limit = "first_frame_timeout", first_frame_timeout
             else:
                 reason, limit = "handshake_timeout", handshake_timeout
@@ -685,34 +688,52 @@ async def serve(
 class _Pending:
     """One connection whose handshake is in flight."""
 
-    __slots__ = ("address", "evicted", "hello_seen", "source", "writer")
+    __slots__ = ("address", "evicted", "rescheduled", "source", "verified", "writer")
 
     def __init__(self, source: str, address: str, writer: asyncio.StreamWriter) -> None:
         self.source = source
         self.address = address
         self.writer = writer
-        self.hello_seen = False  # a whole ClientHello arrived (it now costs us KEM state)
+        self.verified = False  # its hello is signed by a pinned client (it now holds state)
+        self.rescheduled = False  # its deadline moved from the first frame to the handshake
         self.evicted = False  # closed by us to make room (already counted and logged)
 
 
 class _PendingHandshakes:
-    """The handshakes in flight, oldest first, overall and by source; mirrors its counts
-    into the server's stats."""
+    """The handshakes in flight, oldest first, overall and by source, and how many of them
+    are past a verified hello; mirrors its counts into the server's stats."""
 
     def __init__(self, counters: ChannelServerStats) -> None:
         self._counters = counters
         self._all: dict[_Pending, None] = {}  # insertion-ordered: oldest first
         self._by_source: dict[str, dict[_Pending, None]] = {}
+        self.verified = 0
+        self._verified_by_source: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._all)
 
+    @property
+    def unverified(self) -> int:
+        return len(self._all) - self.verified
+
     def from_source(self, source: str) -> int:
         return len(self._by_source.get(source, ()))
+
+    def verified_from_source(self, source: str) -> int:
+        return self._verified_by_source.get(source, 0)
 
     def add(self, entry: _Pending) -> None:
         self._all[entry] = None
         self._by_source.setdefault(entry.source, {})[entry] = None
+        self._sync(entry.source)
+
+    def mark_verified(self, entry: _Pending) -> None:
+        if entry.verified or entry not in self._all:
+            return
+        entry.verified = True
+        self.verified += 1
+        self._verified_by_source[entry.source] = self.verified_from_source(entry.source) + 1
         self._sync(entry.source)
 
     def remove(self, entry: _Pending) -> None:
@@ -724,13 +745,18 @@ class _PendingHandshakes:
             group.pop(entry, None)
             if not group:
                 del self._by_source[entry.source]
+        if entry.verified:
+            self.verified -= 1
+            left = self.verified_from_source(entry.source) - 1
+            if left:
+                self._verified_by_source[entry.source] = left
+            else:
+                self._verified_by_source.pop(entry.source, None)
         self._sync(entry.source)
 
-    def evict_oldest_idle(self, source: str | None) -> _Pending | None:
-        """Close and return the oldest connection (from ``source``, or from any) that has
-        not sent a whole ClientHello; None if there is none."""
-        candidates = self._all if source is None else self._by_source.get(source, {})
-        victim = next((e for e in candidates if not e.hello_seen), None)
+    def evict_oldest_unverified(self) -> _Pending | None:
+        """Close and return the oldest connection without a verified hello, or None."""
+        victim = next((e for e in self._all if not e.verified), None)
         if victim is None:
             return None
         victim.evicted = True
@@ -740,6 +766,7 @@ class _PendingHandshakes:
 
     def _sync(self, source: str) -> None:
         self._counters.pending_handshakes = len(self._all)
+        self._counters.unverified_connections = self.unverified
         n = self.from_source(source)
         if n:
             self._counters.pending_by_source[source] = n

@@ -163,6 +163,8 @@ _ALERTS: Final = {
     "stale_hello": AlertReason.STALE_HELLO,
     "replayed_hello": AlertReason.STALE_HELLO,
     "hello_rate_limit": AlertReason.BUSY,
+    "handshake_source_limit": AlertReason.BUSY,
+    "handshake_limit": AlertReason.BUSY,
     "unsupported_version": AlertReason.UNSUPPORTED,
     "unsupported_suite": AlertReason.UNSUPPORTED,
 }
@@ -197,6 +199,7 @@ class ChannelSession:
         wall_clock: Callable[[], float] = time.time,
         entropy: ks.Entropy = ks.SYSTEM_ENTROPY,
         replay_cache: HelloReplayCache | None = None,
+        admit: Callable[[str], str | None] | None = None,
         offer_versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         offer_suites: tuple[int, ...] = SUPPORTED_SUITES,
     ) -> None:
@@ -250,6 +253,9 @@ class ChannelSession:
         self._wall_clock = wall_clock
         self._entropy = entropy
         self._replay_cache = replay_cache if replay_cache is not None else HelloReplayCache()
+        # server: the adapter's last word on a verified hello (its connection limits),
+        # asked before the KEM; returns a refusal reason or None
+        self._admit = admit
         self._offer_versions = offer_versions
         self._offer_suites = offer_suites
         self._table = CLIENT_TRANSITIONS if role == Role.CLIENT else SERVER_TRANSITIONS
@@ -652,6 +658,11 @@ class ChannelSession:
                 reason="bad_signature",
             )
         self._replay_cache.admit(hello.client_name, hello.random, hello_time)
+        if self._admit is not None and (refusal := self._admit(hello.client_name)) is not None:
+            raise ChannelError(
+                f"hello of {hello.client_name!r} refused: too many handshakes in flight",
+                reason=refusal,
+            )
         self._hello_client = hello.client_name
         return hello, max(common), suite
 
