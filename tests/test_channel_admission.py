@@ -270,22 +270,27 @@ async def flood(sources: list[str], per_source: int, port: int, done: asyncio.Ev
             except OSError:
                 await asyncio.sleep(0.01)
                 continue
-            if slot % 4:
-                writer.write(forged[(slot + opened) % len(forged)])
             try:
-                await asyncio.wait_for(reader.read(), WAIT)  # until the server hangs up
-            except (OSError, TimeoutError):
+                if slot % 4:
+                    writer.write(forged[(slot + opened) % len(forged)])
+                # until the server hangs up, or the test is over (never cancelled, so that
+                # no socket is left to the garbage collector)
+                while not done.is_set():
+                    try:
+                        if not await asyncio.wait_for(reader.read(65536), 0.2):
+                            break
+                    except TimeoutError:
+                        continue
+            except OSError:
                 pass
             finally:
                 writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
     tasks = [asyncio.create_task(attacker(src, i)) for src in sources for i in range(per_source)]
-    try:
-        await done.wait()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await done.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_concurrent_flood_from_the_genuine_clients_address_does_not_stop_it() -> None:
