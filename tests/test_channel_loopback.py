@@ -314,7 +314,9 @@ async def test_server_with_another_pinned_name_is_refused_by_the_client() -> Non
     async with running_server() as srv:
         with pytest.raises(ChannelError) as info:
             await gateway_connect(srv.port, server_name="cloud")
-        assert info.value.reason == "bad_server_identity"
+        # the hello names the server the client meant: the server refuses it at once
+        assert info.value.reason == "refused_by_peer"
+        assert srv.stats.refused == {"wrong_server": 1} and srv.stats.sessions == 0
 
 
 # ------------------------------------------------------------------ downgrade
@@ -455,7 +457,7 @@ async def _valid_client_hello() -> bytes:
 async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hello = await _valid_client_hello()
+    hello, other_hello = await _valid_client_hello(), await _valid_client_hello()
     garbage = [
         b"GET / HTTP/1.1\r\nHost: hospital\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100),  # a TLS ClientHello
@@ -464,15 +466,15 @@ async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
         b"\x17\x00\x00\x00\x10" + bytes(16),  # a record before any handshake
         hello[:200],  # half a hello, then EOF
         hello + b"\x17\x00\x00\x00\x20" + bytes(32),  # a hello, then a forged record
-        hello[:-1] + bytes([hello[-1] ^ 1]),  # a hello with a corrupted ML-KEM key
+        other_hello[:-1] + bytes([other_hello[-1] ^ 1]),  # a hello with a corrupted signature
         b"",  # connect and close at once
     ]
     caplog.set_level(logging.WARNING, logger="pacegate.security")
     async with running_server() as srv:
         answers = await asyncio.gather(*(_send_raw(srv.port, g) for g in garbage))
-        # nothing readable came back, except ServerHellos to the well-formed hellos
+        # nothing readable came back, except a ServerHello or an Alert to well-formed hellos
         for g, answer in zip(garbage, answers, strict=True):
-            assert answer == b"" or (g.startswith(hello[:5]) and answer[:1] == b"\x02")
+            assert answer == b"" or (g.startswith(hello[:5]) and answer[:1] in (b"\x02", b"\x15"))
         # the server still serves a real gateway afterwards
         stream = await gateway_connect(srv.port)
         await stream.send(b"still alive")
@@ -546,27 +548,28 @@ async def test_idle_connections_beyond_the_server_limit_cannot_lock_out_a_genuin
 ) -> None:
     # F3: 256 connections that send nothing used to hold every handshake slot for the whole
     # handshake_timeout, and the genuine gateway was refused (handshake_limit).
-    async with running_server(handshake_timeout=WAIT * 3, first_frame_timeout=WAIT * 3) as srv:
+    async with running_server(
+        handshake_timeout=WAIT * 3, first_frame_timeout=WAIT * 3, max_unverified_connections=256
+    ) as srv:
         sources = [f"127.0.0.{2 + i // 8}" if spread else HOST for i in range(320)]
         idle = [await _open_from(src, srv.port) for src in sources]
         try:
             await _until(lambda: srv.stats.connections == len(idle))
-            if spread:  # 40 hosts x 8: the server is full, the 64 oldest were evicted
-                assert srv.stats.pending_handshakes == 256
-            else:  # one host: only its per-source cap is held
-                assert srv.stats.pending_by_source == {HOST: 8}
-            evicted = len(idle) - (256 if spread else 8)
-            assert srv.stats.refused == {"handshake_evicted": evicted}
+            # no per-source cap on idle sockets; the server keeps 256, the 64 oldest went
+            assert srv.stats.pending_handshakes == srv.stats.unverified_connections == 256
+            assert srv.stats.refused == {"handshake_evicted": 64}
             # the genuine gateway (from 127.0.0.1, like the same-source flood) gets in at once
             await _round_trip(srv.port, b"still reachable")
             assert srv.stats.sessions == 1
-            assert srv.stats.refused == {"handshake_evicted": evicted + 1}  # made room for it
+            assert srv.stats.refused == {"handshake_evicted": 65}  # made room for it
         finally:
             for _, w in idle:
                 w.close()
 
 
 async def test_one_source_cannot_hold_more_than_the_per_source_cap() -> None:
+    # Past a verified hello (only a pinned client gets there) one address holds at most
+    # max_pending_per_source handshakes; idle sockets do not count against it.
     async with running_server(
         handshake_timeout=WAIT * 3, first_frame_timeout=WAIT * 3, max_pending_per_source=4
     ) as srv:
@@ -574,20 +577,16 @@ async def test_one_source_cannot_hold_more_than_the_per_source_cap() -> None:
         stalled: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         try:
             await _until(lambda: srv.stats.connections == 10)
-            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
-            assert srv.stats.refused == {"handshake_evicted": 6}
-            # the oldest were evicted: the first six see the server hang up
-            assert await asyncio.gather(*(_read_until_closed(r) for r, _ in idle[:6])) == [b""] * 6
-            # four genuine hellos that then stall replace the four idle ones...
+            assert srv.stats.pending_by_source == {"127.0.0.2": 10}
             stalled = [await _stalled_after_hello("127.0.0.2", srv.port) for _ in range(4)]
-            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
-            assert srv.stats.refused == {"handshake_evicted": 10}
-            # ...and once the source's cap holds only hellos, a fifth is refused outright
+            assert srv.stats.pending_by_source == {"127.0.0.2": 14}
+            # a fifth verified hello from the same address is refused before its KEM
             reader, writer = await _open_from("127.0.0.2", srv.port)
             stalled.append((reader, writer))
-            assert await _read_until_closed(reader) == b""
-            assert srv.stats.refused == {"handshake_evicted": 10, "handshake_source_limit": 1}
-            assert srv.stats.pending_by_source == {"127.0.0.2": 4}
+            writer.write(await _valid_client_hello())
+            answer = await _read_until_closed(reader)
+            assert answer == bytes([FrameType.ALERT]) + b"\x00\x00\x00\x01\x03"  # busy
+            assert srv.stats.refused == {"handshake_source_limit": 1}
             # another host is not affected
             await _round_trip(srv.port, b"other host")
         finally:
@@ -601,8 +600,8 @@ async def test_full_server_of_stalled_hellos_refuses_the_newcomer_and_recovers()
         try:
             assert srv.stats.pending_handshakes == 4
             with pytest.raises(ChannelError) as info:
-                await gateway_connect(srv.port)  # nothing to evict: every slot sent a hello
-            assert info.value.reason == "handshake_eof"
+                await gateway_connect(srv.port)  # every slot holds a verified, stalled hello
+            assert info.value.reason == "refused_by_peer"  # Alert(busy), before any KEM
             assert srv.stats.refused == {"handshake_limit": 1}
             for _, w in stalled:
                 w.close()
@@ -814,3 +813,84 @@ async def test_clients_enrolled_or_removed_in_the_live_mapping_apply_to_new_sess
         with pytest.raises(ChannelError):
             await gateway_connect(srv.port)
         assert srv.recorder.peers == ["intruder"]
+
+
+# ------------------------------------------------------------------ trust changes end sessions
+
+
+async def test_removing_a_pinned_client_closes_its_live_session_within_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 14: an un-pinned client's session used to rekey on forever.
+    caplog.set_level(logging.WARNING, logger="pacegate.security")
+    allowed = {"gateway": GATEWAY.public_key}
+    async with running_server(allowed_clients=allowed) as srv:
+        stream = await gateway_connect(srv.port)
+        try:
+            await stream.send(b"pinned")
+            assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:pinned"
+            del allowed["gateway"]  # the operator removes it; no traffic follows
+            with pytest.raises(ChannelClosed) as info:
+                await asyncio.wait_for(stream.recv(), WAIT)
+            assert info.value.cause is not None and info.value.cause.reason == "refused_by_peer"
+            cause = await srv.recorder.next_end()
+            assert cause is not None and cause.reason == "client_unpinned"
+        finally:
+            await stream.close()
+    reasons = [getattr(r, "fields", {}).get("reason") for r in caplog.records]
+    assert "client_unpinned" in reasons
+
+
+async def test_a_session_past_its_maximum_lifetime_is_closed_and_the_client_reconnects() -> None:
+    async with running_server(max_session_lifetime=0.5) as srv:
+        stream = await gateway_connect(srv.port)  # the client's own lifetime is the default
+        try:
+            with pytest.raises(ChannelClosed) as info:
+                await asyncio.wait_for(stream.recv(), WAIT)
+            assert info.value.cause is not None and info.value.cause.reason == "session_expired"
+        finally:
+            await stream.close()
+        cause = await srv.recorder.next_end()
+        assert cause is not None and cause.reason == "session_expired"
+        await _round_trip(srv.port, b"re-authenticated")  # a full handshake again
+        assert srv.stats.sessions == 2
+
+
+async def test_server_enforces_its_own_rekey_limits_against_a_lax_client() -> None:
+    # Issue 14: a server configured for 10 records / 1 s sent 101 records over 10,000 s in
+    # epoch 0, because only the client counted. Here the client would never rekey on its own.
+    sent: list[int] = []
+
+    async def chatty(stream: ChannelStream) -> None:
+        for i in range(101):
+            await stream.send(b"s%d" % i)
+        sent.append(stream.epoch)
+        await stream.recv()  # until the client closes
+
+    server = await serve(
+        HOST,
+        0,
+        identity=HOSPITAL,
+        allowed_clients={"gateway": GATEWAY.public_key},
+        on_session=chatty,
+        rekey_after_records=10,
+        rekey_after_seconds=1.0,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        stream = await gateway_connect(port, rekey_after_records=10**6, rekey_after_seconds=1e6)
+        try:
+            got = [await asyncio.wait_for(stream.recv(), WAIT) for _ in range(101)]
+            assert got == [b"s%d" % i for i in range(101)]
+            assert stream.epoch >= 5  # at least one key update per 20 server records
+            epoch = stream.epoch
+            # and on time: an idle session is rekeyed once the server's period is over
+            async with asyncio.timeout(WAIT):
+                while stream.epoch == epoch:
+                    await asyncio.sleep(0.05)
+        finally:
+            await stream.close()
+        assert sent and sent[0] >= 5
+    finally:
+        server.close()
+        await server.wait_closed()

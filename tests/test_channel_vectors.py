@@ -34,7 +34,7 @@ def _extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 def _expand(secret: bytes, label: str, ctx: bytes, n: int) -> bytes:
-    info = b"pacegate-channel v1 " + label.encode() + struct.pack(">H", len(ctx)) + ctx
+    info = b"pacegate-channel v2 " + label.encode() + struct.pack(">H", len(ctx)) + ctx
     out, block, i = b"", b"", 1
     while len(out) < n:
         block = hmac.new(secret, block + info + bytes([i]), hashlib.sha256).digest()
@@ -44,7 +44,7 @@ def _expand(secret: bytes, label: str, ctx: bytes, n: int) -> bytes:
 
 
 def doc_schedule() -> dict[str, bytes]:
-    hs = _extract(b"pacegate-channel v1", V["shared"] + V["th_hello"])
+    hs = _extract(b"pacegate-channel v2", V["shared"] + V["th_hello"])
     master = _expand(hs, "master", V["th_full"], 32)
     e0, e1 = struct.pack(">I", 0), struct.pack(">I", 1)
     master1 = _extract(_expand(master, "rekey", V["th_ku"], 32), V["shared_rekey"] + V["th_ku"])

@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacegate.channel.admission import HelloReplayCache
 from pacegate.channel.errors import ChannelClosed, ChannelError
 from pacegate.channel.identity import ChannelIdentity, ChannelPublicKey
 from pacegate.channel.kem import KemProvider
 from pacegate.channel.session import (
+    DEFAULT_MAX_SESSION_LIFETIME,
     DEFAULT_REKEY_AFTER_RECORDS,
     DEFAULT_REKEY_AFTER_SECONDS,
     MAX_MESSAGE_SIZE,
@@ -32,6 +34,7 @@ from pacegate.channel.session import (
     SessionStats,
 )
 from pacegate.channel.states import State
+from pacegate.channel.wire import CloseReason
 from pacegate.errors import LocalProtocolError
 from pacegate.log import security_event
 from pacegate.peers import source_key
@@ -44,19 +47,24 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # honest RTT, and it bounds what a silent or byte-dribbling connection (slowloris) can hold
 # to 2 s instead of the whole handshake_timeout.
 FIRST_FRAME_TIMEOUT = 2.0
-# Handshakes in progress at once on one server. When it is full, the oldest connection that
-# has not yet sent a whole ClientHello is evicted to make room (an idle socket cannot lock
-# honest clients out); if every pending connection has sent one, the newcomer is refused.
-# A bad handshake costs ~0.2 ms of CPU, an idle one only a socket.
+# Connections that have not yet delivered a ClientHello signed by a pinned client (idle,
+# dribbling, or being read). They have cost the server nothing but a socket, so there is no
+# per-source cap on them: when there are this many, the oldest is evicted for the newcomer.
+# A genuine client's hello is verified a moment after its accept, so a flood would have to
+# open this many connections within that moment to evict it (with a cap of 8 per source, a
+# flood of 16 to 64 connections at a time from the gateway's own address did, issue 9).
+# ~1,024 sockets and their buffers are a few tens of MB at most.
+DEFAULT_MAX_UNVERIFIED_CONNECTIONS = 1024
+# Handshakes past a verified hello (the server has spent a KEM and holds state until
+# ClientAuth or handshake_timeout), in all. Only a pinned client can get here, so these
+# limits bound what a stolen key (or a bug) can hold; beyond them its hello is refused
+# with Alert(busy) before the KEM.
 DEFAULT_MAX_PENDING_HANDSHAKES = 256
-# Handshakes in progress at once from one source address (an IPv6 /64 counts as one). It
-# caps how many slots one host can hold *after* its ClientHello (up to handshake_timeout),
-# so filling a 256-slot server with stalled handshakes takes 32 addresses; at the cap, that
-# source's own oldest connection without a ClientHello is evicted first. Established
-# sessions do not count, only handshakes in flight: a host may hold any number of sessions
-# and only has to avoid starting more than 8 at the very same instant (each pacegate client
-# opens one at a time). Many gateways behind one NAT reconnecting at once may see a few
-# refusals, which they retry like any failed connect (max_pending_per_source raises it).
+# The same from one source address (an IPv6 /64 counts as one). Established sessions do not
+# count, only handshakes in flight: a host may hold any number of sessions and only has to
+# avoid starting more than 8 at the very same instant (each pacegate client opens one at a
+# time). Many gateways behind one NAT reconnecting at once may see a few refusals, which
+# they retry like any failed connect (max_pending_per_source raises it).
 DEFAULT_MAX_PENDING_PER_SOURCE = 8
 _READ_SIZE = 256 * 1024
 # Whole messages decoded but not yet taken by recv(): at most this many, and at most this
@@ -65,8 +73,20 @@ _READ_SIZE = 256 * 1024
 _INBOX_SIZE = 64
 _INBOX_BYTES = 32 * 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT = 2.0
-# How often an idle client checks whether its key is due for replacement.
+# How often a session applies its time-driven rules without traffic (rekey on time,
+# maximum lifetime, rekey grace): a quarter of the shortest period, within these bounds.
 _MIN_TIMER, _MAX_TIMER = 0.05, 30.0
+# A server checks at least this often that each session's client is still pinned, so that
+# removing it from allowed_clients closes its live sessions within about a second.
+TRUST_CHECK_INTERVAL = 1.0
+# Session ends that are routine (logged at info); every other reason is a security event.
+_ROUTINE_ENDS = frozenset({"session_expired"})
+# What the peer's Close reason means for this end (None: a clean close).
+_PEER_CLOSE_CAUSES = {
+    CloseReason.UNAUTHORIZED: ("refused_by_peer", "the peer no longer accepts this session"),
+    CloseReason.EXPIRED: ("session_expired", "the peer ended the session at a limit"),
+    CloseReason.PROTOCOL_ERROR: ("refused_by_peer", "the peer closed on a protocol error"),
+}
 
 
 class _End:
@@ -106,17 +126,18 @@ class ChannelStream:
         self._closed = False
         self._end: _End | None = None
         self._failure: ChannelError | None = None  # set by the reader the moment it fails
+        self._local_end: ChannelError | None = None  # a limit of ours ended the session
         loop = asyncio.get_running_loop()
         self._reader_task = loop.create_task(
             self._read_loop(), name=f"channel-reader-{self.peer_name}"
         )
-        # The client also rekeys an idle session on time, so that a key never outlives
-        # rekey_after_seconds in memory (forward secrecy for what it protected before).
-        self._timer_task: asyncio.Task[None] | None = None
-        if session.role == "client":
-            self._timer_task = loop.create_task(
-                self._rekey_timer(), name=f"channel-rekey-{self.peer_name}"
-            )
+        # Both ends apply the time rules to an idle session too: the client rekeys on time
+        # (a key never outlives rekey_after_seconds in memory), the server asks for a rekey,
+        # checks that the client is still pinned, and either ends the session at its
+        # maximum lifetime.
+        self._timer_task: asyncio.Task[None] | None = loop.create_task(
+            self._session_timer(), name=f"channel-timer-{self.peer_name}"
+        )
 
     @property
     def stats(self) -> SessionStats:
@@ -149,6 +170,9 @@ class ChannelStream:
             if not self._session.established:
                 raise ChannelClosed(f"channel closed: {exc}") from None
             raise
+        except ChannelError as exc:  # a limit of ours ended the session
+            await self._end_locally(exc)
+            raise ChannelClosed(str(exc), cause=exc) from None
         await self._write(data)
 
     async def _wait_for_rekey(self) -> None:
@@ -179,6 +203,8 @@ class ChannelStream:
         """The next whole message; :class:`ChannelClosed` at EOF, after an error or close."""
         if self._end is not None and self._inbox.empty():
             raise ChannelClosed("channel closed", cause=self._end.cause)
+        if self._local_end is not None and self._inbox.empty():
+            raise ChannelClosed(str(self._local_end), cause=self._local_end)
         if self._closed:
             raise ChannelClosed("channel closed by us")
         item = await self._inbox.get()
@@ -249,22 +275,59 @@ class ChannelStream:
         except OSError as exc:
             raise ChannelClosed(f"connection lost: {exc}", cause=self._failure) from None
 
-    async def _rekey_timer(self) -> None:
-        interval = min(max(self._session.rekey_after_seconds / 4, _MIN_TIMER), _MAX_TIMER)
+    async def _session_timer(self) -> None:
+        session = self._session
+        periods = [session.rekey_after_seconds, session.max_session_lifetime, session.rekey_grace]
+        if session.role == "server":
+            periods.append(4 * TRUST_CHECK_INTERVAL)
+        interval = min(max(min(periods) / 4, _MIN_TIMER), _MAX_TIMER)
         while not self.closed:
             await asyncio.sleep(interval)
-            if self._session.rekey_due() and not self._writer.is_closing():
-                self._writer.write(self._session.request_rekey())
+            if self._writer.is_closing():
+                return
+            try:
+                data = session.poll()
+            except ChannelError as exc:
+                await self._end_locally(exc)
+                return
+            if data:
+                self._writer.write(data)
+
+    async def _end_locally(self, exc: ChannelError) -> None:
+        """A limit of ours (lifetime, trust, rekey, key exhaustion) ended the session: tell
+        the peer (the session queued a Close record), log once, stop the reader and wake
+        anyone waiting in recv()."""
+        if self._local_end is not None or self._closed:
+            return
+        self._local_end = self._failure = exc
+        _log_session_end(self._component, exc, self.peer_name, self.peer_address)
+        data = self._session.data_to_send()
+        try:
+            if data and not self._writer.is_closing():
+                self._writer.write(data)
+                async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                    await self._writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        self._writer.close()
+        if asyncio.current_task() is not self._reader_task:
+            self._reader_task.cancel()
+        if self._timer_task is not None and asyncio.current_task() is not self._timer_task:
+            self._timer_task.cancel()
+        async with self._rekeyed:
+            self._rekeyed.notify_all()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait(_End(exc))
 
     async def _read_loop(self) -> None:
         cause: ChannelError | None = None
-        epoch = self._session.epoch
+        phase = (self._session.epoch, self._session.state)
         try:
             while True:
                 event = self._session.next_event()
-                if self._session.epoch != epoch:
-                    epoch = self._session.epoch
-                    async with self._rekeyed:
+                if (self._session.epoch, self._session.state) != phase:
+                    phase = (self._session.epoch, self._session.state)
+                    async with self._rekeyed:  # a sender may wait for a key update
                         self._rekeyed.notify_all()
                 pending = self._session.data_to_send()  # key-update answers
                 if pending and not self._writer.is_closing():
@@ -276,6 +339,10 @@ class ChannelStream:
                         self._inbox_drained.clear()
                         await self._inbox_drained.wait()
                 elif isinstance(event, PeerClosed):
+                    meaning = _PEER_CLOSE_CAUSES.get(event.reason)  # type: ignore[call-overload]
+                    if meaning is not None:
+                        cause = self._failure = ChannelError(meaning[1], reason=meaning[0])
+                        _log_session_end(self._component, cause, self.peer_name, self.peer_address)
                     break
                 elif event is NEED_DATA:
                     try:
@@ -286,14 +353,10 @@ class ChannelStream:
         except ChannelError as exc:
             cause = self._failure = exc
             if not self._closed:
-                security_event(
-                    "channel_session_error",
-                    component=self._component,
-                    reason=exc.reason,
-                    peer=self.peer_name,
-                    address=self.peer_address,
-                    detail=str(exc),
-                )
+                _log_session_end(self._component, exc, self.peer_name, self.peer_address)
+            pending = self._session.data_to_send()  # a Close record when a limit ended it
+            if pending and not self._writer.is_closing():
+                self._writer.write(pending)
             self._writer.close()
         except Exception as exc:  # a bug here must not leave recv() waiting forever
             log.exception("channel reader for %s failed", self.peer_name)
@@ -336,19 +399,37 @@ async def _handshake(
             raise ChannelError("data before the handshake completed", reason="unexpected_message")
 
 
+def _log_session_end(component: str, exc: ChannelError, peer: str, address: str) -> None:
+    if exc.reason in _ROUTINE_ENDS:
+        log.info("channel session with %s (%s) ended: %s", peer, address, exc)
+        return
+    security_event(
+        "channel_session_error",
+        component=component,
+        reason=exc.reason,
+        peer=peer,
+        address=address,
+        detail=str(exc),
+    )
+
+
 def _session_options(
     kem_provider: KemProvider | str | None,
     rekey_after_records: int,
     rekey_after_seconds: float,
     max_message_size: int,
+    max_session_lifetime: float,
     clock: Callable[[], float],
+    wall_clock: Callable[[], float],
 ) -> dict[str, Any]:
     return {
         "kem": kem_provider,
         "rekey_after_records": rekey_after_records,
         "rekey_after_seconds": rekey_after_seconds,
         "max_message_size": max_message_size,
+        "max_session_lifetime": max_session_lifetime,
         "clock": clock,
+        "wall_clock": wall_clock,
     }
 
 
@@ -363,8 +444,10 @@ async def connect(
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME,
     kem_provider: KemProvider | str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     component: str = "channel",
 ) -> ChannelStream:
     """Open a session to ``server_name`` at host:port, which must prove it holds
@@ -375,7 +458,13 @@ async def connect(
         server_name=server_name,
         server_key=server_key,
         **_session_options(
-            kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+            kem_provider,
+            rekey_after_records,
+            rekey_after_seconds,
+            max_message_size,
+            max_session_lifetime,
+            clock,
+            wall_clock,
         ),
     )
     writer: asyncio.StreamWriter | None = None
@@ -425,7 +514,8 @@ class ChannelServerStats:
     connections: int = 0
     sessions: int = 0
     active_sessions: int = 0
-    pending_handshakes: int = 0
+    pending_handshakes: int = 0  # in flight: with or without a verified hello
+    unverified_connections: int = 0  # of those, without a verified hello yet
     # handshakes in flight by source (address, or IPv6 /64); sources with none are absent
     pending_by_source: dict[str, int] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # by reason
@@ -446,11 +536,14 @@ async def serve(
     first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
     max_pending_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE,
+    max_unverified_connections: int = DEFAULT_MAX_UNVERIFIED_CONNECTIONS,
     rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
     rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME,
     kem_provider: KemProvider | str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     stats: ChannelServerStats | None = None,
     component: str = "channel",
 ) -> asyncio.Server:
@@ -460,10 +553,11 @@ async def serve(
     enrols or removes a client for new sessions without a restart.
 
     A connection must deliver its whole ClientHello within ``first_frame_timeout`` and
-    finish the handshake within ``handshake_timeout``. At most ``max_pending_handshakes``
-    handshakes run at once, at most ``max_pending_per_source`` from one address; when
-    either is full the oldest connection still without a ClientHello is evicted (from
-    that source, or from any source) and only if there is none is the newcomer refused."""
+    finish the handshake within ``handshake_timeout``. Of the connections without a verified
+    hello, at most ``max_unverified_connections`` are kept (the oldest is evicted for a
+    newcomer). Past a verified hello, at most ``max_pending_handshakes`` handshakes run at
+    once, at most ``max_pending_per_source`` from one address; beyond that the hello is
+    refused (Alert busy) before the server spends a KEM."""
     for name, value in (
         ("handshake_timeout", handshake_timeout),
         ("first_frame_timeout", first_frame_timeout),
@@ -473,6 +567,7 @@ async def serve(
     for name, count in (
         ("max_pending_handshakes", max_pending_handshakes),
         ("max_pending_per_source", max_pending_per_source),
+        ("max_unverified_connections", max_unverified_connections),
     ):
         if count < 1:
             raise ValueError(f"serve(): {name} must be at least 1, got {count!r}")
@@ -480,8 +575,17 @@ async def serve(
     counters = stats if stats is not None else ChannelServerStats()
     pending = _PendingHandshakes(counters)
     options = _session_options(
-        kem_provider, rekey_after_records, rekey_after_seconds, max_message_size, clock
+        kem_provider,
+        rekey_after_records,
+        rekey_after_seconds,
+        max_message_size,
+        max_session_lifetime,
+        clock,
+        wall_clock,
     )
+    # one replay cache for every session of this server: a hello admitted on one
+    # connection is refused on any other
+    options["replay_cache"] = HelloReplayCache()
     ChannelSession.server(identity, allowed_clients=allowed, **options)  # validate options now
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -492,18 +596,14 @@ async def serve(
             # start_server would otherwise log the cancellation as an error)
             writer.close()
 
-    def evict(source: str | None, why: str) -> bool:
-        victim = pending.evict_oldest_idle(source)
-        if victim is None:
-            return False
-        _refuse(
-            counters,
-            component,
-            "handshake_evicted",
-            victim.address,
-            f"{why}: closed before its ClientHello to admit a newer connection",
-        )
-        return True
+    def admit(me: _Pending, client: str) -> str | None:
+        """Called by the session once ``client``'s hello is verified, before its KEM."""
+        if pending.verified_from_source(me.source) >= max_pending_per_source:
+            return "handshake_source_limit"
+        if pending.verified >= max_pending_handshakes:
+            return "handshake_limit"
+        pending.mark_verified(me)
+        return None
 
     async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counters.connections += 1
@@ -511,28 +611,26 @@ async def serve(
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         source = source_key(peer[0]) if isinstance(peer, tuple) else "?"
         me = _Pending(source, address, writer)
-        # make room by evicting the oldest connection still without a ClientHello (from
-        # this source at its cap, from anyone when the server is full); refuse if none
-        if pending.from_source(source) >= max_pending_per_source and not evict(
-            source, f"{source} already has {max_pending_per_source} handshakes in flight"
-        ):
-            _refuse(
-                counters,
-                component,
-                "handshake_source_limit",
-                address,
-                f"{max_pending_per_source} handshakes already in flight from {source}",
-            )
-            writer.close()
-            return
-        if len(pending) >= max_pending_handshakes and not evict(
-            None, f"all {max_pending_handshakes} handshake slots in use"
-        ):
-            _refuse(counters, component, "handshake_limit", address, "too many handshakes")
-            writer.close()
-            return
+        # make room by evicting the oldest connection without a verified hello: it has
+        # cost nothing but a socket, and a newcomer is never refused for it
+        if pending.unverified >= max_unverified_connections:
+            victim = pending.evict_oldest_unverified()
+            if victim is not None:
+                _refuse(
+                    counters,
+                    component,
+                    "handshake_evicted",
+                    victim.address,
+                    f"{max_unverified_connections} connections without a verified hello: "
+                    "closed to admit a newer connection",
+                )
         pending.add(me)
-        session = ChannelSession.server(identity, allowed_clients=allowed, **options)
+        session = ChannelSession.server(
+            identity,
+            allowed_clients=allowed,
+            admit=lambda client: admit(me, client),
+            **options,
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         # the first frame has its own, shorter deadline; it is not a separate limit if the
@@ -542,13 +640,13 @@ async def serve(
             async with asyncio.timeout(min(first_frame_timeout, handshake_timeout)) as deadline:
 
                 def on_progress() -> None:
-                    if not me.hello_seen and session.state != State.WAIT_CLIENT_HELLO:
-                        me.hello_seen = True
+                    if not me.rescheduled and session.state != State.WAIT_CLIENT_HELLO:
+                        me.rescheduled = True
                         deadline.reschedule(started + handshake_timeout)
 
                 await _handshake(session, reader, writer, on_progress)
         except TimeoutError:
-            if first_frame_limited and not me.hello_seen:
+            if first_frame_limited and not me.verified:
                 reason, limit = "first_frame_timeout", first_frame_timeout
             else:
                 reason, limit = "handshake_timeout", handshake_timeout
@@ -590,34 +688,52 @@ async def serve(
 class _Pending:
     """One connection whose handshake is in flight."""
 
-    __slots__ = ("address", "evicted", "hello_seen", "source", "writer")
+    __slots__ = ("address", "evicted", "rescheduled", "source", "verified", "writer")
 
     def __init__(self, source: str, address: str, writer: asyncio.StreamWriter) -> None:
         self.source = source
         self.address = address
         self.writer = writer
-        self.hello_seen = False  # a whole ClientHello arrived (it now costs us KEM state)
+        self.verified = False  # its hello is signed by a pinned client (it now holds state)
+        self.rescheduled = False  # its deadline moved from the first frame to the handshake
         self.evicted = False  # closed by us to make room (already counted and logged)
 
 
 class _PendingHandshakes:
-    """The handshakes in flight, oldest first, overall and by source; mirrors its counts
-    into the server's stats."""
+    """The handshakes in flight, oldest first, overall and by source, and how many of them
+    are past a verified hello; mirrors its counts into the server's stats."""
 
     def __init__(self, counters: ChannelServerStats) -> None:
         self._counters = counters
         self._all: dict[_Pending, None] = {}  # insertion-ordered: oldest first
         self._by_source: dict[str, dict[_Pending, None]] = {}
+        self.verified = 0
+        self._verified_by_source: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._all)
 
+    @property
+    def unverified(self) -> int:
+        return len(self._all) - self.verified
+
     def from_source(self, source: str) -> int:
         return len(self._by_source.get(source, ()))
+
+    def verified_from_source(self, source: str) -> int:
+        return self._verified_by_source.get(source, 0)
 
     def add(self, entry: _Pending) -> None:
         self._all[entry] = None
         self._by_source.setdefault(entry.source, {})[entry] = None
+        self._sync(entry.source)
+
+    def mark_verified(self, entry: _Pending) -> None:
+        if entry.verified or entry not in self._all:
+            return
+        entry.verified = True
+        self.verified += 1
+        self._verified_by_source[entry.source] = self.verified_from_source(entry.source) + 1
         self._sync(entry.source)
 
     def remove(self, entry: _Pending) -> None:
@@ -629,13 +745,18 @@ class _PendingHandshakes:
             group.pop(entry, None)
             if not group:
                 del self._by_source[entry.source]
+        if entry.verified:
+            self.verified -= 1
+            left = self.verified_from_source(entry.source) - 1
+            if left:
+                self._verified_by_source[entry.source] = left
+            else:
+                self._verified_by_source.pop(entry.source, None)
         self._sync(entry.source)
 
-    def evict_oldest_idle(self, source: str | None) -> _Pending | None:
-        """Close and return the oldest connection (from ``source``, or from any) that has
-        not sent a whole ClientHello; None if there is none."""
-        candidates = self._all if source is None else self._by_source.get(source, {})
-        victim = next((e for e in candidates if not e.hello_seen), None)
+    def evict_oldest_unverified(self) -> _Pending | None:
+        """Close and return the oldest connection without a verified hello, or None."""
+        victim = next((e for e in self._all if not e.verified), None)
         if victim is None:
             return None
         victim.evicted = True
@@ -645,6 +766,7 @@ class _PendingHandshakes:
 
     def _sync(self, source: str) -> None:
         self._counters.pending_handshakes = len(self._all)
+        self._counters.unverified_connections = self.unverified
         n = self.from_source(source)
         if n:
             self._counters.pending_by_source[source] = n

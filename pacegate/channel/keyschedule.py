@@ -7,7 +7,7 @@ Key schedule (docs/channel.md has the full picture)::
     th_hello    = SHA-256(ClientHello frame || ServerHello frame)       # versions, suite,
                                                                        # randoms, both X25519
                                                                        # keys, ek, ct
-    hs_secret   = HKDF-Extract(salt = "pacegate-channel v1", ikm = ss || th_hello)
+    hs_secret   = HKDF-Extract(salt = "pacegate-channel v2", ikm = ss || th_hello)
     c_hs, s_hs  = Expand(hs_secret, "c hs" / "s hs", th_hello)        # key 32 + iv 12
     master      = Expand(hs_secret, "master", th_full)                 # th_full adds both auths
     c_ap, s_ap  = Expand(master, "c ap" / "s ap", epoch)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +33,45 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pacegate.channel.errors import ChannelError
 from pacegate.channel.kem import KemProvider
 
-PROTOCOL_LABEL = b"pacegate-channel v1"
+# The label names the protocol version, so keys of one version never serve another.
+PROTOCOL_LABEL = b"pacegate-channel v2"
 HASH_SIZE = 32
 KEY_SIZE = 32  # AES-256
 IV_SIZE = 12
 TAG_SIZE = 16
 X25519_KEY_SIZE = 32
-# AES-GCM with a 96-bit nonce built from a 64-bit counter: the counter cannot wrap, and a
-# key must not see more than ~2^32 records anyway (NIST SP 800-38D usage limits).
-MAX_RECORDS_PER_KEY = 2**32
+# Records one AES-GCM key may protect. The nonce counter could go to 2^64, but AES-GCM's
+# confidentiality bound degrades with the number of blocks encrypted: about (q * l)^2 / 2^128
+# for q records of l 16-byte blocks. TLS 1.3 (RFC 8446 sec. 5.5) stops at 2^24.5 records
+# of 16 KiB (2^10 blocks), keeping the advantage near 2^-57; our records are up to 64 KiB
+# (2^12 blocks), four times bigger, so the same margin allows 2^22.5 records: 2^23 keeps
+# the advantage below about 2^-58 (q * l = 2^35). The old 2^32 gave only about 2^-40.
+# A session rekeys long before (every 65,536 records by default); this is the hard stop.
+MAX_RECORDS_PER_KEY = 2**23
 
-CLIENT_SIGNATURE_CONTEXT = b"pacegate-channel v1 client auth"
-SERVER_SIGNATURE_CONTEXT = b"pacegate-channel v1 server auth"
+HELLO_SIGNATURE_CONTEXT = b"pacegate-channel v2 client hello"
+CLIENT_SIGNATURE_CONTEXT = b"pacegate-channel v2 client auth"
+SERVER_SIGNATURE_CONTEXT = b"pacegate-channel v2 server auth"
+
+
+class Entropy:
+    """Every random choice of a handshake or key update: randoms, X25519 private keys and
+    ML-DSA signing (hedged, so randomised). Production uses this class as it is; a test
+    vector passes a subclass with fixed values (the ML-KEM side goes through the
+    :class:`~pacegate.channel.kem.KemProvider`, which is injectable too). There is no switch
+    that makes production deterministic: the seam is a parameter, not a mode."""
+
+    def random(self, n: int) -> bytes:
+        return os.urandom(n)
+
+    def x25519_private_key(self) -> X25519PrivateKey:
+        return X25519PrivateKey.generate()
+
+    def sign(self, key: MLDSA65PrivateKey, context: bytes, message: bytes) -> bytes:
+        return key.sign(message, context)
+
+
+SYSTEM_ENTROPY = Entropy()
 
 
 def transcript_hash(data: bytes) -> bytes:
@@ -137,9 +165,9 @@ class RecordProtection:
 class HybridInitiator:
     """The side that sends public keys (client hello, key-update request)."""
 
-    def __init__(self, kem: KemProvider) -> None:
+    def __init__(self, kem: KemProvider, entropy: Entropy = SYSTEM_ENTROPY) -> None:
         self._kem = kem
-        self._x = X25519PrivateKey.generate()
+        self._x = entropy.x25519_private_key()
         self._kem_sk, self.kem_public = kem.generate()
         self.x25519_public = self._x.public_key().public_bytes_raw()
 
@@ -151,16 +179,17 @@ class HybridInitiator:
             raise ChannelError(f"bad key share: {exc}", reason="bad_key_share") from None
         finally:
             self._kem_sk = None
+            self._x = None  # type: ignore[assignment]  # used once, then dropped
         return ss_kem + ss_x
 
 
 def hybrid_respond(
-    kem: KemProvider, x25519_peer: bytes, kem_public: bytes
+    kem: KemProvider, x25519_peer: bytes, kem_public: bytes, entropy: Entropy = SYSTEM_ENTROPY
 ) -> tuple[bytes, bytes, bytes]:
     """(shared secret, our X25519 public key, ML-KEM ciphertext) for the initiator's keys."""
     try:
         ss_kem, ct = kem.encapsulate(kem_public)
-        x = X25519PrivateKey.generate()
+        x = entropy.x25519_private_key()
         ss_x = _x25519(x, x25519_peer)
     except (ValueError, TypeError) as exc:
         raise ChannelError(f"bad key share: {exc}", reason="bad_key_share") from None
@@ -174,8 +203,10 @@ def _x25519(ours: X25519PrivateKey, peer: bytes) -> bytes:
     return ours.exchange(X25519PublicKey.from_public_bytes(peer))
 
 
-def sign_transcript(key: MLDSA65PrivateKey, context: bytes, th: bytes) -> bytes:
-    return key.sign(th, context)
+def sign_transcript(
+    key: MLDSA65PrivateKey, context: bytes, th: bytes, entropy: Entropy = SYSTEM_ENTROPY
+) -> bytes:
+    return entropy.sign(key, context, th)
 
 
 def verify_transcript(key: MLDSA65PublicKey, context: bytes, th: bytes, signature: bytes) -> bool:

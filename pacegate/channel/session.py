@@ -7,23 +7,26 @@ bytes out. No sockets, no asyncio, no clock reads except through the injected ``
     server.receive_data(wire); server.next_event()   # -> NEED_DATA, ServerHello queued
     client.receive_data(server.data_to_send()) ...
 
-Handshake (2 round trips, the server signs only for a client that proved itself, so a flood
-of bad handshakes costs the server one ML-KEM encapsulation, one X25519 and at most one
-ML-DSA verification each, never a signature)::
+Handshake (2 round trips). The ClientHello is signed by the client's pinned key and names
+the server it is meant for, so a server refuses a hello no pinned client wrote (or a replay,
+or one meant for another server) with one ML-DSA verification, before it spends a KEM or
+keeps any state; it signs only for a client that proved itself::
 
-    C -> S  ClientHello     versions, suites, random, X25519 pub, ML-KEM-768 ek   (clear)
+    C -> S  ClientHello     versions, suites, random, time, client name, server name,
+                            X25519 pub, ML-KEM-768 ek, ML-DSA-65 sig over all that  (clear)
     S -> C  ServerHello     version, suite, random, X25519 pub, ML-KEM-768 ct     (clear)
+            or Alert(reason) when the hello is refused                         (clear)
     C -> S  ClientAuth      name, ML-DSA-65 sig over transcript     (record, client hs key)
     S -> C  ServerAuth      name, ML-DSA-65 sig over transcript     (record, server hs key)
-            or Close(unauthorized) when the client is unknown or its signature is wrong
 
 Every outcome a peer can cause is an event or one :class:`ChannelError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pacegate.channel import keyschedule as ks
+from pacegate.channel.admission import HelloReplayCache
 from pacegate.channel.errors import ChannelError
 from pacegate.channel.identity import ChannelIdentity, ChannelPublicKey, validate_peer_name
 from pacegate.channel.kem import KemProvider, select_kem_provider
@@ -47,6 +51,7 @@ from pacegate.channel.wire import (
     MAX_FRAGMENT_SIZE,
     MAX_FRAME_BODY,
     RANDOM_SIZE,
+    AlertReason,
     ClientHello,
     CloseReason,
     ContentType,
@@ -58,24 +63,40 @@ from pacegate.channel.wire import (
 )
 from pacegate.errors import LocalProtocolError
 
+# Version 2: the ClientHello is signed and names the server (admission before any state,
+# relay protection), the server can ask for a key update, sessions have a maximum lifetime.
+# Version 1 (unsigned hello) is no longer spoken: its hellos are refused as unsupported.
 VERSION_1: Final = 0x0001
+VERSION_2: Final = 0x0002
+PROTOCOL_VERSION: Final = VERSION_2
 # X25519 + ML-KEM-768 hybrid, HKDF-SHA256, AES-256-GCM records, ML-DSA-65 authentication.
 SUITE_HYBRID_V1: Final = 0x0001
-SUPPORTED_VERSIONS: Final = (VERSION_1,)
+SUPPORTED_VERSIONS: Final = (VERSION_2,)
 SUPPORTED_SUITES: Final = (SUITE_HYBRID_V1,)
 
 # Rekey defaults: a fresh hybrid KEM exchange every 2^16 records per direction or 15
 # minutes, whichever comes first, so a key compromised from memory exposes a bounded window
-# and an old key cannot decrypt later traffic. AES-GCM itself would allow ~2^32 records.
+# and an old key cannot decrypt later traffic. The hard cap per key is
+# keyschedule.MAX_RECORDS_PER_KEY (2^23).
 DEFAULT_REKEY_AFTER_RECORDS: Final = 65536
 DEFAULT_REKEY_AFTER_SECONDS: Final = 900.0
+# A session ends after this long and the client makes a full handshake again: the pinned
+# keys are checked afresh (a trust change that the live check could not see, such as a key
+# replaced on disk, applies within the hour) and no session outlives a day of rekeys.
+DEFAULT_MAX_SESSION_LIFETIME: Final = 3600.0
+# How long the server waits, after asking for a key update (its own rekey limit reached),
+# before it closes a session whose client did not start one. A client answers at once; the
+# grace absorbs a slow link, and bounds how long a non-conforming client keeps one key.
+DEFAULT_REKEY_GRACE: Final = 30.0
 # One application message: a CKKS ciphertext is ~330 KB and a public CKKS context without
 # Galois keys ~1.9 MB; 16 MiB leaves room and still bounds what a peer makes us buffer.
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 MIN_MESSAGE_SIZE_LIMIT: Final = 1024 * 1024
 _HANDSHAKE_FRAMES = frozenset({FrameType.CLIENT_HELLO, FrameType.SERVER_HELLO})
-# Hello frames are ~1.3 KB; refuse a bigger announced length before buffering it.
-MAX_HELLO_BODY: Final = 4096
+# The signed ClientHello is ~4.6 KB, the ServerHello ~1.2 KB; refuse a bigger announced
+# length before buffering it.
+MAX_HELLO_BODY: Final = 8192
+MAX_ALERT_BODY: Final = 1
 
 
 class Role:
@@ -130,7 +151,30 @@ _CONTENT_EVENTS: Final = {
     ContentType.KEY_UPDATE: Event.RECV_KEY_UPDATE,
     ContentType.KEY_UPDATE_RESPONSE: Event.RECV_KEY_UPDATE_RESPONSE,
     ContentType.KEY_UPDATE_DONE: Event.RECV_KEY_UPDATE_DONE,
+    ContentType.KEY_UPDATE_REQUEST: Event.RECV_KEY_UPDATE_REQUEST,
     ContentType.CLOSE: Event.RECV_CLOSE,
+}
+# What a refused hello tells the client (in clear: the server has no keys yet). An attacker
+# on the path could forge one, but it could as well cut the connection.
+_ALERTS: Final = {
+    "unknown_client": AlertReason.UNAUTHORIZED,
+    "bad_signature": AlertReason.UNAUTHORIZED,
+    "wrong_server": AlertReason.UNAUTHORIZED,
+    "stale_hello": AlertReason.STALE_HELLO,
+    "replayed_hello": AlertReason.STALE_HELLO,
+    "hello_rate_limit": AlertReason.BUSY,
+    "handshake_source_limit": AlertReason.BUSY,
+    "handshake_limit": AlertReason.BUSY,
+    "unsupported_version": AlertReason.UNSUPPORTED,
+    "unsupported_suite": AlertReason.UNSUPPORTED,
+}
+_ALERT_TEXT: Final = {
+    AlertReason.UNAUTHORIZED: "this client is not pinned there (unknown name, key, or another "
+    "server name)",
+    AlertReason.STALE_HELLO: "its clock and ours differ by more than a minute, or the hello "
+    "was replayed (check NTP on both hosts)",
+    AlertReason.BUSY: "too many handshakes from this client; retry later",
+    AlertReason.UNSUPPORTED: "no common protocol version or suite",
 }
 
 
@@ -149,7 +193,13 @@ class ChannelSession:
         rekey_after_records: int = DEFAULT_REKEY_AFTER_RECORDS,
         rekey_after_seconds: float = DEFAULT_REKEY_AFTER_SECONDS,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME,
+        rekey_grace: float = DEFAULT_REKEY_GRACE,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        entropy: ks.Entropy = ks.SYSTEM_ENTROPY,
+        replay_cache: HelloReplayCache | None = None,
+        admit: Callable[[str], str | None] | None = None,
         offer_versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         offer_suites: tuple[int, ...] = SUPPORTED_SUITES,
     ) -> None:
@@ -163,8 +213,17 @@ class ChannelSession:
             validate_peer_name(server_name)
         elif allowed_clients is None:
             raise LocalProtocolError("a server needs allowed_clients {name: public key}")
-        if rekey_after_records < 1:
-            raise LocalProtocolError(f"rekey_after_records must be >= 1, got {rekey_after_records}")
+        if not 1 <= rekey_after_records <= ks.MAX_RECORDS_PER_KEY // 4:
+            raise LocalProtocolError(
+                f"rekey_after_records must be 1..{ks.MAX_RECORDS_PER_KEY // 4}, "
+                f"got {rekey_after_records}"
+            )
+        for name, value in (
+            ("max_session_lifetime", max_session_lifetime),
+            ("rekey_grace", rekey_grace),
+        ):
+            if not value > 0:
+                raise LocalProtocolError(f"{name} must be > 0 seconds, got {value}")
         if not rekey_after_seconds > 0:
             raise LocalProtocolError(f"rekey_after_seconds must be > 0, got {rekey_after_seconds}")
         if max_message_size < MIN_MESSAGE_SIZE_LIMIT:
@@ -182,7 +241,21 @@ class ChannelSession:
         self.rekey_after_records = rekey_after_records
         self.rekey_after_seconds = rekey_after_seconds
         self.max_message_size = max_message_size
+        self.max_session_lifetime = max_session_lifetime
+        self.rekey_grace = rekey_grace
+        # The most records one epoch may carry in one direction: the rekey point, twice
+        # over (the sender waits there for the update), plus one message that was already
+        # being sealed. Beyond it the peer is not rekeying and the session ends.
+        self._epoch_record_limit = 2 * rekey_after_records + (
+            math.ceil(max_message_size / MAX_FRAGMENT_SIZE) + 1
+        )
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._entropy = entropy
+        self._replay_cache = replay_cache if replay_cache is not None else HelloReplayCache()
+        # server: the adapter's last word on a verified hello (its connection limits),
+        # asked before the KEM; returns a refusal reason or None
+        self._admit = admit
         self._offer_versions = offer_versions
         self._offer_suites = offer_suites
         self._table = CLIENT_TRANSITIONS if role == Role.CLIENT else SERVER_TRANSITIONS
@@ -198,6 +271,14 @@ class ChannelSession:
         self._events: deque[ChannelEvent] = deque()
         self._error: ChannelError | None = None
         self._transcript = hashlib.sha256()
+        # public transcript hashes (not secrets), for diagnostics and the test vectors
+        self.th_hello: bytes | None = None
+        self.th_full: bytes | None = None
+        self._hello_client: str | None = None  # server: who signed the ClientHello
+        self._pinned_key: bytes | None = None  # server: the client's key when it proved it
+        self._pinned_obj: object = None  # the mapping's key object then (fast path)
+        self._established_at = 0.0
+        self._ku_requested_at: float | None = None  # server: when it asked for a key update
         self._initiator: ks.HybridInitiator | None = None
         self._hs_secret: bytes | None = None
         self._master: bytes | None = None
@@ -208,8 +289,9 @@ class ChannelSession:
         self._epoch_started = 0.0
         self._epoch_sent = 0
         self._epoch_received = 0
-        self._partial: list[bytes] = []
-        self._partial_size = 0
+        # one message being reassembled: a bytearray, so that many tiny fragments cost
+        # their bytes and nothing per fragment
+        self._partial = bytearray()
 
     @classmethod
     def client(
@@ -253,14 +335,22 @@ class ChannelSession:
         if self.role != Role.CLIENT:
             raise LocalProtocolError("only a client initiates")
         nxt = self._local(Event.SEND_CLIENT_HELLO)
-        self._initiator = ks.HybridInitiator(self._kem)
-        hello = ClientHello(
+        self._initiator = ks.HybridInitiator(self._kem, self._entropy)
+        assert self.server_name is not None
+        unsigned = ClientHello(
             self._offer_versions,
             self._offer_suites,
-            os.urandom(RANDOM_SIZE),
+            self._entropy.random(RANDOM_SIZE),
+            int(self._wall_clock() * 1000),
+            self.identity.name,
+            self.server_name,
             self._initiator.x25519_public,
             self._initiator.kem_public,
         )
+        sig = self._entropy.sign(
+            self.identity.private_key, ks.HELLO_SIGNATURE_CONTEXT, unsigned.signed_part()
+        )
+        hello = dataclasses.replace(unsigned, signature=sig)
         raw = frame(FrameType.CLIENT_HELLO, hello.encode())
         self._transcript.update(raw)
         self._out += raw
@@ -275,18 +365,25 @@ class ChannelSession:
                 f"message of {len(message)} bytes exceeds max_message_size {self.max_message_size}"
             )
         self._local(Event.SEND_APP)
-        self._maybe_rekey()
         view = memoryview(message)
         n = len(message)
         pos = 0
-        while True:
-            chunk = view[pos : pos + MAX_FRAGMENT_SIZE]
-            pos += len(chunk)
-            last = pos >= n
-            ctype = ContentType.APP_FINAL if last else ContentType.APP_FRAGMENT
-            self._seal(bytes([ctype]) + chunk)
-            if last:
-                break
+        try:
+            self._check_limits(sending=True)
+            self._maybe_rekey()
+            while True:
+                chunk = view[pos : pos + MAX_FRAGMENT_SIZE]
+                pos += len(chunk)
+                last = pos >= n
+                ctype = ContentType.APP_FINAL if last else ContentType.APP_FRAGMENT
+                self._seal(bytes([ctype]) + chunk)
+                if last:
+                    break
+            if self.role == Role.SERVER:
+                self._maybe_rekey()  # ask at once if this message reached the limit
+        except ChannelError as exc:  # a limit of ours (lifetime, key exhausted, trust)
+            self._fail(exc)
+            raise
         self.stats.messages_sent += 1
         self.stats.bytes_sent += n
         return self.data_to_send()
@@ -295,9 +392,29 @@ class ChannelSession:
         """Close cleanly (a Close record, so the peer can tell it from a truncation)."""
         if self.state in OPEN_STATES:
             self.state = self._local(Event.SEND_CLOSE)
-            self._seal(bytes([ContentType.CLOSE, reason]))
+            try:
+                self._seal(bytes([ContentType.CLOSE, reason]))
+            except ChannelError as exc:  # this key is used up: no Close record is possible
+                self._fail(exc)
+                return b""
         elif self.state not in (State.ERROR, State.CLOSED):
             self.state = State.CLOSED
+        return self.data_to_send()
+
+    def poll(self) -> bytes:
+        """Apply the time-driven rules without traffic (the asyncio adapter calls it on a
+        timer): rekey on time (client: KeyUpdate; server: ask for one), end the session at
+        its maximum lifetime, when its client is no longer pinned, or when a client did not
+        rekey when asked. Returns the bytes to write; raises :class:`ChannelError` (a Close
+        record for the peer is then in :meth:`data_to_send`) when the session must end."""
+        if self.state not in OPEN_STATES:
+            return b""
+        try:
+            self._check_limits(sending=False)
+            self._maybe_rekey()
+        except ChannelError as exc:
+            self._fail(exc)
+            raise
         return self.data_to_send()
 
     def data_to_send(self) -> bytes:
@@ -352,12 +469,16 @@ class ChannelSession:
         return nxt
 
     def _fail(self, exc: ChannelError) -> None:
+        """The one way into ERROR: every key and secret of this session is dropped (Python
+        cannot zeroise them, but nothing refers to them any more)."""
         self._error = exc
         self.state = State.ERROR
         self._in.clear()
         self._partial.clear()
         self._initiator = None
         self._master = self._hs_secret = None
+        self._send = self._recv = self._pending_recv = None
+        self._ku_request = None
 
     # ---------------------------------------------------------------- framing
 
@@ -375,6 +496,13 @@ class ChannelSession:
                 else Event.RECV_SERVER_HELLO
             )
             self._remote(expected)
+        elif ftype == FrameType.ALERT:
+            if self.role != Role.CLIENT or self.state is not State.WAIT_SERVER_HELLO:
+                raise ChannelError(
+                    f"alert in state {self.state.value}", reason="unexpected_message"
+                )
+            if length != MAX_ALERT_BODY:
+                raise ChannelError(f"alert of {length} bytes", reason="malformed")
         elif ftype == FrameType.RECORD:
             if self._recv is None:
                 raise ChannelError(
@@ -391,6 +519,8 @@ class ChannelSession:
         del buf[:end]
         if ftype == FrameType.CLIENT_HELLO:
             self._on_client_hello(raw)
+        elif ftype == FrameType.ALERT:
+            self._on_alert(raw[FRAME_HEADER_SIZE])
         elif ftype == FrameType.SERVER_HELLO:
             self._on_server_hello(raw)
         else:
@@ -452,17 +582,45 @@ class ChannelSession:
             if payload:
                 raise ChannelError("KeyUpdateDone with a payload", reason="malformed")
             self._recv, self._pending_recv = self._pending_recv, None
-            self._new_epoch_counters()
+            self._epoch_received = 0  # the receive key changes here, the send key did before
+        elif ctype is ContentType.KEY_UPDATE_REQUEST:
+            if payload:
+                raise ChannelError("KeyUpdateRequest with a payload", reason="malformed")
+            if self.state is State.ESTABLISHED:  # in REKEYING one is already under way
+                self._start_rekey()
         elif ctype is ContentType.CLOSE:
             self._events.append(PeerClosed(payload[0] if payload else CloseReason.NORMAL))
         self.state = nxt
-        if self.state is State.ESTABLISHED and self.role == Role.CLIENT:
+        if self.state in OPEN_STATES:
+            self._check_limits(sending=False)
             self._maybe_rekey()
 
     # ---------------------------------------------------------------- handshake
 
     def _on_client_hello(self, raw: bytes) -> None:
         nxt = self._remote(Event.RECV_CLIENT_HELLO)
+        try:
+            hello, version, suite = self._admit_client_hello(raw)
+        except ChannelError as exc:
+            alert = _ALERTS.get(exc.reason)
+            if alert is not None:
+                self._out += frame(FrameType.ALERT, bytes([alert]))
+            raise
+        shared, x_pub, ct = ks.hybrid_respond(
+            self._kem, hello.x25519_public, hello.kem_public, self._entropy
+        )
+        self.version, self.suite = version, suite
+        reply = ServerHello(version, suite, self._entropy.random(RANDOM_SIZE), x_pub, ct)
+        raw_reply = frame(FrameType.SERVER_HELLO, reply.encode())
+        self._transcript.update(raw)
+        self._transcript.update(raw_reply)
+        self._start_handshake_keys(shared)
+        self._out += raw_reply
+        self.state = nxt
+
+    def _admit_client_hello(self, raw: bytes) -> tuple[ClientHello, int, int]:
+        """The admission checks, cheapest first, all before any KEM or state: a hello that
+        no pinned client signed for this server, just now, is refused."""
         hello = ClientHello.decode(raw[FRAME_HEADER_SIZE:])
         common = [v for v in hello.versions if v in SUPPORTED_VERSIONS]
         if not common:
@@ -472,18 +630,51 @@ class ChannelSession:
         suite = next((s for s in hello.suites if s in SUPPORTED_SUITES), None)
         if suite is None:
             raise ChannelError(f"no common suite in {hello.suites}", reason="unsupported_suite")
-        shared, x_pub, ct = ks.hybrid_respond(self._kem, hello.x25519_public, hello.kem_public)
-        self.version, self.suite = max(common), suite
-        reply = ServerHello(self.version, suite, os.urandom(RANDOM_SIZE), x_pub, ct)
-        raw_reply = frame(FrameType.SERVER_HELLO, reply.encode())
-        self._transcript.update(raw)
-        self._transcript.update(raw_reply)
-        self._start_handshake_keys(shared)
-        self._out += raw_reply
-        self.state = nxt
+        if hello.server_name != self.identity.name:
+            raise ChannelError(
+                f"client {hello.client_name[:64]!r} meant server {hello.server_name[:64]!r}, "
+                f"this is {self.identity.name!r} (relayed handshake?)",
+                reason="wrong_server",
+            )
+        key = self._allowed.get(hello.client_name)
+        if key is None:
+            raise ChannelError(
+                f"client {hello.client_name[:64]!r} is not allowed", reason="unknown_client"
+            )
+        now = self._wall_clock()
+        hello_time = hello.time_ms / 1000
+        refusal = self._replay_cache.refusal(hello.client_name, hello.random, hello_time, now)
+        if refusal is not None:
+            raise ChannelError(
+                f"hello of {hello.client_name!r} refused ({refusal}): its time is "
+                f"{hello_time - now:+.1f}s from ours",
+                reason=refusal,
+            )
+        if not ks.verify_transcript(
+            key, ks.HELLO_SIGNATURE_CONTEXT, hello.signed_part(), hello.signature
+        ):
+            raise ChannelError(
+                f"hello of {hello.client_name!r} is not signed by its pinned key",
+                reason="bad_signature",
+            )
+        self._replay_cache.admit(hello.client_name, hello.random, hello_time)
+        if self._admit is not None and (refusal := self._admit(hello.client_name)) is not None:
+            raise ChannelError(
+                f"hello of {hello.client_name!r} refused: too many handshakes in flight",
+                reason=refusal,
+            )
+        self._hello_client = hello.client_name
+        return hello, max(common), suite
+
+    def _on_alert(self, code: int) -> None:
+        try:
+            text = _ALERT_TEXT[AlertReason(code)]
+        except ValueError:
+            text = f"alert {code}"
+        raise ChannelError(f"the server refused the handshake: {text}", reason="refused_by_peer")
 
     def _start_handshake_keys(self, shared: bytes) -> None:
-        th_hello = self._transcript.digest()
+        th_hello = self.th_hello = self._transcript.digest()
         self._hs_secret = ks.handshake_secret(shared, th_hello)
         c_hs, s_hs = ks.handshake_keys(self._hs_secret, th_hello)
         mine, theirs = (c_hs, s_hs) if self.role == Role.CLIENT else (s_hs, c_hs)
@@ -512,7 +703,7 @@ class ChannelSession:
         th = self._transcript.copy()
         th.update(prefix)
         sig = ks.sign_transcript(
-            self.identity.private_key, ks.CLIENT_SIGNATURE_CONTEXT, th.digest()
+            self.identity.private_key, ks.CLIENT_SIGNATURE_CONTEXT, th.digest(), self._entropy
         )
         inner = bytes([ContentType.CLIENT_AUTH]) + PeerAuth(self.identity.name, sig).encode()
         self._seal(inner)
@@ -521,8 +712,14 @@ class ChannelSession:
 
     def _on_client_auth(self, inner: bytes, payload: bytes) -> None:
         auth = PeerAuth.decode(payload, "ClientAuth")
+        if auth.name != self._hello_client:
+            self._refuse()
+            raise ChannelError(
+                f"ClientAuth names {auth.name[:64]!r}, the hello was {self._hello_client!r}",
+                reason="bad_signature",
+            )
         key = self._allowed.get(auth.name)
-        if key is None:
+        if key is None:  # un-pinned between its hello and now
             self._refuse()
             raise ChannelError(f"client {auth.name[:64]!r} is not allowed", reason="unknown_client")
         th = self._transcript.copy()
@@ -537,11 +734,12 @@ class ChannelSession:
         th = self._transcript.copy()
         th.update(prefix)
         sig = ks.sign_transcript(
-            self.identity.private_key, ks.SERVER_SIGNATURE_CONTEXT, th.digest()
+            self.identity.private_key, ks.SERVER_SIGNATURE_CONTEXT, th.digest(), self._entropy
         )
         reply = bytes([ContentType.SERVER_AUTH]) + PeerAuth(self.identity.name, sig).encode()
         self._seal(reply)
         self._transcript.update(reply)
+        self._pinned_key, self._pinned_obj = key.public_bytes_raw(), key
         self._establish(auth.name)
 
     def _refuse(self) -> None:
@@ -569,9 +767,11 @@ class ChannelSession:
 
     def _establish(self, peer: str) -> None:
         assert self._hs_secret is not None
-        self._master = ks.master_secret(self._hs_secret, self._transcript.digest())
+        self.th_full = self._transcript.digest()
+        self._master = ks.master_secret(self._hs_secret, self.th_full)
         self._hs_secret = None
         self._install_epoch_keys(both=True)
+        self._established_at = self._clock()
         self.peer_name = peer
         self._events.append(HandshakeComplete(peer))
 
@@ -580,60 +780,119 @@ class ChannelSession:
         c_ap, s_ap = ks.application_keys(self._master, self.epoch)
         mine, theirs = (c_ap, s_ap) if self.role == Role.CLIENT else (s_ap, c_ap)
         self._send = ks.RecordProtection(mine)
-        if both:
-            self._recv = ks.RecordProtection(theirs)
-        else:
-            self._pending_recv = ks.RecordProtection(theirs)
-        self._new_epoch_counters()
-
-    def _new_epoch_counters(self) -> None:
+        # each counter counts the records of one key: the send key changes now, the
+        # receive key now (both) or at KeyUpdateDone (the server)
         self._epoch_started = self._clock()
         self._epoch_sent = 0
-        self._epoch_received = 0
+        self._ku_requested_at = None
+        if both:
+            self._recv = ks.RecordProtection(theirs)
+            self._epoch_received = 0
+        else:
+            self._pending_recv = ks.RecordProtection(theirs)
 
     # ---------------------------------------------------------------- application data
 
     def _on_app(self, ctype: ContentType, payload: bytes) -> None:
-        self._partial_size += len(payload)
-        if self._partial_size > self.max_message_size:
+        if not payload and ctype is ContentType.APP_FRAGMENT:
+            # a sender never makes one (only an empty message is an empty AppFinal); they
+            # would let a peer keep us busy without ever reaching max_message_size
+            raise ChannelError("empty AppFragment", reason="malformed")
+        if len(self._partial) + len(payload) > self.max_message_size:
             raise ChannelError(
                 f"message exceeds {self.max_message_size} bytes", reason="message_too_large"
             )
-        self._partial.append(payload)
+        self._partial += payload
         if ctype is ContentType.APP_FINAL:
-            data = b"".join(self._partial)
+            data = bytes(self._partial)
             self._partial.clear()
-            self._partial_size = 0
             self.stats.messages_received += 1
             self.stats.bytes_received += len(data)
             self._events.append(Message(data))
 
     # ---------------------------------------------------------------- rekey
 
-    def rekey_due(self) -> bool:
+    def _epoch_used_up(self) -> bool:
         return (
-            self.role == Role.CLIENT
-            and self.state is State.ESTABLISHED
-            and (
-                self._epoch_sent >= self.rekey_after_records
-                or self._epoch_received >= self.rekey_after_records
-                or self._clock() - self._epoch_started >= self.rekey_after_seconds
-            )
+            self._epoch_sent >= self.rekey_after_records
+            or self._epoch_received >= self.rekey_after_records
+            or self._clock() - self._epoch_started >= self.rekey_after_seconds
         )
 
+    def rekey_due(self) -> bool:
+        """This end's rekey limit is reached: the client starts a key update, the server
+        asks for one (once per epoch)."""
+        if self.state is not State.ESTABLISHED or not self._epoch_used_up():
+            return False
+        return self.role == Role.CLIENT or self._ku_requested_at is None
+
     def rekey_overdue(self) -> bool:
-        """Client: a key update is in flight and this key has already protected twice the
+        """A key update is due or in flight and this key has already protected twice the
         configured number of records; the sender should wait for the update to finish
         (the asyncio adapter does), so that one key never protects more than that."""
-        return (
-            self.role == Role.CLIENT
-            and self.state is State.REKEYING
-            and self._epoch_sent >= 2 * self.rekey_after_records
+        if self._epoch_sent < 2 * self.rekey_after_records:
+            return False
+        if self.role == Role.CLIENT:
+            return self.state is State.REKEYING
+        # the server: it asked and waits for the client's KeyUpdate, or the new key is
+        # already used up before the client's KeyUpdateDone came back
+        return self.state is State.REKEY_RESPONDED or (
+            self.state is State.ESTABLISHED and self._ku_requested_at is not None
         )
 
     def _maybe_rekey(self) -> None:
-        if self.rekey_due():
+        if not self.rekey_due():
+            return
+        if self.role == Role.CLIENT:
             self._start_rekey()
+        else:
+            self._local(Event.SEND_KEY_UPDATE_REQUEST)
+            self._ku_requested_at = self._clock()
+            self._seal(bytes([ContentType.KEY_UPDATE_REQUEST]))
+
+    # ---------------------------------------------------------------- limits
+
+    def _check_limits(self, *, sending: bool) -> None:
+        """End the session (Close record for the peer, then ChannelError) when trust or a
+        limit says so. Cheap: called for every record and every message sent."""
+        now = self._clock()
+        if now - self._established_at >= self.max_session_lifetime:
+            self._end(
+                f"session with {self.peer_name} reached its maximum lifetime of "
+                f"{self.max_session_lifetime:g}s; a new handshake re-authenticates",
+                "session_expired",
+                CloseReason.EXPIRED,
+            )
+        if self.role == Role.SERVER and self._unpinned():
+            self._end(
+                f"client {self.peer_name!r} is no longer in allowed_clients (or its key "
+                "changed); its session is closed",
+                "client_unpinned",
+                CloseReason.UNAUTHORIZED,
+            )
+        if (
+            self._ku_requested_at is not None and now - self._ku_requested_at >= self.rekey_grace
+        ) or max(self._epoch_sent + (1 if sending else 0), self._epoch_received) > (
+            self._epoch_record_limit
+        ):
+            self._end(
+                f"{self.peer_name} did not rekey in time (epoch {self.epoch}: "
+                f"{self._epoch_sent} records sent, {self._epoch_received} received)",
+                "rekey_overdue",
+                CloseReason.EXPIRED,
+            )
+
+    def _unpinned(self) -> bool:
+        assert self.peer_name is not None
+        key = self._allowed.get(self.peer_name)
+        if key is self._pinned_obj:
+            return False
+        return key is None or key.public_bytes_raw() != self._pinned_key
+
+    def _end(self, message: str, reason: str, close: int) -> None:
+        if self._send is not None:
+            self._seal(bytes([ContentType.CLOSE, close]))
+        raise ChannelError(message, reason=reason)
 
     def request_rekey(self) -> bytes:
         """Client: start a key update now (normally automatic, see ``rekey_after_*``)."""
@@ -644,7 +903,7 @@ class ChannelSession:
         if self.role != Role.CLIENT:
             raise LocalProtocolError("the client starts key updates")
         nxt = self._local(Event.SEND_KEY_UPDATE)
-        self._initiator = ks.HybridInitiator(self._kem)
+        self._initiator = ks.HybridInitiator(self._kem, self._entropy)
         share = KeyShare(self._initiator.x25519_public, self._initiator.kem_public)
         inner = bytes([ContentType.KEY_UPDATE]) + share.encode()
         self._seal(inner)
@@ -653,7 +912,7 @@ class ChannelSession:
 
     def _on_key_update(self, inner: bytes, payload: bytes) -> None:
         share = KeyShare.decode(payload, "KeyUpdate")
-        shared, x_pub, ct = ks.hybrid_respond(self._kem, share.x25519, share.kem)
+        shared, x_pub, ct = ks.hybrid_respond(self._kem, share.x25519, share.kem, self._entropy)
         reply = bytes([ContentType.KEY_UPDATE_RESPONSE]) + KeyShare(x_pub, ct).encode()
         self._next_master(shared, inner, reply)
         self._seal(reply)  # last record under the old key

@@ -38,6 +38,9 @@ class Event(enum.Enum):
     RECV_KEY_UPDATE = "recv_key_update"
     RECV_KEY_UPDATE_RESPONSE = "recv_key_update_response"  # the client answers with done
     RECV_KEY_UPDATE_DONE = "recv_key_update_done"
+    # the server asks for a key update when its own rekey limit is reached
+    SEND_KEY_UPDATE_REQUEST = "send_key_update_request"
+    RECV_KEY_UPDATE_REQUEST = "recv_key_update_request"  # the client answers with KeyUpdate
     SEND_CLOSE = "send_close"
     RECV_CLOSE = "recv_close"
 
@@ -54,6 +57,8 @@ CLIENT_TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.REKEYING, E.SEND_APP): S.REKEYING,
     (S.REKEYING, E.RECV_APP): S.REKEYING,
     (S.REKEYING, E.RECV_KEY_UPDATE_RESPONSE): S.ESTABLISHED,
+    (S.ESTABLISHED, E.RECV_KEY_UPDATE_REQUEST): S.REKEYING,
+    (S.REKEYING, E.RECV_KEY_UPDATE_REQUEST): S.REKEYING,  # already under way
     (S.ESTABLISHED, E.SEND_CLOSE): S.CLOSED,
     (S.REKEYING, E.SEND_CLOSE): S.CLOSED,
     (S.ESTABLISHED, E.RECV_CLOSE): S.CLOSED,
@@ -69,6 +74,7 @@ SERVER_TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.REKEY_RESPONDED, E.SEND_APP): S.REKEY_RESPONDED,
     (S.REKEY_RESPONDED, E.RECV_APP): S.REKEY_RESPONDED,
     (S.REKEY_RESPONDED, E.RECV_KEY_UPDATE_DONE): S.ESTABLISHED,
+    (S.ESTABLISHED, E.SEND_KEY_UPDATE_REQUEST): S.ESTABLISHED,
     (S.ESTABLISHED, E.SEND_CLOSE): S.CLOSED,
     (S.REKEY_RESPONDED, E.SEND_CLOSE): S.CLOSED,
     (S.ESTABLISHED, E.RECV_CLOSE): S.CLOSED,

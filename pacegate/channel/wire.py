@@ -4,12 +4,18 @@ Frame (everything on the socket)::
 
     type (1) | length (4) | body (length)          length <= MAX_FRAME_BODY
 
-    type 0x01 ClientHello (clear)   0x02 ServerHello (clear)   0x17 Record (AES-256-GCM)
+    type 0x01 ClientHello (clear)   0x02 ServerHello (clear)   0x15 Alert (clear)
+         0x17 Record (AES-256-GCM)
 
-ClientHello body::
+Alert body: reason (1), AlertReason; the server's answer to a ClientHello it refuses.
+
+ClientHello body (signed by the client's pinned ML-DSA-65 key, so that a server can refuse
+a hello that no pinned client wrote before it keeps state or spends a KEM)::
 
     n_versions (1) | version (2) * n | n_suites (1) | suite (2) * n | client_random (32)
+    | time_ms (8) | client_name_len (1) | client_name | server_name_len (1) | server_name
     | x25519_len (2) | x25519_public | kem_len (2) | mlkem768_encapsulation_key
+    | sig_len (2) | ML-DSA-65 signature over every byte before sig_len
 
 ServerHello body::
 
@@ -27,6 +33,7 @@ Record body: AES-256-GCM(inner, aad = the 5-byte frame header); inner plaintext:
     0x30 KeyUpdate    x25519_len (2) | x25519_public | kem_len (2) | encapsulation key
     0x31 KeyUpdateResponse  x25519_len (2) | x25519_public | kem_len (2) | ciphertext
     0x32 KeyUpdateDone (empty)
+    0x33 KeyUpdateRequest (empty; the server asks the client to start a key update)
     0x40 Close        reason (1)
 """
 
@@ -42,7 +49,8 @@ FRAME_HEADER = struct.Struct(">BI")
 FRAME_HEADER_SIZE = FRAME_HEADER.size  # 5
 # A record carries at most 64 KiB of application data: big enough that per-record Python
 # overhead vanishes next to AES-GCM for bulk data, small enough that a peer cannot make us
-# buffer much before we can authenticate it. The handshake frames are ~1.3 KB and ~5.5 KB.
+# buffer much before we can authenticate it. The signed ClientHello is ~4.6 KB, the
+# ServerHello ~1.2 KB.
 MAX_FRAGMENT_SIZE = 65536
 MAX_FRAME_BODY = 1 + MAX_FRAGMENT_SIZE + 16
 RANDOM_SIZE = 32
@@ -52,6 +60,7 @@ MAX_OFFERED = 8  # versions or suites a ClientHello may list
 class FrameType(enum.IntEnum):
     CLIENT_HELLO = 0x01
     SERVER_HELLO = 0x02
+    ALERT = 0x15
     RECORD = 0x17
 
 
@@ -63,13 +72,26 @@ class ContentType(enum.IntEnum):
     KEY_UPDATE = 0x30
     KEY_UPDATE_RESPONSE = 0x31
     KEY_UPDATE_DONE = 0x32
+    KEY_UPDATE_REQUEST = 0x33
     CLOSE = 0x40
+
+
+class AlertReason(enum.IntEnum):
+    """Why a server refused a ClientHello (sent in clear, in place of the ServerHello)."""
+
+    UNAUTHORIZED = 1  # unknown client, bad signature, or the hello names another server
+    STALE_HELLO = 2  # the hello's time is too far from the server's clock, or a replay
+    BUSY = 3  # this client started too many handshakes recently
+    UNSUPPORTED = 4  # no common version or suite
 
 
 class CloseReason(enum.IntEnum):
     NORMAL = 0
     UNAUTHORIZED = 1  # the server does not accept this client (unknown name, bad signature)
     PROTOCOL_ERROR = 2
+    # the session reached a limit (maximum lifetime, or the client did not rekey when the
+    # server asked); the client re-authenticates with a full handshake
+    EXPIRED = 3
 
 
 def frame(ftype: int, body: bytes) -> bytes:
@@ -120,19 +142,30 @@ class ClientHello:
     versions: tuple[int, ...]
     suites: tuple[int, ...]
     random: bytes
+    time_ms: int  # the client's wall clock (Unix ms): a replay is refused once stale
+    client_name: str
+    server_name: str  # the server the client means: a relay to another server is refused
     x25519_public: bytes
     kem_public: bytes
+    signature: bytes = b""
 
-    def encode(self) -> bytes:
+    def signed_part(self) -> bytes:
+        """Every byte of the body before the signature: what the client signs."""
         return (
             bytes([len(self.versions)])
             + b"".join(struct.pack(">H", v) for v in self.versions)
             + bytes([len(self.suites)])
             + b"".join(struct.pack(">H", s) for s in self.suites)
             + self.random
+            + struct.pack(">Q", self.time_ms)
+            + PeerAuth.name_bytes(self.client_name)
+            + PeerAuth.name_bytes(self.server_name)
             + _vec16(self.x25519_public)
             + _vec16(self.kem_public)
         )
+
+    def encode(self) -> bytes:
+        return self.signed_part() + _vec16(self.signature)
 
     @classmethod
     def decode(cls, body: bytes) -> ClientHello:
@@ -146,10 +179,21 @@ class ClientHello:
             raise ChannelError("ClientHello: bad suite count", reason="malformed")
         suites = tuple(r.u16() for _ in range(ns))
         random = r.take(RANDOM_SIZE)
+        time_ms = int.from_bytes(r.take(8), "big")
+        client_name = _ascii(r.vec8(), "ClientHello client name")
+        server_name = _ascii(r.vec8(), "ClientHello server name")
         x = r.vec16()
         k = r.vec16()
+        sig = r.vec16()
         r.end()
-        return cls(versions, suites, random, x, k)
+        return cls(versions, suites, random, time_ms, client_name, server_name, x, k, sig)
+
+
+def _ascii(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ChannelError(f"{what} is not ASCII", reason="malformed") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +242,9 @@ class PeerAuth:
     @classmethod
     def decode(cls, payload: bytes, what: str) -> PeerAuth:
         r = Reader(payload, what)
-        raw = r.vec8()
+        name = _ascii(r.vec8(), f"{what} name")
         sig = r.vec16()
         r.end()
-        try:
-            name = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise ChannelError(f"{what}: name is not ASCII", reason="malformed") from None
         return cls(name, sig)
 
 
