@@ -191,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keylog", type=Path, help="TLS key log to decrypt with (SSLKEYLOGFILE)")
     p.add_argument("--workdir", type=Path, help="run a demo in this workdir while capturing")
     p.add_argument("--json", action="store_true")
+    ws = sub.add_parser("wireshark", help="pacegate's Wireshark dissectors (Lua)")
+    ws_sub = ws.add_subparsers(dest="wireshark_command", required=True, metavar="ACTION")
+    p = _add(
+        ws_sub,
+        "install",
+        "pacegate.wireshark:cli_install",
+        "copy the sealed-reading and PQ-channel dissectors where Wireshark looks for Lua plugins",
+    )
+    p.add_argument(
+        "--dir", type=Path, help="install here instead (default: from tshark -G folders)"
+    )
+    p.add_argument("--json", action="store_true")
     return parser
 
 
