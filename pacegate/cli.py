@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the schema only, not that the certificate and key files exist",
     )
+    p = _add(
+        cfg_sub,
+        "schema",
+        "gateway.config:cli_schema",
+        "write the JSON Schema of gateway.yaml (for editors), generated from gateway/config.py",
+    )
+    p.add_argument("--out", type=Path, help="write it here (default: standard output)")
 
     # --- the whole stack -----------------------------------------------------------------
     p = _add(
