@@ -170,6 +170,20 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
     )
     assert proc.returncode == 0 and proc.stdout.strip() == str(other)
     assert sorted(p.name for p in other.iterdir()) == sorted(LUA_FILES)
+    # a folder that cannot be made: one line naming it and the fix, no traceback
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "wireshark", "install", "--dir", str(blocker / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot create {blocker / 'x'}" in proc.stderr and "--dir" in proc.stderr
+
     pcap = tmp_path / "one.pcap"
     pcap.write_bytes(_pcap([(41000, 8884, bytes([0x17]) + struct.pack(">I", 16) + bytes(16))]))
     both = subprocess.run(

@@ -53,25 +53,42 @@ def tshark_lua_args() -> list[str]:
     return out
 
 
+def _ask_tshark(exe: str, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            [exe, *args],
+            capture_output=True,
+            text=True,
+            timeout=TSHARK_FOLDERS_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def personal_lua_plugins_dir(tshark: str | None = None) -> Path:
     """Where this machine's Wireshark looks for personal Lua plugins (asked of tshark)."""
     exe = tshark or shutil.which("tshark")
-    if exe is not None:
-        try:
-            proc = subprocess.run(
-                [exe, "-G", "folders"],
-                capture_output=True,
-                text=True,
-                timeout=TSHARK_FOLDERS_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            proc = None
-        if proc is not None and proc.returncode == 0:
-            for line in proc.stdout.splitlines():
-                if line.startswith(_PERSONAL_LUA):
-                    return Path(line[len(_PERSONAL_LUA) :].strip())
+    out = _ask_tshark(exe, "-G", "folders") if exe is not None else None
+    for line in (out or "").splitlines():
+        if line.startswith(_PERSONAL_LUA):
+            return Path(line[len(_PERSONAL_LUA) :].strip())
     return FALLBACK_PLUGINS_DIR.expanduser()
+
+
+def install_warnings(tshark: str | None = None) -> list[str]:
+    """What may stop Wireshark from loading the installed dissectors."""
+    exe = tshark or shutil.which("tshark")
+    if exe is None:
+        return [
+            "tshark not found: installed in Wireshark's default folder "
+            f"{FALLBACK_PLUGINS_DIR}; install Debian's 'tshark' package to check it"
+        ]
+    version = _ask_tshark(exe, "-v") or ""
+    if "without Lua" in version:
+        return ["this Wireshark was built without Lua: it cannot load the dissectors"]
+    return []
 
 
 def install(target: Path) -> list[Path]:
@@ -103,6 +120,8 @@ def cli_install(args: argparse.Namespace) -> int:
     """``pacegate wireshark install [--dir DIR] [--json]``."""
     target: Path = args.dir.expanduser() if args.dir else personal_lua_plugins_dir()
     files = install(target)
+    for warning in install_warnings():
+        print(f"pacegate wireshark: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({"dir": str(target), "files": [str(f) for f in files]}))
     else:
