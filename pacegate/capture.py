@@ -417,7 +417,8 @@ def _dissector_checks(
     if report.channel_unknown_frames or oversized:
         report.findings.append(
             f"the PQ channel ports carried {report.channel_unknown_frames + len(oversized)} "
-            "frames that are not pacegate channel frames"
+            "frames that are not pacegate channel frames (garbage, or a frame type newer than "
+            "pacegate/wireshark/pacegate_channel.lua knows)"
         )
     if report.pq_channel_bytes and not report.channel_handshakes:
         report.findings.append("traffic on the PQ channel ports, but no channel handshake")

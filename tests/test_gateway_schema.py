@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator
 from ruamel.yaml import YAML
 
 from gateway.config import (
@@ -37,10 +37,10 @@ def example() -> Doc:
     return data
 
 
-def validator() -> Draft202012Validator:
+def validator() -> Draft7Validator:
     schema = json_schema()
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    Draft7Validator.check_schema(schema)
+    return Draft7Validator(schema)
 
 
 def parser_accepts(doc: Any, tmp_path: Path) -> bool:
