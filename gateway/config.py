@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
 from pacegate.identity import TELEMETRY_FILTER
+from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.layout import WorkLayout
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V1
 
@@ -39,7 +41,199 @@ DEFAULT_MAX_PAYLOAD = SEALED_SIZE_V1 * 2  # room for a slightly larger v2, nothi
 DEFAULT_CLOCK_SKEW_S = 86_400.0  # a pacemaker clock a day off is broken, not skewed
 DEFAULT_SPOOL_READINGS = 1_000_000  # ~100 MB of spool; about 14 h of a 20-device ward at 1 Hz
 
-_TOP_KEYS = {"mqtt", "psk_store", "state_dir", "hospital", "spool", "metrics", "reload", "routes"}
+
+# -- the schema: every key, its type, default, bounds and meaning ------------------------------
+# The parser below reads each key through these tables, and `pacegate config schema` turns them
+# into the JSON Schema that editors use (gateway.schema.json), so the two cannot drift.
+# Rules that span keys (device_id_level must point at a '+', reconnect_max_s >= reconnect_min_s,
+# spool.max_readings >= one batch, unique route names and topics, files that must exist) are
+# the parser's alone; the schema's description says so.
+@dataclass(frozen=True)
+class Key:
+    """One key of gateway.yaml."""
+
+    kind: str  # "str", "int", "float", "bool", "path"
+    doc: str
+    default: str | int | float | bool | None = None
+    required: bool = False
+    lo: int | float | None = None
+    hi: int | float | None = None
+    choices: tuple[str, ...] = ()
+    pattern: str | None = None  # JSON Schema only: the parser's own check has the message
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping of keys (``keys``) and nested sections (``sections``); ``many``: a list of them."""
+
+    doc: str
+    keys: dict[str, Key] = field(default_factory=dict)
+    sections: dict[str, Section] = field(default_factory=dict)
+    required: bool = False
+    many: bool = False
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.keys) | set(self.sections)
+
+
+# A valid MQTT filter: '+' fills a level, '#' only at the end (topic_filter_problem has the why).
+_TOPIC_FILTER_PATTERN = r"^(?:(?:\+|[^+#/\u0000]*)/)*(?:\+|#|[^+#/\u0000]*)$"
+_LOOPBACK_PATTERN = r"^(?:localhost|127(?:\.[0-9]{1,3}){3}|::1)$"
+
+MQTT_SECTION = Section(
+    "the broker, over TLS with the gateway's own certificate (mTLS)",
+    {
+        "host": Key("str", "broker address", "127.0.0.1"),
+        "port": Key("int", "MQTT over TLS (IANA secure-mqtt)", 8883, lo=1, hi=65535),
+        "client_id": Key(
+            "str", "must equal the certificate CN; the session is persistent", "gateway"
+        ),
+        "ca": Key("path", "CA certificate that verifies the broker", required=True),
+        "cert": Key("path", "the gateway's certificate (pacegate pki init)", required=True),
+        "key": Key("path", "the gateway's private key (mode 0600)", required=True),
+        "keepalive_s": Key("int", "MQTT keepalive, seconds", 30, lo=5, hi=3600),
+        "server_name": Key("str", "TLS name to verify; default: host", ""),
+    },
+    required=True,
+)
+PSK_STORE_SECTION = Section(
+    "every device's 32-byte PSK, AES-256-GCM at rest; reloaded when it changes",
+    {
+        "path": Key("path", "the encrypted PSK store", required=True),
+        "key": Key("path", "the store's key file (mode 0600)", required=True),
+    },
+    required=True,
+)
+HOSPITAL_SECTION = Section(
+    "the post-quantum channel to the hospital (ML-KEM-768 + X25519, AES-256-GCM)",
+    {
+        "host": Key("str", "hospital ingest address", "127.0.0.1"),
+        "port": Key("int", "hospital ingest port", 8884, lo=1, hi=65535),
+        "server_name": Key("str", "the identity expected at the other end", "hospital"),
+        "server_key": Key("path", "pinned ML-DSA-65 public key of the hospital", required=True),
+        "identity": Key("path", "the gateway's ML-DSA-65 identity (private key)", required=True),
+        "batch_max_readings": Key(
+            "int", "readings per BATCH at most", 200, lo=1, hi=MAX_BATCH_ITEMS
+        ),
+        "batch_max_delay_ms": Key(
+            "float", "how long a batch waits to fill up, ms", 50.0, lo=0.0, hi=10_000.0
+        ),
+        "ack_timeout_s": Key(
+            "float", "no ACK within this: the hospital is treated as down", 10.0, lo=0.1, hi=600
+        ),
+        "reconnect_min_s": Key("float", "reconnect backoff start", 0.2, lo=0.01, hi=60.0),
+        "reconnect_max_s": Key(
+            "float", "reconnect backoff ceiling (>= reconnect_min_s)", 10.0, lo=0.01, hi=3600.0
+        ),
+    },
+    required=True,
+)
+SPOOL_SECTION = Section(
+    "encrypted store-and-forward while the hospital is unreachable",
+    {
+        "path": Key("path", "default: <state_dir>/spool.db"),
+        "key": Key("path", "default: <state_dir>/spool.key (created 0600)"),
+        "max_readings": Key(
+            "int", "bound on spooled readings", DEFAULT_SPOOL_READINGS, lo=1, hi=10**9
+        ),
+        "when_full": Key(
+            "str",
+            "stop acking and leave MQTT: the broker keeps the messages",
+            "pause-mqtt",
+            choices=tuple(sorted(SPOOL_FULL_POLICIES)),
+        ),
+    },
+)
+METRICS_SECTION = Section(
+    "Prometheus text format at http://host:port/metrics",
+    {
+        "enabled": Key("bool", "serve the metrics endpoint", True),
+        "host": Key(
+            "str",
+            "loopback only: the endpoint has no authentication",
+            "127.0.0.1",
+            pattern=_LOOPBACK_PATTERN,
+        ),
+        "port": Key("int", "0: an ephemeral port", 9108, lo=0, hi=65535),
+    },
+)
+RELOAD_SECTION = Section(
+    "how the running gateway notices edits of this file",
+    {"poll_s": Key("float", "mtime check period (0: SIGHUP only)", 1.0, lo=0.0, hi=3600)},
+)
+LIMITS_SECTION = Section(
+    "per-route limits, checked before any cryptography",
+    {
+        "max_payload_bytes": Key(
+            "int",
+            "larger payloads are refused before parsing",
+            DEFAULT_MAX_PAYLOAD,
+            lo=1,
+            hi=MAX_SEALED_SIZE,
+        ),
+        "max_rate_per_device": Key(
+            "float", "messages/s per device (token bucket); 0 = no limit", 0.0, lo=0.0, hi=1e6
+        ),
+        "burst": Key(
+            "int", "token bucket size; default: twice the rate, at least 1", lo=1, hi=10**6
+        ),
+        "max_clock_skew_s": Key(
+            "float",
+            "readings stamped further in the future are refused",
+            DEFAULT_CLOCK_SKEW_S,
+            lo=1.0,
+            hi=10 * 365 * 86400,
+        ),
+    },
+)
+ROUTE_SECTION = Section(
+    "a route: tried in order, the first filter that matches wins",
+    {
+        "name": Key("str", "default: routes[<index>]"),
+        "topic": Key(
+            "str",
+            "MQTT filter: '+' one whole level, '#' the rest",
+            required=True,
+            pattern=_TOPIC_FILTER_PATTERN,
+        ),
+        "device_id_level": Key(
+            "int",
+            "which level holds the device id (from 0); must be a '+'; "
+            "required unless the filter has exactly one '+'",
+            lo=0,
+            hi=1000,
+        ),
+        "format": Key(
+            "str",
+            "payload format and version (docs/wire-formats.md)",
+            "sealed-reading/v1",
+            choices=tuple(
+                f"{f}/v{v}" for f, vs in sorted(SUPPORTED_FORMATS.items()) for v in sorted(vs)
+            ),
+        ),
+        "destination": Key(
+            "str", "where readings go", "hospital", choices=tuple(sorted(DESTINATIONS))
+        ),
+        "qos": Key("int", "1: acknowledged only once durably stored", 1, lo=0, hi=1),
+    },
+    {"limits": LIMITS_SECTION},
+    many=True,
+)
+GATEWAY_SCHEMA = Section(
+    "pacegate gateway configuration (docs/gateway.md)",
+    {"state_dir": Key("path", "replay.db (replay windows) and the spool live here", required=True)},
+    {
+        "mqtt": MQTT_SECTION,
+        "psk_store": PSK_STORE_SECTION,
+        "hospital": HOSPITAL_SECTION,
+        "spool": SPOOL_SECTION,
+        "metrics": METRICS_SECTION,
+        "reload": RELOAD_SECTION,
+        "routes": ROUTE_SECTION,
+    },
+)
+_TOP_KEYS = GATEWAY_SCHEMA.names
 
 
 @dataclass(frozen=True)
@@ -179,6 +373,40 @@ class _Collector:
         return fallback
 
 
+def _read(
+    sec: ConfigSection,
+    spec: Section,
+    name: str,
+    out: _Collector,
+    fallback: Any,
+    *,
+    default: Any = None,
+    lo: float | None = None,
+    check_files: bool = False,
+) -> Any:
+    """Read key ``name`` of ``sec`` as ``spec`` describes it (type, default, bounds);
+    ``default``/``lo`` override the table where they depend on other keys."""
+    k = spec.keys[name]
+    d: Any = k.default if default is None else default
+    low = k.lo if lo is None else lo
+
+    def read() -> Any:
+        if k.kind == "int":
+            ilo = None if low is None else int(low)
+            ihi = None if k.hi is None else int(k.hi)
+            return sec.get_int(name, d, lo=ilo, hi=ihi, required=k.required)
+        if k.kind == "float":
+            return sec.get_float(name, d, lo=low, hi=k.hi, required=k.required)
+        if k.kind == "bool":
+            return sec.get(name, bool, d, required=k.required)
+        if k.kind == "path":
+            exist = check_files and k.required
+            return sec.get_path(name, d, required=k.required, must_exist=exist)
+        return sec.get(name, str, d, required=k.required)
+
+    return out.take(read, fallback)
+
+
 # -- topic filters -------------------------------------------------------------------------
 def topic_filter_problem(topic: str) -> tuple[str, str] | None:
     """Why ``topic`` is not a valid MQTT subscription filter, as (problem, fix), or None."""
@@ -206,10 +434,10 @@ def topic_filter_problem(topic: str) -> tuple[str, str] | None:
 
 
 def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
-    allowed = {"name", "topic", "device_id_level", "format", "destination", "qos", "limits"}
-    out.take(lambda: sec.check_keys(allowed), None)
-    name = out.take(lambda: sec.get("name", str, f"routes[{index}]"), f"routes[{index}]")
-    topic = out.take(lambda: sec.get("topic", str, required=True), None)
+    spec = ROUTE_SECTION
+    out.take(lambda: sec.check_keys(spec.names), None)
+    name = _read(sec, spec, "name", out, f"routes[{index}]", default=f"routes[{index}]")
+    topic = _read(sec, spec, "topic", out, None)
     levels: tuple[str, ...] = ()
     if topic is not None:
         problem = topic_filter_problem(topic)
@@ -221,7 +449,7 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
     plus = [i for i, lv in enumerate(levels) if lv == "+"]
     device_level: int | None
     if "device_id_level" in sec.data or len(plus) != 1:
-        device_level = out.take(lambda: sec.get_int("device_id_level", lo=0, hi=1000), None)
+        device_level = _read(sec, spec, "device_id_level", out, None)
         if topic is not None and device_level is not None and device_level not in plus:
             here = levels[device_level] if device_level < len(levels) else None
             what = f"is {here!r}" if here is not None else "does not exist"
@@ -240,7 +468,7 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
             )
     else:
         device_level = plus[0]
-    fmt_raw = out.take(lambda: sec.get("format", str, "sealed-reading/v1"), None)
+    fmt_raw = _read(sec, spec, "format", out, None)
     fmt, version = "", 0
     if fmt_raw is not None:
         known = ", ".join(f"{f}/v{v}" for f, vs in SUPPORTED_FORMATS.items() for v in sorted(vs))
@@ -255,7 +483,7 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
             )
         else:
             fmt, version = base, int(ver)
-    dest = out.take(lambda: sec.get("destination", str, "hospital"), None)
+    dest = _read(sec, spec, "destination", out, None)
     if dest is not None and dest not in DESTINATIONS:
         out.errors.append(
             sec.error(
@@ -264,7 +492,7 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
                 fix=f"use one of: {', '.join(sorted(DESTINATIONS))}",
             )
         )
-    qos = out.take(lambda: sec.get_int("qos", 1, lo=0, hi=1), None)
+    qos = _read(sec, spec, "qos", out, None)
     lim = out.take(lambda: sec.section("limits"), None)
     limits = None
     if lim is not None:
@@ -287,21 +515,13 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
 
 
 def _limits(sec: ConfigSection, out: _Collector) -> RouteLimits | None:
-    allowed = {"max_payload_bytes", "max_rate_per_device", "burst", "max_clock_skew_s"}
+    spec = LIMITS_SECTION
     n = len(out.errors)
-    out.take(lambda: sec.check_keys(allowed), None)
-    size = out.take(
-        lambda: sec.get_int("max_payload_bytes", DEFAULT_MAX_PAYLOAD, lo=1, hi=MAX_SEALED_SIZE),
-        0,
-    )
-    rate = out.take(lambda: sec.get_float("max_rate_per_device", 0.0, lo=0.0, hi=1e6), 0.0)
-    burst = out.take(lambda: sec.get_int("burst", max(1, int(rate * 2)), lo=1, hi=10**6), 1)
-    skew = out.take(
-        lambda: sec.get_float(
-            "max_clock_skew_s", DEFAULT_CLOCK_SKEW_S, lo=1.0, hi=10 * 365 * 86400
-        ),
-        0.0,
-    )
+    out.take(lambda: sec.check_keys(spec.names), None)
+    size = _read(sec, spec, "max_payload_bytes", out, 0)
+    rate = _read(sec, spec, "max_rate_per_device", out, 0.0)
+    burst = _read(sec, spec, "burst", out, 1, default=max(1, int(rate * 2)))
+    skew = _read(sec, spec, "max_clock_skew_s", out, 0.0)
     if len(out.errors) != n:
         return None
     return RouteLimits(size, rate, burst, skew)
@@ -341,85 +561,60 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
     m = out.take(lambda: root.section("mqtt", required=True), None)
     mqtt = None
     if m is not None:
-        out.take(
-            lambda: m.check_keys(
-                {"host", "port", "client_id", "ca", "cert", "key", "keepalive_s", "server_name"}
-            ),
-            None,
-        )
-        client_id = out.take(lambda: m.get("client_id", str, "gateway"), "gateway")
+        ms = MQTT_SECTION
+        out.take(lambda: m.check_keys(ms.names), None)
+        files = {k: _read(m, ms, k, out, Path("/nonexistent"), check_files=check_files)
+                 for k in ("ca", "cert", "key")}  # fmt: skip
         mqtt = MqttSettings(
-            host=out.take(lambda: m.get("host", str, "127.0.0.1"), ""),
-            port=out.take(lambda: m.get_int("port", 8883, lo=1, hi=65535), 0),
-            client_id=client_id,
-            ca=_file(m, "ca", None, check_files, out),
-            cert=_file(m, "cert", None, check_files, out),
-            key=_file(m, "key", None, check_files, out),
-            keepalive_s=out.take(lambda: m.get_int("keepalive_s", 30, lo=5, hi=3600), 30),
-            server_name=out.take(lambda: m.get("server_name", str, ""), "") or None,
+            host=_read(m, ms, "host", out, ""),
+            port=_read(m, ms, "port", out, 0),
+            client_id=_read(m, ms, "client_id", out, "gateway"),
+            ca=files["ca"],
+            cert=files["cert"],
+            key=files["key"],
+            keepalive_s=_read(m, ms, "keepalive_s", out, 30),
+            server_name=_read(m, ms, "server_name", out, "") or None,
         )
 
     p = out.take(lambda: root.section("psk_store", required=True), None)
     psk = None
     if p is not None:
-        out.take(lambda: p.check_keys({"path", "key"}), None)
+        ps = PSK_STORE_SECTION
+        out.take(lambda: p.check_keys(ps.names), None)
         psk = PskStoreSettings(
-            path=_file(p, "path", None, check_files, out),
-            key=_file(p, "key", None, check_files, out),
+            path=_read(p, ps, "path", out, Path("/nonexistent"), check_files=check_files),
+            key=_read(p, ps, "key", out, Path("/nonexistent"), check_files=check_files),
         )
 
-    state_dir = out.take(lambda: root.get_path("state_dir", required=True), Path("/nonexistent"))
+    state_dir = _read(root, GATEWAY_SCHEMA, "state_dir", out, Path("/nonexistent"))
 
     h = out.take(lambda: root.section("hospital", required=True), None)
     hospital = None
     if h is not None:
-        out.take(
-            lambda: h.check_keys(
-                {
-                    "host",
-                    "port",
-                    "server_name",
-                    "server_key",
-                    "identity",
-                    "batch_max_readings",
-                    "batch_max_delay_ms",
-                    "ack_timeout_s",
-                    "reconnect_min_s",
-                    "reconnect_max_s",
-                }
-            ),
-            None,
-        )
-        from pacegate.ingest import MAX_BATCH_ITEMS
-
-        rmin = out.take(lambda: h.get_float("reconnect_min_s", 0.2, lo=0.01, hi=60.0), 0.2)
+        hs = HOSPITAL_SECTION
+        out.take(lambda: h.check_keys(hs.names), None)
+        rmin = _read(h, hs, "reconnect_min_s", out, 0.2)
         hospital = HospitalSettings(
-            host=out.take(lambda: h.get("host", str, "127.0.0.1"), ""),
-            port=out.take(lambda: h.get_int("port", 8884, lo=1, hi=65535), 0),
-            server_name=out.take(lambda: h.get("server_name", str, "hospital"), "hospital"),
-            server_key=_file(h, "server_key", None, check_files, out),
-            identity=_file(h, "identity", None, check_files, out),
-            batch_max_readings=out.take(
-                lambda: h.get_int("batch_max_readings", 200, lo=1, hi=MAX_BATCH_ITEMS), 200
+            host=_read(h, hs, "host", out, ""),
+            port=_read(h, hs, "port", out, 0),
+            server_name=_read(h, hs, "server_name", out, "hospital"),
+            server_key=_read(
+                h, hs, "server_key", out, Path("/nonexistent"), check_files=check_files
             ),
-            batch_max_delay_s=out.take(
-                lambda: h.get_float("batch_max_delay_ms", 50.0, lo=0.0, hi=10_000.0), 50.0
-            )
-            / 1000.0,
-            ack_timeout_s=out.take(
-                lambda: h.get_float("ack_timeout_s", 10.0, lo=0.1, hi=600), 10.0
-            ),
+            identity=_read(h, hs, "identity", out, Path("/nonexistent"), check_files=check_files),
+            batch_max_readings=_read(h, hs, "batch_max_readings", out, 200),
+            batch_max_delay_s=_read(h, hs, "batch_max_delay_ms", out, 50.0) / 1000.0,
+            ack_timeout_s=_read(h, hs, "ack_timeout_s", out, 10.0),
             reconnect_min_s=rmin,
-            reconnect_max_s=out.take(
-                lambda: h.get_float("reconnect_max_s", 10.0, lo=rmin, hi=3600.0), 10.0
-            ),
+            reconnect_max_s=_read(h, hs, "reconnect_max_s", out, 10.0, lo=rmin),
         )
 
     s = out.take(lambda: root.section("spool"), None)
     spool = None
     if s is not None:
-        out.take(lambda: s.check_keys({"path", "key", "max_readings", "when_full"}), None)
-        when_full = out.take(lambda: s.get("when_full", str, "pause-mqtt"), "pause-mqtt")
+        ss = SPOOL_SECTION
+        out.take(lambda: s.check_keys(ss.names), None)
+        when_full = _read(s, ss, "when_full", out, "pause-mqtt")
         if when_full not in SPOOL_FULL_POLICIES:
             out.errors.append(
                 s.error(
@@ -429,29 +624,28 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
                 )
             )
         spool = SpoolSettings(
-            path=out.take(lambda: s.get_path("path", str(state_dir / "spool.db")), Path()),
-            key=out.take(lambda: s.get_path("key", str(state_dir / "spool.key")), Path()),
-            max_readings=out.take(
-                lambda: s.get_int("max_readings", DEFAULT_SPOOL_READINGS, lo=1, hi=10**9), 0
-            ),
+            path=_read(s, ss, "path", out, Path(), default=str(state_dir / "spool.db")),
+            key=_read(s, ss, "key", out, Path(), default=str(state_dir / "spool.key")),
+            max_readings=_read(s, ss, "max_readings", out, 0),
             when_full=when_full,
         )
 
     mt = out.take(lambda: root.section("metrics"), None)
     metrics = None
     if mt is not None:
-        out.take(lambda: mt.check_keys({"enabled", "host", "port"}), None)
+        mts = METRICS_SECTION
+        out.take(lambda: mt.check_keys(mts.names), None)
         metrics = MetricsSettings(
-            enabled=out.take(lambda: mt.get("enabled", bool, True), True),
-            host=_loopback(mt, "host", "127.0.0.1", out),
-            port=out.take(lambda: mt.get_int("port", 9108, lo=0, hi=65535), 0),
+            enabled=_read(mt, mts, "enabled", out, True),
+            host=_loopback(mt, "host", str(mts.keys["host"].default), out),
+            port=_read(mt, mts, "port", out, 0),
         )
 
     rl = out.take(lambda: root.section("reload"), None)
     reload = ReloadSettings(1.0)
     if rl is not None:
-        out.take(lambda: rl.check_keys({"poll_s"}), None)
-        reload = ReloadSettings(out.take(lambda: rl.get_float("poll_s", 1.0, lo=0.0, hi=3600), 1.0))
+        out.take(lambda: rl.check_keys(RELOAD_SECTION.names), None)
+        reload = ReloadSettings(_read(rl, RELOAD_SECTION, "poll_s", out, 1.0))
 
     routes: list[Route] = []
     no_sections: list[ConfigSection] = []
@@ -521,6 +715,103 @@ def load_gateway_config(path: str | Path, *, check_files: bool = True) -> Gatewa
     return parse_gateway_config(root, check_files=check_files)
 
 
+# -- the JSON Schema for editors -------------------------------------------------------------
+SCHEMA_FILE_NAME = "gateway.schema.json"  # at the repository root and in this package
+_JSON_TYPES = {
+    "str": "string",
+    "path": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+}
+_PARSER_ONLY = (
+    "Checked by `pacegate config check`, not by this schema: device_id_level must point at a "
+    "'+' level (and is required unless the filter has exactly one '+'); "
+    "hospital.reconnect_max_s >= reconnect_min_s; spool.max_readings >= "
+    "hospital.batch_max_readings; route names and topics are unique; the certificate, key "
+    "and key-store files exist; numbers are finite and integers are written without a "
+    "decimal point."
+)
+
+
+def _key_schema(k: Key) -> dict[str, Any]:
+    kind = _JSON_TYPES[k.kind]
+    # An empty value (`port:`) means "the default" to the parser, so it is valid where the
+    # key is optional.
+    out: dict[str, Any] = {"type": kind if k.required else [kind, "null"], "description": k.doc}
+    if k.default is not None:
+        out["default"] = k.default
+    if k.lo is not None:
+        out["minimum"] = k.lo
+    if k.hi is not None:
+        out["maximum"] = k.hi
+    if k.choices:
+        out["enum"] = [*k.choices] if k.required else [*k.choices, None]
+    if k.pattern is not None:
+        out["pattern"] = k.pattern
+        out["minLength"] = 1
+    return out
+
+
+def _section_schema(sec: Section) -> dict[str, Any]:
+    props: dict[str, Any] = {name: _key_schema(k) for name, k in sorted(sec.keys.items())}
+    for name, sub in sorted(sec.sections.items()):
+        if sub.many:
+            props[name] = {
+                "type": "array",
+                "description": sub.doc,
+                "minItems": 1,
+                "items": {**_section_schema(sub), "type": "object"},
+            }
+        else:
+            props[name] = _section_schema(sub)
+    required = [n for n, k in sorted(sec.keys.items()) if k.required]
+    required += [n for n, sub in sorted(sec.sections.items()) if sub.required]
+    out: dict[str, Any] = {
+        "type": "object" if sec.required else ["object", "null"],
+        "description": sec.doc,
+        "properties": props,
+        "additionalProperties": False,  # an unknown key is an error, as in the parser
+    }
+    if required:
+        out["required"] = required
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of gateway.yaml, generated from the tables above. Draft-07: the
+    newest draft that every YAML language server reads, and all this schema needs."""
+    root = _section_schema(GATEWAY_SCHEMA)
+    root["type"] = "object"
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "pacegate gateway.yaml",
+        **root,
+        "description": f"{GATEWAY_SCHEMA.doc}. Generated by `pacegate config schema` from "
+        f"gateway/config.py; do not edit. {_PARSER_ONLY}",
+    }
+
+
+def packaged_schema_path() -> Path:
+    """The schema shipped inside the installed package (editors can point at it)."""
+    return Path(__file__).with_name(SCHEMA_FILE_NAME)
+
+
+def render_json_schema() -> str:
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def cli_schema(args: argparse.Namespace) -> int:
+    """``pacegate config schema [--out FILE]``: write the JSON Schema of gateway.yaml."""
+    text = render_json_schema()
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cli_check(args: argparse.Namespace) -> int:
     """``pacegate config check FILE``: print OK, or every error with file:line, key and fix."""
     try:
@@ -555,6 +846,7 @@ def render_default_config(
 
     pki = work.pki
     return f"""\
+# yaml-language-server: $schema={packaged_schema_path()}
 # gateway.yaml written by pacegate for {work.root.name}/ (reference: docs/gateway.md).
 # Relative paths resolve against this file's directory. Check an edit with
 #   pacegate config check {rel(work.gateway_config)}

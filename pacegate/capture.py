@@ -12,6 +12,11 @@ What the report checks, and how:
 - **No reading in clear on any port**: ...so that we can then search every TCP payload of the
   capture, on every port (MQTT/TLS, the post-quantum channels, metrics), raw and TLS-decrypted,
   for each reading's wire encoding and for the reading's JSON field names.
+- **What pacegate's Wireshark dissectors see** (``pacegate/wireshark/*.lua``, loaded with
+  ``-X lua_script:``): the sealed readings the devices sent, counted per device, must be as
+  many as the devices say they sent, agree with :mod:`pacegate.sealed`'s own parse, and never
+  show one counter with two ciphertexts (a nonce reused under the device's key); the PQ
+  channel ports must carry nothing but channel frames (hellos, then AES-256-GCM records).
 
 The pcapng and the key log open in Wireshark (docs/wireshark.md gives the display filters).
 Capturing needs ``dumpcap`` (Debian's ``tshark`` package) and the right to capture on ``lo``.
@@ -28,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ from pacegate.layout import (
 )
 from pacegate.sealed import open_reading, parse_header
 from pacegate.tlsconf import KEYLOG_ENV
+from pacegate.wireshark import tshark_lua_args
 
 log = logging.getLogger("pacegate.capture")
 
@@ -60,6 +67,10 @@ DUMPCAP_START_TIMEOUT_S = 10.0
 # Demo runs inside a capture are short: the capture's own bound.
 CAPTURE_DEMO_DEVICES = 5
 CAPTURE_DEMO_DURATION_S = 6.0
+
+
+# docs/channel.md's frame types (pacegate.channel.wire.FrameType), as the dissector shows them.
+CHANNEL_CLIENT_HELLO, CHANNEL_SERVER_HELLO, CHANNEL_RECORD = 0x01, 0x02, 0x17
 
 
 class CaptureError(PacegateError):
@@ -94,6 +105,15 @@ class CaptureReport:
     mqtt_payloads_sealed: int = 0
     mqtt_payloads_opened_with_psk: int = 0
     pq_channel_bytes: int = 0
+    # what pacegate's Lua dissectors found (docs/wireshark.md)
+    devices_sent: int | None = None  # the demo's own count, when the capture ran one
+    sealed_readings_dissected: int = 0  # distinct (device, counter), device -> broker
+    sealed_unknown_versions: int = 0
+    sealed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    channel_handshakes: int = 0  # ClientHello frames
+    channel_records: int = 0
+    channel_rekeys: int = 0  # KeyUpdateDone records (inferred from the handshake's shape)
+    channel_unknown_frames: int = 0
     readings_searched: int = 0
     plaintext_findings: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
@@ -129,12 +149,24 @@ def _run_tshark(pcap: Path, keylog: Path | None, ports: Ports, *args: str) -> st
         f"tcp.port=={ports.mqtt},tls",
         "-d",
         f"tls.port=={ports.mqtt},mqtt",
+        *tshark_lua_args(),
+        "-o",
+        f"pacegate.channel.ports:{ports.hospital},{ports.cloud}",
     ]
     if keylog is not None and keylog.exists():
         argv += ["-o", f"tls.keylog_file:{keylog}"]
-    proc = subprocess.run(
-        [*argv, *args], capture_output=True, text=True, timeout=TSHARK_TIMEOUT_S, check=False
-    )
+    # An empty home: the user's own Wireshark profile (Decode As, older pacegate plugins)
+    # must not change what the checks see.
+    with tempfile.TemporaryDirectory(prefix="pacegate-tshark-") as home:
+        env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=home)
+        proc = subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            timeout=TSHARK_TIMEOUT_S,
+            check=False,
+            env=env,
+        )
     if proc.returncode != 0:
         raise CaptureError(f"tshark failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
     return proc.stdout
@@ -180,10 +212,16 @@ def _load_psks(work: WorkLayout | None) -> dict[str, bytes]:
 
 
 def analyse(
-    pcap: Path, keylog: Path | None, ports: Ports, work: WorkLayout | None = None
+    pcap: Path,
+    keylog: Path | None,
+    ports: Ports,
+    work: WorkLayout | None = None,
+    devices_sent: int | None = None,
 ) -> CaptureReport:
-    """Verify a capture; see the module docstring for what is checked."""
+    """Verify a capture; see the module docstring for what is checked. ``devices_sent`` is
+    how many distinct readings the devices say they sent during the capture, if known."""
     report = CaptureReport(str(pcap), str(keylog) if keylog else None, ports=vars(ports).copy())
+    report.devices_sent = devices_sent
     report.packets = len(_tshark(pcap, None, ports, "frame", ["frame.number"]))
 
     hello = _tshark(
@@ -224,24 +262,33 @@ def analyse(
     psks = _load_psks(work)
     readings: list[bytes] = []
     decrypted_payloads: list[bytes] = []
+    sent_by_devices: set[tuple[str, int]] = set()  # (device, counter), device -> broker
     pubs = _tshark(
-        pcap, keylog, ports, "mqtt.msgtype==3", ["mqtt.topic", "mqtt.msg"], occurrence="a"
+        pcap,
+        keylog,
+        ports,
+        "mqtt.msgtype==3",
+        ["mqtt.topic", "mqtt.msg", "tcp.dstport"],
+        occurrence="a",
     )
     for row in pubs:
         topics = row[0].split(",") if row and row[0] else []
         msgs = row[1].split(",") if len(row) > 1 and row[1] else []
+        to_broker = len(row) > 2 and row[2] == str(ports.mqtt)
         for topic, hexmsg in zip(topics, msgs, strict=False):
             report.mqtt_publishes_decrypted += 1
             payload = bytes.fromhex(hexmsg.replace(":", ""))
             decrypted_payloads.append(payload)
             try:
-                parse_header(payload)
+                header = parse_header(payload)
             except RemoteProtocolError:
                 report.findings.append(f"MQTT payload on {topic} is not a sealed reading")
                 continue
             report.mqtt_payloads_sealed += 1
             parts = topic.split("/")
             device = parts[1] if len(parts) == 3 else ""
+            if to_broker:
+                sent_by_devices.add((device, header.counter))
             if device in psks:
                 try:
                     _, reading = open_reading(psks[device], device, payload)
@@ -283,8 +330,98 @@ def analyse(
     if report.mqtt_payloads_sealed < report.mqtt_publishes_decrypted:
         report.findings.append("some MQTT payloads were not sealed readings")
     report.findings += report.plaintext_findings
+    _dissector_checks(report, pcap, keylog, ports, sent_by_devices)
     report.ok = not report.findings
     return report
+
+
+def _dissector_checks(
+    report: CaptureReport,
+    pcap: Path,
+    keylog: Path | None,
+    ports: Ports,
+    parsed: set[tuple[str, int]],
+) -> None:
+    """Read the capture with pacegate's Lua dissectors (see the module docstring)."""
+    seen: dict[tuple[str, int], str] = {}  # (device, counter) -> ciphertext and tag, hex
+    reused: set[tuple[str, int]] = set()
+    rows = _tshark(
+        pcap,
+        keylog,
+        ports,
+        f"pacegate.sealed && tcp.dstport=={ports.mqtt}",
+        [
+            "pacegate.sealed.device",
+            "pacegate.sealed.version_known",
+            "pacegate.sealed.counter",
+            "pacegate.sealed.ciphertext",
+            "pacegate.sealed.tag",
+        ],
+    )
+    for row in rows:
+        devices, known, counters, cts, tags = ([c.split(",") for c in row] + [[]] * 5)[:5]
+        report.sealed_unknown_versions += sum(1 for k in known if k not in ("1", "True"))
+        if not len(devices) == len(counters) == len(cts) == len(tags):
+            continue  # a reading of an unknown version has no counter: counted just above
+        for device, counter, ct, tag in zip(devices, counters, cts, tags, strict=True):
+            key = (device, int(counter))
+            if seen.setdefault(key, ct + tag) != ct + tag:
+                reused.add(key)
+    report.sealed_readings_dissected = len(seen)
+    by_device: dict[str, list[int]] = {}
+    for dev, ctr in seen:
+        by_device.setdefault(dev, []).append(ctr)
+    report.sealed_counters = {
+        d: {"first": min(c), "last": max(c), "count": len(c)} for d, c in sorted(by_device.items())
+    }
+    for dev, ctr in sorted(reused):
+        report.findings.append(
+            f"{dev}: counter {ctr} carried two different ciphertexts (nonce reuse)"
+        )
+    if report.sealed_unknown_versions:
+        report.findings.append(
+            f"{report.sealed_unknown_versions} sealed readings of a version the dissector "
+            "does not know (pacegate/wireshark/pacegate_sealed.lua needs it)"
+        )
+    if set(seen) != parsed:
+        report.findings.append(
+            f"the sealed-reading dissector and pacegate.sealed disagree on "
+            f"{len(set(seen) ^ parsed)} (device, counter) pairs"
+        )
+    if report.devices_sent is not None and report.devices_sent != len(seen):
+        report.findings.append(
+            f"the devices sent {report.devices_sent} readings, the capture shows {len(seen)}"
+        )
+
+    pq = f"tcp.port=={ports.hospital} || tcp.port=={ports.cloud}"
+    for row in _tshark(pcap, None, ports, f"pacegate.channel && ({pq})", ["pacegate.channel.type"]):
+        for t in row[0].split(",") if row and row[0] else []:
+            code = int(t, 16) if t.startswith("0x") else int(t)
+            if code == CHANNEL_CLIENT_HELLO:
+                report.channel_handshakes += 1
+            elif code == CHANNEL_RECORD:
+                report.channel_records += 1
+            elif code != CHANNEL_SERVER_HELLO:
+                report.channel_unknown_frames += 1
+    done = _tshark(
+        pcap,
+        None,
+        ports,
+        'pacegate.channel.record.content == "KeyUpdateDone"',
+        ["frame.number"],
+    )
+    report.channel_rekeys = len(done)
+    oversized = _tshark(
+        pcap, None, ports, f"({pq}) && pacegate.channel.too_large", ["frame.number"]
+    )
+    if report.channel_unknown_frames or oversized:
+        report.findings.append(
+            f"the PQ channel ports carried {report.channel_unknown_frames + len(oversized)} "
+            "frames that are not pacegate channel frames (garbage, or a frame type newer than "
+            "pacegate/wireshark/pacegate_channel.lua knows)"
+        )
+    if report.pq_channel_bytes and not report.channel_handshakes:
+        report.findings.append("traffic on the PQ channel ports, but no channel handshake")
 
 
 def _suite_names(pcap: Path, ports: Ports, suites: Counter[str]) -> dict[str, int]:
@@ -359,6 +496,7 @@ def main(args: argparse.Namespace) -> int:
     if keylog is None:
         env = os.environ.get(KEYLOG_ENV)
         keylog = Path(env) if env else (out.with_suffix(".keys.log") if work else None)
+    devices_sent: int | None = None
     if work is not None:
         assert keylog is not None
         keylog = keylog.resolve()
@@ -384,6 +522,8 @@ def main(args: argparse.Namespace) -> int:
             if demo.returncode != 0:
                 print(demo.stderr.decode(errors="replace")[-3000:], file=sys.stderr)
                 raise CaptureError(f"the demo run inside the capture failed ({demo.returncode})")
+            with contextlib.suppress(ValueError, AttributeError):
+                devices_sent = int(json.loads(demo.stdout).get("sent"))
         finally:
             _stop(dumpcap)
     else:
@@ -393,7 +533,7 @@ def main(args: argparse.Namespace) -> int:
             dumpcap.wait(timeout=args.duration + 30)
         finally:
             _stop(dumpcap)
-    report = analyse(out, keylog, Ports.of(work), work)
+    report = analyse(out, keylog, Ports.of(work), work, devices_sent)
     if keylog is not None and keylog.exists():
         report.pcap_with_keys = _inject_secrets(out, keylog)
     # A capture with its key log decrypts the session: owner-only, like any secret.
@@ -424,6 +564,13 @@ def _print_human(r: CaptureReport) -> None:
     t.add_row("... of which sealed readings", str(r.mqtt_payloads_sealed))
     t.add_row("... opened with the device PSK", str(r.mqtt_payloads_opened_with_psk))
     t.add_row("PQ channel bytes (hospital, cloud)", str(r.pq_channel_bytes))
+    t.add_row("sealed readings (dissector, device -> broker)", str(r.sealed_readings_dissected))
+    if r.devices_sent is not None:
+        t.add_row("... readings the devices say they sent", str(r.devices_sent))
+    t.add_row(
+        "PQ channel handshakes / records / rekeys (dissector)",
+        f"{r.channel_handshakes} / {r.channel_records} / {r.channel_rekeys}",
+    )
     t.add_row("readings searched for in clear", str(r.readings_searched))
     t.add_row("readings found in clear", str(len(r.plaintext_findings)))
     console.print(t)
@@ -440,5 +587,7 @@ def _print_human(r: CaptureReport) -> None:
         console.print(f"or: wireshark -o tls.keylog_file:{r.keylog} {r.pcap}")
     console.print(
         f"display filters: mqtt.msgtype == 3 (PUBLISH); tls.handshake.type == 13 "
-        f"(CertificateRequest); tcp.port == {r.ports.get('mqtt')} (see docs/wireshark.md)"
+        f"(CertificateRequest); tcp.port == {r.ports.get('mqtt')}; with pacegate's dissectors "
+        "(pacegate wireshark install): pacegate.sealed.counter > 100, "
+        "pacegate.channel.type == 0x01 (see docs/wireshark.md)"
     )

@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the schema only, not that the certificate and key files exist",
     )
+    p = _add(
+        cfg_sub,
+        "schema",
+        "gateway.config:cli_schema",
+        "write the JSON Schema of gateway.yaml (for editors), generated from gateway/config.py",
+    )
+    p.add_argument("--out", type=Path, help="write it here (default: standard output)")
 
     # --- the whole stack -----------------------------------------------------------------
     p = _add(
@@ -190,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("pacegate-capture.pcapng"))
     p.add_argument("--keylog", type=Path, help="TLS key log to decrypt with (SSLKEYLOGFILE)")
     p.add_argument("--workdir", type=Path, help="run a demo in this workdir while capturing")
+    p.add_argument("--json", action="store_true")
+    ws = sub.add_parser("wireshark", help="pacegate's Wireshark dissectors (Lua)")
+    ws_sub = ws.add_subparsers(dest="wireshark_command", required=True, metavar="ACTION")
+    p = _add(
+        ws_sub,
+        "install",
+        "pacegate.wireshark:cli_install",
+        "copy the sealed-reading and PQ-channel dissectors where Wireshark looks for Lua plugins",
+    )
+    p.add_argument(
+        "--dir", type=Path, help="install here instead (default: from tshark -G folders)"
+    )
     p.add_argument("--json", action="store_true")
     return parser
 

@@ -9,6 +9,7 @@ Relative paths resolve against the config file's directory (ARCHITECTURE.md).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,6 +98,10 @@ class ConfigSection:
         required: bool = False,
     ) -> float:
         value = self.get(key, float, default, required=required)
+        if not math.isfinite(value):  # NaN passes every range comparison below
+            raise self.error(
+                key, f"must be a finite number, got {value!r}", fix=f"use a value in [{lo}, {hi}]"
+            )
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise self.error(key, f"{value} is out of range", fix=f"use a value in [{lo}, {hi}]")
         return value

@@ -1,0 +1,527 @@
+"""pacegate's Wireshark dissectors, run by the real tshark on real and hand-built captures.
+
+- The Lua files' constants are the wire formats' own (a format change must reach them).
+- ``pacegate wireshark install`` puts them where tshark really loads them.
+- On a capture of a real demo, the sealed readings the dissector finds are the devices' own:
+  every device's counters 1..n, as many as the devices say they sent, byte for byte the
+  MQTT payloads; the PQ channel's hellos are dissected with their sizes.
+- On a capture of a real channel session with a short rekey period, every rekey is seen.
+- Unknown versions and frame types are shown as such, not guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacegate import layout, sealed
+from pacegate.channel import ChannelIdentity, connect, kem, serve, session, wire
+from pacegate.channel import keyschedule as ks
+from pacegate.identity import TELEMETRY_FILTER
+from pacegate.layout import WorkLayout
+from pacegate.reading import READING_SIZE
+from pacegate.wireshark import LUA_FILES, lua_paths, tshark_lua_args
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 420
+TSHARK_TIMEOUT = 120
+
+needs_tshark = pytest.mark.skipif(
+    shutil.which("tshark") is None, reason="needs Debian's tshark; ./dev setup installs it"
+)
+needs_capture = pytest.mark.skipif(
+    shutil.which("dumpcap") is None or os.geteuid() != 0,
+    reason="capturing on lo needs dumpcap (Debian tshark) and root; ./dev setup installs it",
+)
+
+
+def tshark(
+    pcap: Path, *args: str, home: Path, lua: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run tshark with an empty home (no personal profile or plugins) on ``pcap``."""
+    argv = ["tshark", "-n", "-r", str(pcap), *(tshark_lua_args() if lua else []), *args]
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home))
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=TSHARK_TIMEOUT, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Lua Error" not in proc.stdout + proc.stderr
+    return proc
+
+
+def fields(
+    pcap: Path, flt: str, names: list[str], *, home: Path, extra: list[str] = ()
+) -> list[list[str]]:  # type: ignore[assignment]
+    args = [*extra, "-Y", flt, "-T", "fields", "-E", "separator=\t", "-E", "occurrence=a"]
+    args += ["-E", "aggregator=;"]
+    for n in names:
+        args += ["-e", n]
+    out = tshark(pcap, *args, home=home).stdout
+    return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+
+# -- the constants are the formats' own -----------------------------------------------------
+def lua_constants(name: str) -> dict[str, int | str]:
+    """``local NAME = <int expression or string>`` lines of a shipped Lua file."""
+    text = (lua_paths()[LUA_FILES.index(name)]).read_text()
+    out: dict[str, int | str] = {}
+    for m in re.finditer(r"^local ([A-Z0-9_]+) = (.+?)(?:\s+--.*)?$", text, re.M):
+        key, expr = m.group(1), m.group(2).strip()
+        if expr.startswith('"'):
+            out[key] = expr.strip('"')
+            continue
+        expr = re.sub(r"\b([A-Z][A-Z0-9_]+)\b", lambda v: str(out[v.group(1)]), expr)
+        if re.fullmatch(r"[0-9x+\-* ()a-f]+", expr):
+            out[key] = int(eval(expr))  # noqa: S307 - arithmetic on integer literals only
+    return out
+
+
+def test_sealed_dissector_constants_are_the_sealed_reading_formats() -> None:
+    c = lua_constants("pacegate_sealed.lua")
+    assert c["VERSION_1"] == sealed.VERSION_1
+    assert c["HEADER_SIZE"] == sealed.HEADER_SIZE
+    assert c["READING_SIZE"] == READING_SIZE
+    assert c["TAG_SIZE"] == sealed.TAG_SIZE
+    assert c["SEALED_SIZE_V1"] == sealed.SEALED_SIZE_V1
+    assert c["MAX_SEALED_SIZE"] == sealed.MAX_SEALED_SIZE
+    assert c["DEFAULT_TOPIC"] == TELEMETRY_FILTER
+    text = lua_paths()[0].read_text()
+    known = re.search(r"^local KNOWN_VERSIONS = \{(.*)\}", text, re.M)
+    assert known is not None
+    names = re.findall(r"\[([A-Z0-9_]+)\] = true", known.group(1))
+    # A new sealed version in pacegate.sealed must be taught to the dissector too.
+    assert {c[n] for n in names} == set(sealed.SUPPORTED_VERSIONS)
+
+
+def test_channel_dissector_constants_are_the_channel_wire_formats() -> None:
+    c = lua_constants("pacegate_channel.lua")
+    assert c["FRAME_HEADER_SIZE"] == wire.FRAME_HEADER_SIZE
+    assert c["FRAME_CLIENT_HELLO"] == wire.FrameType.CLIENT_HELLO
+    assert c["FRAME_SERVER_HELLO"] == wire.FrameType.SERVER_HELLO
+    assert c["FRAME_RECORD"] == wire.FrameType.RECORD
+    assert {c["FRAME_CLIENT_HELLO"], c["FRAME_SERVER_HELLO"], c["FRAME_RECORD"]} == {
+        int(t) for t in wire.FrameType
+    }
+    assert c["MAX_HELLO_BODY"] == session.MAX_HELLO_BODY
+    assert c["MAX_FRAME_BODY"] == wire.MAX_FRAME_BODY
+    assert c["TAG_SIZE"] == ks.TAG_SIZE
+    assert c["RANDOM_SIZE"] == wire.RANDOM_SIZE
+    assert c["MLKEM768_PUBLIC_KEY_SIZE"] == kem.MLKEM768_PUBLIC_KEY_SIZE
+    assert c["MLKEM768_CIPHERTEXT_SIZE"] == kem.MLKEM768_CIPHERTEXT_SIZE
+    assert c["DEFAULT_PORTS"] == f"{layout.DEFAULT_HOSPITAL_PORT}-{layout.DEFAULT_CLOUD_PORT}"
+
+
+# -- install ------------------------------------------------------------------------------
+@needs_tshark
+def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    folders = subprocess.run(
+        ["tshark", "-G", "folders"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    personal = Path(re.search(r"^Personal Lua Plugins:\s*(.+)$", folders, re.M).group(1))  # type: ignore[union-attr]
+    before = subprocess.run(
+        ["tshark", "-G", "protocols"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    assert "pacegate.sealed" not in before
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "wireshark", "install", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert Path(report["dir"]) == personal
+    for name in LUA_FILES:
+        installed = personal / name
+        assert installed.read_bytes() == lua_paths()[LUA_FILES.index(name)].read_bytes()
+        assert installed.stat().st_mode & 0o777 == 0o644
+    after = subprocess.run(
+        ["tshark", "-G", "protocols"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    assert re.search(r"^pacegate sealed reading\t.*\tpacegate\.sealed$", after, re.M)
+    assert re.search(r"^pacegate post-quantum channel\t.*\tpacegate\.channel$", after, re.M)
+
+    # --dir overrides the folder; installed and -X copies together do not clash.
+    other = tmp_path / "elsewhere"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "wireshark", "install", "--dir", str(other)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == str(other)
+    assert sorted(p.name for p in other.iterdir()) == sorted(LUA_FILES)
+    # a folder that cannot be made: one line naming it and the fix, no traceback
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "wireshark", "install", "--dir", str(blocker / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"cannot create {blocker / 'x'}" in proc.stderr and "--dir" in proc.stderr
+
+    pcap = tmp_path / "one.pcap"
+    pcap.write_bytes(_pcap([(41000, 8884, bytes([0x17]) + struct.pack(">I", 16) + bytes(16))]))
+    both = subprocess.run(
+        ["tshark", "-n", "-r", str(pcap), *tshark_lua_args()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert both.returncode == 0, both.stderr
+    assert "Lua" not in both.stderr and "pacegate-channel" in both.stdout
+
+
+# -- a real demo ----------------------------------------------------------------------------
+@pytest.mark.tshark
+@needs_capture
+def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_counters(
+    tmp_path: Path,
+) -> None:
+    work = WorkLayout(tmp_path / "work")
+    out = tmp_path / "demo.pcapng"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pacegate",
+            "capture",
+            "--workdir",
+            str(work.root),
+            "--out",
+            str(out),
+            "--duration",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    ep = json.loads((work.root / "endpoints.json").read_text())
+    mqtt, hospital, cloud = ep["mqtt"]["port"], ep["hospital"]["port"], ep["cloud"]["port"]
+    opts = [
+        "-o", f"tls.keylog_file:{report['keylog']}",
+        "-d", f"tcp.port=={mqtt},tls",
+        "-d", f"tls.port=={mqtt},mqtt",
+        "-o", f"pacegate.channel.ports:{hospital},{cloud}",
+    ]  # fmt: skip
+    home = tmp_path / "home"
+
+    rows = fields(
+        out,
+        f"pacegate.sealed && tcp.dstport == {mqtt}",
+        [
+            "mqtt.topic",
+            "mqtt.msg",
+            "pacegate.sealed.device",
+            "pacegate.sealed.version",
+            "pacegate.sealed.counter",
+            "pacegate.sealed.ciphertext",
+            "pacegate.sealed.tag",
+        ],
+        home=home,
+        extra=opts,
+    )
+    counters: dict[str, set[int]] = {}
+    for row in rows:
+        topics, msgs, devices, versions, ctrs, cts, tags = (c.split(";") for c in row)
+        assert len(msgs) == len(devices) == len(ctrs)
+        for topic, msg, dev, ver, ctr, ct, tag in zip(
+            topics, msgs, devices, versions, ctrs, cts, tags, strict=True
+        ):
+            payload = bytes.fromhex(msg)
+            # the dissector's fields are the payload's bytes, as pacegate.sealed reads them
+            header = sealed.parse_header(payload)
+            assert topic == f"pacemakers/{dev}/telemetry"
+            assert int(ver) == header.version == sealed.VERSION_1
+            assert int(ctr) == header.counter
+            assert bytes.fromhex(ct) + bytes.fromhex(tag) == payload[sealed.HEADER_SIZE :]
+            assert len(bytes.fromhex(tag)) == sealed.TAG_SIZE
+            counters.setdefault(dev, set()).add(int(ctr))
+
+    enrolled = sorted(p.name for p in work.pki.devices_dir.iterdir())
+    assert sorted(counters) == enrolled
+    # A fresh device starts at counter 1 and never skips within a run: each device's
+    # counters are exactly 1..n, and together as many as the devices say they sent.
+    for dev, seen in counters.items():
+        assert seen == set(range(1, len(seen) + 1)), dev
+    assert sum(len(s) for s in counters.values()) == report["devices_sent"] > 0
+    assert report["sealed_readings_dissected"] == report["devices_sent"]
+    assert {d: v["count"] for d, v in report["sealed_counters"].items()} == {
+        d: len(s) for d, s in counters.items()
+    }
+
+    # filterable: counter comparisons select exactly the readings above the bound
+    high = fields(
+        out, f"pacegate.sealed.counter > 3 && tcp.dstport == {mqtt}",
+        ["pacegate.sealed.counter"], home=home, extra=opts,
+    )  # fmt: skip
+    got = sorted(int(c) for row in high for c in row[0].split(";") if int(c) > 3)
+    assert got == sorted(c for s in counters.values() for c in s if c > 3)
+
+    # the PQ channel: each session's hellos with their sizes, then ClientAuth / ServerAuth
+    hellos = fields(
+        out,
+        "pacegate.channel.type == 0x01",
+        [
+            "tcp.dstport",
+            "pacegate.channel.frame_size",
+            "pacegate.channel.hello.x25519_length",
+            "pacegate.channel.hello.kem_length",
+            "pacegate.channel.hello.offered_version",
+        ],
+        home=home,
+        extra=opts,
+    )
+    assert {int(r[0]) for r in hellos} == {hospital, cloud}
+    for _port, size, x_len, k_len, offered in hellos:
+        assert int(x_len) == 32 and int(k_len) == kem.MLKEM768_PUBLIC_KEY_SIZE
+        assert int(size) == wire.FRAME_HEADER_SIZE + 1 + 2 + 1 + 2 + 32 + 2 + 32 + 2 + 1184
+        assert int(offered, 16) == 1
+    replies = fields(
+        out, "pacegate.channel.type == 0x02",
+        ["pacegate.channel.hello.kem_length", "pacegate.channel.hello.suite"],
+        home=home, extra=opts,
+    )  # fmt: skip
+    assert len(replies) == len(hellos)
+    assert all(int(k) == kem.MLKEM768_CIPHERTEXT_SIZE for k, _suite in replies)
+    auths = fields(
+        out, 'pacegate.channel.record.content == "ClientAuth"', ["tcp.stream"],
+        home=home, extra=opts,
+    )  # fmt: skip
+    assert len(auths) == len(hellos)
+    assert report["channel_handshakes"] == len(hellos)
+    assert report["channel_records"] > 0 and report["channel_unknown_frames"] == 0
+
+
+# -- a real channel session with rekeys -----------------------------------------------------
+async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
+    hospital = ChannelIdentity.generate("hospital")
+    gateway = ChannelIdentity.generate("gateway")
+
+    async def echo(stream: object) -> None:
+        async for msg in stream:  # type: ignore[attr-defined]
+            await stream.send(b"ack:" + msg[:4])  # type: ignore[attr-defined]
+
+    server = await serve(
+        "127.0.0.1",
+        0,
+        identity=hospital,
+        allowed_clients={"gateway": gateway.public_key},
+        on_session=echo,
+    )
+    port = server.sockets[0].getsockname()[1]
+    errors = pcap.with_suffix(".dumpcap.log")
+    with errors.open("wb") as err:
+        dumpcap = subprocess.Popen(
+            ["dumpcap", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        for _ in range(200):  # dumpcap writes the file header once it captures
+            if pcap.exists() and pcap.stat().st_size > 0:
+                break
+            assert dumpcap.poll() is None, errors.read_text()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stream = await connect(
+            "127.0.0.1",
+            port,
+            identity=gateway,
+            server_name="hospital",
+            server_key=hospital.public_key,
+            rekey_after_records=4,
+        )
+        for i in range(messages):
+            await stream.send(b"reading batch %d" % i)
+            await stream.recv()
+        rekeys = stream.stats.rekeys
+        await stream.close()
+        await asyncio.sleep(0.5)
+    finally:
+        dumpcap.send_signal(signal.SIGINT)
+        dumpcap.wait(timeout=30)
+        server.close()
+        await server.wait_closed()
+    return port, rekeys
+
+
+@pytest.mark.tshark
+@needs_capture
+def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -> None:
+    pcap = tmp_path / "rekey.pcapng"
+    port, rekeys = asyncio.run(_session_with_rekeys(pcap, 20))
+    assert rekeys >= 3
+    home = tmp_path / "home"
+    opts = ["-o", f"pacegate.channel.ports:{port}"]
+    rows = fields(
+        pcap,
+        "pacegate.channel.type == 0x17",
+        [
+            "pacegate.channel.direction",
+            "pacegate.channel.record.content",
+            "pacegate.channel.record.epoch",
+            "pacegate.channel.record.seq",
+        ],
+        home=home,
+        extra=opts,
+    )
+    kinds = [r[1] for r in rows]
+    assert kinds[:2] == ["ClientAuth", "ServerAuth"]
+    assert kinds.count("KeyUpdateDone") == rekeys
+    assert kinds.count("KeyUpdate") >= rekeys
+    # after each rekey the client's records start again at sequence 0 of the next epoch
+    client = [(int(e), int(s)) for d, k, e, s in rows[2:] if d.startswith("client") and e]
+    epochs = [e for e, _ in client]
+    assert epochs == sorted(epochs) and max(epochs) == rekeys
+    for epoch in range(1, rekeys + 1):
+        assert min(s for e, s in client if e == epoch) == 0
+    done = fields(pcap, "pacegate.channel.rekey", ["pacegate.channel.rekey"], home=home, extra=opts)
+    assert len(done) >= 2 * rekeys  # the server's and the client's switch to the new keys
+
+
+# -- hand-built packets: unknown versions and frame types --------------------------------
+def _pcap(segments: list[tuple[int, int, bytes]]) -> bytes:
+    """A libpcap file (LINKTYPE_RAW, IPv4) of TCP segments (src port, dst port, payload),
+    each direction's sequence numbers contiguous so that tshark reassembles."""
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101)]
+    seqs: dict[tuple[int, int], int] = {}
+    for i, (sport, dport, payload) in enumerate(segments):
+        seq = seqs.get((sport, dport), 1000)
+        seqs[(sport, dport)] = seq + len(payload)
+        tcp = struct.pack(">HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x18, 65535, 0, 0)
+        ip = struct.pack(
+            ">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), i, 0, 64, 6, 0,
+            bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]),
+        )  # fmt: skip
+        pkt = ip + tcp + payload
+        out.append(struct.pack("<IIII", 1700000000 + i, 0, len(pkt), len(pkt)) + pkt)
+    return b"".join(out)
+
+
+def _mqtt_string(s: bytes) -> bytes:
+    return struct.pack(">H", len(s)) + s
+
+
+def _mqtt(ptype: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([ptype, len(body)]) + body
+
+
+def _publish(topic: str, payload: bytes) -> bytes:
+    return _mqtt(0x30, _mqtt_string(topic.encode()) + payload)
+
+
+@needs_tshark
+def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_path: Path) -> None:
+    v1 = bytes([1]) + (7).to_bytes(8, "big") + bytes(range(31))
+    v2 = bytes([2]) + bytes(45)  # a version this dissector does not know
+    short_v1 = v1[:30]
+    connect_pkt = _mqtt(0x10, _mqtt_string(b"MQTT") + b"\x04\x02\x00\x3c" + _mqtt_string(b"pm-1"))
+    pcap = tmp_path / "crafted.pcap"
+    pcap.write_bytes(
+        _pcap(
+            [
+                (40000, 1883, connect_pkt),
+                # two PUBLISH in one segment: each paired with its own topic
+                (40000, 1883, _publish("pacemakers/pm-0001/telemetry", v1)
+                 + _publish("pacemakers/pm-0002/telemetry", v2)),
+                (40000, 1883, _publish("pacemakers/pm-0003/telemetry", short_v1)),
+                (40000, 1883, _publish("elsewhere/pm-0004/telemetry", v1)),
+            ]
+        )
+    )  # fmt: skip
+    home = tmp_path / "home"
+    rows = fields(
+        pcap,
+        "pacegate.sealed",
+        [
+            "pacegate.sealed.device",
+            "pacegate.sealed.version",
+            "pacegate.sealed.version_known",
+            "pacegate.sealed.counter",
+            "pacegate.sealed.tag",
+            "_ws.expert.message",
+        ],
+        home=home,
+        extra=["-d", "tcp.port==1883,mqtt"],
+    )
+    assert len(rows) == 2  # the topic outside pacemakers/+/telemetry is not a reading
+    devices, versions, known, counters, tags, _experts = (c.split(";") for c in rows[0])
+    assert devices == ["pm-0001", "pm-0002"]
+    assert versions == ["1", "2"]
+    assert known == ["1", "0"] or known == ["True", "False"]
+    assert counters == ["7"]  # no counter is guessed for the unknown version
+    assert tags == [bytes(range(15, 31)).hex()]
+    devices, versions, *_rest, experts = (c.split(";") for c in rows[1])
+    assert devices == ["pm-0003"] and versions == ["1"]
+    assert any("v1 is 40 bytes, this is 30" in e for e in experts)
+
+    unknown = fields(pcap, "pacegate.sealed.unknown_version", ["frame.number"], home=home,
+                     extra=["-d", "tcp.port==1883,mqtt"])  # fmt: skip
+    assert len(unknown) == 1
+    # the topic pattern is a preference
+    other = fields(
+        pcap, "pacegate.sealed", ["pacegate.sealed.device"], home=home,
+        extra=["-d", "tcp.port==1883,mqtt", "-o", "pacegate.sealed.topic:elsewhere/+/telemetry"],
+    )  # fmt: skip
+    assert [r[0] for r in other] == ["pm-0004"]
+
+
+@needs_tshark
+def test_channel_dissector_skips_unknown_frame_types_and_flags_oversized_ones(
+    tmp_path: Path,
+) -> None:
+    unknown = bytes([0x05]) + struct.pack(">I", 3) + b"new"  # a frame type from a newer peer
+    record = bytes([0x17]) + struct.pack(">I", 20) + bytes(20)
+    oversized = bytes([0x17]) + struct.pack(">I", wire.MAX_FRAME_BODY + 1) + bytes(10)
+    pcap = tmp_path / "channel.pcap"
+    # the record is split over two segments: the dissector reassembles it
+    pcap.write_bytes(
+        _pcap(
+            [
+                (41000, 8884, unknown + record[:9]),
+                (41000, 8884, record[9:]),
+                (8884, 41000, oversized),
+            ]
+        )
+    )
+    home = tmp_path / "home"
+    rows = fields(pcap, "pacegate.channel", ["frame.number", "pacegate.channel.type"], home=home)
+    types = [t for _n, ts in rows for t in ts.split(";")]
+    assert [int(t, 16) for t in types] == [0x05, 0x17, 0x17]
+    assert fields(pcap, "pacegate.channel.unknown_type", ["frame.number"], home=home) == [["1"]]
+    assert fields(pcap, "pacegate.channel.too_large", ["frame.number"], home=home) == [["3"]]
+    rec = fields(pcap, "pacegate.channel.record.tag", ["pacegate.channel.record.tag"], home=home)
+    assert rec == [[bytes(16).hex()]]
