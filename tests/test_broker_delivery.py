@@ -85,6 +85,9 @@ class Subscriber:
         c.on_connect = lambda cl, _u, _f, _rc, _p: cl.subscribe(FILTER, 1)
         c.on_subscribe = lambda _cl, _u, _mid, _rcs, _p: self.subscribed.set()
         c.on_message = self._on_message
+        self.unsubacks: set[int] = set()
+        self.unsubacked = threading.Condition(self.lock)
+        c.on_unsubscribe = self._on_unsubscribe
         self.client = c
         c.connect(broker.host, broker.port, keepalive=60)
         c.loop_start()
@@ -100,11 +103,30 @@ class Subscriber:
         with self.lock:
             self.received.append((msg.payload.decode(), bool(msg.dup)))
 
+    def _on_unsubscribe(
+        self, _cl: mqtt.Client, _u: object, mid: int, _rcs: object, _p: object
+    ) -> None:
+        with self.unsubacked:
+            self.unsubacks.add(mid)
+            self.unsubacked.notify_all()
+
+    def flush(self) -> None:
+        """A round trip behind every PUBACK sent so far: a broker handles one connection's
+        packets in order, so once the UNSUBACK is here it has taken in those PUBACKs. A test
+        that disconnects without this and reconnects at once races the broker's reading of
+        the old connection against the takeover, and a PUBACK still unread is (rightly)
+        followed by a redelivery to the new connection."""
+        _rc, mid = self.client.unsubscribe("pacemakers/flush-barrier")
+        with self.unsubacked:
+            assert self.unsubacked.wait_for(lambda: mid in self.unsubacks, WAIT), "no UNSUBACK"
+
     def payloads(self) -> list[str]:
         with self.lock:
             return [p for p, _ in self.received]
 
     def close(self) -> None:
+        if self.ack:
+            self.flush()
         self.client.disconnect()
         self.client.loop_stop()
 
