@@ -393,11 +393,14 @@ class Gateway:
         try:
             keys = PskStore.load(self.cfg.psk_store.path, self.cfg.psk_store.key)
         except (ConfigError, ValueError, KeyError) as exc:
+            # e.g. an older store put back: it could re-activate revoked devices
             log.error("PSK store reload failed, previous keys kept: %s", exc)
+            self.metrics.key_reloads.labels(result="refused").inc()
             return False
         self.keys = keys
         self.state.keys = keys
-        log.info("PSK store reloaded: %d devices", len(keys))
+        self.metrics.key_reloads.labels(result="applied").inc()
+        log.info("PSK store reloaded: %d devices (generation %d)", len(keys), keys.generation)
         return True
 
 
