@@ -195,7 +195,7 @@ class Gateway:
     def _secure(self, client: mqtt.Client) -> None:
         """Mutual TLS with the gateway identity (the seam the plaintext benchmark replaces)."""
         m = self.cfg.mqtt
-        client.tls_set_context(client_context(m.ca, m.cert, m.key))
+        client.tls_set_context(client_context(m.ca, m.cert, m.key, server_name=m.server_name))
 
     def _start_mqtt(self) -> None:
         assert self._client is not None
