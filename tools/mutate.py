@@ -121,12 +121,14 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     except subprocess.TimeoutExpired:
         return TIMEOUT, time.monotonic() - start, ""
     elapsed = time.monotonic() - start
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
     if proc.returncode == 0:
-        return SURVIVED, elapsed, tail
+        return SURVIVED, elapsed, lines[-1] if lines else ""
     if proc.returncode == 1:
-        return KILLED, elapsed, tail
-    return ERROR, elapsed, tail
+        # the short summary (-ra) names the test that noticed the mutant
+        failed = [ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+        return KILLED, elapsed, "; ".join(failed) or (lines[-1] if lines else "")
+    return ERROR, elapsed, "\n".join(lines[-3:])
 
 
 def _check_copy_is_imported(copy: Path) -> None:
@@ -218,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                     "result": outcome,
                     "seconds": round(elapsed, 1),
                     "tests": list(m.tests),
-                    "detail": tail if outcome != KILLED else tail.splitlines()[-1:],
+                    "detail": tail,
                 }
             )
             print(f"[{n}/{len(mutants)}] {outcome:8} {elapsed:6.0f} s  {m.id}", flush=True)
+            if outcome == KILLED:
+                print(f"        by {tail}", flush=True)
 
     counts = {
         k: sum(r["result"] == k for r in results) for k in (KILLED, SURVIVED, TIMEOUT, ERROR, STALE)
