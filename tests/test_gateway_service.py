@@ -385,3 +385,31 @@ def test_older_psk_store_put_back_after_a_revocation_is_refused_and_the_device_s
     with pytest.raises(ConfigError, match="older copy of the store was put back") as err:
         Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
     assert str(pki.psk_store) in str(err.value) and "newest psk.store" in str(err.value)
+
+
+def test_a_route_left_on_sealed_reading_v1_is_named_at_start_with_the_fix(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway.yaml written before v2 keeps ``format: sealed-reading/v1``: updated devices'
+    readings would all be refused, so the gateway says so when it starts."""
+    text = render_default_config(
+        WorkLayout(tmp_path),
+        mqtt_host="127.0.0.1",
+        mqtt_port=free_port(),
+        hospital_host="127.0.0.1",
+        hospital_port=free_port(),
+        metrics_port=0,
+    ).replace("format: sealed-reading/v2", "format: sealed-reading/v1")
+    (tmp_path / "gateway.yaml").write_text(text)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
+    try:
+        assert "opens sealed-reading v1 only" in caplog.text
+        assert "format: sealed-reading/v2" in caplog.text and "gateway.yaml" in caplog.text
+        psk = PkiLayout(pki_dir).device_psk("pm-0001").read_bytes()
+        reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
+        v2 = seal_reading(psk, "pm-0001", 1, reading, epoch=new_epoch())
+        refused = gw.decide(telemetry_topic("pm-0001"), v2)
+        assert isinstance(refused, Rejected) and refused.reason == "unsupported_version"
+    finally:
+        gw.spool.close()
+        gw.replay.close()
