@@ -623,9 +623,10 @@ def rekey_device(root: Path, device_id: str) -> Path:
 
     The recovery for a missing, damaged or rolled-back ``counter.state``: the counters start
     again, but under a key no counter was ever used with. Order matters for a crash: the
-    gateway's store first, then the bundle's PSK, and the counter file last, so that a
-    counter file is never reset while the device could still seal under the old PSK (a crash
-    part-way leaves a device the gateway refuses, fixed by running the command again).
+    registry's generation, the gateway's store, the bundle's PSK, and the counter file last,
+    so that a counter file is never reset while the device could still seal under the old PSK
+    (a crash part-way leaves a device the gateway refuses, fixed by running the command
+    again, which moves on to the next generation).
     """
     layout = PkiLayout(Path(root))
     try:
@@ -652,14 +653,16 @@ def rekey_device(root: Path, device_id: str) -> Path:
             f"device {device_id!r} is in {layout.registry} but not in {layout.psk_store}: "
             "revoke it and enroll a new id"
         )
+    # The generation is recorded first: after a crash anywhere below, the next re-key moves
+    # on to a higher counter range, never back to one a device may already have used.
+    entry["psk_generation"] = generation
+    entry["rekeyed_at"] = _now().isoformat()
+    _save_registry(layout, registry)
     psk = os.urandom(PSK_SIZE)
     store.rekey(device_id, psk)
     store.save()
     write_secret(layout.device_psk(device_id), psk)
     counterfile.write(layout.device_counter(device_id), device_id, ceiling)
-    entry["psk_generation"] = generation
-    entry["rekeyed_at"] = _now().isoformat()
-    _save_registry(layout, registry)
     return layout.device_dir(device_id)
 
 
