@@ -209,3 +209,12 @@ def test_v2_wrong_epoch_size_is_refused_when_sealing() -> None:
 
 def test_new_epochs_differ() -> None:
     assert len({new_epoch() for _ in range(64)}) == 64
+
+
+@given(st.binary(min_size=0, max_size=60))
+def test_arbitrary_v2_payloads_open_or_raise_the_one_remote_error(data: bytes) -> None:
+    for payload in (b"\x02" + data, b"\x02" + bytes(16) + data[:31].ljust(31, b"\x00")):
+        try:
+            open_reading(PSK, "pm-0001", payload)
+        except RemoteProtocolError as exc:
+            assert isinstance(exc, SealedReadingError)
