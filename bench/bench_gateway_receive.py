@@ -40,10 +40,11 @@ from pacegate.identity import TELEMETRY_FILTER, telemetry_topic  # noqa: E402
 from pacegate.keystore import PskStore  # noqa: E402
 from pacegate.layout import PkiLayout, WorkLayout  # noqa: E402
 from pacegate.reading import Reading  # noqa: E402
-from pacegate.sealed import seal_reading  # noqa: E402
+from pacegate.sealed import new_epoch, seal_reading  # noqa: E402
 from tests.support import connect_as, embedded_broker, free_port  # noqa: E402
 
 DEVICES = ("pm-0001", "pm-0002", "pm-0003", "pm-0004")
+EPOCH = new_epoch()  # one boot of every simulated device (sealed-reading v2)
 
 
 def _reading(i: int) -> Reading:
@@ -59,7 +60,10 @@ def bench_pipeline(work: Path, n: int) -> dict[str, float]:
     state = PipelineState(routes=cfg.routes, keys=keys, windows=store)
     psks = {d: keys.get(d).psk for d in DEVICES}  # type: ignore[union-attr]
     msgs = [
-        (telemetry_topic(d), seal_reading(psks[d], d, i // len(DEVICES) + 1, _reading(i)))
+        (
+            telemetry_topic(d),
+            seal_reading(psks[d], d, i // len(DEVICES) + 1, _reading(i), epoch=EPOCH),
+        )
         for i in range(n)
         for d in (DEVICES[i % len(DEVICES)],)
     ]
@@ -117,7 +121,9 @@ def bench_broker_sealed(work: Path, broker: object, n: int) -> float:
     payloads = {d: [] for d in DEVICES}  # type: dict[str, list[bytes]]
     for i in range(n):
         d = DEVICES[i % len(DEVICES)]
-        payloads[d].append(seal_reading(keys.get(d).psk, d, len(payloads[d]) + 1, _reading(i)))  # type: ignore[union-attr]
+        payloads[d].append(
+            seal_reading(keys.get(d).psk, d, len(payloads[d]) + 1, _reading(i), epoch=EPOCH)
+        )  # type: ignore[union-attr]
     t0 = time.perf_counter()
 
     def accepted() -> bool:

@@ -97,9 +97,9 @@ from pacegate.endpoints import Endpoints  # noqa: E402
 from pacegate.layout import DEFAULT_HOST, WorkLayout  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
 from pacegate.sealed import (  # noqa: E402
-    HEADER_SIZE,
+    HEADER_SIZE_V2,
     TAG_SIZE,
-    VERSION_1,
+    VERSION_2,
     SealedReadingError,
     parse_header,
 )
@@ -121,7 +121,8 @@ CONNECT_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 300.0
 POLL_S = 0.02
 NULL_TAG = bytes(TAG_SIZE)
-_HEADER = struct.Struct(">BQ")
+_HEADER = struct.Struct(">B8sQ")  # v2: version, epoch, counter
+NULL_EPOCH = bytes(8)
 _FRAME = struct.Struct(">I")
 GENESIS = bytes(32)
 STORED = "pacegate_hospital_stored_total"
@@ -130,15 +131,17 @@ BATCHES = "pacegate_hospital_batches_total"
 
 # == the identity replacements of each crypto layer (plaintext run only) ==================
 def null_seal(psk: bytes, device_id: str, counter: int, reading: Reading) -> bytes:
-    """The sealed-reading layout with the identity AEAD: header, reading, zero tag."""
-    return _HEADER.pack(VERSION_1, counter) + reading.to_bytes() + NULL_TAG
+    """The sealed-reading v2 layout with the identity AEAD: header, reading, zero tag."""
+    return _HEADER.pack(VERSION_2, NULL_EPOCH, counter) + reading.to_bytes() + NULL_TAG
 
 
 def null_open(psk: bytes, device_id: str, payload: bytes) -> tuple[int, Reading]:
     header = parse_header(payload)
     if payload[-TAG_SIZE:] != NULL_TAG:
         raise SealedReadingError("not a null seal", reason="bad_tag")
-    return header.counter, Reading.from_bytes(payload[HEADER_SIZE : HEADER_SIZE + READING_SIZE])
+    return header.counter, Reading.from_bytes(
+        payload[HEADER_SIZE_V2 : HEADER_SIZE_V2 + READING_SIZE]
+    )
 
 
 class PlainStream(TlsStream):
@@ -721,7 +724,7 @@ def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
 
     reading = Reading(age=70, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
     psk = os.urandom(32)
-    sealed = seal_reading(psk, "pm-0001", 5, reading)
+    sealed = seal_reading(psk, "pm-0001", 5, reading, epoch=bytes(8))
     nulled = null_seal(psk, "pm-0001", 5, reading)
     n = 5000
     aead = _per_op(lambda: open_reading(psk, "pm-0001", sealed), n) - _per_op(

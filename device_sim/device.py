@@ -35,7 +35,7 @@ from device_sim.mqtt import (
 )
 from pacegate.identity import telemetry_topic
 from pacegate.log import security_event
-from pacegate.sealed import seal_reading
+from pacegate.sealed import new_epoch, seal_reading
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ class SimulatedDevice:
     max_in_flight: int = MAX_IN_FLIGHT
     keepalive: int = KEEPALIVE_S
     stats: DeviceStats = field(default_factory=DeviceStats)
+    # This boot's epoch: the v2 seal's key is derived from (PSK, device, epoch), so a counter
+    # file rolled back to an old copy never repeats a (key, nonce) pair (docs/devices.md).
+    epoch: bytes = field(default_factory=new_epoch, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_limit < 1:
@@ -151,7 +154,11 @@ class SimulatedDevice:
         connection allows. Returns the counter used."""
         reading = self.model.step(dt, when)
         counter = self.counter.next()
-        self._enqueue(_Outgoing(counter, seal_reading(self.psk, self.device_id, counter, reading)))
+        self._enqueue(
+            _Outgoing(
+                counter, seal_reading(self.psk, self.device_id, counter, reading, epoch=self.epoch)
+            )
+        )
         self.stats.produced += 1
         self._pump()
         return counter

@@ -25,19 +25,20 @@ from pacegate.errors import ConfigError
 from pacegate.identity import TELEMETRY_FILTER
 from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.layout import WorkLayout
-from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V1
+from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
 
 T = TypeVar("T")
 
 # payload format name -> versions this gateway opens. A v2 is added here and in pacegate.sealed.
-SUPPORTED_FORMATS: dict[str, frozenset[int]] = {"sealed-reading": frozenset({1})}
+# v2 (per-boot epoch key) is what devices send; v1 stays for devices that cannot be updated.
+SUPPORTED_FORMATS: dict[str, frozenset[int]] = {"sealed-reading": frozenset({1, 2})}
 DESTINATIONS = frozenset({"hospital"})
 # What the gateway does when the spool is full. Only one policy exists because it is the only
 # one that loses nothing: stop acknowledging and disconnect from MQTT, so that the broker holds
 # the messages in the gateway's persistent session until the hospital is back.
 SPOOL_FULL_POLICIES = frozenset({"pause-mqtt"})
 MQTT_TOPIC_MAX_BYTES = 65535  # MQTT 3.1.1 §1.5.3: a UTF-8 string with a 16-bit length
-DEFAULT_MAX_PAYLOAD = SEALED_SIZE_V1 * 2  # room for a slightly larger v2, nothing more
+DEFAULT_MAX_PAYLOAD = SEALED_SIZE_V2 * 2  # room for a slightly larger v3, nothing more
 DEFAULT_CLOCK_SKEW_S = 86_400.0  # a pacemaker clock a day off is broken, not skewed
 DEFAULT_SPOOL_READINGS = 1_000_000  # ~100 MB of spool; about 14 h of a 20-device ward at 1 Hz
 
@@ -207,7 +208,7 @@ ROUTE_SECTION = Section(
         "format": Key(
             "str",
             "payload format and version (docs/wire-formats.md)",
-            "sealed-reading/v1",
+            "sealed-reading/v2",
             choices=tuple(
                 f"{f}/v{v}" for f, vs in sorted(SUPPORTED_FORMATS.items()) for v in sorted(vs)
             ),
@@ -888,7 +889,7 @@ routes:
   - name: telemetry
     topic: {TELEMETRY_FILTER}
     device_id_level: 1      # pacemakers/<device_id>/telemetry
-    format: sealed-reading/v1
+    format: sealed-reading/v2
     destination: hospital
     qos: 1
     limits:

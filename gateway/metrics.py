@@ -61,6 +61,12 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        self.key_reloads = Counter(
+            "pacegate_gateway_psk_store_reloads",
+            "PSK store reloads, by result (refused: previous keys kept)",
+            ["result"],
+            registry=r,
+        )
         self.receive_latency = Histogram(
             "pacegate_gateway_receive_latency_seconds",
             "from MQTT arrival to the pipeline's decision",

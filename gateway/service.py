@@ -113,6 +113,7 @@ class Gateway:
         self._keys_stamp = _stamp(cfg.psk_store.path)
         self._cfg_mtime = _mtime(cfg.path)
         self.state = PipelineState(routes=cfg.routes, keys=self.keys, windows=self.replay)
+        _warn_about_legacy_routes(cfg)
         self.spool = Spool(cfg.spool.path, cfg.spool.key, max_readings=cfg.spool.max_readings)
         if connector is None and use_channel:
             connector = hospital_connector(cfg)
@@ -195,7 +196,7 @@ class Gateway:
     def _secure(self, client: mqtt.Client) -> None:
         """Mutual TLS with the gateway identity (the seam the plaintext benchmark replaces)."""
         m = self.cfg.mqtt
-        client.tls_set_context(client_context(m.ca, m.cert, m.key))
+        client.tls_set_context(client_context(m.ca, m.cert, m.key, server_name=m.server_name))
 
     def _start_mqtt(self) -> None:
         assert self._client is not None
@@ -393,11 +394,14 @@ class Gateway:
         try:
             keys = PskStore.load(self.cfg.psk_store.path, self.cfg.psk_store.key)
         except (ConfigError, ValueError, KeyError) as exc:
+            # e.g. an older store put back: it could re-activate revoked devices
             log.error("PSK store reload failed, previous keys kept: %s", exc)
+            self.metrics.key_reloads.labels(result="refused").inc()
             return False
         self.keys = keys
         self.state.keys = keys
-        log.info("PSK store reloaded: %d devices", len(keys))
+        self.metrics.key_reloads.labels(result="applied").inc()
+        log.info("PSK store reloaded: %d devices (generation %d)", len(keys), keys.generation)
         return True
 
 
@@ -410,6 +414,20 @@ def _with_routes(old: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     import dataclasses
 
     return dataclasses.replace(old, routes=new.routes, reload=new.reload)
+
+
+def _warn_about_legacy_routes(cfg: GatewayConfig) -> None:
+    """A gateway.yaml written before sealed-reading v2 still names v1: say so at start, since
+    every reading of an updated device would otherwise be refused as unsupported_version."""
+    for route in cfg.routes:
+        if route.format == "sealed-reading" and route.version == 1:
+            log.warning(
+                "%s: route %r opens sealed-reading v1 only; pacegate devices send v2 "
+                "(key per boot epoch) and would be refused as unsupported_version. "
+                "Fix: set 'format: sealed-reading/v2' unless these devices cannot be updated",
+                cfg.path,
+                route.name,
+            )
 
 
 def _stamp(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:

@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=90, help="certificate validity (default 90 days)")
     p = _add(
         pki_sub,
+        "rekey-device",
+        "pacegate.pki:cli_rekey_device",
+        "give a device a new PSK and a fresh counter file (the recovery for a lost or "
+        "damaged counter.state)",
+    )
+    p.add_argument("device_id")
+    p.add_argument("--dir", required=True, type=Path)
+    p = _add(
+        pki_sub,
         "revoke",
         "pacegate.pki:cli_revoke",
         "revoke a device: the broker refuses it and the gateway drops its readings",

@@ -3,9 +3,18 @@
 ``pacegate pki enroll`` adds a key, ``pacegate pki revoke`` marks it revoked; the gateway
 reads it (and reloads it when the file changes). The store file is AES-256-GCM under a
 separate 32-byte key file (mode 0600), so a copy of the store alone (a backup, a disk image)
-reveals no PSK. Format::
+reveals no PSK. Format (v2)::
 
-    b"PGKS" || version (1) = 1 || nonce (12) || AES-256-GCM(json, aad=b"PGKS" || version)
+    b"PGKS" || version (1) = 2 || generation (8) || nonce (12)
+            || AES-256-GCM(json, aad = b"PGKS" || version || generation)
+
+Every save increments the *generation* and records it beside the store key, in
+``psk.generation`` (one ASCII number, mode 0600). A store file whose authenticated
+generation is below the recorded one is an older copy put back (it would re-activate a
+revoked device or an old PSK) and is refused with the fix. The generation is in the AAD, so
+it cannot be edited without the key. Writers save the store first, then the generation file:
+a crash in between leaves a store *newer* than the record, which loads. A v1 store (no
+generation) still loads while no generation file exists; its next save upgrades it.
 
     json = {"devices": {"<id>": {"psk": "<base64>", "status": "active"|"revoked",
                                    "enrolled_at": "...", "revoked_at": "..."|null}}}
@@ -29,8 +38,10 @@ from pacegate.layout import write_secret
 from pacegate.sealed import PSK_SIZE
 
 _MAGIC = b"PGKS"
-_VERSION = 1
+_VERSION_1 = 1  # no generation: loads only while no generation file exists
+_VERSION = 2
 _NONCE = 12
+_GENERATION_SIZE = 8
 STORE_KEY_SIZE = 32
 
 ACTIVE = "active"
@@ -53,10 +64,13 @@ class DeviceKey:
 class PskStore:
     """In-memory view of the store; :meth:`save` writes it back encrypted."""
 
-    def __init__(self, path: Path, key_path: Path, devices: dict[str, DeviceKey]) -> None:
+    def __init__(
+        self, path: Path, key_path: Path, devices: dict[str, DeviceKey], generation: int = 0
+    ) -> None:
         self.path = path
         self.key_path = key_path
         self._devices = devices
+        self.generation = generation  # of the file this view was loaded from (0: new)
 
     # -- reading -----------------------------------------------------------------------
     @classmethod
@@ -94,18 +108,25 @@ class PskStore:
                 fix="restore it from backup, or re-create the PKI with 'pacegate pki init --force'",
             )
         version = blob[len(_MAGIC)]
-        if version != _VERSION:
+        recorded = read_generation(key_path)
+        if version == _VERSION_1:
+            if recorded is not None:  # a store from before generations, put back
+                raise _rolled_back(path, key_path, 0, recorded)
+            generation, body_at = 0, len(_MAGIC) + 1
+        elif version == _VERSION and len(blob) >= len(_MAGIC) + 1 + _GENERATION_SIZE + _NONCE + 16:
+            at = len(_MAGIC) + 1
+            generation = int.from_bytes(blob[at : at + _GENERATION_SIZE], "big")
+            body_at = at + _GENERATION_SIZE
+        else:
             raise ConfigError(
                 path,
                 "",
-                f"PSK store version {version} is not supported",
+                f"PSK store version {version} is not supported (or the file is truncated)",
                 fix="use the pacegate version that wrote it, or re-enroll the devices",
             )
-        nonce = blob[len(_MAGIC) + 1 : len(_MAGIC) + 1 + _NONCE]
+        nonce = blob[body_at : body_at + _NONCE]
         try:
-            plain = AESGCM(key).decrypt(
-                nonce, blob[len(_MAGIC) + 1 + _NONCE :], _MAGIC + bytes([_VERSION])
-            )
+            plain = AESGCM(key).decrypt(nonce, blob[body_at + _NONCE :], blob[:body_at])
         except InvalidTag:
             raise ConfigError(
                 path,
@@ -113,6 +134,17 @@ class PskStore:
                 "PSK store does not decrypt under its key file "
                 f"{key_path} (tampered, or the wrong key file)",
             ) from None
+        if version == _VERSION and recorded is None:
+            raise ConfigError(
+                generation_path(key_path),
+                "",
+                "the PSK store's generation file is missing, so an older store put back "
+                "could not be told from the current one",
+                fix="restore the generation file beside the store key; if it is lost, "
+                "re-create the PKI ('pacegate pki init --force') and re-enroll the devices",
+            )
+        if recorded is not None and generation < recorded:
+            raise _rolled_back(path, key_path, generation, recorded)
         devices = {}
         try:
             data = json.loads(plain)
@@ -131,7 +163,7 @@ class PskStore:
                 f"malformed entry ({type(exc).__name__}: {exc})",
                 fix="restore the store from backup; it authenticated, so it was written badly",
             ) from None
-        return cls(path, key_path, devices)
+        return cls(path, key_path, devices, generation)
 
     def get(self, device_id: str) -> DeviceKey | None:
         return self._devices.get(device_id)
@@ -155,6 +187,17 @@ class PskStore:
         self._devices[device_id] = DeviceKey(
             device_id, psk, ACTIVE, datetime.now(UTC).isoformat(timespec="seconds")
         )
+
+    def rekey(self, device_id: str, psk: bytes) -> None:
+        """Replace an active device's PSK (the old one is gone from the next saved file)."""
+        if len(psk) != PSK_SIZE:
+            raise ValueError(f"PSK must be {PSK_SIZE} bytes")
+        old = self._devices.get(device_id)
+        if old is None:
+            raise KeyError(device_id)
+        if old.revoked:
+            raise ValueError(f"device {device_id!r} is revoked; enroll a new id instead")
+        self._devices[device_id] = DeviceKey(device_id, psk, ACTIVE, old.enrolled_at)
 
     def revoke(self, device_id: str) -> None:
         old = self._devices.get(device_id)
@@ -181,14 +224,57 @@ class PskStore:
                 for d in self._devices.values()
             }
         }
+        # Above both this view's file and the record: another writer (or a crash between
+        # the two writes) may have moved either.
+        generation = max(self.generation, read_generation(self.key_path) or 0) + 1
         nonce = os.urandom(_NONCE)
-        header = _MAGIC + bytes([_VERSION])
+        header = _MAGIC + bytes([_VERSION]) + generation.to_bytes(_GENERATION_SIZE, "big")
         blob = (
             header
             + nonce
             + AESGCM(key).encrypt(nonce, json.dumps(data, sort_keys=True).encode(), header)
         )
         write_secret(self.path, blob)
+        write_secret(generation_path(self.key_path), f"{generation}\n".encode())
+        self.generation = generation
+
+
+def generation_path(key_path: Path) -> Path:
+    """Where the store's generation is recorded: beside its key (``psk.generation``)."""
+    return key_path.with_name(key_path.stem + ".generation")
+
+
+def read_generation(key_path: Path) -> int | None:
+    """The recorded generation, or None if no generation file exists (a v1-era store)."""
+    path = generation_path(key_path)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"cannot read the PSK store generation: {exc}") from None
+    if not text.isdigit() or len(text) > 20:
+        raise ConfigError(
+            path,
+            "",
+            f"not a generation number: {text[:40]!r}",
+            fix="it holds one decimal number, the generation of the newest psk.store; "
+            "restore it from the key's backup",
+        )
+    return int(text)
+
+
+def _rolled_back(path: Path, key_path: Path, generation: int, recorded: int) -> ConfigError:
+    return ConfigError(
+        path,
+        "generation",
+        f"PSK store generation {generation} is older than generation {recorded} recorded in "
+        f"{generation_path(key_path)}: an older copy of the store was put back (it could "
+        "re-activate revoked devices or old PSKs)",
+        fix="put the newest psk.store back; if it is lost, re-enroll or re-key the devices "
+        "('pacegate pki rekey-device DEVICE_ID --dir DIR') after revoking those that must stay "
+        "revoked",
+    )
 
 
 def _read_key(key_path: Path) -> bytes:

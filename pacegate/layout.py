@@ -9,6 +9,7 @@ PKI directory (``pacegate pki init --dir DIR``)::
     devices/<id>/device.crt device.key device.psk   a device's bundle (what is flashed on it)
     devices/<id>/counter.state                      the device's persisted nonce counter ("NVS")
     keystore/psk.store  keystore/psk.key            the gateway's PSK store, encrypted at rest
+    keystore/psk.generation                         the store's newest generation (anti-rollback)
     channel/<name>.mldsa.key  channel/<name>.mldsa.pub   ML-DSA-65 identities for the PQ channel
                                                     (<name>: hospital, gateway, cloud)
     mosquitto/acl  mosquitto/pacegate.conf          what Debian's mosquitto needs

@@ -9,7 +9,11 @@ Everything is written under one PKI directory whose file names are fixed by
 - Gateway: ``clientAuth``, CN ``gateway`` (the only identity allowed on ``pacemakers/#``).
 - Device: ``clientAuth``, CN = device id and SAN URI ``urn:pacegate:device:<id>``, short
   validity (90 days by default); a fresh 32-byte PSK from the OS CSPRNG, in the device's
-  bundle and in the gateway's encrypted PSK store.
+  bundle and in the gateway's encrypted PSK store; the device's counter file
+  (``counter.state``), which the device never creates itself.
+- Re-key (``pki rekey-device``): the only recovery from a lost or damaged counter file: a new
+  PSK in the store and the bundle (the old one gone from both) and a counter file starting
+  above every counter an earlier PSK can have used.
 - CRL: regenerated on every revocation (``crl.pem``); brokers watch it.
 - ML-DSA-65 identities for the post-quantum channel (``channel/<name>.mldsa.{key,pub}``).
 - Mosquitto: ``mosquitto/acl`` and ``mosquitto/pacegate.conf`` for Debian's mosquitto.
@@ -39,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pacegate import counterfile
 from pacegate.errors import PacegateError
 from pacegate.identity import device_san_uri, validate_device_id
 from pacegate.keystore import PskStore
@@ -551,6 +556,11 @@ def enroll_devices(
         _write_new_secret(ddir / "device.key", _key_pem(key))
         _write_new_secret(ddir / "device.psk", psk)
         (ddir / "device.crt").write_bytes(_cert_pem(cert))
+        # The counter file exists from the start: a device that finds none has lost it, and
+        # must never guess "start again at 1" under its PSK.
+        _write_new_secret(
+            layout.device_counter(did), counterfile.render(did, counterfile.first_ceiling(0))
+        )
         store.add(did, psk)
         registry["devices"][did] = {
             "serial": format(cert.serial_number, "x"),
@@ -559,6 +569,7 @@ def enroll_devices(
             "not_after": na.isoformat(),
             "enrolled_at": now.isoformat(),
             "revoked_at": None,
+            "psk_generation": 0,
         }
         out.append(ddir)
     store.save()
@@ -606,6 +617,55 @@ def revoke_device(root: Path, device_id: str) -> None:
     _write_mosquitto_files(layout, registry)
 
 
+@_locked
+def rekey_device(root: Path, device_id: str) -> Path:
+    """Give an active device a new PSK and a fresh counter file; returns its bundle directory.
+
+    The recovery for a missing, damaged or rolled-back ``counter.state``: the counters start
+    again, but under a key no counter was ever used with. Order matters for a crash: the
+    registry's generation, the gateway's store, the bundle's PSK, and the counter file last,
+    so that a counter file is never reset while the device could still seal under the old PSK
+    (a crash part-way leaves a device the gateway refuses, fixed by running the command
+    again, which moves on to the next generation).
+    """
+    layout = PkiLayout(Path(root))
+    try:
+        validate_device_id(device_id)
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
+    registry = _load_registry(layout)
+    entry = registry["devices"].get(device_id)
+    if entry is None:
+        raise PkiError(f"device {device_id!r} is not enrolled in {layout.root}")
+    if entry["status"] == "revoked":
+        raise PkiError(
+            f"device {device_id!r} was revoked at {entry['revoked_at']}; a revoked device "
+            "is never re-keyed (enroll it under a new id)"
+        )
+    generation = int(entry.get("psk_generation", 0)) + 1
+    try:
+        ceiling = counterfile.first_ceiling(generation)
+    except ValueError as exc:
+        raise PkiError(f"device {device_id!r}: {exc}") from None
+    store = PskStore.load(layout.psk_store, layout.psk_store_key)
+    if device_id not in store:
+        raise PkiError(
+            f"device {device_id!r} is in {layout.registry} but not in {layout.psk_store}: "
+            "revoke it and enroll a new id"
+        )
+    # The generation is recorded first: after a crash anywhere below, the next re-key moves
+    # on to a higher counter range, never back to one a device may already have used.
+    entry["psk_generation"] = generation
+    entry["rekeyed_at"] = _now().isoformat()
+    _save_registry(layout, registry)
+    psk = os.urandom(PSK_SIZE)
+    store.rekey(device_id, psk)
+    store.save()
+    write_secret(layout.device_psk(device_id), psk)
+    counterfile.write(layout.device_counter(device_id), device_id, ceiling)
+    return layout.device_dir(device_id)
+
+
 def device_ids(root: Path, *, status: str | None = None) -> list[str]:
     """Enrolled device ids (optionally only ``active`` or ``revoked`` ones)."""
     registry = _load_registry(PkiLayout(Path(root)))
@@ -630,6 +690,17 @@ def cli_enroll(args: argparse.Namespace) -> int:
     print(
         f"pacegate: enrolled {args.device_id}: bundle in {ddir} "
         "(device.crt, device.key, device.psk; keys are mode 0600)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cli_rekey_device(args: argparse.Namespace) -> int:
+    ddir = rekey_device(args.dir, args.device_id)
+    print(
+        f"pacegate: re-keyed {args.device_id}: new PSK in {ddir / 'device.psk'} and in the "
+        "gateway's PSK store (the old one is gone), fresh counter.state. A running gateway "
+        "picks the store up within seconds; restart the device with the new bundle.",
         file=sys.stderr,
     )
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -93,9 +94,35 @@ def load_crl(ctx: ssl.SSLContext, crl: Path) -> None:
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
-def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """A client context presenting ``cert`` and verifying the server against ``ca``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+class _NamedClientContext(ssl.SSLContext):
+    """A client context that verifies (and sends as SNI) one fixed server name, whatever
+    host name the caller connects to: for a broker reached by address whose certificate
+    names it (``gateway.yaml`` ``mqtt.server_name``). paho passes its host to
+    ``wrap_socket``; this replaces it."""
+
+    server_name: str
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_bio(*args, **kwargs)
+
+
+def client_context(
+    ca: Path, cert: Path, key: Path, *, server_name: str | None = None
+) -> ssl.SSLContext:
+    """A client context presenting ``cert`` and verifying the server against ``ca``, and
+    its certificate against the host name connected to (or ``server_name`` if given): a
+    certificate the CA issued for another host is refused."""
+    if server_name is not None:
+        named = _NamedClientContext(ssl.PROTOCOL_TLS_CLIENT)
+        named.server_name = server_name
+        ctx: ssl.SSLContext = named
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

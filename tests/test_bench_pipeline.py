@@ -14,7 +14,7 @@ import pytest
 
 from bench.bench_pipeline import NullKeyring, null_open, null_seal
 from pacegate.reading import Reading
-from pacegate.sealed import SEALED_SIZE_V1, SealedReadingError, open_reading, seal_reading
+from pacegate.sealed import SEALED_SIZE_V2, SealedReadingError, open_reading, seal_reading
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench_pipeline.py"
@@ -23,17 +23,17 @@ PSK = bytes(range(32))
 
 
 def test_null_seal_carries_the_same_bytes_as_a_seal_and_opens_to_the_same_reading() -> None:
-    sealed = seal_reading(PSK, "pm-0001", 9, READING)
+    sealed = seal_reading(PSK, "pm-0001", 9, READING, epoch=bytes(8))
     nulled = null_seal(PSK, "pm-0001", 9, READING)
-    assert len(nulled) == len(sealed) == SEALED_SIZE_V1
-    assert nulled[:9] == sealed[:9]  # same header: version and counter
+    assert len(nulled) == len(sealed) == SEALED_SIZE_V2
+    assert nulled[:17] == sealed[:17]  # same header: version, epoch and counter
     assert null_open(PSK, "pm-0001", nulled) == open_reading(PSK, "pm-0001", sealed)
 
 
 def test_a_real_seal_is_not_mistaken_for_a_null_seal() -> None:
     # the plaintext gateway would otherwise count sealed readings as plaintext ones
     with pytest.raises(SealedReadingError):
-        null_open(PSK, "pm-0001", seal_reading(PSK, "pm-0001", 9, READING))
+        null_open(PSK, "pm-0001", seal_reading(PSK, "pm-0001", 9, READING, epoch=bytes(8)))
 
 
 def test_null_keyring_stores_rows_in_clear_and_stays_idempotent(tmp_path: Path) -> None:

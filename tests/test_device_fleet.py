@@ -133,6 +133,17 @@ def test_too_few_enrolled_devices_fails_naming_the_enroll_command(
     assert f"pacegate pki enroll DEVICE_ID --dir {pki_dir}" in proc.stderr
 
 
+def test_device_without_its_counter_file_stops_the_run_naming_the_rekey_command(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    pki.device_counter("pm-0002").unlink()
+    proc = _devices_cli(tmp_path, "--count", "3", "--rate", "5", "--duration", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert str(pki.device_counter("pm-0002")) in proc.stderr
+    assert f"pacegate pki rekey-device pm-0002 --dir {pki.root}" in proc.stderr
+    assert not pki.device_counter("pm-0002").exists()  # never silently re-created
+
+
 def test_revoked_devices_are_not_simulated(pki: PkiLayout) -> None:
     from pacegate.pki import revoke_device
 

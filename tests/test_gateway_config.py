@@ -53,7 +53,7 @@ def test_default_config_is_valid_and_resolves_paths_against_its_directory(tmp_pa
     assert (route.topic, route.device_id_level, route.version, route.qos) == (
         "pacemakers/+/telemetry",
         1,
-        1,
+        2,
         1,
     )
     assert route.device_id_from("pacemakers/pm-1/telemetry") == "pm-1"
@@ -80,7 +80,7 @@ def test_every_error_is_reported_not_only_the_first(tmp_path: Path) -> None:
     text = (
         _default(tmp_path)
         .replace("port: 18883", "port: 99999")
-        .replace("format: sealed-reading/v1", "format: sealed-reading/v9")
+        .replace("format: sealed-reading/v2", "format: sealed-reading/v9")
         .replace("host: 127.0.0.1\n  port: 0", "host: 0.0.0.0\n  port: 0")
     )
     errors = _errors(_write(tmp_path, text))

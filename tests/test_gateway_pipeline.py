@@ -153,7 +153,8 @@ def test_oversized_payload_is_refused_before_parsing(store: ReplayStore) -> None
 
 
 def test_version_other_than_the_routes_is_unsupported(store: ReplayStore) -> None:
-    sealed = b"\x02" + seal_reading(PSK_A, "pm-a", 1, _reading())[1:]
+    # a genuine v2 seal on a route for v1: refused before any crypto or window change
+    sealed = seal_reading(PSK_A, "pm-a", 1, _reading(), epoch=bytes(8))
     r = _run(_state(store), T_A, sealed)
     assert isinstance(r, Rejected) and r.reason == "unsupported_version"
 

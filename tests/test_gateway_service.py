@@ -30,7 +30,7 @@ from pacegate.identity import telemetry_topic
 from pacegate.ingest import IngestItem
 from pacegate.layout import PkiLayout, WorkLayout
 from pacegate.reading import Reading
-from pacegate.sealed import seal_reading
+from pacegate.sealed import new_epoch, seal_reading
 from tests.support import BrokerHandle, MqttClient, connect_as, free_port, wait_until
 
 WAIT = 15.0
@@ -120,6 +120,7 @@ class Device:
         self.psk = broker.pki.device_psk(device_id).read_bytes()
         self.topic = telemetry_topic(device_id)
         self.counter = 0
+        self.epoch = new_epoch()  # this "boot" of the device (sealed-reading v2)
         outcome, client = connect_as(broker, device_id)
         assert client is not None, outcome
         self.client: MqttClient = client
@@ -129,7 +130,7 @@ class Device:
             self.counter += 1
             counter = self.counter
         reading = Reading(age=64, heart_rate_bpm=hr, sensor_id=7, timestamp=datetime.now(UTC))
-        return seal_reading(self.psk, self.id, counter, reading)
+        return seal_reading(self.psk, self.id, counter, reading, epoch=self.epoch)
 
     def publish(self, payload: bytes, topic: str | None = None) -> None:
         self.client.publish(topic or self.topic, payload, qos=1)
@@ -209,7 +210,7 @@ def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
         a.publish(good)  # replayed
         b.publish(a.seal())  # pm-0001's payload moved to pm-0002's topic
         stranger.publish(stranger.seal())  # enrolled at the broker, unknown to the gateway
-        a.publish(b"\x01" * 200)  # oversized for the route (80 bytes)
+        a.publish(b"\x01" * 200)  # oversized for the route (96 bytes)
         a.publish(b"\x07" + a.seal()[1:])  # a version nobody speaks
 
         expected = {
@@ -277,7 +278,7 @@ def test_invalid_edit_keeps_the_old_config_and_a_valid_one_applies(
 
         # a valid edit, picked up from the file's mtime alone: a route limit of 30 bytes
         time.sleep(0.01)
-        config.write_text(original.replace("max_payload_bytes: 80", "max_payload_bytes: 30"))
+        config.write_text(original.replace("max_payload_bytes: 96", "max_payload_bytes: 30"))
         assert wait_until(
             lambda: gw.metric("pacegate_gateway_config_reloads_total", result="applied") >= 1, WAIT
         )
@@ -319,17 +320,96 @@ def test_reading_published_right_after_enrolment_is_not_refused_as_unknown(
     try:
         topic = telemetry_topic("pm-0042")
         reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
-        stranger = gw.decide(topic, seal_reading(bytes(32), "pm-0042", 1, reading))
+        stranger = gw.decide(
+            topic, seal_reading(bytes(32), "pm-0042", 1, reading, epoch=new_epoch())
+        )
         assert isinstance(stranger, Rejected) and stranger.reason == "unknown_device"
 
         enroll_device(pki_dir, "pm-0042")  # rewrites the PSK store
         psk = PkiLayout(pki_dir).device_psk("pm-0042").read_bytes()
-        result = gw.decide(topic, seal_reading(psk, "pm-0042", 1, reading))
+        result = gw.decide(topic, seal_reading(psk, "pm-0042", 1, reading, epoch=new_epoch()))
         assert isinstance(result, Accepted), result
         # still unknown after the check: refused for good (acknowledged, not left queued)
-        other = gw.decide(telemetry_topic("pm-0099"), seal_reading(psk, "pm-0099", 1, reading))
+        other = gw.decide(
+            telemetry_topic("pm-0099"), seal_reading(psk, "pm-0099", 1, reading, epoch=new_epoch())
+        )
         assert isinstance(other, Rejected) and other.reason == "unknown_device"
         assert not gw.refresh_keys()  # unchanged file: no reload
+    finally:
+        gw.spool.close()
+        gw.replay.close()
+
+
+def test_older_psk_store_put_back_after_a_revocation_is_refused_and_the_device_stays_refused(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway is built but not run: its reload and decision seams, called directly."""
+    from pacegate.errors import ConfigError
+    from pacegate.pki import revoke_device
+
+    text = render_default_config(
+        WorkLayout(tmp_path),
+        mqtt_host="127.0.0.1",
+        mqtt_port=free_port(),
+        hospital_host="127.0.0.1",
+        hospital_port=free_port(),
+        metrics_port=0,
+    )
+    (tmp_path / "gateway.yaml").write_text(text)
+    pki = PkiLayout(pki_dir)
+    psk = pki.device_psk("pm-0001").read_bytes()
+    topic = telemetry_topic("pm-0001")
+    epoch = new_epoch()
+    reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
+    old_store = pki.psk_store.read_bytes()
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
+    try:
+        assert isinstance(
+            gw.decide(topic, seal_reading(psk, "pm-0001", 1, reading, epoch=epoch)), Accepted
+        )
+        revoke_device(pki_dir, "pm-0001")
+        assert gw.refresh_keys()
+        refused = gw.decide(topic, seal_reading(psk, "pm-0001", 2, reading, epoch=epoch))
+        assert isinstance(refused, Rejected) and refused.reason == "revoked_device"
+
+        pki.psk_store.write_bytes(old_store)  # the copy in which pm-0001 is active
+        assert not gw.refresh_keys()
+        assert gw.metrics.value("pacegate_gateway_psk_store_reloads_total", result="refused") == 1
+        assert "older copy of the store was put back" in caplog.text
+        still = gw.decide(topic, seal_reading(psk, "pm-0001", 3, reading, epoch=epoch))
+        assert isinstance(still, Rejected) and still.reason == "revoked_device"
+    finally:
+        gw.spool.close()
+        gw.replay.close()
+    # and a gateway started on that file refuses to start, naming the file and the fix
+    with pytest.raises(ConfigError, match="older copy of the store was put back") as err:
+        Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
+    assert str(pki.psk_store) in str(err.value) and "newest psk.store" in str(err.value)
+
+
+def test_a_route_left_on_sealed_reading_v1_is_named_at_start_with_the_fix(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway.yaml written before v2 keeps ``format: sealed-reading/v1``: updated devices'
+    readings would all be refused, so the gateway says so when it starts."""
+    text = render_default_config(
+        WorkLayout(tmp_path),
+        mqtt_host="127.0.0.1",
+        mqtt_port=free_port(),
+        hospital_host="127.0.0.1",
+        hospital_port=free_port(),
+        metrics_port=0,
+    ).replace("format: sealed-reading/v2", "format: sealed-reading/v1")
+    (tmp_path / "gateway.yaml").write_text(text)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
+    try:
+        assert "opens sealed-reading v1 only" in caplog.text
+        assert "format: sealed-reading/v2" in caplog.text and "gateway.yaml" in caplog.text
+        psk = PkiLayout(pki_dir).device_psk("pm-0001").read_bytes()
+        reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
+        v2 = seal_reading(psk, "pm-0001", 1, reading, epoch=new_epoch())
+        refused = gw.decide(telemetry_topic("pm-0001"), v2)
+        assert isinstance(refused, Rejected) and refused.reason == "unsupported_version"
     finally:
         gw.spool.close()
         gw.replay.close()

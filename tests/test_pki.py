@@ -191,3 +191,150 @@ def test_interrupted_enrolment_names_the_directory_to_remove(tmp_path: Path) -> 
     layout.device_dir("pm-0009").mkdir(parents=True)
     with pytest.raises(PkiError, match="interrupted"):
         enroll_device(root, "pm-0009")
+
+
+# -- re-keying a device (the recovery for a lost or damaged counter file) ------------------
+def test_enrolment_writes_the_devices_counter_file(pki: PkiLayout) -> None:
+    from pacegate import counterfile
+
+    path = pki.device_counter("pm-0001")
+    assert _mode(path) == 0o600
+    assert counterfile.read(path, "pm-0001") == 0
+
+
+def test_rekey_device_replaces_the_psk_everywhere_and_starts_a_fresh_counter(
+    pki: PkiLayout,
+) -> None:
+    from device_sim.counter import CounterStore
+    from pacegate import counterfile
+    from pacegate.pki import rekey_device
+
+    old = pki.device_psk("pm-0001").read_bytes()
+    used = CounterStore(pki.device_counter("pm-0001"), "pm-0001", block=8)
+    last = max(used.next() for _ in range(20))
+    pki.device_counter("pm-0001").unlink()  # lost: the device refuses to start
+    rekey_device(pki.root, "pm-0001")
+    new = pki.device_psk("pm-0001").read_bytes()
+    assert len(new) == 32 and new != old and _mode(pki.device_psk("pm-0001")) == 0o600
+    store = PskStore.load(pki.psk_store, pki.psk_store_key)
+    entry = store.get("pm-0001")
+    assert entry is not None and entry.psk == new and not entry.revoked
+    assert all(k.psk != old for k in (store.get(d) for d in store.device_ids()) if k)
+    # counters start above every counter the old key can have used
+    fresh = CounterStore(pki.device_counter("pm-0001"), "pm-0001", block=8)
+    assert fresh.next() == counterfile.GENERATION_STRIDE + 1 > last
+    rekey_device(pki.root, "pm-0001")  # a second re-key moves on again
+    again = CounterStore(pki.device_counter("pm-0001"), "pm-0001").next()
+    assert again == 2 * counterfile.GENERATION_STRIDE + 1
+    # the other devices are untouched
+    other = store.get("pm-0002")
+    assert other is not None and other.psk == pki.device_psk("pm-0002").read_bytes()
+
+
+def test_a_revoked_or_unknown_device_is_never_rekeyed(pki: PkiLayout) -> None:
+    from pacegate.pki import rekey_device
+
+    revoke_device(pki.root, "pm-0002")
+    before = pki.device_psk("pm-0002").read_bytes()
+    with pytest.raises(PkiError, match="revoked"):
+        rekey_device(pki.root, "pm-0002")
+    assert pki.device_psk("pm-0002").read_bytes() == before
+    entry = PskStore.load(pki.psk_store, pki.psk_store_key).get("pm-0002")
+    assert entry is not None and entry.revoked
+    with pytest.raises(PkiError, match="not enrolled"):
+        rekey_device(pki.root, "pm-9999")
+
+
+def test_cli_rekey_device_prints_no_secret(
+    pki: PkiLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["pki", "rekey-device", "pm-0003", "--dir", str(pki.root)]) == 0
+    out = capsys.readouterr()
+    assert "re-keyed pm-0003" in out.err
+    assert pki.device_psk("pm-0003").read_bytes().hex() not in out.out + out.err
+
+
+# -- the PSK store's generation (an older store file put back) ------------------------------
+def test_psk_store_generation_is_recorded_beside_the_store_key(pki: PkiLayout) -> None:
+    from pacegate.keystore import generation_path, read_generation
+
+    gen_file = generation_path(pki.psk_store_key)
+    assert gen_file.parent == pki.psk_store_key.parent and _mode(gen_file) == 0o600
+    before = read_generation(pki.psk_store_key)
+    assert before is not None
+    revoke_device(pki.root, "pm-0001")
+    assert read_generation(pki.psk_store_key) == before + 1
+    assert PskStore.load(pki.psk_store, pki.psk_store_key).generation == before + 1
+
+
+def test_older_psk_store_put_back_is_refused_naming_the_file_and_the_fix(
+    pki: PkiLayout,
+) -> None:
+    from pacegate.errors import ConfigError
+
+    old = pki.psk_store.read_bytes()
+    revoke_device(pki.root, "pm-0001")
+    pki.psk_store.write_bytes(old)  # the copy in which pm-0001 is still active
+    with pytest.raises(ConfigError, match="older copy of the store was put back") as err:
+        PskStore.load(pki.psk_store, pki.psk_store_key)
+    assert str(pki.psk_store) in str(err.value) and "psk.generation" in str(err.value)
+    assert "newest psk.store" in str(err.value)
+
+
+def test_psk_store_generation_cannot_be_edited_without_the_key(pki: PkiLayout) -> None:
+    from pacegate.errors import ConfigError
+
+    blob = bytearray(pki.psk_store.read_bytes())
+    blob[5 + 7] ^= 0x7F  # the generation's low byte: higher, to pass the rollback check
+    pki.psk_store.write_bytes(bytes(blob))
+    with pytest.raises(ConfigError, match="does not decrypt"):
+        PskStore.load(pki.psk_store, pki.psk_store_key)
+
+
+def test_missing_generation_file_is_refused(pki: PkiLayout) -> None:
+    from pacegate.errors import ConfigError
+    from pacegate.keystore import generation_path
+
+    generation_path(pki.psk_store_key).unlink()
+    with pytest.raises(ConfigError, match="generation file is missing"):
+        PskStore.load(pki.psk_store, pki.psk_store_key)
+
+
+def test_store_saved_but_generation_not_yet_recorded_still_loads(pki: PkiLayout) -> None:
+    """A crash between the two writes leaves a store newer than the record: it is current."""
+    from pacegate.keystore import generation_path
+
+    gen_file = generation_path(pki.psk_store_key)
+    recorded = gen_file.read_bytes()
+    revoke_device(pki.root, "pm-0001")
+    gen_file.write_bytes(recorded)  # as if the crash came before the record was written
+    store = PskStore.load(pki.psk_store, pki.psk_store_key)
+    entry = store.get("pm-0001")
+    assert entry is not None and entry.revoked
+
+
+def test_store_from_before_generations_loads_until_a_generation_is_recorded(
+    pki: PkiLayout,
+) -> None:
+    """A v1 store (no generation) of an existing installation still loads, and its first save
+    upgrades it; once a generation is recorded, a v1 file is an old copy put back."""
+    import json
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from pacegate.errors import ConfigError
+    from pacegate.keystore import generation_path
+
+    key = pki.psk_store_key.read_bytes()
+    data = {"devices": {}}
+    nonce = os.urandom(12)
+    v1 = b"PGKS\x01" + nonce + AESGCM(key).encrypt(nonce, json.dumps(data).encode(), b"PGKS\x01")
+    pki.psk_store.write_bytes(v1)
+    with pytest.raises(ConfigError, match="older copy"):
+        PskStore.load(pki.psk_store, pki.psk_store_key)
+    generation_path(pki.psk_store_key).unlink()
+    store = PskStore.load(pki.psk_store, pki.psk_store_key)
+    assert store.generation == 0 and len(store) == 0
+    store.save()
+    assert pki.psk_store.read_bytes()[4] == 2 and generation_path(pki.psk_store_key).exists()

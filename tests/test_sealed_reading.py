@@ -1,8 +1,10 @@
-"""The sealed-reading format v1: what a forger, a replayer or a broker can and cannot do."""
+"""The sealed-reading formats v1 and v2: what a forger, a replayer or a broker can and cannot do."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 from datetime import UTC, datetime
@@ -10,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pacegate.errors import RemoteProtocolError
+from pacegate.errors import LocalProtocolError, RemoteProtocolError
 from pacegate.reading import Reading
 from pacegate.sealed import (
     SEALED_SIZE_V1,
+    SEALED_SIZE_V2,
     SealedReadingError,
+    epoch_key,
+    new_epoch,
     open_reading,
     parse_header,
     seal_reading,
@@ -80,7 +86,7 @@ def test_truncated_payload_is_malformed() -> None:
 
 
 def test_unknown_version_is_refused_before_crypto() -> None:
-    payload = b"\x02" + seal_reading(PSK, "pm-0001", 7, READING)[1:]
+    payload = b"\x03" + seal_reading(PSK, "pm-0001", 7, READING)[1:]
     with pytest.raises(SealedReadingError) as err:
         parse_header(payload)
     assert err.value.reason == "unsupported_version"
@@ -129,3 +135,86 @@ def test_sealing_matches_the_published_test_vectors(vector: dict[str, Any]) -> N
     sealed = seal_reading(psk, vector["device_id"], vector["counter"], reading)
     assert sealed.hex() == vector["sealed"]
     assert open_reading(psk, vector["device_id"], sealed) == (vector["counter"], reading)
+
+
+# -- v2: the key is derived per boot epoch -------------------------------------------------
+VECTORS_V2 = json.loads((Path(__file__).parent / "vectors" / "sealed_v2.json").read_text())
+EPOCH = bytes.fromhex("0001020304050607")
+
+
+def _hkdf_sha256(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
+    """RFC 5869 written out with hmac, independent of the module under test."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    okm, block = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
+
+
+@pytest.mark.parametrize("vector", VECTORS_V2["vectors"], ids=lambda v: v["device_id"])
+def test_v2_sealing_matches_the_published_vectors_and_an_independent_derivation(
+    vector: dict[str, Any],
+) -> None:
+    reading = Reading.from_json(vector["reading"])
+    psk, epoch = bytes.fromhex(vector["psk"]), bytes.fromhex(vector["epoch"])
+    did = vector["device_id"].encode()
+    key = _hkdf_sha256(b"pacegate/reading v2", psk, bytes([len(did)]) + did + epoch, 32)
+    assert key.hex() == vector["key"]
+    counter = vector["counter"].to_bytes(8, "big")
+    nonce = b"\x02\x00\x00\x00" + counter
+    aad = b"pacegate/reading\x02" + bytes([len(did)]) + did + epoch + counter
+    assert (nonce.hex(), aad.hex()) == (vector["nonce"], vector["aad"])
+    body = ChaCha20Poly1305(key).encrypt(nonce, reading.to_bytes(), aad)
+    assert (b"\x02" + epoch + counter + body).hex() == vector["sealed"]
+    sealed = seal_reading(psk, vector["device_id"], vector["counter"], reading, epoch=epoch)
+    assert sealed.hex() == vector["sealed"] and len(sealed) == SEALED_SIZE_V2
+    assert open_reading(psk, vector["device_id"], sealed) == (vector["counter"], reading)
+
+
+def test_v2_header_carries_the_epoch_and_the_counter() -> None:
+    header = parse_header(seal_reading(PSK, "pm-0001", 9, READING, epoch=EPOCH))
+    assert (header.version, header.epoch, header.counter) == (2, EPOCH, 9)
+
+
+def test_v2_same_counter_in_two_epochs_is_sealed_under_two_keys() -> None:
+    # what a rolled-back counter file produces: the nonce repeats, the key does not
+    other = bytes.fromhex("0706050403020100")
+    a = seal_reading(PSK, "pm-0001", 9, READING, epoch=EPOCH)
+    b = seal_reading(PSK, "pm-0001", 9, READING, epoch=other)
+    assert epoch_key(PSK, "pm-0001", EPOCH) != epoch_key(PSK, "pm-0001", other)
+    assert a[17:] != b[17:]  # same plaintext, same nonce, different key: unrelated bytes
+    assert open_reading(PSK, "pm-0001", a) == open_reading(PSK, "pm-0001", b) == (9, READING)
+
+
+def test_v2_epoch_edited_in_transit_fails_authentication() -> None:
+    payload = bytearray(seal_reading(PSK, "pm-0001", 9, READING, epoch=EPOCH))
+    payload[3] ^= 0x01
+    with pytest.raises(SealedReadingError) as err:
+        open_reading(PSK, "pm-0001", bytes(payload))
+    assert err.value.reason == "bad_tag"
+
+
+def test_v2_key_is_bound_to_the_device_id() -> None:
+    payload = seal_reading(PSK, "pm-0001", 9, READING, epoch=EPOCH)
+    with pytest.raises(SealedReadingError) as err:
+        open_reading(PSK, "pm-0002", payload)
+    assert err.value.reason == "bad_tag"
+
+
+def test_v2_wrong_epoch_size_is_refused_when_sealing() -> None:
+    with pytest.raises(LocalProtocolError):
+        seal_reading(PSK, "pm-0001", 9, READING, epoch=b"short")
+
+
+def test_new_epochs_differ() -> None:
+    assert len({new_epoch() for _ in range(64)}) == 64
+
+
+@given(st.binary(min_size=0, max_size=60))
+def test_arbitrary_v2_payloads_open_or_raise_the_one_remote_error(data: bytes) -> None:
+    for payload in (b"\x02" + data, b"\x02" + bytes(16) + data[:31].ljust(31, b"\x00")):
+        try:
+            open_reading(PSK, "pm-0001", payload)
+        except RemoteProtocolError as exc:
+            assert isinstance(exc, SealedReadingError)
