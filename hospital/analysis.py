@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ import tenseal as ts
 from pacegate import analytics_wire as wire
 from pacegate import ckks
 from pacegate.configfile import ConfigSection
-from pacegate.errors import ConfigError, PacegateError
+from pacegate.errors import PacegateError
 from pacegate.layout import WorkLayout
 from pacegate.reading import (
     AGE_MAX,
@@ -59,6 +59,7 @@ from pacegate.reading import (
     HEART_RATE_PLAUSIBLE_MAX,
     HEART_RATE_PLAUSIBLE_MIN,
     Reading,
+    parse_time_option,
 )
 
 log = logging.getLogger("pacegate.analysis")
@@ -671,18 +672,6 @@ async def analyze_chunks(
 # --- against a work directory: store + channel ---------------------------------------
 
 
-def _parse_time(value: str | None, option: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        ts_ = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(
-            None, option, f"{value!r} is not an ISO 8601 timestamp", fix="e.g. 2025-01-31T12:00:00Z"
-        ) from None
-    return ts_ if ts_.tzinfo else ts_.replace(tzinfo=UTC)
-
-
 async def run_analysis_async(
     work: WorkLayout,
     *,
@@ -793,8 +782,8 @@ def print_table(report: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     """``pacegate analyze --workdir DIR [--since T] [--until T] [--json]``."""
     work = WorkLayout(Path(args.workdir).resolve())
-    since = _parse_time(args.since, "--since")
-    until = _parse_time(args.until, "--until")
+    since = parse_time_option(args.since, "--since")
+    until = parse_time_option(args.until, "--until")
     report = run_analysis(work, since=since, until=until)
     if args.json:
         print(json.dumps(report))

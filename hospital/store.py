@@ -177,6 +177,123 @@ class RotationReport:
     retired: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedRow:
+    """One row of a :class:`ChainScan`: the reading (None when the token does not decrypt
+    or parse) and what is wrong with the row (empty when it is whole)."""
+
+    seq: int
+    record: StoredReading | None
+    problems: tuple[VerifyProblem, ...] = ()
+
+
+class ChainScan:
+    """One pass over every row, each decrypted and checked against the chain, in one read
+    snapshot on a connection of its own (so a long export never holds the store's lock).
+    Runs once; ``report`` is complete when the iteration ends."""
+
+    def __init__(self, store: SqliteReadingStore, batch_size: int) -> None:
+        self._store = store
+        self._batch_size = batch_size
+        self._started = False
+        self.report = VerifyReport()
+
+    def __iter__(self) -> Iterator[list[CheckedRow]]:
+        if self._started:
+            raise RuntimeError("a ChainScan runs once")
+        self._started = True
+        store = self._store
+        with store._lock:
+            store.keyring.refresh()
+        conn = sqlite3.connect(
+            f"file:{store.db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("BEGIN")  # one read snapshot for the whole walk
+            prev_seq, prev_chain = 0, GENESIS
+            cur = conn.execute("SELECT seq, row_key, token, chain FROM readings ORDER BY seq")
+            while rows := cur.fetchmany(self._batch_size):
+                out = []
+                for seq, row_key, token, chain in rows:
+                    out.append(self._check(prev_seq, prev_chain, seq, row_key, token, chain))
+                    prev_seq, prev_chain = seq, chain
+                self.report.rows += len(rows)
+                yield out
+            head = _head_of(conn)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        self._check_head(head, prev_seq, prev_chain)
+
+    def _check(
+        self, prev_seq: int, prev_chain: bytes, seq: int, row_key: bytes, token: bytes, chain: bytes
+    ) -> CheckedRow:
+        kr = self._store.keyring
+        problems = []
+        if seq != prev_seq + 1:
+            span = (
+                f"row {prev_seq + 1}" if seq == prev_seq + 2 else f"rows {prev_seq + 1}-{seq - 1}"
+            )
+            problems.append(VerifyProblem(seq, "missing_rows", f"{span} deleted"))
+        try:
+            plaintext = kr.decrypt(token)
+            record = decode_plaintext(plaintext)
+        except (InvalidToken, ValueError, KeyError, TypeError):
+            problems.append(
+                VerifyProblem(seq, "undecryptable", "token altered, or its key is not held")
+            )
+            self.report.problems += problems
+            return CheckedRow(seq, None, tuple(problems))
+        if kr.row_key(record.device_id, record.counter) != row_key:
+            problems.append(
+                VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
+            )
+        if kr.chain_link(prev_chain, seq, row_key, plaintext) != chain:
+            problems.append(
+                VerifyProblem(
+                    seq,
+                    "chain_mismatch",
+                    "this row or its predecessor was modified, reordered or deleted",
+                )
+            )
+        self.report.problems += problems
+        return CheckedRow(seq, record, tuple(problems))
+
+    def _check_head(
+        self, head: tuple[int, bytes, bytes] | None, last_seq: int, last_chain: bytes
+    ) -> None:
+        report, kr = self.report, self._store.keyring
+        report.last_seq, report.head_chain = last_seq, last_chain
+        if head is None:
+            report.problems.append(
+                VerifyProblem(None, "head_mismatch", "the chain head is missing or damaged")
+            )
+            return
+        head_seq, head_chain, head_mac = head
+        if head_mac != kr.head_mac(head_seq, head_chain):
+            report.problems.append(
+                VerifyProblem(None, "head_mismatch", "the chain head was altered")
+            )
+        elif (head_seq, head_chain) != (last_seq, last_chain):
+            report.problems.append(
+                VerifyProblem(
+                    head_seq,
+                    "head_mismatch",
+                    f"the head names row {head_seq} but the last row is {last_seq}: "
+                    "rows were removed from the end, or the chain rewritten",
+                )
+            )
+
+
+def _head_of(conn: sqlite3.Connection) -> tuple[int, bytes, bytes] | None:
+    """``(seq, chain, mac)`` of the head in ``meta``; None when missing or malformed."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
+    if row is None or not isinstance(row[0], bytes) or len(row[0]) != 8 + 32 + 32:
+        return None
+    raw: bytes = row[0]
+    return int.from_bytes(raw[:8], "big"), raw[8:40], raw[40:]
+
+
 # -- the SQLite store -------------------------------------------------------------------------
 class SqliteReadingStore:
     """The embedded :class:`ReadingStore`. Thread-safe (one connection behind a lock)."""
@@ -273,11 +390,10 @@ class SqliteReadingStore:
         )
 
     def _read_head(self) -> tuple[int, bytes, bytes]:
-        row = self._conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
-        if row is None or len(row[0]) != 8 + 32 + 32:
+        head = _head_of(self._conn)
+        if head is None:
             raise StoreError(f"{self.db_path}: the chain head is missing or damaged (run verify)")
-        raw: bytes = row[0]
-        return int.from_bytes(raw[:8], "big"), raw[8:40], raw[40:]
+        return head
 
     def _write_head(self, seq: int, chain: bytes) -> None:
         mac = self.keyring.head_mac(seq, chain)
@@ -518,76 +634,19 @@ class SqliteReadingStore:
 
     def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
         """Walk the chain over one consistent snapshot and report every break."""
-        report = VerifyReport()
-        kr = self.keyring
-        with self._lock:
-            kr.refresh()
-            self._conn.execute("BEGIN")  # one read snapshot: ingest may go on meanwhile
-            try:
-                cur = self._conn.execute(
-                    "SELECT seq, row_key, token, chain FROM readings ORDER BY seq"
-                )
-                prev_seq, prev_chain = 0, GENESIS
-                while rows := cur.fetchmany(batch_size):
-                    for seq, row_key, token, chain in rows:
-                        report.rows += 1
-                        self._verify_row(report, prev_seq, prev_chain, seq, row_key, token, chain)
-                        prev_seq, prev_chain = seq, chain
-                head_seq, head_chain, head_mac = self._read_head()
-            finally:
-                self._conn.execute("COMMIT")
-        report.last_seq, report.head_chain = prev_seq, prev_chain
-        if head_mac != kr.head_mac(head_seq, head_chain):
-            report.problems.append(
-                VerifyProblem(None, "head_mismatch", "the chain head was altered")
-            )
-        elif (head_seq, head_chain) != (prev_seq, prev_chain):
-            report.problems.append(
-                VerifyProblem(
-                    head_seq,
-                    "head_mismatch",
-                    f"the head names row {head_seq} but the last row is {prev_seq}: "
-                    "rows were removed from the end, or the chain rewritten",
-                )
-            )
-        return report
+        scan = self.scan(batch_size)
+        for _ in scan:
+            pass
+        return scan.report
 
-    def _verify_row(
-        self,
-        report: VerifyReport,
-        prev_seq: int,
-        prev_chain: bytes,
-        seq: int,
-        row_key: bytes,
-        token: bytes,
-        chain: bytes,
-    ) -> None:
-        problems = report.problems
-        if seq != prev_seq + 1:
-            span = (
-                f"row {prev_seq + 1}" if seq == prev_seq + 2 else f"rows {prev_seq + 1}-{seq - 1}"
-            )
-            problems.append(VerifyProblem(seq, "missing_rows", f"{span} deleted"))
-        try:
-            plaintext = self.keyring.decrypt(token)
-            record = decode_plaintext(plaintext)
-        except (InvalidToken, ValueError, KeyError, TypeError):
-            problems.append(
-                VerifyProblem(seq, "undecryptable", "token altered, or its key is not held")
-            )
-            return
-        if self.keyring.row_key(record.device_id, record.counter) != row_key:
-            problems.append(
-                VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
-            )
-        if self.keyring.chain_link(prev_chain, seq, row_key, plaintext) != chain:
-            problems.append(
-                VerifyProblem(
-                    seq,
-                    "chain_mismatch",
-                    "this row or its predecessor was modified, reordered or deleted",
-                )
-            )
+    def scan(self, batch_size: int = DEFAULT_ITER_BATCH) -> ChainScan:
+        """Every row in arrival order, each checked against the chain, over one read
+        snapshot of its own (ingest may go on meanwhile; the scan does not see it).
+        Iterate it for batches of :class:`CheckedRow`; once exhausted, ``scan.report``
+        is what :meth:`verify` returns."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        return ChainScan(self, batch_size)
 
     def checkpoint(self) -> None:
         with self._lock:
