@@ -76,6 +76,7 @@ class Keyring:
     def _rebuild(self) -> None:
         newest_first = [Fernet(k.key) for k in reversed(self._keys)]
         self._multi = MultiFernet(newest_first)
+        self._newest = newest_first[0]
         self._row_key = hmac.digest(self._mac_key, _ROW_KEY_LABEL, "sha256")
         self._chain_key = hmac.digest(self._mac_key, _CHAIN_KEY_LABEL, "sha256")
 
@@ -190,6 +191,15 @@ class Keyring:
     def decrypt(self, token: bytes) -> bytes:
         """Plaintext of a token under any key held; raises :class:`InvalidToken`."""
         return self._multi.decrypt(token)
+
+    def decrypts_under_newest(self, token: bytes) -> bool:
+        """True when the newest key alone decrypts ``token`` (what rotation checks before it
+        retires the older keys; a wrong key fails at the HMAC, before any decryption)."""
+        try:
+            self._newest.decrypt(token)
+        except InvalidToken:
+            return False
+        return True
 
     def reencrypt(self, token: bytes) -> bytes:
         """The same plaintext under the newest key (raises :class:`InvalidToken`)."""

@@ -592,38 +592,47 @@ class SqliteReadingStore:
                 self.keyring.refresh()
                 new_version = self.keyring.add_key()
                 self.keyring.save()  # from here on, a running service encrypts under it
+            # Every row is looked at, whatever its key_version says: that column is not
+            # authenticated (set high on one row, it would make a rotation that trusts it
+            # skip the row and then retire the only key that decrypts it).
             reencrypted, last = 0, 0
             while True:
                 with self._lock, self._write():
                     rows = self._conn.execute(
-                        "SELECT seq, token FROM readings WHERE seq > ? AND key_version < ? "
+                        "SELECT seq, key_version, token FROM readings WHERE seq > ? "
                         "ORDER BY seq LIMIT ?",
-                        (last, new_version, batch_size),
+                        (last, batch_size),
                     ).fetchall()
-                    for seq, token in rows:
-                        try:
-                            fresh = self.keyring.reencrypt(token)
-                        except InvalidToken:
-                            raise StoreError(
-                                f"{self.db_path}: row {seq} does not decrypt under any key of "
-                                f"{self.keyring.path}; nothing retired. Run "
-                                "'pacegate hospital verify'"
-                            ) from None
-                        self._conn.execute(
-                            "UPDATE readings SET token = ?, key_version = ? WHERE seq = ?",
-                            (fresh, new_version, seq),
-                        )
+                    for seq, version, token in rows:
+                        fresh = self._under_newest(seq, token)
+                        if fresh is not None:
+                            reencrypted += 1
+                            self._conn.execute(
+                                "UPDATE readings SET token = ?, key_version = ? WHERE seq = ?",
+                                (fresh, new_version, seq),
+                            )
+                        elif version != new_version:
+                            self._conn.execute(
+                                "UPDATE readings SET key_version = ? WHERE seq = ?",
+                                (new_version, seq),
+                            )
                 if not rows:
                     break
-                reencrypted += len(rows)
                 last = rows[-1][0]
             retired: list[int] = []
             with self._lock, self._write():
-                stale = self._conn.execute(
-                    "SELECT count(*) FROM readings WHERE key_version < ?", (new_version,)
-                ).fetchone()[0]
-                if stale:
-                    raise StoreError(f"{stale} rows still under an older key; nothing retired")
+                # the rows ingest added since the last batch were encrypted under the newest
+                # key (store_batch checks inside its transaction); check it, token by token,
+                # before the older keys go
+                for seq, token in self._conn.execute(
+                    "SELECT seq, token FROM readings WHERE seq > ?", (last,)
+                ).fetchall():
+                    if not self.keyring.decrypts_under_newest(token):
+                        raise StoreError(
+                            f"{self.db_path}: row {seq} is not under key version "
+                            f"{new_version}; nothing retired. Run 'pacegate hospital rotate-key' "
+                            "again"
+                        )
                 if retire_old:
                     retired = self.keyring.retire_older_than(new_version)
                     self.keyring.save()
@@ -631,6 +640,20 @@ class SqliteReadingStore:
                 # old tokens still sit in the WAL until it is checkpointed and truncated
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return RotationReport(new_version, reencrypted, retired)
+
+    def _under_newest(self, seq: int, token: bytes) -> bytes | None:
+        """None when ``token`` already decrypts under the newest key alone; else the same
+        plaintext re-encrypted under it. Raises :class:`StoreError` naming the row when no
+        key of the keyring decrypts it (then nothing may be retired)."""
+        if self.keyring.decrypts_under_newest(token):
+            return None
+        try:
+            return self.keyring.reencrypt(token)
+        except InvalidToken:
+            raise StoreError(
+                f"{self.db_path}: row {seq} does not decrypt under any key of "
+                f"{self.keyring.path}; nothing retired. Run 'pacegate hospital verify'"
+            ) from None
 
     def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
         """Walk the chain over one consistent snapshot and report every break."""
