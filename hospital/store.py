@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hmac
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -32,13 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from hospital.keyring import InvalidToken, Keyring
+from hospital.anchor import AnchorRecord, HeadAnchor
+from hospital.keyring import ChainKeys, InvalidToken, Keyring
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE, SECRET_FILE_MODE
 from pacegate.reading import Reading
 
-SCHEMA_VERSION = 1
+# 2: the head names its integrity-key version, and is anchored outside the database
+SCHEMA_VERSION = 2
 GENESIS = bytes(32)
 # Plaintext is padded to a multiple of this, so token length does not reveal the length of
 # a device id or of a timestamp's fraction. 256 covers every device id (<= 64 characters).
@@ -49,6 +53,8 @@ ROTATE_BATCH = 200
 DEFAULT_ITER_BATCH = 1000
 # How long a writer waits for the other writer (ingest vs rotate-key) before failing.
 BUSY_TIMEOUT_MS = 30_000
+
+log = logging.getLogger("pacegate.hospital.store")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS readings ("
@@ -63,6 +69,11 @@ _SCHEMA = (
 
 class StoreError(PacegateError):
     """The store cannot do what was asked (wrong keyring, undecryptable row, ...)."""
+
+
+def default_anchor(db_path: Path) -> Path:
+    """Where the chain head is anchored when hospital.yaml does not say (``store.anchor``)."""
+    return db_path.with_name(db_path.name + "-anchor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,35 @@ class ReadingStore(Protocol):
 
     def seq_bounds(self) -> tuple[int, int]: ...
 
+    def iter_reading_values(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
+        check_chain: bool = False,
+    ) -> Iterator[tuple[list[int], list[int]]]: ...
+
+    # -- integrity: the chain, its anchor outside the store, key rotation ---------------------
+    def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
+        """Every row against the chain, the head, and the anchor (rollback)."""
+        ...
+
+    def scan(self, batch_size: int = DEFAULT_ITER_BATCH) -> ChainScan:
+        """:meth:`verify` row by row, each row with its reading and its problems."""
+        ...
+
+    def check_head(self) -> int:
+        """The head and the anchor, cheaply; the last row they vouch for."""
+        ...
+
+    def reanchor(self) -> tuple[VerifyReport, list[AnchorRecord] | None]: ...
+
+    def rotate_key(
+        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True, integrity: bool = False
+    ) -> RotationReport: ...
+
     def close(self) -> None: ...
 
 
@@ -145,7 +185,9 @@ def decode_plaintext(plaintext: bytes) -> StoredReading:
 @dataclass(frozen=True)
 class VerifyProblem:
     seq: int | None
-    kind: str  # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch
+    # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch |
+    # unknown_integrity_key | anchor_missing | anchor_damaged | rolled_back | anchor_mismatch
+    kind: str
     detail: str
 
 
@@ -170,11 +212,22 @@ class VerifyReport:
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class RotationReport:
     new_version: int
     reencrypted: int
     retired: list[int]
+    new_mac_version: int | None = None  # set when the integrity key was rotated too
+    retired_mac: list[int] = field(default_factory=list)
+
+
+# the kinds that compare the database with its anchor outside it
+ANCHOR_PROBLEMS = frozenset({"anchor_missing", "anchor_damaged", "rolled_back", "anchor_mismatch"})
+
+
+def _describe(p: VerifyProblem) -> str:
+    where = f"row {p.seq}" if p.seq is not None else "head"
+    return f"{where}: {p.kind}: {p.detail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +249,7 @@ class ChainScan:
         self._store = store
         self._batch_size = batch_size
         self._started = False
+        self._keys: ChainKeys | None = None
         self.report = VerifyReport()
 
     def __iter__(self) -> Iterator[list[CheckedRow]]:
@@ -205,11 +259,31 @@ class ChainScan:
         store = self._store
         with store._lock:
             store.keyring.refresh()
-        conn = sqlite3.connect(
-            f"file:{store.db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
+        # the anchor first, the snapshot second: ingest anchors a head only after its
+        # commit, so an anchor read now never names a row the snapshot cannot hold
+        records = store.anchor.records()
+        conn = _read_only(store.db_path)
         try:
             conn.execute("BEGIN")  # one read snapshot for the whole walk
+            head = _head_of(conn)
+            version = head.version if head is not None else _db_mac_version(conn, store.keyring)
+            self._keys = (
+                store.keyring.integrity(version)
+                if version is not None and store.keyring.has_mac_version(version)
+                else None
+            )
+            if self._keys is None:
+                self.report.problems.append(
+                    VerifyProblem(
+                        None,
+                        "unknown_integrity_key",
+                        f"the keyring holds no integrity key version {version}: rows cannot "
+                        "be checked against the chain",
+                    )
+                )
+            best = _best_anchor(records or [], store.keyring, version)
+            anchor_seq = best.seq if best is not None else -1
+            chain_at_anchor = GENESIS if anchor_seq == 0 else None
             prev_seq, prev_chain = 0, GENESIS
             cur = conn.execute("SELECT seq, row_key, token, chain FROM readings ORDER BY seq")
             while rows := cur.fetchmany(self._batch_size):
@@ -217,18 +291,22 @@ class ChainScan:
                 for seq, row_key, token, chain in rows:
                     out.append(self._check(prev_seq, prev_chain, seq, row_key, token, chain))
                     prev_seq, prev_chain = seq, chain
+                    if seq == anchor_seq:
+                        chain_at_anchor = chain
                 self.report.rows += len(rows)
                 yield out
-            head = _head_of(conn)
             conn.execute("COMMIT")
         finally:
             conn.close()
         self._check_head(head, prev_seq, prev_chain)
+        self.report.problems += _anchor_problems(
+            store.anchor, records, best, version, prev_seq, chain_at_anchor
+        )
 
     def _check(
         self, prev_seq: int, prev_chain: bytes, seq: int, row_key: bytes, token: bytes, chain: bytes
     ) -> CheckedRow:
-        kr = self._store.keyring
+        kr, keys = self._store.keyring, self._keys
         problems = []
         if seq != prev_seq + 1:
             span = (
@@ -244,65 +322,233 @@ class ChainScan:
             )
             self.report.problems += problems
             return CheckedRow(seq, None, tuple(problems))
-        if kr.row_key(record.device_id, record.counter) != row_key:
-            problems.append(
-                VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
-            )
-        if kr.chain_link(prev_chain, seq, row_key, plaintext) != chain:
-            problems.append(
-                VerifyProblem(
-                    seq,
-                    "chain_mismatch",
-                    "this row or its predecessor was modified, reordered or deleted",
-                )
-            )
+        if keys is not None:
+            problems += _row_problems(keys, prev_chain, seq, row_key, chain, plaintext, record)
         self.report.problems += problems
         return CheckedRow(seq, record, tuple(problems))
 
-    def _check_head(
-        self, head: tuple[int, bytes, bytes] | None, last_seq: int, last_chain: bytes
-    ) -> None:
-        report, kr = self.report, self._store.keyring
+    def _check_head(self, head: Head | None, last_seq: int, last_chain: bytes) -> None:
+        report = self.report
         report.last_seq, report.head_chain = last_seq, last_chain
-        if head is None:
-            report.problems.append(
-                VerifyProblem(None, "head_mismatch", "the chain head is missing or damaged")
-            )
-            return
-        head_seq, head_chain, head_mac = head
-        if head_mac != kr.head_mac(head_seq, head_chain):
-            report.problems.append(
-                VerifyProblem(None, "head_mismatch", "the chain head was altered")
-            )
-        elif (head_seq, head_chain) != (last_seq, last_chain):
-            report.problems.append(
-                VerifyProblem(
-                    head_seq,
-                    "head_mismatch",
-                    f"the head names row {head_seq} but the last row is {last_seq}: "
-                    "rows were removed from the end, or the chain rewritten",
-                )
-            )
+        report.problems += _head_problems(head, self._keys, last_seq, last_chain)
 
 
-def _head_of(conn: sqlite3.Connection) -> tuple[int, bytes, bytes] | None:
-    """``(seq, chain, mac)`` of the head in ``meta``; None when missing or malformed."""
-    row = conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
-    if row is None or not isinstance(row[0], bytes) or len(row[0]) != 8 + 32 + 32:
+def _row_problems(
+    keys: ChainKeys,
+    prev_chain: bytes,
+    seq: int,
+    row_key: bytes,
+    chain: bytes,
+    plaintext: bytes,
+    record: StoredReading,
+) -> list[VerifyProblem]:
+    """What is wrong with one decrypted row against its predecessor's chain value."""
+    problems = []
+    if keys.row_key(record.device_id, record.counter) != row_key:
+        problems.append(VerifyProblem(seq, "row_key_mismatch", "token moved here from another row"))
+    if keys.chain_link(prev_chain, seq, row_key, plaintext) != chain:
+        problems.append(
+            VerifyProblem(
+                seq,
+                "chain_mismatch",
+                "this row or its predecessor was modified, reordered or deleted",
+            )
+        )
+    return problems
+
+
+def _head_problems(
+    head: Head | None, keys: ChainKeys | None, last_seq: int, last_chain: bytes
+) -> list[VerifyProblem]:
+    if head is None:
+        return [VerifyProblem(None, "head_mismatch", "the chain head is missing or damaged")]
+    if keys is None:
+        return []  # already reported as unknown_integrity_key
+    if not hmac.compare_digest(head.mac, keys.head_mac(head.seq, head.chain)):
+        return [VerifyProblem(None, "head_mismatch", "the chain head was altered")]
+    if (head.seq, head.chain) != (last_seq, last_chain):
+        return [
+            VerifyProblem(
+                head.seq,
+                "head_mismatch",
+                f"the head names row {head.seq} but the last row is {last_seq}: "
+                "rows were removed from the end, or the chain rewritten",
+            )
+        ]
+    return []
+
+
+def _best_anchor(
+    records: list[AnchorRecord], keyring: Keyring, db_version: int | None
+) -> AnchorRecord | None:
+    """The anchor: the valid record with the highest seq (on a tie, the one under the
+    database's integrity key). Records that fail their MAC (a torn append, garbage, a
+    record under a retired key) are ignored."""
+    valid = [
+        r
+        for r in records
+        if keyring.has_mac_version(r.version)
+        and hmac.compare_digest(r.mac, keyring.integrity(r.version).anchor_mac(r.seq, r.chain))
+    ]
+    if not valid:
         return None
-    raw: bytes = row[0]
-    return int.from_bytes(raw[:8], "big"), raw[8:40], raw[40:]
+    return max(valid, key=lambda r: (r.seq, r.version == db_version))
 
 
-# -- the SQLite store -------------------------------------------------------------------------
+def _anchor_problems(
+    anchor: HeadAnchor,
+    records: list[AnchorRecord] | None,
+    best: AnchorRecord | None,
+    db_version: int | None,
+    last_seq: int,
+    chain_at_anchor: bytes | None,
+) -> list[VerifyProblem]:
+    """The database against its anchor. A database *ahead* of the anchor is fine (a crash
+    between commit and anchor leaves at most that batch unanchored, and unacknowledged)."""
+    fix = (
+        "restore the database from a backup at least as recent as the anchor, or, if this "
+        "state is known and wanted, accept it with 'pacegate hospital verify --reanchor'"
+    )
+    if records is None:
+        return [
+            VerifyProblem(
+                None,
+                "anchor_missing",
+                f"the chain-head anchor {anchor.path} is missing: the database cannot be "
+                f"checked for a rollback ({fix})",
+            )
+        ]
+    if best is None:
+        return [
+            VerifyProblem(
+                None, "anchor_damaged", f"{anchor.path} holds no valid head record ({fix})"
+            )
+        ]
+    if best.seq > last_seq:
+        span = f"row {best.seq}" if best.seq == last_seq + 1 else f"rows {last_seq + 1}-{best.seq}"
+        return [
+            VerifyProblem(
+                best.seq,
+                "rolled_back",
+                f"the anchor {anchor.path} names row {best.seq} but the database ends at row "
+                f"{last_seq}: the database or its WAL was truncated, or an older copy put "
+                f"back; {span} lost ({fix})",
+            )
+        ]
+    if best.version == db_version and chain_at_anchor != best.chain:
+        return [
+            VerifyProblem(
+                best.seq,
+                "anchor_mismatch",
+                f"row {best.seq} is not the one anchored in {anchor.path}: the chain up to "
+                f"it was rewritten ({fix})",
+            )
+        ]
+    return []
+
+
+def _read_only(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(
+        f"file:{db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+
+
+def _db_mac_version(conn: sqlite3.Connection, keyring: Keyring) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'keyring'").fetchone()
+    return keyring.mac_version_of(row[0]) if row is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The chain head in ``meta``: the integrity-key version the whole chain is under, the
+    last row and its chain value, and the MAC over them."""
+
+    version: int
+    seq: int
+    chain: bytes
+    mac: bytes
+
+    def encode(self) -> bytes:
+        return self.version.to_bytes(4, "big") + self.seq.to_bytes(8, "big") + self.chain + self.mac
+
+
+_LEGACY_HEAD_SIZE = 8 + 32 + 32  # schema 1: no version (integrity key version 1)
+_HEAD_SIZE = 4 + _LEGACY_HEAD_SIZE
+
+
+def _head_of(conn: sqlite3.Connection) -> Head | None:
+    """The head in ``meta``; None when missing or malformed."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
+    raw = row[0] if row is not None else None
+    if not isinstance(raw, bytes):
+        return None
+    if len(raw) == _LEGACY_HEAD_SIZE:
+        raw = (1).to_bytes(4, "big") + raw
+    if len(raw) != _HEAD_SIZE:
+        return None
+    return Head(
+        int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:12], "big"), raw[12:44], raw[44:]
+    )
+
+
+class _ChainCursor:
+    """Checks consecutive pages of a scan against the chain (see
+    :meth:`SqliteReadingStore.iter_reading_values`), starting from the row before the range,
+    under the integrity key the head names when the scan starts."""
+
+    def __init__(self, store: SqliteReadingStore, seq_range: tuple[int, int] | None) -> None:
+        self._store = store
+        lo = seq_range[0] if seq_range is not None else 1
+        with store._lock:
+            head = store._read_head()
+            prev = None
+            if lo > 1:
+                prev = store._conn.execute(
+                    "SELECT chain FROM readings WHERE seq = ?", (lo - 1,)
+                ).fetchone()
+        self._keys = store._chain_keys(head.version)
+        if lo > 1 and prev is None:
+            raise self._damaged(VerifyProblem(lo, "missing_rows", f"row {lo - 1} deleted"))
+        self._seq, self._chain = lo - 1, (prev[0] if prev is not None else GENESIS)
+
+    def check(self, page: list[tuple[int, bytes, bytes, bytes]], objs: list[Any]) -> None:
+        keys = self._keys
+        for (seq, plaintext, row_key, chain), obj in zip(page, objs, strict=True):
+            if seq != self._seq + 1:
+                raise self._damaged(
+                    VerifyProblem(seq, "missing_rows", f"rows {self._seq + 1}-{seq - 1} deleted")
+                )
+            if keys.row_key(str(obj["device_id"]), int(obj["counter"])) != row_key:
+                raise self._damaged(
+                    VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
+                )
+            if keys.chain_link(self._chain, seq, row_key, plaintext) != chain:
+                raise self._damaged(
+                    VerifyProblem(
+                        seq, "chain_mismatch", "this row or its predecessor was modified or moved"
+                    )
+                )
+            self._seq, self._chain = seq, chain
+
+    def _damaged(self, problem: VerifyProblem) -> StoreError:
+        return StoreError(
+            f"{self._store.db_path}: {_describe(problem)}: the chain does not verify; "
+            "run 'pacegate hospital verify'"
+        )
+
+
 class SqliteReadingStore:
     """The embedded :class:`ReadingStore`. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, db_path: Path, keyring: Keyring) -> None:
+    def __init__(self, db_path: Path, keyring: Keyring, anchor_path: Path | None = None) -> None:
         self.db_path = db_path
         self.keyring = keyring
+        self.anchor = HeadAnchor(
+            anchor_path if anchor_path is not None else default_anchor(db_path)
+        )
         self._lock = threading.Lock()
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
+        self.anchor.path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         if not db_path.exists():
             # SQLite gives -wal and -shm the database file's mode: make it 0600 first
             os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, SECRET_FILE_MODE))
@@ -320,7 +566,9 @@ class SqliteReadingStore:
             raise
 
     @classmethod
-    def open(cls, db_path: Path, keyring_path: Path) -> SqliteReadingStore:
+    def open(
+        cls, db_path: Path, keyring_path: Path, anchor_path: Path | None = None
+    ) -> SqliteReadingStore:
         """Open the database with its keyring; a new keyring is made only for a new store."""
         for directory in {db_path.parent, keyring_path.parent}:
             directory.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
@@ -335,7 +583,7 @@ class SqliteReadingStore:
             )
         else:
             keyring = Keyring.create(keyring_path)
-        return cls(db_path, keyring)
+        return cls(db_path, keyring, anchor_path)
 
     def _configure(self) -> None:
         c = self._conn
@@ -351,25 +599,39 @@ class SqliteReadingStore:
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _init_schema(self) -> None:
-        fingerprint = self.keyring.fingerprint()
-        with self._write():
+        with self.anchor.locked(BUSY_TIMEOUT_MS / 1000), self._write():
             for statement in _SCHEMA:
                 self._conn.execute(statement)
             meta = dict(self._conn.execute("SELECT name, value FROM meta").fetchall())
             if "schema_version" not in meta:
+                keys = self.keyring.integrity(self.keyring.current_mac_version)
                 self._set_meta("schema_version", SCHEMA_VERSION.to_bytes(4, "big"))
-                self._set_meta("keyring", fingerprint)
-                self._write_head(0, GENESIS)
+                self._set_meta("keyring", keys.fingerprint())
+                self._set_meta("anchored", b"\x01")
+                self._write_head(keys, 0, GENESIS)
+                self.anchor.replace(self._anchor_record(keys, 0, GENESIS))
                 return
-        if int.from_bytes(meta["schema_version"], "big") != SCHEMA_VERSION:
-            raise StoreError(f"{self.db_path}: unsupported schema version")
-        if meta.get("keyring") != fingerprint:
-            raise ConfigError(
-                self.keyring.path,
-                "mac_key",
-                f"this keyring does not belong to the database {self.db_path}",
-                fix="point 'store.keyring' at the keyring created with this database",
-            )
+            if int.from_bytes(meta["schema_version"], "big") not in (1, SCHEMA_VERSION):
+                raise StoreError(f"{self.db_path}: unsupported schema version")
+            version = self.keyring.mac_version_of(meta.get("keyring", b""))
+            head = _head_of(self._conn)
+            if version is None or (head is not None and head.version != version):
+                raise ConfigError(
+                    self.keyring.path,
+                    "mac_keys",
+                    f"this keyring does not belong to the database {self.db_path}",
+                    fix="point 'store.keyring' at the keyring created with this database (a "
+                    "database restored from before an integrity-key rotation needs the "
+                    "keyring of that time)",
+                )
+            if "anchored" not in meta:
+                # a store from before the anchor existed: anchor its current head now
+                keys = self.keyring.integrity(version)
+                if head is not None:
+                    self.anchor.replace(self._anchor_record(keys, head.seq, head.chain))
+                self._set_meta("schema_version", SCHEMA_VERSION.to_bytes(4, "big"))
+                self._set_meta("anchored", b"\x01")
+                log.info("%s: chain head anchored in %s", self.db_path, self.anchor.path)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -389,18 +651,30 @@ class SqliteReadingStore:
             (name, value),
         )
 
-    def _read_head(self) -> tuple[int, bytes, bytes]:
+    def _read_head(self) -> Head:
         head = _head_of(self._conn)
         if head is None:
             raise StoreError(f"{self.db_path}: the chain head is missing or damaged (run verify)")
         return head
 
-    def _write_head(self, seq: int, chain: bytes) -> None:
-        mac = self.keyring.head_mac(seq, chain)
-        self._set_meta("head", seq.to_bytes(8, "big") + chain + mac)
+    def _write_head(self, keys: ChainKeys, seq: int, chain: bytes) -> None:
+        self._set_meta("head", Head(keys.version, seq, chain, keys.head_mac(seq, chain)).encode())
+
+    @staticmethod
+    def _anchor_record(keys: ChainKeys, seq: int, chain: bytes) -> AnchorRecord:
+        return AnchorRecord(keys.version, seq, chain, keys.anchor_mac(seq, chain))
+
+    def _chain_keys(self, version: int) -> ChainKeys:
+        """The keys of the version the database is under (reloading the keyring once, in
+        case rotate-key added it since)."""
+        if not self.keyring.has_mac_version(version):
+            self.keyring.refresh()
+        return self.keyring.integrity(version)
 
     # -- ingest ---------------------------------------------------------------------------------
     def store_batch(self, items: Sequence[IngestItem]) -> StoreResult:
+        """Store ``items`` in one transaction, then anchor the new head outside the
+        database; returns once both are fsynced (what the ACK promises)."""
         if not items:
             return StoreResult(0, 0)
         with self._lock:
@@ -408,38 +682,46 @@ class SqliteReadingStore:
             prepared = [self._prepare(item) for item in items]
             version = self.keyring.current_version
             stored = duplicates = conflicts = 0
-            with self._write():
-                # rotate-key may have replaced the keyring while we encrypted: with the write
-                # lock held, make sure no row lands under a key older than the newest
-                if self.keyring.refresh() and self.keyring.current_version != version:
-                    version = self.keyring.current_version
-                    prepared = [(rk, pt, self.keyring.encrypt(pt)) for rk, pt, _ in prepared]
-                seq, chain, _ = self._read_head()
-                for row_key, plaintext, token in prepared:
-                    link = self.keyring.chain_link(chain, seq + 1, row_key, plaintext)
-                    cur = self._conn.execute(
-                        "INSERT INTO readings(seq, row_key, key_version, token, chain) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(row_key) DO NOTHING",
-                        (seq + 1, row_key, version, token, link),
-                    )
-                    if cur.rowcount == 1:
-                        seq, chain = seq + 1, link
-                        stored += 1
-                    else:
-                        duplicates += 1
-                        if not self._same_as_stored(row_key, plaintext):
-                            conflicts += 1
+            # the anchor lock spans commit and anchor record: no other writer's (older)
+            # head can be appended after ours
+            with self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+                with self._write():
+                    # rotate-key may have replaced the keyring while we encrypted: with the
+                    # write lock held, make sure no row lands under a key older than the newest
+                    if self.keyring.refresh() and self.keyring.current_version != version:
+                        version = self.keyring.current_version
+                        prepared = [
+                            (item, pt, self.keyring.encrypt(pt)) for item, pt, _ in prepared
+                        ]
+                    head = self._read_head()
+                    keys = self._chain_keys(head.version)
+                    seq, chain = head.seq, head.chain
+                    for item, plaintext, token in prepared:
+                        row_key = keys.row_key(item.device_id, item.counter)
+                        link = keys.chain_link(chain, seq + 1, row_key, plaintext)
+                        cur = self._conn.execute(
+                            "INSERT INTO readings(seq, row_key, key_version, token, chain) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(row_key) DO NOTHING",
+                            (seq + 1, row_key, version, token, link),
+                        )
+                        if cur.rowcount == 1:
+                            seq, chain = seq + 1, link
+                            stored += 1
+                        else:
+                            duplicates += 1
+                            if not self._same_as_stored(row_key, plaintext):
+                                conflicts += 1
+                    if stored:
+                        self._write_head(keys, seq, chain)
                 if stored:
-                    self._write_head(seq, chain)
+                    self.anchor.append(self._anchor_record(keys, seq, chain))
             return StoreResult(stored, duplicates, conflicts)
 
-    def _prepare(self, item: IngestItem) -> tuple[bytes, bytes, bytes]:
+    def _prepare(self, item: IngestItem) -> tuple[IngestItem, bytes, bytes]:
+        # the Fernet encryption, the costly part, outside the write transaction; the row
+        # key inside it, under the integrity key the database is under at that moment
         plaintext = encode_plaintext(item)
-        return (
-            self.keyring.row_key(item.device_id, item.counter),
-            plaintext,
-            self.keyring.encrypt(plaintext),
-        )
+        return item, plaintext, self.keyring.encrypt(plaintext)
 
     def _same_as_stored(self, row_key: bytes, plaintext: bytes) -> bool:
         row = self._conn.execute(
@@ -481,7 +763,7 @@ class SqliteReadingStore:
         """
         for page in self._plaintext_pages(since, until, batch_size, seq_range):
             out = []
-            for seq, plaintext in page:
+            for seq, plaintext, _, _ in page:
                 try:
                     record = decode_plaintext(plaintext)
                 except (ValueError, KeyError, TypeError) as exc:
@@ -510,25 +792,35 @@ class SqliteReadingStore:
         batch_size: int = DEFAULT_ITER_BATCH,
         *,
         seq_range: tuple[int, int] | None = None,
+        check_chain: bool = False,
     ) -> Iterator[tuple[list[int], list[int]]]:
         """``(ages, heart_rates)`` of the same rows as :meth:`iter_readings`, per batch of
         rows, for analytics: the JSON of a whole batch is parsed in one call and no
         :class:`Reading` is built, which makes a scan ~25 % cheaper. Timestamps are parsed
         only when ``since``/``until`` filter. A row that does not decrypt or parse raises
-        :class:`StoreError` naming it, as in :meth:`iter_records`."""
+        :class:`StoreError` naming it, as in :meth:`iter_records`.
+
+        ``check_chain``: every row of the range (filtered by time or not) is also checked
+        against the chain, from the row before the range on, as :meth:`verify` does; the
+        first damaged row raises :class:`StoreError` naming it. Together with
+        :meth:`check_head` and a range from row 1 to its result, nothing :meth:`verify`
+        would flag passes."""
+        chain = _ChainCursor(self, seq_range) if check_chain else None
         for page in self._plaintext_pages(since, until, batch_size, seq_range):
-            plaintexts = [plaintext for _, plaintext in page]
+            plaintexts = [row[1] for row in page]
             try:
                 objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
                 readings = [o["reading"] for o in objs]
                 ages = [int(r["age"]) for r in readings]
                 rates = [int(r["heart_rate_bpm"]) for r in readings]
+                if chain is not None:
+                    chain.check(page, objs)
                 if since is not None or until is not None:
                     keep = [_in_period(r["timestamp"], since, until) for r in readings]
                     ages = [a for a, k in zip(ages, keep, strict=True) if k]
                     rates = [h for h, k in zip(rates, keep, strict=True) if k]
             except (ValueError, KeyError, TypeError):
-                for seq, plaintext in page:
+                for seq, plaintext, _, _ in page:
                     try:  # find the culprit, and say which row it is
                         decode_plaintext(plaintext)
                     except (ValueError, KeyError, TypeError) as exc:
@@ -543,12 +835,12 @@ class SqliteReadingStore:
         until: datetime | None,
         batch_size: int,
         seq_range: tuple[int, int] | None,
-    ) -> Iterator[list[tuple[int, bytes]]]:
-        """``(seq, plaintext)`` of the rows ``seq_range`` selects (all when None), in arrival
-        order, one list per query of ``batch_size`` rows; the lock is held per query only.
-        Checks the arguments both public scans share (``since``/``until`` only for a
-        timezone: the callers filter). A token that does not decrypt raises
-        :class:`StoreError` naming its row."""
+    ) -> Iterator[list[tuple[int, bytes, bytes, bytes]]]:
+        """``(seq, plaintext, row_key, chain)`` of the rows ``seq_range`` selects (all when
+        None), in arrival order, one list per query of ``batch_size`` rows; the lock is
+        held per query only. Checks the arguments both public scans share
+        (``since``/``until`` only for a timezone: the callers filter). A token that does
+        not decrypt raises :class:`StoreError` naming its row."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         for bound in (since, until):
@@ -559,7 +851,7 @@ class SqliteReadingStore:
         while True:
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT seq, token FROM readings WHERE seq > ? AND seq < ? "
+                    "SELECT seq, token, row_key, chain FROM readings WHERE seq > ? AND seq < ? "
                     "ORDER BY seq LIMIT ?",
                     (last, stop if stop is not None else 2**63 - 1, batch_size),
                 ).fetchall()
@@ -568,9 +860,9 @@ class SqliteReadingStore:
                 return
             last = rows[-1][0]
             page = []
-            for seq, token in rows:
+            for seq, token, row_key, chain in rows:
                 try:
-                    page.append((seq, self.keyring.decrypt(token)))
+                    page.append((seq, self.keyring.decrypt(token), row_key, chain))
                 except InvalidToken:
                     raise self._undecryptable(seq, "InvalidToken") from None
             yield page
@@ -583,10 +875,12 @@ class SqliteReadingStore:
 
     # -- maintenance ----------------------------------------------------------------------------
     def rotate_key(
-        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True
+        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True, integrity: bool = False
     ) -> RotationReport:
         """Add a Fernet key, re-encrypt every row under it in short transactions while
-        ingest continues, then (``retire_old``) drop the older keys from the keyring."""
+        ingest continues, then (``retire_old``) drop the older keys from the keyring.
+        ``integrity``: then also re-key row keys and chain under a new integrity key
+        (:meth:`_rekey`)."""
         with _exclusive(self.keyring.path.with_name(self.keyring.path.name + ".lock")):
             with self._lock:
                 self.keyring.refresh()
@@ -639,7 +933,144 @@ class SqliteReadingStore:
             with self._lock:
                 # old tokens still sit in the WAL until it is checkpointed and truncated
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return RotationReport(new_version, reencrypted, retired)
+            report = RotationReport(new_version, reencrypted, retired)
+            if integrity:
+                report.new_mac_version, report.retired_mac = self._rekey(batch_size, retire_old)
+            return report
+
+    def _rekey(self, batch_size: int, retire_old: bool) -> tuple[int, list[int]]:
+        """Re-key every row (row key and chain link) under a new integrity key, in **one**
+        transaction: a crash leaves the store wholly under the old key or wholly under the
+        new one, never a mix that verify could not tell from tampering. Ingest waits for it
+        (up to the busy timeout; past it, the batch fails without ACK and the gateway sends
+        it again). Refused, with nothing changed, when the chain or its anchor does not
+        verify: re-keying a damaged chain would make the damage verify."""
+        kr = self.keyring
+        with self._lock:
+            kr.refresh()
+            new_version = kr.add_mac_key()
+            kr.save()  # both keys held: a service reloads it, and can follow the switch
+        new = kr.integrity(new_version)
+        with self._lock, self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+            records = self.anchor.records()
+            with self._write():
+                head = self._read_head()
+                old = self._chain_keys(head.version)
+                best = _best_anchor(records or [], kr, head.version)
+                anchor_seq = best.seq if best is not None else -1
+                chain_at_anchor = GENESIS if anchor_seq == 0 else None
+                prev_old = prev_new = GENESIS
+                last = 0
+                while rows := self._conn.execute(
+                    "SELECT seq, row_key, token, chain FROM readings WHERE seq > ? "
+                    "ORDER BY seq LIMIT ?",
+                    (last, batch_size),
+                ).fetchall():
+                    updates = []
+                    for seq, row_key, token, chain in rows:
+                        try:
+                            plaintext = kr.decrypt(token)
+                            record = decode_plaintext(plaintext)
+                        except (InvalidToken, ValueError, KeyError, TypeError):
+                            raise self._not_rekeyed(seq, "undecryptable") from None
+                        if seq != last + 1:
+                            raise self._not_rekeyed(seq, "missing_rows")
+                        bad = _row_problems(old, prev_old, seq, row_key, chain, plaintext, record)
+                        if bad:
+                            raise self._not_rekeyed(seq, bad[0].kind)
+                        fresh_key = new.row_key(record.device_id, record.counter)
+                        fresh_chain = new.chain_link(prev_new, seq, fresh_key, plaintext)
+                        updates.append((fresh_key, fresh_chain, seq))
+                        if seq == anchor_seq:
+                            chain_at_anchor = chain
+                        prev_old, prev_new, last = chain, fresh_chain, seq
+                    self._conn.executemany(
+                        "UPDATE readings SET row_key = ?, chain = ? WHERE seq = ?", updates
+                    )
+                damage = _head_problems(head, old, last, prev_old) + _anchor_problems(
+                    self.anchor, records, best, head.version, last, chain_at_anchor
+                )
+                if damage:
+                    raise self._not_rekeyed(damage[0].seq, damage[0].kind)
+                self._write_head(new, last, prev_new)
+                self._set_meta("keyring", new.fingerprint())
+            # committed: the anchor follows (a crash before this line leaves an anchor under
+            # the old key, which verify compares by row number only)
+            self.anchor.replace(self._anchor_record(new, last, prev_new))
+        retired: list[int] = []
+        with self._lock:
+            if retire_old:
+                kr.refresh()
+                retired = kr.retire_mac_older_than(new_version)
+                kr.save()
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return new_version, retired
+
+    def _not_rekeyed(self, seq: int | None, kind: str) -> StoreError:
+        where = f"row {seq}" if seq is not None else "the head"
+        return StoreError(
+            f"{self.db_path}: {where}: {kind}: the chain does not verify, so it was not "
+            "re-keyed under a new integrity key (that would make the damage verify); nothing "
+            "changed. Run 'pacegate hospital verify'"
+        )
+
+    def reanchor(self) -> tuple[VerifyReport, list[AnchorRecord] | None]:
+        """Accept the database's current head as its anchor, after a deliberate restore
+        (or a lost anchor file). Refused unless the chain *inside* the database verifies.
+        Holds the anchor lock meanwhile: ingest waits. Returns the report and the anchor
+        records it replaced."""
+        with self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+            before = self.anchor.records()
+            report = self.verify()
+            inside = [p for p in report.problems if p.kind not in ANCHOR_PROBLEMS]
+            if inside:
+                raise StoreError(
+                    f"{self.db_path}: the chain inside the database does not verify "
+                    f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
+                )
+            with self._lock:
+                head = self._read_head()
+                keys = self._chain_keys(head.version)
+            if (head.seq, head.chain) != (report.last_seq, report.head_chain):
+                raise StoreError(f"{self.db_path}: the head moved during the check; try again")
+            self.anchor.replace(self._anchor_record(keys, head.seq, head.chain))
+        return report, before
+
+    def check_head(self) -> int:
+        """The last row of the store after checking, cheaply, what a scan of rows cannot
+        see: the head's MAC, that the head is the last row, and the anchor outside the
+        database (no rollback). Raises :class:`StoreError` naming the problem. With a scan
+        that checks every row's link (``check_chain=True``) from row 1 up to this row, it
+        covers what :meth:`verify` does."""
+        records = self.anchor.records()  # first: see ChainScan
+        with self._lock:
+            self.keyring.refresh()
+            self._conn.execute("BEGIN")
+            try:
+                head = _head_of(self._conn)
+                last = self._conn.execute(
+                    "SELECT seq, chain FROM readings ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                version = head.version if head is not None else None
+                best = _best_anchor(records or [], self.keyring, version)
+                at = None
+                if best is not None:
+                    row = self._conn.execute(
+                        "SELECT chain FROM readings WHERE seq = ?", (best.seq,)
+                    ).fetchone()
+                    at = GENESIS if best.seq == 0 else (row[0] if row is not None else None)
+            finally:
+                self._conn.execute("COMMIT")
+        last_seq, last_chain = (int(last[0]), last[1]) if last is not None else (0, GENESIS)
+        keys = self._chain_keys(version) if version is not None else None
+        problems = _head_problems(head, keys, last_seq, last_chain) + _anchor_problems(
+            self.anchor, records, best, version, last_seq, at
+        )
+        if problems:
+            raise StoreError(
+                f"{self.db_path}: {_describe(problems[0])}; run 'pacegate hospital verify'"
+            )
+        return last_seq
 
     def _under_newest(self, seq: int, token: bytes) -> bytes | None:
         """None when ``token`` already decrypts under the newest key alone; else the same
@@ -724,25 +1155,37 @@ def open_from_config(config_path: Path) -> SqliteReadingStore:
     from hospital.config import load_hospital_config
 
     cfg = load_hospital_config(config_path)
-    return SqliteReadingStore.open(cfg.database, cfg.keyring)
+    return SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
 
 
 def cli_rotate_key(args: argparse.Namespace) -> int:
     """``pacegate hospital rotate-key -c FILE``: new key, every row re-encrypted, online."""
     with open_from_config(args.config) as store:
-        report = store.rotate_key(retire_old=not getattr(args, "keep_old", False))
+        report = store.rotate_key(
+            retire_old=not getattr(args, "keep_old", False),
+            integrity=getattr(args, "integrity", False),
+        )
     retired = ", ".join(map(str, report.retired)) or "none"
     print(
         f"rotate-key: key version {report.new_version} now encrypts; "
         f"{report.reencrypted} rows re-encrypted; retired versions: {retired}",
         file=sys.stderr,
     )
+    if report.new_mac_version is not None:
+        retired_mac = ", ".join(map(str, report.retired_mac)) or "none"
+        print(
+            f"rotate-key: integrity key version {report.new_mac_version} now keys every row "
+            f"and the chain; retired integrity versions: {retired_mac}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cli_verify(args: argparse.Namespace) -> int:
     """``pacegate hospital verify -c FILE``: exit 0 if the chain is whole, 1 otherwise."""
     with open_from_config(args.config) as store:
+        if getattr(args, "reanchor", False):
+            return _reanchor(store)
         report = store.verify()
     if getattr(args, "json", False):
         print(json.dumps(report.to_json()))
@@ -751,12 +1194,25 @@ def cli_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _reanchor(store: SqliteReadingStore) -> int:
+    report, before = store.reanchor()
+    was = max((r.seq for r in before or []), default=None)
+    print(
+        f"verify --reanchor: the chain inside {store.db_path} is whole up to row "
+        f"{report.last_seq}; {store.anchor.path} now anchors that head"
+        + (f" (it named row {was} before)" if was is not None else " (there was no anchor)"),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def format_report(report: VerifyReport, db_path: Path) -> str:
     if report.ok:
         return (
             f"verify: OK: {report.rows} rows in {db_path}, chain whole up to row "
-            f"{report.last_seq}; head {report.head_chain.hex()} (record it elsewhere to detect "
-            "a rollback of the whole database)"
+            f"{report.last_seq} and not behind its anchor; head {report.head_chain.hex()} "
+            "(record it elsewhere too: a rollback of the database *and* its anchor together "
+            "shows only against a copy kept off this host)"
         )
     lines = [f"verify: FAILED: {len(report.problems)} problem(s) in {db_path}:"]
     for p in report.problems:

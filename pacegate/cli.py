@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-old", action="store_true", help="keep the older keys in the keyring afterwards"
     )
+    p.add_argument(
+        "--integrity",
+        action="store_true",
+        help="also rotate the integrity key: re-key every row and the chain (ingest waits)",
+    )
     p = _add(
         hosp_sub,
         "verify",
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--reanchor",
+        action="store_true",
+        help="after a deliberate restore: accept the current head as the anchor, "
+        "if the chain inside the database verifies",
+    )
     p = _add(
         hosp_sub,
         "export",
