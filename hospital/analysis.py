@@ -814,6 +814,15 @@ def print_table(report: dict[str, Any]) -> None:
             f"(rows decrypted by {report['row_workers']} processes beside the CKKS work: "
             "phases overlap; decrypt_rows is their summed time)"
         )
+    scope = report.get("scope") or {}
+    if scope.get("chain_verified"):
+        period = ""
+        if scope.get("since") or scope.get("until"):
+            period = f", readings from {scope.get('since') or '-'} to {scope.get('until') or '-'}"
+        console.print(
+            f"covers the whole store: rows 1-{scope['store_rows']}{period}, every row checked "
+            "against the hash chain and its anchor"
+        )
     if report["excluded_implausible"]:
         console.print(f"{report['excluded_implausible']} implausible readings left out")
     for failure in report["failures"]:

@@ -396,3 +396,13 @@ async def test_analysis_of_a_whole_store_says_it_covers_every_checked_row(tmp_pa
     scope = report.to_json()["scope"]
     assert scope == {"store_rows": 400, "chain_verified": True, "since": None, "until": None}
     assert report.plain.n == 400
+
+
+def test_demo_report_says_whether_the_analysis_covers_this_run_or_the_whole_store() -> None:
+    from pacegate.demo_report import _analysis_covers
+
+    scope = {"scope": {"store_rows": 500, "chain_verified": True}}
+    assert _analysis_covers(scope, 500).startswith("this run: the store holds only its 500")
+    covers = _analysis_covers(scope, 120)
+    assert covers.startswith("the whole store: 500 readings, of which 120 were stored by this run")
+    assert _analysis_covers({}, 3) == ""
