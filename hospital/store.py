@@ -547,6 +547,8 @@ class SqliteReadingStore:
             anchor_path if anchor_path is not None else default_anchor(db_path)
         )
         self._lock = threading.Lock()
+        # the last head this object anchored (None: not known to be anchored)
+        self._anchored: tuple[int, bytes] | None = None
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         self.anchor.path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         if not db_path.exists():
@@ -713,8 +715,12 @@ class SqliteReadingStore:
                                 conflicts += 1
                     if stored:
                         self._write_head(keys, seq, chain)
-                if stored:
+                # also when nothing was new but the head is not known to be anchored: a
+                # batch whose anchor append failed after its commit (disk full) comes back
+                # as duplicates, and is acknowledged only once its head is anchored
+                if stored or self._anchored != (seq, chain):
                     self.anchor.append(self._anchor_record(keys, seq, chain))
+                    self._anchored = (seq, chain)
             return StoreResult(stored, duplicates, conflicts)
 
     def _prepare(self, item: IngestItem) -> tuple[IngestItem, bytes, bytes]:

@@ -122,6 +122,34 @@ def test_a_crash_between_commit_and_anchor_is_not_a_rollback(
     assert store.verify().ok
 
 
+def test_a_batch_whose_anchor_failed_is_anchored_when_it_comes_back_as_duplicates(
+    store: SqliteReadingStore, hdir: Path
+) -> None:
+    """The commit succeeded, the anchor append did not (here: a directory stands where the
+    file was, an error root cannot override either), so no ACK went out; the gateway
+    resends, every reading is a duplicate, and the head must be anchored before that ACK."""
+    store.store_batch(make_items(20))
+    anchor = hdir / "readings.db-anchor"
+    anchor.rename(hdir / "aside")
+    anchor.mkdir()
+    with pytest.raises(IsADirectoryError):
+        store.store_batch(make_items(10, start=20))
+    anchor.rmdir()
+    (hdir / "aside").rename(anchor)
+    assert kinds(store) == []  # ahead of the anchor: allowed, but not yet protected
+    again = store.store_batch(make_items(10, start=20))
+    assert (again.stored, again.duplicates) == (0, 10)
+    with sqlite3.connect(hdir / "readings.db", isolation_level=None) as c:
+        c.execute("DELETE FROM readings WHERE seq > 20")
+        keys = store.keyring.integrity(1)
+        (chain,) = c.execute("SELECT chain FROM readings WHERE seq = 20").fetchone()
+        c.execute(
+            "UPDATE meta SET value = ? WHERE name = 'head'",
+            (Head(1, 20, chain, keys.head_mac(20, chain)).encode(),),
+        )
+    assert kinds(store) == ["rolled_back"]
+
+
 def test_verify_reports_a_restored_older_copy_of_the_database(
     store: SqliteReadingStore, hdir: Path, tmp_path: Path
 ) -> None:
