@@ -133,11 +133,16 @@ class ReadingStore(Protocol):
     ) -> Iterator[tuple[list[int], list[int]]]: ...
 
     # -- integrity: the chain, its anchor outside the store, key rotation ---------------------
-    def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
-        """Every row against the chain, the head, and the anchor (rollback)."""
+    def verify(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> VerifyReport:
+        """Every row against the chain, the head, and the anchor (rollback); and, given a
+        head recorded earlier off the host, against that too."""
         ...
 
-    def scan(self, batch_size: int = DEFAULT_ITER_BATCH) -> ChainScan:
+    def scan(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> ChainScan:
         """:meth:`verify` row by row, each row with its reading and its problems."""
         ...
 
@@ -186,7 +191,8 @@ def decode_plaintext(plaintext: bytes) -> StoredReading:
 class VerifyProblem:
     seq: int | None
     # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch |
-    # unknown_integrity_key | anchor_missing | anchor_damaged | rolled_back | anchor_mismatch
+    # unknown_integrity_key | anchor_missing | anchor_damaged | rolled_back | anchor_mismatch |
+    # behind_recorded_head | recorded_head_mismatch (verify --expect-head)
     kind: str
     detail: str
 
@@ -196,11 +202,18 @@ class VerifyReport:
     rows: int = 0
     last_seq: int = 0
     head_chain: bytes = GENESIS
+    head_version: int = 0  # the integrity-key version the chain is under
     problems: list[VerifyProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def head_token(self) -> str:
+        """``VERSION:SEQ:CHAIN`` (hex): what to record off the host, and give back to
+        ``verify --expect-head`` later."""
+        return f"{self.head_version}:{self.last_seq}:{self.head_chain.hex()}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -208,6 +221,7 @@ class VerifyReport:
             "rows": self.rows,
             "last_seq": self.last_seq,
             "head_chain": self.head_chain.hex(),
+            "head": self.head_token,
             "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in self.problems],
         }
 
@@ -245,8 +259,11 @@ class ChainScan:
     snapshot on a connection of its own (so a long export never holds the store's lock).
     Runs once; ``report`` is complete when the iteration ends."""
 
-    def __init__(self, store: SqliteReadingStore, batch_size: int) -> None:
+    def __init__(
+        self, store: SqliteReadingStore, batch_size: int, expect: RecordedHead | None = None
+    ) -> None:
         self._store = store
+        self._expect = expect
         self._batch_size = batch_size
         self._started = False
         self._keys: ChainKeys | None = None
@@ -284,6 +301,8 @@ class ChainScan:
             best = _best_anchor(records or [], store.keyring, version)
             anchor_seq = best.seq if best is not None else -1
             chain_at_anchor = GENESIS if anchor_seq == 0 else None
+            expect_seq = self._expect.seq if self._expect is not None else -1
+            chain_at_expect = GENESIS if expect_seq == 0 else None
             prev_seq, prev_chain = 0, GENESIS
             cur = conn.execute("SELECT seq, row_key, token, chain FROM readings ORDER BY seq")
             while rows := cur.fetchmany(self._batch_size):
@@ -293,6 +312,8 @@ class ChainScan:
                     prev_seq, prev_chain = seq, chain
                     if seq == anchor_seq:
                         chain_at_anchor = chain
+                    if seq == expect_seq:
+                        chain_at_expect = chain
                 self.report.rows += len(rows)
                 yield out
             conn.execute("COMMIT")
@@ -302,6 +323,11 @@ class ChainScan:
         self.report.problems += _anchor_problems(
             store.anchor, records, best, version, prev_seq, chain_at_anchor
         )
+        self.report.head_version = version or 0
+        if self._expect is not None:
+            self.report.problems += _recorded_problems(
+                self._expect, version, prev_seq, chain_at_expect
+            )
 
     def _check(
         self, prev_seq: int, prev_chain: bytes, seq: int, row_key: bytes, token: bytes, chain: bytes
@@ -442,6 +468,58 @@ def _anchor_problems(
                 "anchor_mismatch",
                 f"row {best.seq} is not the one anchored in {anchor.path}: the chain up to "
                 f"it was rewritten ({fix})",
+            )
+        ]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedHead:
+    """A head recorded off the host (``VERSION:SEQ:CHAIN`` from an earlier verify): the one
+    anchor that a rollback of the database *and* its anchor file together cannot move."""
+
+    version: int
+    seq: int
+    chain: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> RecordedHead:
+        parts = text.strip().split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            version, seq, chain = int(parts[0]), int(parts[1]), bytes.fromhex(parts[2])
+            if version < 1 or seq < 0 or len(chain) != 32:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                None,
+                "--expect-head",
+                f"{text!r} is not VERSION:SEQ:CHAIN",
+                fix="give the 'head' that an earlier 'pacegate hospital verify' printed",
+            ) from None
+        return cls(version, seq, chain)
+
+
+def _recorded_problems(
+    expect: RecordedHead, version: int | None, last_seq: int, chain_at: bytes | None
+) -> list[VerifyProblem]:
+    if expect.seq > last_seq:
+        return [
+            VerifyProblem(
+                expect.seq,
+                "behind_recorded_head",
+                f"the recorded head names row {expect.seq} but the database ends at row "
+                f"{last_seq}: it was rolled back (with its anchor, if that verifies)",
+            )
+        ]
+    # a head recorded before an integrity-key rotation can only be compared by row number
+    if expect.version == version and chain_at != expect.chain:
+        return [
+            VerifyProblem(
+                expect.seq,
+                "recorded_head_mismatch",
+                f"row {expect.seq} is not the one recorded: the chain up to it was rewritten",
             )
         ]
     return []
@@ -1092,21 +1170,25 @@ class SqliteReadingStore:
                 f"{self.keyring.path}; nothing retired. Run 'pacegate hospital verify'"
             ) from None
 
-    def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
+    def verify(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> VerifyReport:
         """Walk the chain over one consistent snapshot and report every break."""
-        scan = self.scan(batch_size)
+        scan = self.scan(batch_size, expect=expect)
         for _ in scan:
             pass
         return scan.report
 
-    def scan(self, batch_size: int = DEFAULT_ITER_BATCH) -> ChainScan:
+    def scan(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> ChainScan:
         """Every row in arrival order, each checked against the chain, over one read
         snapshot of its own (ingest may go on meanwhile; the scan does not see it).
         Iterate it for batches of :class:`CheckedRow`; once exhausted, ``scan.report``
         is what :meth:`verify` returns."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        return ChainScan(self, batch_size)
+        return ChainScan(self, batch_size, expect)
 
     def checkpoint(self) -> None:
         with self._lock:
@@ -1192,7 +1274,8 @@ def cli_verify(args: argparse.Namespace) -> int:
     with open_from_config(args.config) as store:
         if getattr(args, "reanchor", False):
             return _reanchor(store)
-        report = store.verify()
+        recorded = getattr(args, "expect_head", None)
+        report = store.verify(expect=RecordedHead.parse(recorded) if recorded else None)
     if getattr(args, "json", False):
         print(json.dumps(report.to_json()))
     else:
@@ -1216,9 +1299,9 @@ def format_report(report: VerifyReport, db_path: Path) -> str:
     if report.ok:
         return (
             f"verify: OK: {report.rows} rows in {db_path}, chain whole up to row "
-            f"{report.last_seq} and not behind its anchor; head {report.head_chain.hex()} "
-            "(record it elsewhere too: a rollback of the database *and* its anchor together "
-            "shows only against a copy kept off this host)"
+            f"{report.last_seq} and not behind its anchor; head {report.head_token} (record "
+            "it off this host: a rollback of the database *and* its anchor together shows "
+            "only with 'verify --expect-head' against such a copy)"
         )
     lines = [f"verify: FAILED: {len(report.problems)} problem(s) in {db_path}:"]
     for p in report.problems:

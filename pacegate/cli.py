@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
+        "--expect-head",
+        metavar="VERSION:SEQ:CHAIN",
+        help="a head an earlier verify printed, recorded off this host: fail if the store "
+        "is behind it or its chain differs",
+    )
+    p.add_argument(
         "--reanchor",
         action="store_true",
         help="after a deliberate restore: accept the current head as the anchor, "

@@ -434,3 +434,35 @@ def test_demo_report_says_whether_the_analysis_covers_this_run_or_the_whole_stor
     covers = _analysis_covers(scope, 120)
     assert covers.startswith("the whole store: 500 readings, of which 120 were stored by this run")
     assert _analysis_covers({}, 3) == ""
+
+
+def test_a_rollback_of_database_and_anchor_together_shows_only_against_a_recorded_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = WorkLayout(tmp_path / "work")
+    work.root.mkdir()
+    work.hospital_config.write_text(render_hospital_config(work, port=0, metrics_port=0))
+    cfg = load_hospital_config(work.hospital_config)
+    verify = ["hospital", "verify", "--json", "-c", str(work.hospital_config)]
+    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+        s.store_batch(make_items(30))
+        s.checkpoint()
+    backup = crash_image(cfg.database.parent, tmp_path / "backup")
+    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+        s.store_batch(make_items(20, start=30))
+    assert pacegate_main(verify) == 0
+    recorded = json.loads(capsys.readouterr().out)["head"]
+    assert recorded.startswith("1:50:")
+    for name in ("readings.db", "readings.db-anchor"):  # both files, from the same backup
+        shutil.copy2(backup / name, cfg.database.parent / name)
+    (cfg.database.parent / "readings.db-wal").unlink(missing_ok=True)
+    assert pacegate_main(verify) == 0  # the limit of an anchor beside the database
+    capsys.readouterr()
+    assert pacegate_main([*verify, "--expect-head", recorded]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [(p["kind"], p["seq"]) for p in problems] == [("behind_recorded_head", 50)]
+    # a recorded head of a chain rewritten below it
+    forged = recorded[:-1] + ("0" if recorded[-1] != "0" else "1")
+    assert pacegate_main([*verify, "--expect-head", "1:30:" + forged.split(":")[2]]) == 1
+    assert "recorded_head_mismatch" in capsys.readouterr().out
+    assert pacegate_main([*verify, "--expect-head", "not-a-head"]) == 2
