@@ -1101,23 +1101,31 @@ class SqliteReadingStore:
     def reanchor(self) -> tuple[VerifyReport, list[AnchorRecord] | None]:
         """Accept the database's current head as its anchor, after a deliberate restore
         (or a lost anchor file). Refused unless the chain *inside* the database verifies.
-        Holds the anchor lock meanwhile: ingest waits. Returns the report and the anchor
+        Ingest goes on meanwhile: the head anchored is the one verified (rows stored since
+        are anchored by their own commits, and by this). Returns the report and the anchor
         records it replaced."""
-        with self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
-            before = self.anchor.records()
-            report = self.verify()
-            inside = [p for p in report.problems if p.kind not in ANCHOR_PROBLEMS]
-            if inside:
-                raise StoreError(
-                    f"{self.db_path}: the chain inside the database does not verify "
-                    f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
-                )
-            with self._lock:
-                head = self._read_head()
-                keys = self._chain_keys(head.version)
-            if (head.seq, head.chain) != (report.last_seq, report.head_chain):
-                raise StoreError(f"{self.db_path}: the head moved during the check; try again")
-            self.anchor.replace(self._anchor_record(keys, head.seq, head.chain))
+        before = self.anchor.records()
+        report = self.verify()
+        inside = [p for p in report.problems if p.kind not in ANCHOR_PROBLEMS]
+        if inside:
+            raise StoreError(
+                f"{self.db_path}: the chain inside the database does not verify "
+                f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
+            )
+        with self._lock, self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+            head = self._read_head()
+            row = self._conn.execute(
+                "SELECT chain FROM readings WHERE seq = ?", (report.last_seq,)
+            ).fetchone()
+            at = GENESIS if report.last_seq == 0 else (row[0] if row is not None else None)
+            if head.version != report.head_version or at != report.head_chain:
+                raise StoreError(f"{self.db_path}: the chain changed during the check; try again")
+            keys = self._chain_keys(head.version)
+            self.anchor.replace(self._anchor_record(keys, report.last_seq, report.head_chain))
+            # ingest stored rows since the check: anchor the newest head too, so that a
+            # rollback below it still shows
+            if head.seq > report.last_seq:
+                self.anchor.append(self._anchor_record(keys, head.seq, head.chain))
         return report, before
 
     def check_head(self) -> int:
