@@ -257,6 +257,33 @@ async def test_pacegate_hospital_command_serves_and_stops_cleanly_on_sigterm(
     assert b"verify: OK: 25 rows" in verify.stderr
 
 
+def decode_batch_items(message: bytes) -> tuple[IngestItem, ...]:
+    msg = decode(message)
+    assert isinstance(msg, IngestBatch)
+    return msg.items
+
+
+def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to_fix(
+    tmp_path: Path,
+) -> None:
+    """Ingesting on would anchor the current head afresh and hide a rollback for good."""
+    work, _ = make_work(tmp_path / "work", port=free_port(), metrics_port=free_port())
+    cfg = load_hospital_config(work.hospital_config)
+    with SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor) as store:
+        store.store_batch(decode_batch_items(batch(1, 5)))
+    cfg.anchor.unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "hospital", "-c", str(work.hospital_config)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert str(cfg.anchor) in err and "anchor" in err and "--reanchor" in err
+    assert not cfg.anchor.exists()
+
+
 async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in_clear(
     hospital: Running,
 ) -> None:
