@@ -1,17 +1,23 @@
 """The hospital's reading store: one Fernet token per reading in SQLite (WAL), idempotent on
-(device, counter), hash-chained so that deleting or reordering rows is detectable.
+(device, counter), hash-chained so that deleting or reordering rows is detectable, with the
+chain head anchored outside the database so that a rollback is detectable too.
 
 What a row holds (everything else is inside the token; see docs/hospital.md)::
 
     seq          INTEGER PRIMARY KEY  arrival order, 1, 2, 3, ... without gaps
     row_key      BLOB UNIQUE          HMAC(row-key, device_id || counter): the idempotence key
-    key_version  INTEGER              which Fernet key encrypted the token (drives rotation)
+    key_version  INTEGER              which Fernet key encrypted the token (a hint only: it
+                                      is not authenticated, and rotation never trusts it)
     token        BLOB                 Fernet(newest key, padded JSON of the reading + metadata)
     chain        BLOB                 HMAC(chain-key, prev chain || seq || row_key || SHA-256(pt))
 
-The chain head (last seq, last chain, and a MAC over both) lives in the ``meta`` table, so a
-removed tail is detected too. Re-encryption (``rotate-key``) changes ``token`` and
-``key_version`` only; the plaintext, hence the chain, is unchanged.
+Row key and chain key derive from the integrity key whose version the head names. The chain
+head (integrity-key version, last seq, last chain, and a MAC over them) lives in the ``meta``
+table, so a removed tail is detected; after each commit it is also appended to the anchor
+log beside the database (:mod:`hospital.anchor`), so a truncated WAL or an older copy of
+the database is detected. Re-encryption (``rotate-key``) changes ``token`` and
+``key_version`` only; ``rotate-key --integrity`` re-keys ``row_key`` and ``chain`` of every
+row in one transaction.
 
 Storage sits behind :class:`ReadingStore` so that a PostgreSQL backend can take over.
 """
