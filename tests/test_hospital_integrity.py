@@ -308,7 +308,7 @@ def test_integrity_rotation_refuses_a_damaged_chain_and_changes_nothing(
     assert {"missing_rows"} <= set(kinds(store))
 
 
-def test_integrity_rotation_while_another_process_ingests_loses_nothing(hdir: Path) -> None:
+def test_integrity_rotation_while_another_store_ingests_loses_nothing(hdir: Path) -> None:
     db, ring = hdir / "readings.db", hdir / "keyring.json"
     service = SqliteReadingStore.open(db, ring)
     service.store_batch(make_items(400))

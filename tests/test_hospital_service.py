@@ -321,3 +321,38 @@ async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in
         if path.is_file():
             data = path.read_bytes()
             assert not [n for n in needles if n in data], path.name
+
+
+async def test_integrity_key_rotation_during_live_ingest_loses_nothing_and_absorbs_resends(
+    hospital: Running,
+) -> None:
+    """Gateways keep sending while the integrity key rotates (ingest waits for the one
+    re-keying transaction); batches sent before it and resent after it are duplicates."""
+    hdir = hospital.work.hospital_dir
+
+    async def send_all(first: int, count: int) -> list[IngestAck]:
+        acks = []
+        async with await hospital.gateway() as gw:
+            for b in range(first, first + count):
+                await gw.send(batch(b, 50, start=b * 50))
+                ack = decode(await gw.recv())
+                assert isinstance(ack, IngestAck)
+                acks.append(ack)
+        return acks
+
+    await send_all(0, 10)
+
+    def rotate() -> int | None:
+        with SqliteReadingStore.open(hdir / "readings.db", hdir / "keyring.json") as op:
+            return op.rotate_key(batch_size=100, integrity=True).new_mac_version
+
+    acks, mac_version = await asyncio.gather(send_all(10, 20), asyncio.to_thread(rotate))
+    assert mac_version == 2
+    assert sum(a.stored for a in acks) == 1000
+    resent = await send_all(0, 30)
+    assert (sum(a.stored for a in resent), sum(a.duplicates for a in resent)) == (0, 1500)
+    store = hospital.service.store
+    assert store.count() == 1500 and store.keyring.mac_versions == [2]
+    report = store.verify()
+    assert report.ok, report.problems
+    assert report.head_version == 2
