@@ -3,6 +3,8 @@ a session either parses them or raises ChannelError, never any other exception."
 
 from __future__ import annotations
 
+import time
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,14 +15,26 @@ from pacegate.channel.wire import FRAME_HEADER, FrameType
 HOSPITAL = ChannelIdentity.generate("hospital")
 GATEWAY = ChannelIdentity.generate("gateway")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Both sides read this one instant: the real handshake bytes below are made once at import and
+# replayed for minutes on a slow machine, which the server's hello clock window would (rightly)
+# refuse as stale before the fuzzer reached the layers behind it.
+FUZZ_TIME = time.time()
+
+
+def fuzz_clock() -> float:
+    return FUZZ_TIME
 
 
 def new_server() -> ChannelSession:
-    return ChannelSession.server(HOSPITAL, allowed_clients={"gateway": GATEWAY.public_key})
+    return ChannelSession.server(
+        HOSPITAL, allowed_clients={"gateway": GATEWAY.public_key}, wall_clock=fuzz_clock
+    )
 
 
 def new_client() -> ChannelSession:
-    return ChannelSession.client(GATEWAY, server_name="hospital", server_key=HOSPITAL.public_key)
+    return ChannelSession.client(
+        GATEWAY, server_name="hospital", server_key=HOSPITAL.public_key, wall_clock=fuzz_clock
+    )
 
 
 def feed(session: ChannelSession, chunks: list[bytes]) -> None:
