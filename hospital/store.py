@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hospital.keyring import InvalidToken, Keyring
+from pacegate.dbcheck import check_integrity
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE, SECRET_FILE_MODE
@@ -197,6 +198,7 @@ class SqliteReadingStore:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
+            check_integrity(db_path)  # a damaged file is named as corruption, not as "error"
             raise StoreError(f"{db_path}: cannot open the reading database: {exc}") from None
         except BaseException:
             self._conn.close()
@@ -247,6 +249,9 @@ class SqliteReadingStore:
         if int.from_bytes(meta["schema_version"], "big") != SCHEMA_VERSION:
             raise StoreError(f"{self.db_path}: unsupported schema version")
         if meta.get("keyring") != fingerprint:
+            # a damaged page reads as a wrong fingerprint: rule corruption out before
+            # blaming the keyring
+            check_integrity(self.db_path)
             raise ConfigError(
                 self.keyring.path,
                 "mac_key",

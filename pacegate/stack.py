@@ -39,7 +39,9 @@ from pacegate.layout import (
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
     WorkLayout,
+    open_private_log,
 )
+from pacegate.runstate import ServiceState, ensure_port_free, workdir_lock, write_state
 
 log = logging.getLogger("pacegate.stack")
 
@@ -172,7 +174,9 @@ class Service:
 
 
 def pacegate_argv(*args: str, log_level: str | None = None, log_json: bool = False) -> list[str]:
-    argv = [sys.executable, "-m", "pacegate"]
+    # -P: not the current directory on sys.path, so a folder named pacegate/ beside the
+    # caller (the clone's parent, say) cannot shadow the installed package.
+    argv = [sys.executable, "-P", "-m", "pacegate"]
     if log_level:
         argv += ["--log-level", log_level]
     if log_json:
@@ -189,6 +193,8 @@ class Stack:
     log_level: str = "INFO"
     log_json: bool = False
     services: list[Service] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    states: dict[str, ServiceState] = field(default_factory=dict)
 
     def _config_of(self, name: str) -> Path:
         return {
@@ -217,8 +223,10 @@ class Stack:
             raise
 
     def _start_one(self, name: str) -> None:
+        host, port = self._port_of(name)
+        ensure_port_free(name, host, port, where=f"{self.work.endpoints} (or delete it)")
         log_path = self.work.logs_dir / f"{name}.log"
-        log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        log_file = open_private_log(log_path)  # closed in stop()
         argv = pacegate_argv(
             name,
             "-c",
@@ -236,7 +244,6 @@ class Stack:
         )
         service = Service(name, proc, log_path, log_file)
         self.services.append(service)
-        host, port = self._port_of(name)
         try:
             wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
         except StackError as exc:
@@ -244,6 +251,14 @@ class Stack:
                 f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{service.tail()}"
             ) from None
         log.info("%s listening on %s:%d (pid %d)", name, host, port, proc.pid)
+        self._record_state(name, proc.pid, host, port)
+
+    def _record_state(self, name: str, pid: int, host: str, port: int) -> None:
+        """Tell ``pacegate status`` (through ``stack.json``) which process serves ``name``."""
+        before = self.states.get(name)
+        restarts = before.restarts + 1 if before is not None else 0
+        self.states[name] = ServiceState(pid, host, port, time.time(), restarts)
+        write_state(self.work, self.started_at, self.states)
 
     def check_alive(self) -> None:
         for s in self.services:
@@ -381,9 +396,12 @@ def cli_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
-        with running_stack(
-            work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
-        ) as stack:
+        with (
+            workdir_lock(work),
+            running_stack(
+                work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
+            ) as stack,
+        ):
             ep = stack.endpoints
             print(
                 f"pacegate is up in {work.root}: MQTTS {ep.mqtt[0]}:{ep.mqtt[1]}, hospital "
@@ -403,4 +421,5 @@ def cli_up(args: argparse.Namespace) -> int:
 def cli_demo(args: argparse.Namespace) -> int:
     from pacegate.demo_report import run_demo
 
-    return run_demo(args)
+    with workdir_lock(WorkLayout(args.workdir.resolve())):
+        return run_demo(args)
