@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -34,6 +35,15 @@ log = logging.getLogger("pacegate.demo")
 LIVE_REFRESH_S = 0.5
 # How long analysis may take; a demo-sized store analyses in seconds.
 ANALYZE_TIMEOUT_S = 300.0
+
+
+def _shown(path: str) -> str:
+    """A path under the current directory as the operator would type it (``pacegate-demo``),
+    not as an absolute path that names their home (and a README's author's)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def fixed4(value: float) -> str:
@@ -189,7 +199,7 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
     elif "heart_rate_mean" in analysis:
         console.print(f"analysis: {json.dumps(analysis)[:2000]}")
     verdict = "[green]OK[/green]" if report["ok"] else "[red]FAILED[/red]"
-    console.print(f"{verdict}: {report['verdict']}  (work directory: {report['workdir']})")
+    console.print(f"{verdict}: {report['verdict']}  (work directory: {_shown(report['workdir'])})")
 
 
 def run_demo(args: argparse.Namespace) -> int:
