@@ -17,6 +17,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pacegate import __version__
 from pacegate.errors import ConfigError, PacegateError
@@ -77,8 +78,16 @@ _rate = _positive_float(MAX_RATE_HZ, "readings/s")
 _duration = _positive_float(MAX_DURATION_S, "s")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag error on one line: the usage it prints first runs to several
+    lines and buries the error; ``--help`` still shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (fix: see '{self.prog} --help')\n")
+
+
 def _add(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, target: str, help_: str
+    sub: argparse._SubParsersAction[_Parser], name: str, target: str, help_: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(target=target)
@@ -86,7 +95,7 @@ def _add(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pacegate",
         description="Zero-trust pipeline for connected pacemakers: sealed readings over mTLS MQTT, "
         "a post-quantum gateway-to-hospital channel, Fernet at rest, CKKS analytics.",
@@ -381,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
-        return _run(parser, args)
+        code = _run(parser, args)
+        sys.stdout.flush()  # inside the handlers: a reader that left fails here, not at exit
+        return code
     except ConfigError as exc:
         print(f"pacegate: configuration error: {exc}", file=sys.stderr)
         return 2

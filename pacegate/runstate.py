@@ -66,7 +66,11 @@ def describe_process(pid: int) -> str:
     # "python -P -m pacegate broker -c W/broker.yaml" or ".venv/bin/pacegate up --workdir W"
     for i, arg in enumerate(cmdline[:4]):
         if Path(arg).name == "pacegate":
-            return f"pacegate {' '.join(cmdline[i + 1 :])} (pid {pid})"
+            args = cmdline[i + 1 :]
+            if args[:1] == ["--log-level"]:
+                args = args[2:]  # the options 'up' passes on say nothing of the service
+            args = [a for a in args if a != "--log-json"]
+            return f"pacegate {' '.join(args)} (pid {pid})"
     return f"pid {pid} ({name})"
 
 
