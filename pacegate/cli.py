@@ -376,8 +376,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if target == "hospital.service:main" and args.config is None:
         parser.error("hospital: -c/--config is required")
     if args.command == "broker":
-        args.config = args.workdir / "broker.yaml" if args.workdir else args.config
-        args.config = args.config or Path("broker.yaml")
+        if args.workdir is None and args.config is None:
+            args.config = Path("broker.yaml")
+            if not args.config.exists():
+                raise ConfigError(
+                    args.config,
+                    "",
+                    "not found in the current directory",
+                    fix="give the work directory 'up' configured (--workdir W) or a file (-c FILE)",
+                )
+        elif args.workdir is not None:
+            args.config = args.workdir / "broker.yaml"
     _check_workdir(args)
     return _resolve(target)(args)
 

@@ -86,6 +86,13 @@ def test_analyze_on_an_empty_work_directory_names_it_and_not_a_flag_never_given(
     assert "-c" not in err.replace("--workdir", "")
 
 
+def test_broker_without_a_config_here_points_at_the_work_directory(tmp_path: Path) -> None:
+    proc = pacegate("broker", cwd=tmp_path, timeout=60)
+    assert_one_clear_error(proc, "broker.yaml", "--workdir W", "-c FILE")
+    proc = pacegate("hospital", cwd=tmp_path, timeout=60)
+    assert_one_clear_error(proc, "-c/--config is required")
+
+
 def test_yaml_missing_colon_points_at_the_line_of_the_mistake(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text("mqtt:\n  host: 127.0.0.1\n  port 8883\n  client_id: gateway\n")
