@@ -73,9 +73,29 @@ def _positive_float(hi: float, unit: str) -> Callable[[str], float]:
     return parse
 
 
-_count = _int_in(1, MAX_DEVICES)
-_rate = _positive_float(MAX_RATE_HZ, "readings/s")
-_duration = _positive_float(MAX_DURATION_S, "s")
+# The range of each numeric flag, by name, for every command that has it: one table, so a
+# new command's --rate is checked like the others without repeating the rule.
+FLAG_TYPES: dict[str, Callable[[str], object]] = {
+    "--count": _int_in(1, MAX_DEVICES),
+    "--devices": _int_in(1, MAX_DEVICES),
+    "--rate": _positive_float(MAX_RATE_HZ, "readings/s"),
+    "--duration": _positive_float(MAX_DURATION_S, "s"),
+    "--counter-block": _int_in(1, MAX_COUNTER_BLOCK),
+    "--days": _int_in(1, 3650),
+}
+
+
+def _check_numeric_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every plain ``int``/``float`` flag named in :data:`FLAG_TYPES` its checked type
+    (a flag with its own type keeps it), in every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _check_numeric_flags(sub)
+        elif action.type in (int, float):
+            for option in action.option_strings:
+                if option in FLAG_TYPES:
+                    action.type = FLAG_TYPES[option]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,12 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="enroll N devices named PREFIX0001, PREFIX0002, ... (the next free numbers)",
     )
     p.add_argument("--prefix", default="pm-", help="id prefix for --count (default pm-)")
-    p.add_argument(
-        "--days",
-        type=_int_in(1, 3650),
-        default=90,
-        help="certificate validity (default 90 days)",
-    )
+    p.add_argument("--days", type=int, default=90, help="certificate validity (default 90 days)")
     p = _add(
         pki_sub,
         "revoke",
@@ -217,14 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the schema only, not that the certificate and key files exist",
     )
 
-    # --- the whole stack -----------------------------------------------------------------
-    p = _add(
-        sub,
-        "up",
-        "pacegate.stack:cli_up",
-        "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
-    )
-    p.add_argument("--workdir", type=Path, required=True)
     p = _add(
         sub,
         "status",
@@ -239,16 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait up to SECONDS for every service to be up (exit 1 if they are not)",
     )
+
+    # --- the whole stack -----------------------------------------------------------------
+    p = _add(
+        sub,
+        "up",
+        "pacegate.stack:cli_up",
+        "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
+    )
+    p.add_argument("--workdir", type=Path, required=True)
     p = _add(sub, "devices", "device_sim.fleet:main", "run N simulated pacemakers")
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--count", type=_count, default=10)
-    p.add_argument("--rate", type=_rate, default=1.0, help="readings per second per device")
-    p.add_argument("--duration", type=_duration, default=10.0, help="seconds")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--seed", type=int, default=0, help="physiological model seed (default 0)")
     p.add_argument(
         "--counter-block",
-        type=_int_in(1, MAX_COUNTER_BLOCK),
+        type=int,
         default=1024,
         help="nonce counters reserved per flash write (default 1024; see docs/devices.md)",
     )
@@ -269,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the main job: PKI, broker, hospital, cloud, gateway, devices, analysis",
     )
     p.add_argument("--workdir", type=Path, default=Path(DEFAULT_DEMO_WORKDIR))
-    p.add_argument("--devices", type=_count, default=20)
-    p.add_argument("--duration", type=_duration, default=15.0)
-    p.add_argument("--rate", type=_rate, default=2.0, help="readings per second per device")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--rate", type=float, default=2.0, help="readings per second per device")
     p.add_argument("--json", action="store_true")
     p = _add(
         sub,
@@ -279,11 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pacegate.capture:main",
         "capture pacegate's loopback traffic with tshark and verify it",
     )
-    p.add_argument("--duration", type=_duration, default=20.0)
+    p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("pacegate-capture.pcapng"))
     p.add_argument("--keylog", type=Path, help="TLS key log to decrypt with (SSLKEYLOGFILE)")
     p.add_argument("--workdir", type=Path, help="run a demo in this workdir while capturing")
     p.add_argument("--json", action="store_true")
+    _check_numeric_flags(parser)
     return parser
 
 

@@ -15,6 +15,7 @@ restarts, read by ``pacegate status``. This module owns both formats::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -104,6 +105,15 @@ def workdir_lock(work: WorkLayout) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def hold_workdir(work: WorkLayout) -> None:
+    """Take the work directory's lock for the rest of this process (``up``, ``demo``):
+    released, and ``stack.json`` removed, when the process exits; the kernel releases it
+    even if the process is killed."""
+    held = workdir_lock(work)
+    held.__enter__()
+    atexit.register(held.__exit__, None, None, None)
 
 
 def lock_holder(work: WorkLayout) -> int | None:

@@ -39,9 +39,9 @@ from pacegate.layout import (
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
     WorkLayout,
-    open_private_log,
+    create_private,
 )
-from pacegate.runstate import ServiceState, ensure_port_free, workdir_lock, write_state
+from pacegate.runstate import ServiceState, ensure_port_free, hold_workdir, write_state
 
 log = logging.getLogger("pacegate.stack")
 
@@ -190,11 +190,12 @@ class Stack:
 
     work: WorkLayout
     endpoints: Endpoints
+    # what 'pacegate status' reads (stack.json): when the stack and each service started
+    started_at: float = field(default_factory=time.time)
+    states: dict[str, ServiceState] = field(default_factory=dict)
     log_level: str = "INFO"
     log_json: bool = False
     services: list[Service] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
-    states: dict[str, ServiceState] = field(default_factory=dict)
 
     def _config_of(self, name: str) -> Path:
         return {
@@ -214,6 +215,7 @@ class Stack:
         }[name]
 
     def start(self) -> None:
+        self._preflight()
         self.work.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
             for name in SERVICE_ORDER:
@@ -223,10 +225,8 @@ class Stack:
             raise
 
     def _start_one(self, name: str) -> None:
-        host, port = self._port_of(name)
-        ensure_port_free(name, host, port, where=f"{self.work.endpoints} (or delete it)")
         log_path = self.work.logs_dir / f"{name}.log"
-        log_file = open_private_log(log_path)  # closed in stop()
+        log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
         argv = pacegate_argv(
             name,
             "-c",
@@ -244,6 +244,7 @@ class Stack:
         )
         service = Service(name, proc, log_path, log_file)
         self.services.append(service)
+        host, port = self._port_of(name)
         try:
             wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
         except StackError as exc:
@@ -252,6 +253,15 @@ class Stack:
             ) from None
         log.info("%s listening on %s:%d (pid %d)", name, host, port, proc.pid)
         self._record_state(name, proc.pid, host, port)
+
+    def _preflight(self) -> None:
+        """Before anything starts: every port free (else name it and its holder, instead of
+        a service's traceback in its log), and every log owner-only (a log names devices
+        and peers; opening it for append keeps the mode made here)."""
+        for name in SERVICE_ORDER:
+            host, port = self._port_of(name)
+            ensure_port_free(name, host, port, where=f"{self.work.endpoints} (or delete it)")
+            create_private(self.work.logs_dir / f"{name}.log")
 
     def _record_state(self, name: str, pid: int, host: str, port: int) -> None:
         """Tell ``pacegate status`` (through ``stack.json``) which process serves ``name``."""
@@ -393,15 +403,13 @@ def cli_up(args: argparse.Namespace) -> int:
             fix=f"run 'pacegate pki init --dir {work.pki.root}' and enroll devices, "
             "or run 'pacegate demo' which does it for you",
         )
+    hold_workdir(work)  # a second 'up' on this directory is refused before it starts anything
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
-        with (
-            workdir_lock(work),
-            running_stack(
-                work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
-            ) as stack,
-        ):
+        with running_stack(
+            work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
+        ) as stack:
             ep = stack.endpoints
             print(
                 f"pacegate is up in {work.root}: MQTTS {ep.mqtt[0]}:{ep.mqtt[1]}, hospital "
@@ -421,5 +429,5 @@ def cli_up(args: argparse.Namespace) -> int:
 def cli_demo(args: argparse.Namespace) -> int:
     from pacegate.demo_report import run_demo
 
-    with workdir_lock(WorkLayout(args.workdir.resolve())):
-        return run_demo(args)
+    hold_workdir(WorkLayout(args.workdir.resolve()))
+    return run_demo(args)
