@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hospital.keyring import InvalidToken, Keyring
-from pacegate.dbcheck import check_integrity
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE, SECRET_FILE_MODE
@@ -193,6 +192,8 @@ class SqliteReadingStore:
         self._conn = sqlite3.connect(
             db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
         )
+        from pacegate.dbcheck import check_integrity
+
         try:
             self._configure()
             self._init_schema()
@@ -200,6 +201,12 @@ class SqliteReadingStore:
             self._conn.close()
             check_integrity(db_path)  # a damaged file is named as corruption, not as "error"
             raise StoreError(f"{db_path}: cannot open the reading database: {exc}") from None
+        except ConfigError:
+            self._conn.close()
+            # a damaged page can read as another keyring's fingerprint: rule corruption
+            # out before blaming the keyring
+            check_integrity(db_path)
+            raise
         except BaseException:
             self._conn.close()
             raise
@@ -249,9 +256,6 @@ class SqliteReadingStore:
         if int.from_bytes(meta["schema_version"], "big") != SCHEMA_VERSION:
             raise StoreError(f"{self.db_path}: unsupported schema version")
         if meta.get("keyring") != fingerprint:
-            # a damaged page reads as a wrong fingerprint: rule corruption out before
-            # blaming the keyring
-            check_integrity(self.db_path)
             raise ConfigError(
                 self.keyring.path,
                 "mac_key",

@@ -300,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keylog", type=Path, help="TLS key log to decrypt with (SSLKEYLOGFILE)")
     p.add_argument("--workdir", type=Path, help="run a demo in this workdir while capturing")
     p.add_argument("--json", action="store_true")
-    _check_numeric_flags(parser)
     return parser
 
 
@@ -413,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr and a non-zero exit, never a traceback: the checks live once, in this function
     and in the argument types above, not in each command."""
     parser = build_parser()
+    _check_numeric_flags(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
