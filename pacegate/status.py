@@ -27,6 +27,7 @@ from pacegate.runstate import describe_process, listener_pid, lock_holder, read_
 from pacegate.stack import SERVICE_ORDER, rejected_by_reason, scrape
 
 WAIT_POLL_S = 0.5
+SUPERVISION_NAME = "supervision.json"  # written by a supervising "pacegate up"
 
 
 def _ports(ep: Endpoints) -> dict[str, tuple[str, int]]:
@@ -52,6 +53,7 @@ def collect_status(work: WorkLayout) -> dict[str, Any]:
     holder = lock_holder(work)
     state = read_state(work) if holder is not None else None
     known: dict[str, Any] = (state or {}).get("services", {})
+    supervision = _supervision(work) if holder is not None else {}
     services: dict[str, Any] = {}
     for name in SERVICE_ORDER:
         host, port = _ports(ep)[name]
@@ -68,6 +70,14 @@ def collect_status(work: WorkLayout) -> dict[str, Any]:
             "restarts": int(entry.get("restarts", 0)) if entry else None,
             "process": describe_process(pid) if pid is not None else None,
         }
+        supervised = supervision.get(name)
+        if isinstance(supervised, dict):
+            # the supervisor's own account, where 'up' keeps one: it also knows a service
+            # waiting out its restart delay, and how the last one ended
+            if isinstance(supervised.get("restarts"), int):
+                services[name]["restarts"] = supervised["restarts"]
+            services[name]["restarting"] = bool(supervised.get("restarting"))
+            services[name]["last_exit_code"] = supervised.get("last_exit_code")
     g = scrape(*ep.gateway_metrics) if services["gateway"]["up"] else {}
     h = scrape(*ep.hospital_metrics) if services["hospital"]["up"] else {}
     counters: dict[str, Any] = {}
@@ -97,6 +107,16 @@ def collect_status(work: WorkLayout) -> dict[str, Any]:
     }
 
 
+def _supervision(work: WorkLayout) -> dict[str, Any]:
+    """``WORKDIR/supervision.json`` of a supervising ``up`` (its format is the stack's),
+    empty when absent or unreadable."""
+    try:
+        data = json.loads((work.root / SUPERVISION_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -116,7 +136,9 @@ def _print_human(status: dict[str, Any]) -> None:
     for name, s in status["services"].items():
         t.add_row(
             name,
-            "[green]up[/green]" if s["up"] else "[red]down[/red]",
+            "[green]up[/green]"
+            if s["up"]
+            else ("[yellow]restarting[/yellow]" if s.get("restarting") else "[red]down[/red]"),
             str(s["pid"] or ""),
             f"{s['host']}:{s['port']}",
             _duration(s["uptime_s"]),
