@@ -314,3 +314,12 @@ def test_status_of_a_stopped_stack_says_down_and_exits_1(tmp_path: Path) -> None
     status = json.loads(proc.stdout)
     assert status["stack_pid"] is None
     assert not any(s["up"] for s in status["services"].values())
+
+
+def test_bad_time_flag_names_the_flag_not_a_placeholder_file(
+    running_up: tuple[WorkLayout, int],
+) -> None:
+    work, _ = running_up
+    proc = pacegate("analyze", "--workdir", str(work.root), "--since", "yesterday", timeout=60)
+    err = assert_one_clear_error(proc, "--since: 'yesterday' is not an ISO 8601 timestamp", "fix:")
+    assert "<config>" not in err
