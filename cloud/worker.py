@@ -262,6 +262,9 @@ def main(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
 
     config = load_cloud_config(args.config)
+    from pacegate.runstate import ensure_port_free
+
+    ensure_port_free("cloud", config.host, config.port, where=f"listen.port in {args.config}")
 
     async def _run() -> None:
         stop = asyncio.Event()

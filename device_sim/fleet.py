@@ -258,7 +258,12 @@ async def run_fleet(
     elapsed = loop.time() - started
     totals = _totals(devices)
     if progress is not None:
-        progress(_progress(totals, len(devices), elapsed, 0.0))
+        # The last frame outlives the connections: show who connected during the run and the
+        # run's average rate, not the zeros of a fleet that has just hung up.
+        final = dict(totals, connected_now=totals["connected"])
+        progress(
+            _progress(final, len(devices), elapsed, totals["acknowledged"] / max(elapsed, 1e-9))
+        )
     return FleetSummary(
         devices=len(devices),
         connected=totals["connected"],

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pacegate.errors import ConfigError
+from pacegate.layout import create_private
 from pacegate.replay import DEFAULT_WINDOW_SIZE, ReplayRejected, ReplayWindow
 
 _SCHEMA = """
@@ -41,7 +42,8 @@ class ReplayStore:
     def __init__(self, path: Path, *, size: int = DEFAULT_WINDOW_SIZE) -> None:
         self.path = path
         self.size = size
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # replay windows tell which devices spoke and how much: owner-only, like the spool
+        create_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")

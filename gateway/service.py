@@ -449,6 +449,11 @@ def _mtime(path: os.PathLike[str] | str) -> float:
 def main(args: argparse.Namespace) -> int:
     """``pacegate gateway -c FILE``: run until SIGINT/SIGTERM; SIGHUP reloads the file."""
     cfg = load_gateway_config(args.config)
+    from pacegate.runstate import ensure_port_free
+
+    m = cfg.metrics
+    if m.enabled:
+        ensure_port_free("gateway metrics", m.host, m.port, where=f"metrics.port in {args.config}")
 
     async def _run() -> None:
         stop = asyncio.Event()

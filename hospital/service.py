@@ -293,4 +293,11 @@ def _bound_port(server: asyncio.Server, default: int) -> int:
 def main(args: argparse.Namespace) -> int:
     """``pacegate hospital -c FILE`` (the ``rotate-key``/``verify`` actions live in store)."""
     cfg = load_hospital_config(args.config, require_channel_files=True)
+    from pacegate.runstate import ensure_port_free
+
+    for what, host, port, key in (
+        ("hospital", cfg.listen_host, cfg.listen_port, "listen.port"),
+        ("hospital metrics", cfg.metrics_host, cfg.metrics_port, "metrics.port"),
+    ):
+        ensure_port_free(what, host, port, where=f"{key} in {args.config}")
     return asyncio.run(run_service(cfg))

@@ -641,12 +641,21 @@ class SqliteReadingStore:
         self._conn = sqlite3.connect(
             db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
         )
+        from pacegate.dbcheck import check_integrity
+
         try:
             self._configure()
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
+            check_integrity(db_path)  # a damaged file is named as corruption, not as "error"
             raise StoreError(f"{db_path}: cannot open the reading database: {exc}") from None
+        except ConfigError:
+            self._conn.close()
+            # a damaged page can read as another keyring's fingerprint: rule corruption
+            # out before blaming the keyring
+            check_integrity(db_path)
+            raise
         except BaseException:
             self._conn.close()
             raise

@@ -505,10 +505,11 @@ def main(args: argparse.Namespace) -> int:
         dumpcap = _start_dumpcap(out, None)
         try:
             demo_env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
-            argv = [
-                sys.executable,
-                "-m",
-                "pacegate",
+            from pacegate.stack import pacegate_argv
+
+            # pacegate_argv: -P, so a pacegate/ folder in the current directory cannot
+            # shadow the installed package (it did: "cannot import name '__version__'")
+            argv = pacegate_argv(
                 "demo",
                 "--workdir",
                 str(work.root),
@@ -517,7 +518,7 @@ def main(args: argparse.Namespace) -> int:
                 "--duration",
                 str(min(args.duration, CAPTURE_DEMO_DURATION_S)),
                 "--json",
-            ]
+            )
             demo = subprocess.run(argv, env=demo_env, capture_output=True, timeout=600, check=False)
             if demo.returncode != 0:
                 print(demo.stderr.decode(errors="replace")[-3000:], file=sys.stderr)

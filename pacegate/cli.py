@@ -8,11 +8,16 @@ A command function takes the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import math
 import os
+import re
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pacegate import __version__
 from pacegate.errors import ConfigError, PacegateError
@@ -21,9 +26,88 @@ from pacegate.log import configure_logging
 Command = Callable[[argparse.Namespace], int]
 DEFAULT_DEMO_WORKDIR = "pacegate-demo"
 
+# Flag limits, checked by argparse before anything starts (a demo used to build the PKI and
+# start four services before its fleet refused --devices 0).
+# 1,000 readings/s per device is far past any implant's telemetry; above it asyncio's
+# millisecond timers, not the model, set the pace, and the fleet's buffers overflow.
+MAX_RATE_HZ = 1000.0
+# A run longer than a day is an operator's typo (seconds taken for minutes, say).
+MAX_DURATION_S = 86_400.0
+# Devices in one fleet process: bench_devices runs 2,000; ten times that exhausts file
+# descriptors and memory before it tells anything.
+MAX_DEVICES = 20_000
+# Nonce counters reserved per flash write: more than a million wastes the 2^64 space no
+# faster than it matters, but a typo of extra zeros is caught.
+MAX_COUNTER_BLOCK = 1 << 20
+# Devices enrolled by one 'pki enroll --count': one lock, one PSK-store and one CRL write.
+MAX_ENROLL_COUNT = 100_000
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(hi: float, unit: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or not 0 < value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be more than 0 and at most {hi:g} {unit}, got {text}"
+            )
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+# The range of each numeric flag, by name, for every command that has it: one table, so a
+# new command's --rate is checked like the others without repeating the rule.
+FLAG_TYPES: dict[str, Callable[[str], object]] = {
+    "--count": _int_in(1, MAX_DEVICES),
+    "--devices": _int_in(1, MAX_DEVICES),
+    "--rate": _positive_float(MAX_RATE_HZ, "readings/s"),
+    "--duration": _positive_float(MAX_DURATION_S, "s"),
+    "--counter-block": _int_in(1, MAX_COUNTER_BLOCK),
+    "--days": _int_in(1, 3650),
+}
+
+
+def _check_numeric_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every plain ``int``/``float`` flag named in :data:`FLAG_TYPES` its checked type
+    (a flag with its own type keeps it), in every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _check_numeric_flags(sub)
+        elif action.type in (int, float):
+            for option in action.option_strings:
+                if option in FLAG_TYPES:
+                    action.type = FLAG_TYPES[option]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag error on one line: the usage it prints first runs to several
+    lines and buries the error; ``--help`` still shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (fix: see '{self.prog} --help')\n")
+
 
 def _add(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, target: str, help_: str
+    sub: argparse._SubParsersAction[_Parser], name: str, target: str, help_: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(target=target)
@@ -31,7 +115,7 @@ def _add(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pacegate",
         description="Zero-trust pipeline for connected pacemakers: sealed readings over mTLS MQTT, "
         "a post-quantum gateway-to-hospital channel, Fernet at rest, CKKS analytics.",
@@ -76,8 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pacegate.pki:cli_enroll",
         "issue a device certificate, key and fresh 32-byte PSK",
     )
-    p.add_argument("device_id")
+    p.add_argument("device_ids", nargs="*", metavar="DEVICE_ID", help="one or more device ids")
     p.add_argument("--dir", required=True, type=Path)
+    p.add_argument(
+        "--count",
+        type=_int_in(1, MAX_ENROLL_COUNT),
+        help="enroll N devices named PREFIX0001, PREFIX0002, ... (the next free numbers)",
+    )
+    p.add_argument("--prefix", default="pm-", help="id prefix for --count (default pm-)")
     p.add_argument("--days", type=int, default=90, help="certificate validity (default 90 days)")
     p = _add(
         pki_sub,
@@ -99,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- services ------------------------------------------------------------------------
     p = _add(sub, "broker", "pacegate.broker.server:main", "run the embedded amqtt MQTTS broker")
-    p.add_argument("-c", "--config", type=Path, default=Path("broker.yaml"))
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", type=Path, help="broker.yaml (default ./broker.yaml)")
+    where.add_argument(
+        "--workdir", type=Path, help="use WORKDIR/broker.yaml (written by 'pacegate up')"
+    )
     p = _add(
         sub,
         "gateway",
@@ -187,6 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="write it here (default: standard output)")
 
+    p = _add(
+        sub,
+        "status",
+        "pacegate.status:cli_status",
+        "which services of a work directory's stack are up: PIDs, ports, uptime, counters",
+    )
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument(
+        "--wait",
+        type=_positive_float(3600.0, "s"),
+        metavar="SECONDS",
+        help="wait up to SECONDS for every service to be up (exit 1 if they are not)",
+    )
+
     # --- the whole stack -----------------------------------------------------------------
     p = _add(
         sub,
@@ -262,15 +371,115 @@ def _resolve(target: str) -> Command:
     return func
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level, json_lines=args.log_json)
+# "[Errno 98] error while attempting to bind on address ('127.0.0.1', 8883): address ..."
+_BIND_ADDRESS = re.compile(r"\(\s*'([^']*)',\s*(\d+)")
+
+
+def _address_in_use_cause(exc: BaseException) -> OSError | None:
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain is short; a cycle must not hang the error path
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno == errno.EADDRINUSE:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _address_in_use(exc: OSError) -> str:
+    from pacegate.runstate import who_holds_port
+
+    found = _BIND_ADDRESS.search(str(exc))
+    if found is None:
+        return "a port this service needs is already in use (fix: stop what holds it)"
+    host, port = found.group(1), int(found.group(2))
+    return (
+        f"port {port} on {host} is already in use by {who_holds_port(port)} "
+        "(fix: stop that process, or give this service another port in its config)"
+    )
+
+
+def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> str:
+    """SQLite names the damage but not the file: check the work directory's databases
+    (``--workdir``, or the directory of ``-c``) and name the corrupt one."""
+    from pacegate.dbcheck import first_corrupt
+    from pacegate.layout import WorkLayout
+
+    root = getattr(args, "workdir", None)
+    config = getattr(args, "config", None)
+    if root is None and config is not None:
+        root = Path(config).parent
+    if root is not None:
+        work = WorkLayout(Path(root))
+        corrupt = first_corrupt(
+            [
+                work.hospital_dir / "readings.db",
+                work.gateway_dir / "replay.db",
+                work.gateway_dir / "spool.db",
+            ]
+        )
+        if corrupt is not None:
+            return str(corrupt)
+    return (
+        f"SQLite error: {exc} (fix: check the database files with "
+        "'sqlite3 FILE \"PRAGMA integrity_check\"' and restore a damaged one from backup)"
+    )
+
+
+def _check_workdir(args: argparse.Namespace) -> None:
+    """Commands that read a work directory refuse a missing one before starting anything."""
+    workdir: Path | None = getattr(args, "workdir", None)
+    command = args.command
+    if workdir is None or command not in ("devices", "analyze", "status", "broker"):
+        return
+    wanted = {
+        "devices": workdir / "pki" / "registry.json",
+        "analyze": workdir / "hospital.yaml",
+        "status": workdir,
+        "broker": workdir / "broker.yaml",
+    }[command]
+    if not wanted.exists():
+        raise ConfigError(
+            wanted,
+            "",
+            f"not found: {workdir} is not a pacegate work directory yet",
+            fix=f"run 'pacegate demo --workdir {workdir}' once, or 'pacegate pki init --dir "
+            f"{workdir / 'pki'}' and 'pacegate up --workdir {workdir}'",
+        )
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     target: str = args.target
     if target == "hospital.service:main" and args.config is None:
         parser.error("hospital: -c/--config is required")
+    if args.command == "broker":
+        if args.workdir is None and args.config is None:
+            args.config = Path("broker.yaml")
+            if not args.config.exists():
+                raise ConfigError(
+                    args.config,
+                    "",
+                    "not found in the current directory",
+                    fix="give the work directory 'up' configured (--workdir W) or a file (-c FILE)",
+                )
+        elif args.workdir is not None:
+            args.config = args.workdir / "broker.yaml"
+    _check_workdir(args)
+    return _resolve(target)(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every error an operator can cause ends here as one or two lines on
+    stderr and a non-zero exit, never a traceback: the checks live once, in this function
+    and in the argument types above, not in each command."""
+    parser = build_parser()
+    _check_numeric_flags(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, json_lines=args.log_json)
     try:
-        return _resolve(target)(args)
+        code = _run(parser, args)
+        sys.stdout.flush()  # inside the handlers: a reader that left fails here, not at exit
+        return code
     except ConfigError as exc:
         print(f"pacegate: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -279,6 +488,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # 'pacegate analyze --json | head -c 100': the reader left, which is not an error of
+        # ours. Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+    except sqlite3.DatabaseError as exc:
+        print(f"pacegate: {_database_error(args, exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # A busy port found by the listener itself (a race past the services' own check)
+        # arrives wrapped, e.g. in amqtt's BrokerError: look down the chain.
+        busy = _address_in_use_cause(exc)
+        if busy is not None:
+            print(f"pacegate: {args.command}: {_address_in_use(busy)}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError) and exc.filename is not None:
+            print(f"pacegate: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -157,6 +157,25 @@ class ConfigSection:
         return out
 
 
+def _syntax_error_position(exc: MarkedYAMLError) -> tuple[int | None, str, str]:
+    """The line of the mistake, the problem and the fix.
+
+    The scanner notices a mistake late: ``port 8883`` (a missing colon) is a plain scalar
+    until the next line's ``key:`` proves it was meant as a key, so ``problem_mark`` points
+    one line too far. While scanning a token, ``context_mark`` is where that token began:
+    the line the operator must edit. (For a duplicate key the context is the enclosing
+    mapping instead, and the problem mark is right.)"""
+    problem = str(exc.problem)
+    mark = exc.problem_mark
+    context = str(exc.context or "")
+    if exc.context_mark is not None and context.startswith("while scanning"):
+        mark = exc.context_mark
+    line = mark.line + 1 if mark is not None else None
+    if "expected ':'" in problem:
+        return line, "a key without its ':'", "write 'key: value', with a space after the colon"
+    return line, problem, "check indentation and quoting on that line"
+
+
 def load_config(path: str | Path) -> ConfigSection:
     """Read a YAML mapping from ``path``; syntax errors carry the file and line."""
     p = Path(path)
@@ -172,15 +191,8 @@ def load_config(path: str | Path) -> ConfigSection:
     try:
         data: Any = yaml.load(raw)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(
-            p,
-            "",
-            f"YAML syntax error: {exc.problem}",
-            line=line,
-            fix="check indentation and quoting on that line",
-        ) from None
+        line, problem, fix = _syntax_error_position(exc)
+        raise ConfigError(p, "", f"YAML syntax error: {problem}", line=line, fix=fix) from None
     except YAMLError as exc:
         raise ConfigError(p, "", f"YAML error: {exc}") from None
     if data is None:

@@ -13,13 +13,14 @@ import json
 import logging
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pacegate.layout import WorkLayout
+from pacegate.layout import WorkLayout, open_private_log
 from pacegate.stack import (
     DRAIN_TIMEOUT_S,
     PipelineCounts,
@@ -34,6 +35,22 @@ log = logging.getLogger("pacegate.demo")
 LIVE_REFRESH_S = 0.5
 # How long analysis may take; a demo-sized store analyses in seconds.
 ANALYZE_TIMEOUT_S = 300.0
+
+
+def _shown(path: str) -> str:
+    """A path under the current directory as the operator would type it (``pacegate-demo``),
+    not as an absolute path that names their home (and a README's author's)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def fixed4(value: float) -> str:
+    """Four decimals, and no ``-0.0000``: CKKS noise makes an empty band's count -3e-9,
+    which is zero at the precision shown (the abs error column keeps the noise visible)."""
+    text = f"{value:,.4f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.,") else text
 
 
 def _live_table(counts: PipelineCounts, fleet_elapsed: float, devices: int) -> Table:
@@ -58,7 +75,7 @@ def _live_table(counts: PipelineCounts, fleet_elapsed: float, devices: int) -> T
 
 def _run_fleet(stack: Stack, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     work = stack.work
-    fleet_log = open(work.logs_dir / "devices.log", "a")  # noqa: SIM115
+    fleet_log = open_private_log(work.logs_dir / "devices.log")
     argv = pacegate_argv(
         "devices",
         "--workdir",
@@ -125,7 +142,7 @@ def _drain(stack: Stack) -> PipelineCounts:
 
 def _analyze(work: WorkLayout) -> dict[str, Any]:
     argv = pacegate_argv("analyze", "--workdir", str(work.root), "--json", log_level="WARNING")
-    with open(work.logs_dir / "analyze.log", "a") as err:
+    with open_private_log(work.logs_dir / "analyze.log") as err:
         proc = subprocess.run(
             argv,
             stdout=subprocess.PIPE,
@@ -190,8 +207,8 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
             if isinstance(v, dict) and "encrypted" in v:
                 a.add_row(
                     name,
-                    f"{v['encrypted']:,.4f}",
-                    f"{v['plaintext']:,.4f}",
+                    fixed4(v["encrypted"]),
+                    fixed4(v["plaintext"]),
                     f"{v.get('abs_error', 0):.2e}",
                 )
         console.print(a)
@@ -200,7 +217,7 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
     if report.get("analysis_covers"):
         console.print(f"the analysis covers {report['analysis_covers']}")
     verdict = "[green]OK[/green]" if report["ok"] else "[red]FAILED[/red]"
-    console.print(f"{verdict}: {report['verdict']}  (work directory: {report['workdir']})")
+    console.print(f"{verdict}: {report['verdict']}  (work directory: {_shown(report['workdir'])})")
 
 
 def run_demo(args: argparse.Namespace) -> int:

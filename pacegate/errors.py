@@ -45,10 +45,10 @@ class ConfigError(PacegateError):
         self.problem = problem
         self.fix = fix
         self.line = line
-        where = self.path or "<config>"
-        if line is not None:
-            where = f"{where}:{line}"
-        text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
+        # no file: a flag's error ("--since: ..."), where the flag is the place
+        where = f"{self.path}:{line}" if self.path and line is not None else self.path
+        parts = [where, key, problem]
+        text = ": ".join(p for p in parts if p)
         if fix:
             text = f"{text} (fix: {fix})"
         super().__init__(text)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from pacegate.identity import validate_device_id
 
@@ -207,3 +208,20 @@ def write_secret(path: Path, data: bytes) -> None:
 def write_public(path: Path, data: bytes) -> None:
     """Atomically write a non-secret file (certificates, CRL, public keys)."""
     _atomic_write(path, data, PUBLIC_FILE_MODE)
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` (if missing) as an empty owner-only file, and make an existing one
+    owner-only. SQLite gives its -wal and -shm files the database file's mode, and a log
+    can hold device ids and peer addresses: neither is for other local users."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, SECRET_FILE_MODE))
+    os.chmod(path, SECRET_FILE_MODE)
+
+
+def open_private_log(path: Path) -> TextIO:
+    """Open a service log for appending, owner-only (see :func:`create_private`)."""
+    create_private(path)
+    return open(path, "a")  # the caller closes it

@@ -685,13 +685,38 @@ def cli_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def next_device_ids(root: Path, count: int, prefix: str) -> list[str]:
+    """``count`` ids ``PREFIX0001``, ... after the highest number already enrolled under
+    ``prefix`` (revoked ids stay taken: a certificate's CN is never reissued)."""
+    taken = 0
+    for did in _load_registry(PkiLayout(Path(root)))["devices"]:
+        tail = did[len(prefix) :] if did.startswith(prefix) else ""
+        if tail.isdigit():
+            taken = max(taken, int(tail))
+    return [f"{prefix}{n:04d}" for n in range(taken + 1, taken + count + 1)]
+
+
 def cli_enroll(args: argparse.Namespace) -> int:
-    ddir = enroll_device(args.dir, args.device_id, days=args.days)
-    print(
-        f"pacegate: enrolled {args.device_id}: bundle in {ddir} "
-        "(device.crt, device.key, device.psk; keys are mode 0600)",
-        file=sys.stderr,
-    )
+    ids = list(args.device_ids)
+    if args.count is not None:
+        ids += next_device_ids(args.dir, args.count, args.prefix)
+    if not ids:
+        raise PkiError(
+            "pki enroll: no device to enroll (fix: give DEVICE_ID..., or --count N [--prefix pm-])"
+        )
+    dirs = enroll_devices(args.dir, ids, days=args.days)
+    if len(ids) == 1:
+        print(
+            f"pacegate: enrolled {ids[0]}: bundle in {dirs[0]} "
+            "(device.crt, device.key, device.psk; keys are mode 0600)",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"pacegate: enrolled {len(ids)} devices, {ids[0]} .. {ids[-1]}: bundles in "
+            f"{PkiLayout(Path(args.dir)).devices_dir}/ID/ (keys are mode 0600)",
+            file=sys.stderr,
+        )
     return 0
 
 

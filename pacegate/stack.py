@@ -39,7 +39,9 @@ from pacegate.layout import (
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
     WorkLayout,
+    create_private,
 )
+from pacegate.runstate import ServiceState, ensure_port_free, hold_workdir, write_state
 
 log = logging.getLogger("pacegate.stack")
 
@@ -172,7 +174,9 @@ class Service:
 
 
 def pacegate_argv(*args: str, log_level: str | None = None, log_json: bool = False) -> list[str]:
-    argv = [sys.executable, "-m", "pacegate"]
+    # -P: not the current directory on sys.path, so a folder named pacegate/ beside the
+    # caller (the clone's parent, say) cannot shadow the installed package.
+    argv = [sys.executable, "-P", "-m", "pacegate"]
     if log_level:
         argv += ["--log-level", log_level]
     if log_json:
@@ -186,6 +190,9 @@ class Stack:
 
     work: WorkLayout
     endpoints: Endpoints
+    # what 'pacegate status' reads (stack.json): when the stack and each service started
+    started_at: float = field(default_factory=time.time)
+    states: dict[str, ServiceState] = field(default_factory=dict)
     log_level: str = "INFO"
     log_json: bool = False
     services: list[Service] = field(default_factory=list)
@@ -208,6 +215,7 @@ class Stack:
         }[name]
 
     def start(self) -> None:
+        self._preflight()
         self.work.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
             for name in SERVICE_ORDER:
@@ -244,6 +252,23 @@ class Stack:
                 f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{service.tail()}"
             ) from None
         log.info("%s listening on %s:%d (pid %d)", name, host, port, proc.pid)
+        self._record_state(name, proc.pid, host, port)
+
+    def _preflight(self) -> None:
+        """Before anything starts: every port free (else name it and its holder, instead of
+        a service's traceback in its log), and every log owner-only (a log names devices
+        and peers; opening it for append keeps the mode made here)."""
+        for name in SERVICE_ORDER:
+            host, port = self._port_of(name)
+            ensure_port_free(name, host, port, where=f"{self.work.endpoints} (or delete it)")
+            create_private(self.work.logs_dir / f"{name}.log")
+
+    def _record_state(self, name: str, pid: int, host: str, port: int) -> None:
+        """Tell ``pacegate status`` (through ``stack.json``) which process serves ``name``."""
+        before = self.states.get(name)
+        restarts = before.restarts + 1 if before is not None else 0
+        self.states[name] = ServiceState(pid, host, port, time.time(), restarts)
+        write_state(self.work, self.started_at, self.states)
 
     def check_alive(self) -> None:
         for s in self.services:
@@ -378,6 +403,7 @@ def cli_up(args: argparse.Namespace) -> int:
             fix=f"run 'pacegate pki init --dir {work.pki.root}' and enroll devices, "
             "or run 'pacegate demo' which does it for you",
         )
+    hold_workdir(work)  # a second 'up' on this directory is refused before it starts anything
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
@@ -403,4 +429,5 @@ def cli_up(args: argparse.Namespace) -> int:
 def cli_demo(args: argparse.Namespace) -> int:
     from pacegate.demo_report import run_demo
 
+    hold_workdir(WorkLayout(args.workdir.resolve()))
     return run_demo(args)

@@ -575,6 +575,9 @@ async def serve(cfg: BrokerConfig, stop: asyncio.Event | None = None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_broker_config(Path(args.config))
+    from pacegate.runstate import ensure_port_free
+
+    ensure_port_free("broker", cfg.host, cfg.port, where=f"'port:' in {args.config}")
 
     async def run() -> None:
         stop = asyncio.Event()
