@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="nonce counters reserved per flash write (default 1024; see docs/devices.md)",
     )
+    p.add_argument(
+        "--acked-log",
+        type=Path,
+        help="append each acknowledged reading to FILE as a JSON line "
+        '{"device_id": ..., "counter": ...} (to audit that acknowledged means stored)',
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        help="seconds to wait for outstanding PUBACKs after --duration (default 5)",
+    )
     p = _add(
         sub,
         "analyze",
