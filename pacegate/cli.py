@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
     )
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="the embedded broker (end-to-end acknowledgement, default) or Debian's "
+        "Mosquitto with WORKDIR/mosquitto.conf",
+    )
     p = _add(sub, "devices", "device_sim.fleet:main", "run N simulated pacemakers")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--count", type=int, default=10)

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,6 +78,10 @@ STABLE_RUN_S = 30.0
 CRASH_LOOP_FAILURES = 5
 CRASH_LOOP_WINDOW_S = 60.0
 SUPERVISE_INTERVAL_S = 0.2
+# ``pacegate up --broker``: the embedded amqtt broker (end-to-end acknowledgement), or
+# Debian's Mosquitto with pacegate's configuration (WORKDIR/mosquitto.conf).
+BROKERS = ("embedded", "mosquitto")
+MOSQUITTO_CONFIG = "mosquitto.conf"
 
 
 class StackError(PacegateError):
@@ -121,6 +126,33 @@ def choose_endpoints(*, prefer_defaults: bool = True) -> Endpoints:
         gateway_metrics=pick(DEFAULT_GATEWAY_METRICS_PORT),
         hospital_metrics=pick(DEFAULT_HOSPITAL_METRICS_PORT),
     )
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(found).exists():
+        raise ConfigError(
+            None,
+            "--broker",
+            "mosquitto is not installed",
+            fix="install Debian's mosquitto (./dev setup does), or use --broker embedded",
+        )
+    return found
+
+
+def write_mosquitto_config(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> Path:
+    """``WORKDIR/mosquitto.conf`` for ``pacegate up --broker mosquitto`` (kept if edited)."""
+    from pacegate.pki import mosquitto_conf
+
+    path = work.root / MOSQUITTO_CONFIG
+    if overwrite or not path.exists():
+        # as root, mosquitto would drop to the 'mosquitto' user, who cannot read the 0600
+        # broker key written by root; it logs to stderr, i.e. WORKDIR/logs/broker.log
+        head = ["user root"] if os.geteuid() == 0 else []
+        head += ["log_dest stderr", "log_type error warning notice information"]
+        body = mosquitto_conf(work.pki, host=ep.mqtt[0], port=ep.mqtt[1])
+        path.write_text("\n".join([*head, body]))
+    return path
 
 
 def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
@@ -245,6 +277,7 @@ class Stack:
     endpoints: Endpoints
     log_level: str = "INFO"
     log_json: bool = False
+    broker: str = "embedded"  # or "mosquitto" (BROKERS)
     services: list[Service] = field(default_factory=list)
     policies: dict[str, RestartPolicy] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
@@ -282,13 +315,16 @@ class Stack:
         self.services = [s for s in self.services if s.name != name]
         log_path = self.work.logs_dir / f"{name}.log"
         log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
-        argv = pacegate_argv(
-            name,
-            "-c",
-            str(self._config_of(name)),
-            log_level=self.log_level,
-            log_json=self.log_json,
-        )
+        if name == "broker" and self.broker == "mosquitto":
+            argv = [mosquitto_binary(), "-c", str(self.work.root / MOSQUITTO_CONFIG)]
+        else:
+            argv = pacegate_argv(
+                name,
+                "-c",
+                str(self._config_of(name)),
+                log_level=self.log_level,
+                log_json=self.log_json,
+            )
         proc = subprocess.Popen(
             argv,
             stdout=log_file,
@@ -398,10 +434,12 @@ class Stack:
         self.restart_at.clear()
         rank = {name: i for i, name in enumerate(STOP_ORDER)}
         for s in sorted(self.services, key=lambda s: rank.get(s.name, len(rank))):
-            if s.proc.poll() is None:
+            was_running = s.proc.poll() is None
+            if was_running:
                 with contextlib.suppress(ProcessLookupError):
                     s.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
+            asked = time.monotonic()
+            deadline = asked + STOP_GRACE_S
             while s.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             if s.proc.poll() is None:
@@ -413,6 +451,13 @@ class Stack:
                 )
                 s.proc.kill()
                 s.proc.wait()
+            elif was_running:
+                log.info(
+                    "%s stopped in %.2f s (exit code %d)",
+                    s.name,
+                    time.monotonic() - asked,
+                    s.proc.returncode,
+                )
             s.log_file.close()
         self.services.clear()
         self.write_status()  # every pid gone
@@ -489,13 +534,22 @@ def prepare_workdir(work: WorkLayout, device_count: int) -> list[str]:
 
 @contextlib.contextmanager
 def running_stack(
-    work: WorkLayout, *, overwrite_configs: bool, log_level: str = "INFO", log_json: bool = False
+    work: WorkLayout,
+    *,
+    overwrite_configs: bool,
+    log_level: str = "INFO",
+    log_json: bool = False,
+    broker: str = "embedded",
 ) -> Iterator[Stack]:
+    if broker not in BROKERS:
+        raise ConfigError(None, "--broker", f"unknown broker {broker!r}", fix="embedded|mosquitto")
     ep = read_endpoints(work) if not overwrite_configs else None
     if ep is None or overwrite_configs:
         ep = choose_endpoints()
     write_configs(work, ep, overwrite=overwrite_configs)
-    stack = Stack(work, ep, log_level=log_level, log_json=log_json)
+    if broker == "mosquitto":
+        write_mosquitto_config(work, ep, overwrite=overwrite_configs)
+    stack = Stack(work, ep, log_level=log_level, log_json=log_json, broker=broker)
     stack.start()
     try:
         yield stack
@@ -525,7 +579,11 @@ def cli_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         with running_stack(
-            work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
+            work,
+            overwrite_configs=False,
+            log_level=args.log_level,
+            log_json=args.log_json,
+            broker=getattr(args, "broker", "embedded"),
         ) as stack:
             ep = stack.endpoints
             print(

@@ -213,3 +213,25 @@ def test_a_crash_looping_service_is_reported_and_up_gives_up(tmp_path: Path) -> 
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.timeout(420)
+def test_on_mosquitto_acknowledged_readings_are_stored_once_while_gateway_and_hospital_die(
+    tmp_path: Path,
+) -> None:
+    """The same under ``pacegate up --broker mosquitto``, without the broker kill: there a
+    PUBACK means Mosquitto owns the message, and its loss under kill -9 is measured
+    (bench/bench_ack_loss.py, docs/pki-and-broker.md), not promised."""
+    from bench.bench_ack_loss import run
+    from tests.support import have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("Debian's mosquitto is not installed (./dev setup installs it)")
+    result = run(tmp_path, broker="mosquitto", kills=("gateway", "hospital"), duration=30.0)
+    assert result["acknowledged"] > DEVICES * RATE_HZ * 30 // 2, result["fleet_summary"]
+    assert result["lost"] == []
+    assert result["stored_twice"] == []
+    assert result["restarts"]["gateway"] == result["restarts"]["hospital"] == 1
+    assert result["restarts"]["broker"] == 0
+    assert result["up_exit_code"] == 0 and not result["up_log_killed_after_grace"]
