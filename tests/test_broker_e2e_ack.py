@@ -192,3 +192,29 @@ def test_parked_publishes_are_handed_over_oldest_first_and_only_if_still_awaited
         assert acks.parked == 1  # other/topic still parked
 
     asyncio.run(run())
+
+
+def test_copies_whose_device_left_are_dropped_from_an_offline_queue_and_no_other() -> None:
+    from amqtt.session import ApplicationMessage
+
+    from pacegate.broker.delivery import abandoned, compact
+
+    async def run() -> None:
+        acks = _acks(limit=10, per_connection=10)
+        left, acked, waiting = (acks.open("t", b) for b in (b"left", b"acked", b"waiting"))
+        acks.abandon(left.ticket)
+        acks.acknowledge(acked.ticket)
+        queue: asyncio.Queue[ApplicationMessage] = asyncio.Queue()
+        for payload in (left, acked, waiting, b"untracked"):
+            queue.put_nowait(ApplicationMessage(None, "t", 1, payload, False))
+        assert [abandoned(p) for p in (left, acked, waiting, b"untracked")] == [
+            True,
+            False,
+            False,
+            False,
+        ]
+        assert compact(queue) == 1
+        kept = [queue.get_nowait().data for _ in range(queue.qsize())]
+        assert kept == [acked, waiting, b"untracked"]  # order kept
+
+    asyncio.run(run())

@@ -129,6 +129,27 @@ class TrackedPayload(bytes):
         return obj
 
 
+def abandoned(data: object) -> bool:
+    """A tracked copy whose publisher's connection ended unacknowledged: the device sends
+    the reading again, so this copy need not be delivered (nor kept queued)."""
+    return isinstance(data, TrackedPayload) and data.ticket.closed and not data.ticket.acknowledged
+
+
+def compact(queue: asyncio.Queue[ApplicationMessage]) -> int:
+    """Drop the abandoned copies from a session's offline queue; return how many."""
+    kept: list[ApplicationMessage] = []
+    dropped = 0
+    while not queue.empty():
+        item = queue.get_nowait()
+        if abandoned(item.data):
+            dropped += 1
+        else:
+            kept.append(item)
+    for item in kept:
+        queue.put_nowait(item)
+    return dropped
+
+
 class GatewayAcks:
     """The broker's publishes awaiting the gateway: counted, bounded, parked while no gateway
     session would receive them. Pure bookkeeping (no I/O); one per broker."""
@@ -261,7 +282,9 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         which task runs first. PUBACKs are awaited in the background."""
         backlog: list[ApplicationMessage] = []
         while not offline.empty():
-            backlog.append(offline.get_nowait())
+            queued = offline.get_nowait()
+            if not abandoned(queued.data):  # its device resends it on its new connection
+                backlog.append(queued)
         self.spawn(self._write_backlog(backlog))
 
     async def _write_backlog(self, backlog: list[ApplicationMessage]) -> None:

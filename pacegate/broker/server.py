@@ -44,7 +44,13 @@ from amqtt.session import IncomingApplicationMessage, Session
 from cryptography import x509
 
 from pacegate.broker.config import BrokerConfig, load_broker_config
-from pacegate.broker.delivery import DeliveringHandler, GatewayAcks, TrackedPayload
+from pacegate.broker.delivery import (
+    MAX_AWAITING_GATEWAY,
+    DeliveringHandler,
+    GatewayAcks,
+    TrackedPayload,
+    compact,
+)
 from pacegate.broker.plugins import (
     CERT_KEY,
     COMPONENT,
@@ -516,6 +522,20 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             if not self._gateway_receives(topic):
                 self.acks.park(data)  # handed to the gateway when it subscribes
         await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        # An offline session's queue holds at most what is awaited: copies whose devices
+        # left (and resend) are dropped once it exceeds the bound of awaited publishes.
+        queue = target_session.retained_messages
+        if queue.qsize() >= MAX_AWAITING_GATEWAY:
+            dropped = compact(queue)
+            if dropped:
+                log.info(
+                    "dropped %d abandoned copies from %s's queue", dropped, target_session.client_id
+                )
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     def _gateway_receives(self, topic: str) -> bool:
         """Whether the broadcast of ``topic`` reaches a gateway session at QoS 1: connected,
