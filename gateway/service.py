@@ -286,8 +286,6 @@ class Gateway:
                 Pending(result.item, msg.mid, msg.qos, msg.generation, msg.arrived)
             )
             return
-        if result.reason == REPLAY and self._hold_ack(msg, result):
-            return  # acknowledged once the first copy is durable
         m.rejected.labels(reason=result.reason).inc()
         if self._may_log(result.reason):
             security_event(
@@ -299,6 +297,10 @@ class Gateway:
                 detail=result.detail,
                 size=len(msg.payload),
             )
+        # a replay is counted and logged like any refusal (the gateway cannot tell a
+        # device's resend from an attacker's copy); only its acknowledgement may wait
+        if result.reason == REPLAY and self._hold_ack(msg, result):
+            return  # acknowledged once the first copy is durable
         self._ack(msg.generation, msg.mid, msg.qos)  # refused for good: do not redeliver
 
     def _hold_ack(self, msg: _Message, result: Rejected) -> bool:
