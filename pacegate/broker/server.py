@@ -553,14 +553,15 @@ class PacegateBroker(Broker):  # type: ignore[misc]
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         code: int = await super().add_subscription(subscription, session)
-        if self._is_gateway(session) and code in (1, 2):  # granted at QoS >= 1
-            handler = self._get_handler(session)
+        handler = self._get_handler(session)
+        # granted at QoS >= 1 to a live gateway connection: it takes the parked publishes
+        if self._is_gateway(session) and code in (1, 2) and isinstance(handler, DeliveringHandler):
             a_filter = subscription[0]
             parked = self.acks.unpark(lambda topic: self._matches(topic, a_filter))
-            if parked and isinstance(handler, DeliveringHandler):
+            if parked:
                 log.info("handing %d parked device publishes to the gateway", len(parked))
-                for payload in parked:
-                    handler.spawn(handler.mqtt_publish(payload.ticket.topic, payload, 1, False))
+            for payload in parked:
+                handler.spawn(handler.mqtt_publish(payload.ticket.topic, payload, 1, False))
         return code
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
