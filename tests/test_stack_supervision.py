@@ -173,8 +173,12 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
         assert up.wait(timeout=60) == 0
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
-        # each service stopped on its SIGTERM, none needed the SIGKILL after the grace
-        assert "did not stop within" not in up_log.read_text()
+        # each service stopped on its SIGTERM, none needed the SIGKILL after the grace,
+        # the device side first: broker, gateway, hospital, cloud
+        text = up_log.read_text()
+        assert "did not stop within" not in text
+        order = [text.index(f"{name} stopped in") for name in ("broker", "gateway", "hospital")]
+        assert order == sorted(order), text[-2000:]
     finally:
         for proc in (devices, up):
             if proc is not None and proc.poll() is None:
