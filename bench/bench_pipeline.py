@@ -92,7 +92,7 @@ from device_sim.mqtt import (  # noqa: E402
     TlsStream,
     await_connack,
 )
-from hospital.keyring import Keyring  # noqa: E402
+from hospital.keyring import ChainKeys, Keyring  # noqa: E402
 from pacegate.endpoints import Endpoints  # noqa: E402
 from pacegate.layout import DEFAULT_HOST, WorkLayout  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
@@ -254,6 +254,16 @@ class NullKeyring(Keyring):
     def decrypt(self, token: bytes) -> bytes:
         return token
 
+    def integrity(self, version: int) -> ChainKeys:
+        super().integrity(version)  # the same refusal of an unknown version
+        return NullChainKeys(version, bytes(32))
+
+
+class NullChainKeys(ChainKeys):
+    """Row keys in clear, constant chain links and MACs."""
+
+    __slots__ = ()
+
     def row_key(self, device_id: str, counter: int) -> bytes:
         return device_id.encode() + b"\x00" + counter.to_bytes(8, "big")
 
@@ -261,6 +271,9 @@ class NullKeyring(Keyring):
         return GENESIS
 
     def head_mac(self, seq: int, chain: bytes) -> bytes:
+        return GENESIS
+
+    def anchor_mac(self, seq: int, chain: bytes) -> bytes:
         return GENESIS
 
 
@@ -887,10 +900,11 @@ def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
     )
     ring = Keyring.create(tmp / "bench-keyring.json")
     pt = encode_plaintext(IngestItem("pm-0001", 5, reading))
-    rk = ring.row_key("pm-0001", 5)
+    keys = ring.integrity(ring.current_mac_version)
+    rk = keys.row_key("pm-0001", 5)
     fernet = _per_op(lambda: ring.encrypt(pt), n)
-    hmacs = _per_op(lambda: ring.row_key("pm-0001", 5), n) + _per_op(
-        lambda: ring.chain_link(GENESIS, 5, rk, pt), n
+    hmacs = _per_op(lambda: keys.row_key("pm-0001", 5), n) + _per_op(
+        lambda: keys.chain_link(GENESIS, 5, rk, pt), n
     )
 
     # one channel record each way per batch: AES-256-GCM seal + open of a batch-sized message
