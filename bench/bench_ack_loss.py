@@ -79,6 +79,22 @@ def stored_pairs(work: WorkLayout) -> list[tuple[str, int]]:
         store.close()
 
 
+def exported_pairs(work: WorkLayout) -> list[tuple[str, int]]:
+    """(device, counter) of every row ``pacegate hospital export`` gives (it refuses a store
+    whose chain does not verify: then this raises)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "hospital", "export", "-c", str(work.hospital_config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"hospital export failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return [(str(r["device_id"]), int(r["counter"])) for r in rows]
+
+
 def _set_persistence(work: WorkLayout, lines: str) -> None:
     path = work.root / MOSQUITTO_CONFIG
     text = re.sub(r"^autosave_\w+ .*\n", "", path.read_text(), flags=re.MULTILINE)
@@ -163,7 +179,7 @@ def run(
         summary = json.loads(summary_text)
         acked = read_acked_log(acked_log)
         _wait(lambda: set(acked) <= set(stored_pairs(work)), WAIT_S)
-        stored = Counter(stored_pairs(work))
+        stored = Counter(exported_pairs(work))  # what a clinician or auditor reads
         restarts = {n: e.get("restarts", 0) for n, e in status(work).items()}
         up.send_signal(signal.SIGTERM)
         up_exit = up.wait(timeout=90)
