@@ -116,9 +116,11 @@ def run(
     """One run in ``root`` (a fresh directory); returns the figures (see module doc)."""
     work = WorkLayout(root / "work")
     prepare_workdir(work, devices)
+    # ephemeral ports, written before 'up' (which keeps them): no race for 8883 with another
+    # pacegate on the machine
+    ep = choose_endpoints(prefer_defaults=False)
+    write_configs(work, ep, overwrite=True)
     if broker == "mosquitto":
-        ep = choose_endpoints()
-        write_configs(work, ep, overwrite=True)
         write_mosquitto_config(work, ep, overwrite=True)
         if mosquitto_persistence is not None:
             _set_persistence(work, mosquitto_persistence)

@@ -25,7 +25,13 @@ import pytest
 from bench.bench_ack_loss import exported_pairs
 from device_sim.fleet import read_acked_log
 from pacegate.layout import WorkLayout
-from pacegate.stack import CRASH_LOOP_FAILURES, RestartPolicy, prepare_workdir
+from pacegate.stack import (
+    CRASH_LOOP_FAILURES,
+    RestartPolicy,
+    choose_endpoints,
+    prepare_workdir,
+    write_configs,
+)
 from tests.support import wait_until
 
 DEVICES = 20
@@ -111,6 +117,7 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
 ) -> None:
     work = WorkLayout(tmp_path / "work")
     prepare_workdir(work, DEVICES)
+    write_configs(work, choose_endpoints(prefer_defaults=False), overwrite=True)
     up_log = tmp_path / "up.log"
     acked_log = tmp_path / "acked.jsonl"
     with open(up_log, "w") as out:
@@ -193,6 +200,7 @@ def test_a_crash_looping_service_is_reported_and_up_gives_up(tmp_path: Path) -> 
     times, then says it is crash-looping, names its log, stops everything and exits 1."""
     work = WorkLayout(tmp_path / "work")
     prepare_workdir(work, 1)
+    write_configs(work, choose_endpoints(prefer_defaults=False), overwrite=True)
     up_log = tmp_path / "up.log"
     with open(up_log, "w") as out:
         up = subprocess.Popen(
