@@ -304,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
     )
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="the embedded broker (end-to-end acknowledgement, default) or Debian's "
+        "Mosquitto with WORKDIR/mosquitto.conf",
+    )
     p = _add(sub, "devices", "device_sim.fleet:main", "run N simulated pacemakers")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--count", type=int, default=10)
@@ -316,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="nonce counters reserved per flash write (default 1024; see docs/devices.md)",
+    )
+    p.add_argument(
+        "--acked-log",
+        type=Path,
+        help="append each acknowledged reading to FILE as a JSON line "
+        '{"device_id": ..., "counter": ...} (to audit that acknowledged means stored)',
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        help="seconds to wait for outstanding PUBACKs after --duration (default 5)",
     )
     p = _add(
         sub,
