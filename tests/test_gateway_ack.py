@@ -18,7 +18,7 @@ from gateway.service import Gateway, _Message
 from pacegate.identity import telemetry_topic
 from pacegate.layout import PkiLayout, WorkLayout
 from pacegate.reading import Reading
-from pacegate.sealed import seal_reading
+from pacegate.sealed import new_epoch, seal_reading
 
 
 class _RecordingClient:
@@ -59,7 +59,9 @@ def test_a_resent_copy_of_a_reading_not_yet_durable_is_acknowledged_only_with_th
     gw._client = client  # type: ignore[assignment]
     try:
         reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
-        payload = seal_reading(pki.device_psk("pm-0001").read_bytes(), "pm-0001", 5, reading)
+        payload = seal_reading(
+            pki.device_psk("pm-0001").read_bytes(), "pm-0001", 5, reading, epoch=new_epoch()
+        )
         gw._handle(_message(payload, 10))  # accepted: queued for the hospital, not acked
         gw._handle(_message(payload, 11))  # the device resent it (DUP): held, not acked
         assert client.acked == []
@@ -89,7 +91,9 @@ def test_held_acknowledgements_of_a_lost_connection_are_never_sent(
     gw._client = client  # type: ignore[assignment]
     try:
         reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
-        payload = seal_reading(pki.device_psk("pm-0001").read_bytes(), "pm-0001", 6, reading)
+        payload = seal_reading(
+            pki.device_psk("pm-0001").read_bytes(), "pm-0001", 6, reading, epoch=new_epoch()
+        )
         gw._handle(_message(payload, 20))
         gw._handle(_message(payload, 21))
         first: Pending = gw.forwarder._queue.get_nowait()
