@@ -564,9 +564,10 @@ def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per
     from pacegate import capture
 
     readings = [
-        ("pm-0001", _v2(EPOCH_A, 5)),
-        ("pm-0001", _v2(EPOCH_B, 5)),  # same counter, another boot: another key, fine
-        ("pm-0001", _v1(5)),  # v1 under the PSK itself: not the v2 nonces above
+        # one counter, three keys, three ciphertexts: a different nonce each time
+        ("pm-0001", _v2(EPOCH_A, 5, bytes([0xA]) * 31)),
+        ("pm-0001", _v2(EPOCH_B, 5, bytes([0xB]) * 31)),  # another boot: another key
+        ("pm-0001", _v1(5, bytes([0x1]) * 31)),  # v1 under the PSK itself
         ("pm-0002", _v2(EPOCH_A, 3)),
         ("pm-0002", _v2(EPOCH_A, 3, bytes(31))),  # same epoch and counter, new ciphertext
         ("pm-0002", _v2(EPOCH_A, 3)),  # a resend of the first: the same bytes, no reuse
