@@ -642,6 +642,10 @@ def _print_human(r: CaptureReport) -> None:
     if r.devices_sent is not None:
         t.add_row("... readings the devices say they sent", str(r.devices_sent))
     t.add_row(
+        "sealed readings of an unknown version / malformed (dissector)",
+        f"{r.sealed_unknown_versions} / {r.sealed_malformed}",
+    )
+    t.add_row(
         "PQ channel handshakes / records / rekeys (dissector)",
         f"{r.channel_handshakes} / {r.channel_records} / {r.channel_rekeys}",
     )
