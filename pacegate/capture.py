@@ -15,8 +15,10 @@ What the report checks, and how:
 - **What pacegate's Wireshark dissectors see** (``pacegate/wireshark/*.lua``, loaded with
   ``-X lua_script:``): the sealed readings the devices sent, counted per device, must be as
   many as the devices say they sent, agree with :mod:`pacegate.sealed`'s own parse, and never
-  show one counter with two ciphertexts (a nonce reused under the device's key); the PQ
-  channel ports must carry nothing but channel frames (hellos, then AES-256-GCM records).
+  show one nonce with two ciphertexts (a nonce reused under one key: for v1 the same (device,
+  counter), for v2 the same (device, boot epoch, counter), since v2's key is per epoch); a
+  version the dissector does not know, or a malformed reading, is a finding, never a crash.
+  The PQ channel ports must carry nothing but channel frames (hellos, then AES-256-GCM records).
 
 The pcapng and the key log open in Wireshark (docs/wireshark.md gives the display filters).
 Capturing needs ``dumpcap`` (Debian's ``tshark`` package) and the right to capture on ``lo``.
@@ -49,11 +51,14 @@ from pacegate.layout import (
     SECRET_FILE_MODE,
     WorkLayout,
 )
-from pacegate.sealed import open_reading, parse_header
+from pacegate.sealed import VERSION_2, open_reading, parse_header
 from pacegate.tlsconf import KEYLOG_ENV
 from pacegate.wireshark import tshark_lua_args
 
 log = logging.getLogger("pacegate.capture")
+
+# (device, v2 boot epoch as hex or None for v1, counter): what one nonce under one key is.
+NonceKey = tuple[str, str | None, int]
 
 # JSON field names of the specification's reading: none may cross the wire in clear.
 READING_FIELD_NAMES = (b"heart_rate_bpm", b"sensor_id", b'"age"', b'"timestamp"')
@@ -107,8 +112,9 @@ class CaptureReport:
     pq_channel_bytes: int = 0
     # what pacegate's Lua dissectors found (docs/wireshark.md)
     devices_sent: int | None = None  # the demo's own count, when the capture ran one
-    sealed_readings_dissected: int = 0  # distinct (device, counter), device -> broker
+    sealed_readings_dissected: int = 0  # distinct (device, epoch, counter), device -> broker
     sealed_unknown_versions: int = 0
+    sealed_malformed: int = 0  # a known version the dissector could not read (size, fields)
     sealed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     channel_handshakes: int = 0  # ClientHello frames
     channel_records: int = 0
@@ -262,7 +268,7 @@ def analyse(
     psks = _load_psks(work)
     readings: list[bytes] = []
     decrypted_payloads: list[bytes] = []
-    sent_by_devices: set[tuple[str, int]] = set()  # (device, counter), device -> broker
+    sent_by_devices: set[NonceKey] = set()  # device -> broker
     pubs = _tshark(
         pcap,
         keylog,
@@ -288,7 +294,8 @@ def analyse(
             parts = topic.split("/")
             device = parts[1] if len(parts) == 3 else ""
             if to_broker:
-                sent_by_devices.add((device, header.counter))
+                epoch = header.epoch.hex() if header.epoch is not None else None
+                sent_by_devices.add((device, epoch, header.counter))
             if device in psks:
                 try:
                     _, reading = open_reading(psks[device], device, payload)
@@ -335,63 +342,130 @@ def analyse(
     return report
 
 
-def _dissector_checks(
-    report: CaptureReport,
-    pcap: Path,
-    keylog: Path | None,
-    ports: Ports,
-    parsed: set[tuple[str, int]],
+def _tshark_trees(
+    pcap: Path, keylog: Path | None, ports: Ports, display_filter: str, proto: str
+) -> list[dict[str, Any]]:
+    """Every ``proto`` tree of the packets matching ``display_filter``, one dict of its fields
+    each. Read as JSON, not as ``-T fields`` columns: a frame may carry several PUBLISH, and
+    an unknown version has no counter, so flat columns cannot tell which field is whose."""
+    out = _run_tshark(
+        pcap, keylog, ports, "-Y", display_filter, "-T", "json", "--no-duplicate-keys",
+        "-j", proto,
+    )  # fmt: skip
+    try:
+        packets = json.loads(out) if out.strip() else []
+    except ValueError as exc:
+        raise CaptureError(f"tshark's JSON output could not be read: {exc}") from None
+    trees: list[dict[str, Any]] = []
+    for packet in packets if isinstance(packets, list) else []:
+        layers = packet.get("_source", {}).get("layers", {}) if isinstance(packet, dict) else {}
+        found = layers.get(proto) if isinstance(layers, dict) else None
+        # one tree is an object, several (merged duplicate keys) a list of them
+        for tree in found if isinstance(found, list) else [found]:
+            if isinstance(tree, dict):
+                trees.append(tree)
+    return trees
+
+
+SEALED_FIELD_PREFIX = "pacegate.sealed."
+
+
+def _hex(value: Any) -> str | None:
+    return value.replace(":", "").lower() if isinstance(value, str) else None
+
+
+def check_dissected_readings(
+    report: CaptureReport, trees: list[dict[str, Any]], parsed: set[NonceKey]
 ) -> None:
-    """Read the capture with pacegate's Lua dissectors (see the module docstring)."""
-    seen: dict[tuple[str, int], str] = {}  # (device, counter) -> ciphertext and tag, hex
-    reused: set[tuple[str, int]] = set()
-    rows = _tshark(
-        pcap,
-        keylog,
-        ports,
-        f"pacegate.sealed && tcp.dstport=={ports.mqtt}",
-        [
-            "pacegate.sealed.device",
-            "pacegate.sealed.version_known",
-            "pacegate.sealed.counter",
-            "pacegate.sealed.ciphertext",
-            "pacegate.sealed.tag",
-        ],
-    )
-    for row in rows:
-        devices, known, counters, cts, tags = ([c.split(",") for c in row] + [[]] * 5)[:5]
-        report.sealed_unknown_versions += sum(1 for k in known if k not in ("1", "True"))
-        if not len(devices) == len(counters) == len(cts) == len(tags):
-            continue  # a reading of an unknown version has no counter: counted just above
-        for device, counter, ct, tag in zip(devices, counters, cts, tags, strict=True):
-            key = (device, int(counter))
-            if seen.setdefault(key, ct + tag) != ct + tag:
-                reused.add(key)
-    report.sealed_readings_dissected = len(seen)
-    by_device: dict[str, list[int]] = {}
-    for dev, ctr in seen:
-        by_device.setdefault(dev, []).append(ctr)
-    report.sealed_counters = {
-        d: {"first": min(c), "last": max(c), "count": len(c)} for d, c in sorted(by_device.items())
-    }
-    for dev, ctr in sorted(reused):
-        report.findings.append(
-            f"{dev}: counter {ctr} carried two different ciphertexts (nonce reuse)"
+    """Compare the sealed-reading dissector's trees (device -> broker) with what
+    :mod:`pacegate.sealed` parsed; record counts and findings in ``report``. Whatever the
+    dissector shows (an unknown version, a malformed or truncated reading, a field missing or
+    not a number) is counted and reported, never raised."""
+    seen: dict[NonceKey, str] = {}  # nonce -> ciphertext and tag, hex
+    reused: set[NonceKey] = set()
+    unknown: Counter[str] = Counter()
+    for raw in trees:
+        # the dissector's field names without their "pacegate.sealed." prefix
+        tree = {k.removeprefix(SEALED_FIELD_PREFIX): v for k, v in raw.items()}
+        get = tree.get
+        version = get("version")
+        if not isinstance(version, str):
+            report.sealed_malformed += 1  # empty or oversized: the dissector read no version
+            continue
+        if get("version_known") not in ("1", "True"):
+            report.sealed_unknown_versions += 1
+            unknown[str(version)] += 1
+            continue
+        device, counter, ct, tag = (
+            get("device"),
+            get("counter"),
+            _hex(get("ciphertext")),
+            _hex(get("tag")),
         )
+        epoch = _hex(get("epoch"))
+        if (
+            not isinstance(device, str)
+            or not isinstance(counter, str)
+            or not (counter.isascii() and counter.isdigit())
+            or ct is None
+            or tag is None
+            or (version == str(VERSION_2)) != (epoch is not None)
+        ):
+            report.sealed_malformed += 1  # wrong size for its version: no fields to pair
+            continue
+        key: NonceKey = (device, epoch, int(counter))
+        if seen.setdefault(key, ct + tag) != ct + tag:
+            reused.add(key)
+    report.sealed_readings_dissected = len(seen)
+    by_device: dict[str, list[NonceKey]] = {}
+    for k in seen:
+        by_device.setdefault(k[0], []).append(k)
+    report.sealed_counters = {
+        d: {
+            "first": min(c for _, _, c in keys),
+            "last": max(c for _, _, c in keys),
+            "count": len(keys),
+            "epochs": len({e for _, e, _ in keys}),
+        }
+        for d, keys in sorted(by_device.items())
+    }
+    for dev, epoch, ctr in sorted(reused, key=lambda k: (k[0], k[1] or "", k[2])):
+        where = f"epoch {epoch} counter {ctr}" if epoch is not None else f"counter {ctr}"
+        report.findings.append(f"{dev}: {where} carried two different ciphertexts (nonce reuse)")
     if report.sealed_unknown_versions:
+        versions = ", ".join(f"v{v}: {n}" for v, n in sorted(unknown.items()))
         report.findings.append(
             f"{report.sealed_unknown_versions} sealed readings of a version the dissector "
-            "does not know (pacegate/wireshark/pacegate_sealed.lua needs it)"
+            f"does not know ({versions}; pacegate/wireshark/pacegate_sealed.lua needs it)"
+        )
+    if report.sealed_malformed:
+        report.findings.append(
+            f"{report.sealed_malformed} sealed readings the dissector shows as malformed "
+            "(a size or field wrong for their version: the gateway refuses them)"
         )
     if set(seen) != parsed:
         report.findings.append(
             f"the sealed-reading dissector and pacegate.sealed disagree on "
-            f"{len(set(seen) ^ parsed)} (device, counter) pairs"
+            f"{len(set(seen) ^ parsed)} (device, epoch, counter) nonces"
         )
     if report.devices_sent is not None and report.devices_sent != len(seen):
         report.findings.append(
             f"the devices sent {report.devices_sent} readings, the capture shows {len(seen)}"
         )
+
+
+def _dissector_checks(
+    report: CaptureReport,
+    pcap: Path,
+    keylog: Path | None,
+    ports: Ports,
+    parsed: set[NonceKey],
+) -> None:
+    """Read the capture with pacegate's Lua dissectors (see the module docstring)."""
+    trees = _tshark_trees(
+        pcap, keylog, ports, f"pacegate.sealed && tcp.dstport=={ports.mqtt}", "pacegate.sealed"
+    )
+    check_dissected_readings(report, trees, parsed)
 
     pq = f"tcp.port=={ports.hospital} || tcp.port=={ports.cloud}"
     for row in _tshark(pcap, None, ports, f"pacegate.channel && ({pq})", ["pacegate.channel.type"]):
@@ -568,6 +642,10 @@ def _print_human(r: CaptureReport) -> None:
     t.add_row("sealed readings (dissector, device -> broker)", str(r.sealed_readings_dissected))
     if r.devices_sent is not None:
         t.add_row("... readings the devices say they sent", str(r.devices_sent))
+    t.add_row(
+        "sealed readings of an unknown version / malformed (dissector)",
+        f"{r.sealed_unknown_versions} / {r.sealed_malformed}",
+    )
     t.add_row(
         "PQ channel handshakes / records / rekeys (dissector)",
         f"{r.channel_handshakes} / {r.channel_records} / {r.channel_rekeys}",

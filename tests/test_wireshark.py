@@ -6,7 +6,8 @@
   every device's counters 1..n, as many as the devices say they sent, byte for byte the
   MQTT payloads; the PQ channel's hellos are dissected with their sizes.
 - On a capture of a real channel session with a short rekey period, every rekey is seen.
-- Unknown versions and frame types are shown as such, not guessed.
+- Unknown versions and frame types are shown as such, not guessed; ``pacegate capture``
+  reports them, malformed readings and nonce reuse per (device, epoch, counter) as findings.
 """
 
 from __future__ import annotations
@@ -90,7 +91,11 @@ def lua_constants(name: str) -> dict[str, int | str]:
 def test_sealed_dissector_constants_are_the_sealed_reading_formats() -> None:
     c = lua_constants("pacegate_sealed.lua")
     assert c["VERSION_1"] == sealed.VERSION_1
+    assert c["VERSION_2"] == sealed.VERSION_2
     assert c["HEADER_SIZE"] == sealed.HEADER_SIZE
+    assert c["EPOCH_SIZE"] == sealed.EPOCH_SIZE
+    assert c["HEADER_SIZE_V2"] == sealed.HEADER_SIZE_V2
+    assert c["SEALED_SIZE_V2"] == sealed.SEALED_SIZE_V2
     assert c["READING_SIZE"] == READING_SIZE
     assert c["TAG_SIZE"] == sealed.TAG_SIZE
     assert c["SEALED_SIZE_V1"] == sealed.SEALED_SIZE_V1
@@ -245,6 +250,7 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
             "mqtt.msg",
             "pacegate.sealed.device",
             "pacegate.sealed.version",
+            "pacegate.sealed.epoch",
             "pacegate.sealed.counter",
             "pacegate.sealed.ciphertext",
             "pacegate.sealed.tag",
@@ -253,21 +259,25 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
         extra=opts,
     )
     counters: dict[str, set[int]] = {}
+    epochs: dict[str, set[str]] = {}
     for row in rows:
-        topics, msgs, devices, versions, ctrs, cts, tags = (c.split(";") for c in row)
-        assert len(msgs) == len(devices) == len(ctrs)
-        for topic, msg, dev, ver, ctr, ct, tag in zip(
-            topics, msgs, devices, versions, ctrs, cts, tags, strict=True
+        topics, msgs, devices, versions, eps, ctrs, cts, tags = (c.split(";") for c in row)
+        assert len(msgs) == len(devices) == len(eps) == len(ctrs)
+        for topic, msg, dev, ver, ep_hex, ctr, ct, tag in zip(
+            topics, msgs, devices, versions, eps, ctrs, cts, tags, strict=True
         ):
             payload = bytes.fromhex(msg)
             # the dissector's fields are the payload's bytes, as pacegate.sealed reads them
             header = sealed.parse_header(payload)
             assert topic == f"pacemakers/{dev}/telemetry"
-            assert int(ver) == header.version == sealed.VERSION_1
+            # devices send v2: the boot epoch, then the counter, then ciphertext and tag
+            assert int(ver) == header.version == sealed.VERSION_2
+            assert header.epoch is not None and bytes.fromhex(ep_hex) == header.epoch
             assert int(ctr) == header.counter
-            assert bytes.fromhex(ct) + bytes.fromhex(tag) == payload[sealed.HEADER_SIZE :]
+            assert bytes.fromhex(ct) + bytes.fromhex(tag) == payload[sealed.HEADER_SIZE_V2 :]
             assert len(bytes.fromhex(tag)) == sealed.TAG_SIZE
             counters.setdefault(dev, set()).add(int(ctr))
+            epochs.setdefault(dev, set()).add(ep_hex)
 
     enrolled = sorted(p.name for p in work.pki.devices_dir.iterdir())
     assert sorted(counters) == enrolled
@@ -280,6 +290,23 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
     assert {d: v["count"] for d, v in report["sealed_counters"].items()} == {
         d: len(s) for d, s in counters.items()
     }
+    # each device booted once in the demo: one epoch each, and no two devices share one
+    assert all(len(e) == 1 for e in epochs.values())
+    assert len({e for es in epochs.values() for e in es}) == len(epochs)
+    assert all(v["epochs"] == 1 for v in report["sealed_counters"].values())
+    # filterable: one epoch selects exactly that device's readings
+    dev, (one,) = next(iter(epochs.items()))
+    by_epoch = fields(
+        out, f"pacegate.sealed.epoch == {one} && tcp.dstport == {mqtt}",
+        ["pacegate.sealed.epoch", "pacegate.sealed.device"], home=home, extra=opts,
+    )  # fmt: skip
+    picked = [
+        (e, d)
+        for eps_, devs in by_epoch
+        for e, d in zip(eps_.split(";"), devs.split(";"), strict=True)
+    ]
+    assert {d for _e, d in picked} == {dev}  # each device has its own TLS connection
+    assert sum(1 for e, _d in picked if e == one) == len(counters[dev])
 
     # filterable: counter comparisons select exactly the readings above the bound
     high = fields(
@@ -443,26 +470,43 @@ def _publish(topic: str, payload: bytes) -> bytes:
     return _mqtt(0x30, _mqtt_string(topic.encode()) + payload)
 
 
+EPOCH_A = bytes.fromhex("0001020304050607")
+EPOCH_B = bytes.fromhex("f0e0d0c0b0a09080")
+
+
+def _v1(counter: int, body: bytes = bytes(range(31))) -> bytes:
+    return bytes([1]) + counter.to_bytes(8, "big") + body
+
+
+def _v2(epoch: bytes, counter: int, body: bytes = bytes(range(31))) -> bytes:
+    return bytes([2]) + epoch + counter.to_bytes(8, "big") + body
+
+
 @needs_tshark
 def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_path: Path) -> None:
-    v1 = bytes([1]) + (7).to_bytes(8, "big") + bytes(range(31))
-    v2 = bytes([2]) + bytes(45)  # a version this dissector does not know
+    v1 = _v1(7)
+    v2 = _v2(EPOCH_A, 9)
+    v3 = bytes([3]) + bytes(45)  # a version this dissector does not know
     short_v1 = v1[:30]
+    short_v2 = v2[:40]  # a v1's size, but a v2's version byte: not guessed to be v1
     connect_pkt = _mqtt(0x10, _mqtt_string(b"MQTT") + b"\x04\x02\x00\x3c" + _mqtt_string(b"pm-1"))
     pcap = tmp_path / "crafted.pcap"
     pcap.write_bytes(
         _pcap(
             [
                 (40000, 1883, connect_pkt),
-                # two PUBLISH in one segment: each paired with its own topic
+                # three PUBLISH in one segment: each paired with its own topic
                 (40000, 1883, _publish("pacemakers/pm-0001/telemetry", v1)
-                 + _publish("pacemakers/pm-0002/telemetry", v2)),
+                 + _publish("pacemakers/pm-0002/telemetry", v3)
+                 + _publish("pacemakers/pm-0005/telemetry", v2)),
                 (40000, 1883, _publish("pacemakers/pm-0003/telemetry", short_v1)),
                 (40000, 1883, _publish("elsewhere/pm-0004/telemetry", v1)),
+                (40000, 1883, _publish("pacemakers/pm-0006/telemetry", short_v2)),
             ]
         )
     )  # fmt: skip
     home = tmp_path / "home"
+    mqtt = ["-d", "tcp.port==1883,mqtt"]
     rows = fields(
         pcap,
         "pacegate.sealed",
@@ -470,33 +514,131 @@ def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_pat
             "pacegate.sealed.device",
             "pacegate.sealed.version",
             "pacegate.sealed.version_known",
+            "pacegate.sealed.epoch",
             "pacegate.sealed.counter",
             "pacegate.sealed.tag",
             "_ws.expert.message",
         ],
         home=home,
-        extra=["-d", "tcp.port==1883,mqtt"],
+        extra=mqtt,
     )
-    assert len(rows) == 2  # the topic outside pacemakers/+/telemetry is not a reading
-    devices, versions, known, counters, tags, _experts = (c.split(";") for c in rows[0])
-    assert devices == ["pm-0001", "pm-0002"]
-    assert versions == ["1", "2"]
-    assert known == ["1", "0"] or known == ["True", "False"]
-    assert counters == ["7"]  # no counter is guessed for the unknown version
-    assert tags == [bytes(range(15, 31)).hex()]
+    assert len(rows) == 3  # the topic outside pacemakers/+/telemetry is not a reading
+    devices, versions, known, epochs, counters, tags, _experts = (c.split(";") for c in rows[0])
+    assert devices == ["pm-0001", "pm-0002", "pm-0005"]
+    assert versions == ["1", "3", "2"]
+    assert known == ["1", "0", "1"] or known == ["True", "False", "True"]
+    assert epochs == [EPOCH_A.hex()]  # only v2 has an epoch
+    assert counters == ["7", "9"]  # no counter is guessed for the unknown version
+    assert tags == [bytes(range(15, 31)).hex()] * 2
     devices, versions, *_rest, experts = (c.split(";") for c in rows[1])
     assert devices == ["pm-0003"] and versions == ["1"]
     assert any("v1 is 40 bytes, this is 30" in e for e in experts)
+    devices, versions, _known, epochs, counters, *_rest, experts = (c.split(";") for c in rows[2])
+    assert devices == ["pm-0006"] and versions == ["2"] and epochs == counters == [""]
+    assert any("v2 is 48 bytes, this is 40" in e for e in experts)
 
     unknown = fields(pcap, "pacegate.sealed.unknown_version", ["frame.number"], home=home,
-                     extra=["-d", "tcp.port==1883,mqtt"])  # fmt: skip
+                     extra=mqtt)  # fmt: skip
     assert len(unknown) == 1
+    # the epoch is filterable, as the hex of its 8 bytes
+    by_epoch = fields(pcap, f"pacegate.sealed.epoch == {EPOCH_A.hex()}",
+                      ["pacegate.sealed.counter"], home=home, extra=mqtt)  # fmt: skip
+    assert by_epoch == [["7;9"]]  # the frame that holds it (and its other readings)
+    assert fields(pcap, f"pacegate.sealed.epoch == {EPOCH_B.hex()}", ["frame.number"],
+                  home=home, extra=mqtt) == []  # fmt: skip
     # the topic pattern is a preference
     other = fields(
         pcap, "pacegate.sealed", ["pacegate.sealed.device"], home=home,
-        extra=["-d", "tcp.port==1883,mqtt", "-o", "pacegate.sealed.topic:elsewhere/+/telemetry"],
+        extra=[*mqtt, "-o", "pacegate.sealed.topic:elsewhere/+/telemetry"],
     )  # fmt: skip
     assert [r[0] for r in other] == ["pm-0004"]
+
+
+@needs_tshark
+def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per_epoch(
+    tmp_path: Path,
+) -> None:
+    """``pacegate capture``'s dissector checks on a hand-built capture, read by the real
+    tshark and dissector: what is wrong is a finding, never a traceback; a nonce is
+    (device, epoch, counter) for v2, so one counter in two epochs is no reuse."""
+    from pacegate import capture
+
+    readings = [
+        # one counter, three keys, three ciphertexts: a different nonce each time
+        ("pm-0001", _v2(EPOCH_A, 5, bytes([0xA]) * 31)),
+        ("pm-0001", _v2(EPOCH_B, 5, bytes([0xB]) * 31)),  # another boot: another key
+        ("pm-0001", _v1(5, bytes([0x1]) * 31)),  # v1 under the PSK itself
+        ("pm-0002", _v2(EPOCH_A, 3)),
+        ("pm-0002", _v2(EPOCH_A, 3, bytes(31))),  # same epoch and counter, new ciphertext
+        ("pm-0002", _v2(EPOCH_A, 3)),  # a resend of the first: the same bytes, no reuse
+        ("pm-0003", bytes([7]) + bytes(47)),  # unknown version
+        ("pm-0004", _v2(EPOCH_A, 1)[:47]),  # truncated v2
+        ("pm-0005", b""),  # empty payload
+    ]
+    pcap = tmp_path / "crafted.pcap"
+    pcap.write_bytes(
+        _pcap(
+            [(40000 + i, 1883, _publish(f"pacemakers/{d}/telemetry", p))
+             for i, (d, p) in enumerate(readings)]
+        )
+    )  # fmt: skip
+    # what pacegate.sealed parses of the same payloads
+    parsed: set[capture.NonceKey] = set()
+    for device, payload in readings:
+        try:
+            h = sealed.parse_header(payload)
+        except sealed.SealedReadingError:
+            continue
+        parsed.add((device, h.epoch.hex() if h.epoch else None, h.counter))
+    # port 1883 is MQTT in clear to tshark; the capture's own MQTT port (TLS) is elsewhere
+    ports = capture.Ports(mqtt=9, hospital=9001, cloud=9002)
+    trees = capture._tshark_trees(
+        pcap, None, ports, "pacegate.sealed && tcp.dstport==1883", "pacegate.sealed"
+    )
+    assert len(trees) == len(readings)
+    report = capture.CaptureReport(str(pcap), None)
+    report.devices_sent = 4
+    capture.check_dissected_readings(report, trees, parsed)
+
+    assert report.sealed_readings_dissected == 4 == len(parsed)
+    assert report.sealed_unknown_versions == 1
+    assert report.sealed_malformed == 2
+    assert report.sealed_counters["pm-0001"] == {"first": 5, "last": 5, "count": 3, "epochs": 3}
+    findings = "\n".join(report.findings)
+    assert f"pm-0002: epoch {EPOCH_A.hex()} counter 3 carried two different ciphertexts" in findings
+    assert "pm-0001" not in findings  # one counter in three keys is not nonce reuse
+    assert "version the dissector does not know (v7: 1;" in findings
+    assert "2 sealed readings the dissector shows as malformed" in findings
+    assert "disagree" not in findings and "the devices sent" not in findings
+    assert len(report.findings) == 3
+
+
+def test_capture_checks_count_any_dissector_tree_as_a_finding_never_raise() -> None:
+    """Whatever a dissector (a newer, an older, a broken one) puts in its tree, the checks
+    count it and go on."""
+    from pacegate import capture
+
+    p = capture.SEALED_FIELD_PREFIX
+    good = {p + "device": "pm-1", p + "version": "2", p + "version_known": "1",
+            p + "epoch": "00:01:02:03:04:05:06:07", p + "counter": "4",
+            p + "ciphertext": "aa", p + "tag": "bb"}  # fmt: skip
+    trees = [
+        good,
+        {},
+        {p + "version": "2", p + "version_known": "1"},  # no counter: wrong size
+        {**good, p + "counter": "\uff14"},  # a digit, but not ASCII
+        {**good, p + "counter": ["4", "5"]},
+        {**good, p + "epoch": None},  # v2 without its epoch
+        {**good, p + "version": "1"},  # v1 with an epoch
+        {**good, p + "version_known": "0", p + "version": "9"},
+        {**good, p + "version": 2},
+    ]
+    report = capture.CaptureReport("x.pcap", None)
+    capture.check_dissected_readings(report, trees, {("pm-1", "0001020304050607", 4)})
+    assert report.sealed_readings_dissected == 1
+    assert report.sealed_unknown_versions == 1
+    assert report.sealed_malformed == 7
+    assert not any("disagree" in f for f in report.findings)
 
 
 @needs_tshark

@@ -2,11 +2,14 @@
 --
 -- A post-dissector: for every MQTT PUBLISH whose topic matches the preference
 -- "pacegate.sealed.topic" (default pacemakers/+/telemetry), it dissects the message as a
--- sealed reading: version, counter, ciphertext, tag, and the device id taken from the topic
--- level named by "pacegate.sealed.device_level" (the device id is not in the payload; the
--- AEAD's associated data binds it). It reads the PUBLISH through the MQTT dissector's own
--- fields, so it works wherever MQTT is dissected: over TLS with a key log, or in clear.
---
+-- sealed reading: version, (v2) boot epoch, counter, ciphertext, tag, and the device id taken
+-- from the topic level named by "pacegate.sealed.device_level" (the device id is not in the
+-- payload; the AEAD's associated data binds it). It reads the PUBLISH through the MQTT
+-- dissector's own fields, so it works wherever MQTT is dissected: over TLS with a key log, or
+-- in clear. v1 is 40 bytes (version, counter, 31); v2 is 48 (version, 8-byte boot epoch,
+-- counter, 31): the v2 key is derived per boot epoch, so what must never repeat is the
+-- (device, epoch, counter) triple, not the counter alone.
+
 -- Wireshark 4.0's MQTT dissector has no dissector table keyed by topic (only the
 -- "mqtt_message_decoding" UAT, which lives in the user's profile), hence a post-dissector.
 --
@@ -20,11 +23,15 @@ local already_loaded, existing = pcall(Dissector.get, "pacegate.sealed")
 if already_loaded and existing ~= nil then return end
 
 local VERSION_1 = 1
-local KNOWN_VERSIONS = { [VERSION_1] = true }
-local HEADER_SIZE = 9 -- version (1) + counter (8)
+local VERSION_2 = 2
+local KNOWN_VERSIONS = { [VERSION_1] = true, [VERSION_2] = true }
+local HEADER_SIZE = 9 -- v1: version (1) + counter (8)
+local EPOCH_SIZE = 8 -- v2: random per device boot, selects the derived key
+local HEADER_SIZE_V2 = HEADER_SIZE + EPOCH_SIZE -- 17: version (1) + epoch (8) + counter (8)
 local READING_SIZE = 15 -- the reading inside the AEAD
 local TAG_SIZE = 16 -- Poly1305
 local SEALED_SIZE_V1 = HEADER_SIZE + READING_SIZE + TAG_SIZE -- 40
+local SEALED_SIZE_V2 = HEADER_SIZE_V2 + READING_SIZE + TAG_SIZE -- 48
 local MAX_SEALED_SIZE = 256 -- the gateway refuses anything longer before parsing
 local DEFAULT_TOPIC = "pacemakers/+/telemetry"
 local DEFAULT_DEVICE_LEVEL = 1
@@ -37,6 +44,7 @@ local f = {
     length = ProtoField.uint32("pacegate.sealed.length", "Payload length", base.DEC),
     version = ProtoField.uint8("pacegate.sealed.version", "Version", base.DEC),
     known = ProtoField.bool("pacegate.sealed.version_known", "Version known to this dissector"),
+    epoch = ProtoField.bytes("pacegate.sealed.epoch", "Boot epoch (v2: selects the per-boot key)"),
     counter = ProtoField.uint64("pacegate.sealed.counter", "Counter (nonce, replay sequence)", base.DEC),
     ciphertext = ProtoField.bytes("pacegate.sealed.ciphertext", "Ciphertext (ChaCha20 of the 15-byte reading)"),
     tag = ProtoField.bytes("pacegate.sealed.tag", "Tag (Poly1305)"),
@@ -109,19 +117,29 @@ local function dissect_one(topic_fi, msg_fi, device, tree)
         return string.format("v%d (unknown)", version)
     end
     t:add(f.known, range(0, 1), true):set_generated()
-    if n ~= SEALED_SIZE_V1 then
-        t:add_proto_expert_info(ef.malformed, string.format("v1 is %d bytes, this is %d", SEALED_SIZE_V1, n))
-        return "v1 malformed"
+    -- Each known version's layout: where the counter starts, and the whole size.
+    local counter_at, size = HEADER_SIZE - 8, SEALED_SIZE_V1
+    if version == VERSION_2 then counter_at, size = HEADER_SIZE_V2 - 8, SEALED_SIZE_V2 end
+    if n ~= size then
+        t:add_proto_expert_info(ef.malformed, string.format("v%d is %d bytes, this is %d", version, size, n))
+        t:append_text(string.format(", v%d malformed", version))
+        return string.format("v%d malformed", version)
     end
-    local counter = range(1, 8):uint64()
-    t:add(f.counter, range(1, 8))
-    t:add(f.ciphertext, range(HEADER_SIZE, READING_SIZE))
-    t:add(f.tag, range(HEADER_SIZE + READING_SIZE, TAG_SIZE))
+    local epoch_text = ""
+    if version == VERSION_2 then
+        t:add(f.epoch, range(1, EPOCH_SIZE))
+        epoch_text = " epoch " .. range(1, EPOCH_SIZE):bytes():tohex():lower()
+    end
+    local body_at = counter_at + 8
+    local counter = range(counter_at, 8):uint64()
+    t:add(f.counter, range(counter_at, 8))
+    t:add(f.ciphertext, range(body_at, READING_SIZE))
+    t:add(f.tag, range(body_at + READING_SIZE, TAG_SIZE))
     if counter == UInt64(0) then
         t:add_proto_expert_info(ef.malformed, "counter 0 is never used")
     end
-    t:append_text(string.format(", v%d, counter %s", version, tostring(counter)))
-    return string.format("v%d #%s", version, tostring(counter))
+    t:append_text(string.format(", v%d%s, counter %s", version, epoch_text, tostring(counter)))
+    return string.format("v%d%s #%s", version, epoch_text, tostring(counter))
 end
 
 function proto.dissector(tvb, pinfo, tree)
