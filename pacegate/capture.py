@@ -16,7 +16,8 @@ What the report checks, and how:
   ``-X lua_script:``): the sealed readings the devices sent, counted per device, must be as
   many as the devices say they sent, agree with :mod:`pacegate.sealed`'s own parse, and never
   show one counter with two ciphertexts (a nonce reused under the device's key); the PQ
-  channel ports must carry nothing but channel frames (hellos, then AES-256-GCM records).
+  channel ports must carry nothing but channel frames (hellos or an alert, then AES-256-GCM
+  records).
 
 The pcapng and the key log open in Wireshark (docs/wireshark.md gives the display filters).
 Capturing needs ``dumpcap`` (Debian's ``tshark`` package) and the right to capture on ``lo``.
@@ -70,7 +71,7 @@ CAPTURE_DEMO_DURATION_S = 6.0
 
 
 # docs/channel.md's frame types (pacegate.channel.wire.FrameType), as the dissector shows them.
-CHANNEL_CLIENT_HELLO, CHANNEL_SERVER_HELLO, CHANNEL_RECORD = 0x01, 0x02, 0x17
+CHANNEL_CLIENT_HELLO, CHANNEL_SERVER_HELLO, CHANNEL_ALERT, CHANNEL_RECORD = 0x01, 0x02, 0x15, 0x17
 
 
 class CaptureError(PacegateError):
@@ -112,6 +113,9 @@ class CaptureReport:
     sealed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     channel_handshakes: int = 0  # ClientHello frames
     channel_records: int = 0
+    channel_alerts: int = (
+        0  # a server refused a ClientHello (reason in pacegate.channel.alert.reason)
+    )
     channel_rekeys: int = 0  # KeyUpdateDone records (inferred from the handshake's shape)
     channel_unknown_frames: int = 0
     readings_searched: int = 0
@@ -401,6 +405,8 @@ def _dissector_checks(
                 report.channel_handshakes += 1
             elif code == CHANNEL_RECORD:
                 report.channel_records += 1
+            elif code == CHANNEL_ALERT:
+                report.channel_alerts += 1
             elif code != CHANNEL_SERVER_HELLO:
                 report.channel_unknown_frames += 1
     done = _tshark(
@@ -568,8 +574,8 @@ def _print_human(r: CaptureReport) -> None:
     if r.devices_sent is not None:
         t.add_row("... readings the devices say they sent", str(r.devices_sent))
     t.add_row(
-        "PQ channel handshakes / records / rekeys (dissector)",
-        f"{r.channel_handshakes} / {r.channel_records} / {r.channel_rekeys}",
+        "PQ channel handshakes / alerts / records / rekeys (dissector)",
+        f"{r.channel_handshakes} / {r.channel_alerts} / {r.channel_records} / {r.channel_rekeys}",
     )
     t.add_row("readings searched for in clear", str(r.readings_searched))
     t.add_row("readings found in clear", str(len(r.plaintext_findings)))
