@@ -365,7 +365,12 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
 
 
 # -- a real channel session with rekeys -----------------------------------------------------
-async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
+async def _session_with_rekeys(
+    pcap: Path, messages: int, *, server_asks: bool = False
+) -> tuple[int, int]:
+    """One real session of ``messages`` echoes, rekeyed every 4 records: by the client, or
+    (``server_asks``) by a client that would never rekey on its own, at the server's request."""
+    server_records, client_records = (4, 10**6) if server_asks else (65536, 4)
     hospital = ChannelIdentity.generate("hospital")
     gateway = ChannelIdentity.generate("gateway")
 
@@ -379,6 +384,7 @@ async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
         identity=hospital,
         allowed_clients={"gateway": gateway.public_key},
         on_session=echo,
+        rekey_after_records=server_records,
     )
     port = server.sockets[0].getsockname()[1]
     errors = pcap.with_suffix(".dumpcap.log")
@@ -401,7 +407,7 @@ async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
             identity=gateway,
             server_name="hospital",
             server_key=hospital.public_key,
-            rekey_after_records=4,
+            rekey_after_records=client_records,
         )
         for i in range(messages):
             await stream.send(b"reading batch %d" % i)
@@ -437,18 +443,52 @@ def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -
         home=home,
         extra=opts,
     )
-    kinds = [r[1] for r in rows]
-    assert kinds[:2] == ["ClientAuth", "ServerAuth"]
+    assert [r[1] for r in rows[:2]] == ["ClientAuth", "ServerAuth"]
+    # one packet may carry several records: their fields are joined by ";" (every record
+    # after the two handshake ones has an epoch, so the columns line up)
+    frames = [f for r in rows[2:] for f in zip(*(c.split(";") for c in r), strict=True)]
+    kinds = [k for _d, k, _e, _s in frames]
     assert kinds.count("KeyUpdateDone") == rekeys
     assert kinds.count("KeyUpdate") >= rekeys
     # after each rekey the client's records start again at sequence 0 of the next epoch
-    client = [(int(e), int(s)) for d, k, e, s in rows[2:] if d.startswith("client") and e]
+    client = [(int(e), int(s)) for d, k, e, s in frames if d.startswith("client") and e]
     epochs = [e for e, _ in client]
     assert epochs == sorted(epochs) and max(epochs) == rekeys
     for epoch in range(1, rekeys + 1):
         assert min(s for e, s in client if e == epoch) == 0
     done = fields(pcap, "pacegate.channel.rekey", ["pacegate.channel.rekey"], home=home, extra=opts)
     assert len(done) >= 2 * rekeys  # the server's and the client's switch to the new keys
+
+
+@pytest.mark.tshark
+@needs_capture
+def test_dissector_shows_the_servers_key_update_requests_of_a_real_session(
+    tmp_path: Path,
+) -> None:
+    pcap = tmp_path / "asked.pcapng"
+    port, rekeys = asyncio.run(_session_with_rekeys(pcap, 20, server_asks=True))
+    assert rekeys >= 3
+    home = tmp_path / "home"
+    opts = ["-o", f"pacegate.channel.ports:{port}"]
+    rows = fields(
+        pcap,
+        "pacegate.channel.type == 0x17",
+        ["pacegate.channel.direction", "pacegate.channel.record.content"],
+        home=home,
+        extra=opts,
+    )
+    # one packet may carry several frames: their fields are joined by ";"
+    frames = [f for d, k in rows for f in zip(d.split(";"), k.split(";"), strict=True)]
+    asked = [d for d, k in frames if k == "KeyUpdateRequest"]
+    assert asked and all(d.startswith("server") for d in asked)
+    # every rekey was asked for (this client never starts one); one more request may be
+    # left unanswered when the client closes
+    assert rekeys <= len(asked) <= rekeys + 1
+    kinds = [k for _d, k in frames]
+    assert kinds.count("KeyUpdateDone") == rekeys
+    for i, k in enumerate(kinds):
+        if k == "KeyUpdate":  # each KeyUpdate follows the server's request
+            assert "KeyUpdateRequest" in kinds[:i]
 
 
 # -- hand-built packets: unknown versions and frame types --------------------------------
