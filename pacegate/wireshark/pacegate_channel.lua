@@ -191,20 +191,22 @@ local function hello_layout(offered)
     return best
 end
 
+-- The hello dissectors return false when a field runs past the body (the caller flags it).
 local function dissect_client_hello(tvb, tree, off, limit)
+    if off + 1 > limit then return false end
     local nv = tvb(off, 1):uint()
     local p = off + 1
     local offered = {}
     for _ = 1, nv do
-        if p + 2 > limit then return end
+        if p + 2 > limit then return false end
         tree:add(f.offered_version, tvb(p, 2))
         offered[#offered + 1] = tvb(p, 2):uint()
         p = p + 2
     end
-    if p + 1 > limit then return end
+    if p + 1 > limit then return false end
     local ns = tvb(p, 1):uint(); p = p + 1
     for _ = 1, ns do
-        if p + 2 > limit then return end
+        if p + 2 > limit then return false end
         tree:add(f.offered_suite, tvb(p, 2)); p = p + 2
     end
     local layout = hello_layout(offered)
@@ -217,26 +219,26 @@ local function dissect_client_hello(tvb, tree, off, limit)
     if layout == VERSION_1 then
         tree:add_proto_expert_info(ef.old_version)
     end
-    if p + RANDOM_SIZE > limit then return end
+    if p + RANDOM_SIZE > limit then return false end
     tree:add(f.random, tvb(p, RANDOM_SIZE)); p = p + RANDOM_SIZE
     if layout == VERSION_2 then
-        if p + TIME_MS_SIZE > limit then return end
+        if p + TIME_MS_SIZE > limit then return false end
         local ms = tvb(p, TIME_MS_SIZE):uint64()
         tree:add(f.time_ms, tvb(p, TIME_MS_SIZE))
         tree:add(f.time, tvb(p, TIME_MS_SIZE), NSTime.new((ms / 1000):tonumber(), (ms % 1000):tonumber() * 1000000))
         p = p + TIME_MS_SIZE
         p = vec8_name(tree, tvb, p, limit, f.client_len, f.client, "client name")
-        if p == nil then return end
+        if p == nil then return false end
         p = vec8_name(tree, tvb, p, limit, f.server_len, f.server, "server name")
-        if p == nil then return end
+        if p == nil then return false end
     end
     p = vec16(tree, tvb, p, limit, f.x25519_len, f.x25519, X25519_SIZE, "X25519 key")
-    if p == nil then return end
+    if p == nil then return false end
     p = vec16(tree, tvb, p, limit, f.kem_len, f.kem_ek, MLKEM768_PUBLIC_KEY_SIZE, "ML-KEM-768 encapsulation key")
-    if p == nil then return end
+    if p == nil then return false end
     if layout == VERSION_2 then
         p = vec16(tree, tvb, p, limit, f.sig_len, f.signature, MLDSA65_SIGNATURE_SIZE, "ML-DSA-65 signature")
-        if p == nil then return end
+        if p == nil then return false end
     end
     if p ~= limit then
         tree:add_proto_expert_info(ef.malformed, string.format("%d trailing bytes (a peer refuses this hello)", limit - p))
@@ -244,7 +246,7 @@ local function dissect_client_hello(tvb, tree, off, limit)
 end
 
 local function dissect_server_hello(tvb, tree, off, limit)
-    if off + 4 > limit then return end
+    if off + 4 > limit then return false end
     tree:add(f.version, tvb(off, 2))
     tree:add(f.suite, tvb(off + 2, 2))
     local version = tvb(off, 2):uint()
@@ -255,10 +257,10 @@ local function dissect_server_hello(tvb, tree, off, limit)
     end
     if version == VERSION_1 then tree:add_proto_expert_info(ef.old_version) end
     -- The ServerHello's layout is the same in versions 1 and 2.
-    if off + 4 + RANDOM_SIZE > limit then return end
+    if off + 4 + RANDOM_SIZE > limit then return false end
     tree:add(f.random, tvb(off + 4, RANDOM_SIZE))
     local p = vec16(tree, tvb, off + 4 + RANDOM_SIZE, limit, f.x25519_len, f.x25519, X25519_SIZE, "X25519 key")
-    if p == nil then return end
+    if p == nil then return false end
     p = vec16(tree, tvb, p, limit, f.kem_len, f.kem_ct, MLKEM768_CIPHERTEXT_SIZE, "ML-KEM-768 ciphertext")
     if p ~= nil and p ~= limit then
         tree:add_proto_expert_info(ef.malformed, string.format("%d trailing bytes (a peer refuses this hello)", limit - p))
@@ -342,10 +344,11 @@ local function dissect_frame(tvb, pinfo, tree, off, ftype, blen, side, key)
     t:add(f.length, tvb(off + 1, 4))
     t:add(f.frame_size, size):set_generated()
     local body, limit = off + FRAME_HEADER_SIZE, off + size
-    if ftype == FRAME_CLIENT_HELLO then
-        dissect_client_hello(tvb, t, body, limit)
-    elseif ftype == FRAME_SERVER_HELLO then
-        dissect_server_hello(tvb, t, body, limit)
+    if ftype == FRAME_CLIENT_HELLO or ftype == FRAME_SERVER_HELLO then
+        local dissect = ftype == FRAME_CLIENT_HELLO and dissect_client_hello or dissect_server_hello
+        if dissect(tvb, t, body, limit) == false then
+            t:add_proto_expert_info(ef.malformed, "truncated: a field runs past the body (a peer refuses this hello)")
+        end
     elseif ftype == FRAME_ALERT then
         name = dissect_alert(tvb, t, body, limit)
     elseif ftype == FRAME_RECORD then
