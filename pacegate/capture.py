@@ -18,7 +18,8 @@ What the report checks, and how:
   show one nonce with two ciphertexts (a nonce reused under one key: for v1 the same (device,
   counter), for v2 the same (device, boot epoch, counter), since v2's key is per epoch); a
   version the dissector does not know, or a malformed reading, is a finding, never a crash.
-  The PQ channel ports must carry nothing but channel frames (hellos, then AES-256-GCM records).
+  The PQ channel ports must carry nothing but channel frames (hellos or an alert, then AES-256-GCM
+  records).
 
 The pcapng and the key log open in Wireshark (docs/wireshark.md gives the display filters).
 Capturing needs ``dumpcap`` (Debian's ``tshark`` package) and the right to capture on ``lo``.
@@ -75,7 +76,7 @@ CAPTURE_DEMO_DURATION_S = 6.0
 
 
 # docs/channel.md's frame types (pacegate.channel.wire.FrameType), as the dissector shows them.
-CHANNEL_CLIENT_HELLO, CHANNEL_SERVER_HELLO, CHANNEL_RECORD = 0x01, 0x02, 0x17
+CHANNEL_CLIENT_HELLO, CHANNEL_SERVER_HELLO, CHANNEL_ALERT, CHANNEL_RECORD = 0x01, 0x02, 0x15, 0x17
 
 
 class CaptureError(PacegateError):
@@ -118,6 +119,9 @@ class CaptureReport:
     sealed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     channel_handshakes: int = 0  # ClientHello frames
     channel_records: int = 0
+    channel_alerts: int = (
+        0  # a server refused a ClientHello (reason in pacegate.channel.alert.reason)
+    )
     channel_rekeys: int = 0  # KeyUpdateDone records (inferred from the handshake's shape)
     channel_unknown_frames: int = 0
     readings_searched: int = 0
@@ -475,6 +479,8 @@ def _dissector_checks(
                 report.channel_handshakes += 1
             elif code == CHANNEL_RECORD:
                 report.channel_records += 1
+            elif code == CHANNEL_ALERT:
+                report.channel_alerts += 1
             elif code != CHANNEL_SERVER_HELLO:
                 report.channel_unknown_frames += 1
     done = _tshark(
@@ -647,8 +653,8 @@ def _print_human(r: CaptureReport) -> None:
         f"{r.sealed_unknown_versions} / {r.sealed_malformed}",
     )
     t.add_row(
-        "PQ channel handshakes / records / rekeys (dissector)",
-        f"{r.channel_handshakes} / {r.channel_records} / {r.channel_rekeys}",
+        "PQ channel handshakes / alerts / records / rekeys (dissector)",
+        f"{r.channel_handshakes} / {r.channel_alerts} / {r.channel_records} / {r.channel_rekeys}",
     )
     t.add_row("readings searched for in clear", str(r.readings_searched))
     t.add_row("readings found in clear", str(len(r.plaintext_findings)))

@@ -28,6 +28,9 @@ import pytest
 from pacegate import layout, sealed
 from pacegate.channel import ChannelIdentity, connect, kem, serve, session, wire
 from pacegate.channel import keyschedule as ks
+from pacegate.channel.admission import HELLO_MAX_SKEW_SECONDS
+from pacegate.channel.identity import MAX_NAME_SIZE
+from pacegate.channel.wire import ClientHello
 from pacegate.identity import TELEMETRY_FILTER
 from pacegate.layout import WorkLayout
 from pacegate.reading import READING_SIZE
@@ -115,10 +118,33 @@ def test_channel_dissector_constants_are_the_channel_wire_formats() -> None:
     assert c["FRAME_CLIENT_HELLO"] == wire.FrameType.CLIENT_HELLO
     assert c["FRAME_SERVER_HELLO"] == wire.FrameType.SERVER_HELLO
     assert c["FRAME_RECORD"] == wire.FrameType.RECORD
-    assert {c["FRAME_CLIENT_HELLO"], c["FRAME_SERVER_HELLO"], c["FRAME_RECORD"]} == {
-        int(t) for t in wire.FrameType
+    assert c["FRAME_ALERT"] == wire.FrameType.ALERT
+    frames = ("FRAME_CLIENT_HELLO", "FRAME_SERVER_HELLO", "FRAME_ALERT", "FRAME_RECORD")
+    assert {c[n] for n in frames} == {int(t) for t in wire.FrameType}
+    assert c["VERSION_1"] == session.VERSION_1
+    assert c["VERSION_2"] == session.VERSION_2 == session.PROTOCOL_VERSION
+    text = lua_paths()[LUA_FILES.index("pacegate_channel.lua")].read_text()
+    known = re.search(r"^local KNOWN_VERSIONS = \{(.*)\}", text, re.M)
+    assert known is not None
+    names = re.findall(r"\[([A-Z0-9_]+)\] = true", known.group(1))
+    # a version the channel speaks must be one the dissector can lay out
+    assert set(session.SUPPORTED_VERSIONS) <= {c[n] for n in names}
+    reasons = re.search(r"^local alert_reasons = \{\n(.*?)^\}", text, re.M | re.S)
+    assert reasons is not None
+    assert {int(n) for n in re.findall(r"\[(\d+)\] =", reasons.group(1))} == {
+        int(r) for r in wire.AlertReason
     }
     assert c["MAX_HELLO_BODY"] == session.MAX_HELLO_BODY
+    assert c["MAX_ALERT_BODY"] == session.MAX_ALERT_BODY
+    assert c["MAX_NAME_SIZE"] == MAX_NAME_SIZE
+    hello = ClientHello(
+        (session.VERSION_2,), (session.SUITE_HYBRID_V1,), bytes(32), 0, "a", "b", b"", b""
+    )
+    me = ChannelIdentity.generate("a")
+    signature = ks.sign_transcript(me.private_key, ks.HELLO_SIGNATURE_CONTEXT, hello.signed_part())
+    assert c["MLDSA65_SIGNATURE_SIZE"] == len(signature)
+    assert c["TIME_MS_SIZE"] == len(struct.pack(">Q", 0))
+    assert c["KEY_UPDATE_REQUEST_RECORD"] == 1 + ks.TAG_SIZE
     assert c["MAX_FRAME_BODY"] == wire.MAX_FRAME_BODY
     assert c["TAG_SIZE"] == ks.TAG_SIZE
     assert c["RANDOM_SIZE"] == wire.RANDOM_SIZE
@@ -326,15 +352,28 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
             "pacegate.channel.hello.x25519_length",
             "pacegate.channel.hello.kem_length",
             "pacegate.channel.hello.offered_version",
+            "pacegate.channel.hello.client",
+            "pacegate.channel.hello.server",
+            "pacegate.channel.hello.time_ms",
+            "frame.time_epoch",
+            "pacegate.channel.hello.signature_length",
         ],
         home=home,
         extra=opts,
     )
     assert {int(r[0]) for r in hellos} == {hospital, cloud}
-    for _port, size, x_len, k_len, offered in hellos:
+    # each hop's hello names its own two ends (the server name is what stops a relay)
+    ends = {hospital: ("gateway", "hospital"), cloud: ("hospital", "cloud")}
+    for port, size, x_len, k_len, offered, client, server, time_ms, at, sig_len in hellos:
+        assert (client, server) == ends[int(port)]
         assert int(x_len) == 32 and int(k_len) == kem.MLKEM768_PUBLIC_KEY_SIZE
-        assert int(size) == wire.FRAME_HEADER_SIZE + 1 + 2 + 1 + 2 + 32 + 2 + 32 + 2 + 1184
-        assert int(offered, 16) == 1
+        assert int(sig_len) == 3309
+        names = 1 + len(client) + 1 + len(server)
+        signed = 1 + 2 + 1 + 2 + 32 + 8 + names + 2 + 32 + 2 + 1184
+        assert int(size) == wire.FRAME_HEADER_SIZE + signed + 2 + 3309
+        assert int(offered, 16) == session.PROTOCOL_VERSION
+        # the client's clock, as the dissector reads it, is the capture's (same machine)
+        assert abs(int(time_ms) / 1000 - float(at)) < HELLO_MAX_SKEW_SECONDS
     replies = fields(
         out, "pacegate.channel.type == 0x02",
         ["pacegate.channel.hello.kem_length", "pacegate.channel.hello.suite"],
@@ -349,10 +388,16 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
     assert len(auths) == len(hellos)
     assert report["channel_handshakes"] == len(hellos)
     assert report["channel_records"] > 0 and report["channel_unknown_frames"] == 0
+    assert report["channel_alerts"] == 0  # no hello of the demo's own services was refused
 
 
 # -- a real channel session with rekeys -----------------------------------------------------
-async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
+async def _session_with_rekeys(
+    pcap: Path, messages: int, *, server_asks: bool = False
+) -> tuple[int, int]:
+    """One real session of ``messages`` echoes, rekeyed every 4 records: by the client, or
+    (``server_asks``) by a client that would never rekey on its own, at the server's request."""
+    server_records, client_records = (4, 10**6) if server_asks else (65536, 4)
     hospital = ChannelIdentity.generate("hospital")
     gateway = ChannelIdentity.generate("gateway")
 
@@ -366,6 +411,7 @@ async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
         identity=hospital,
         allowed_clients={"gateway": gateway.public_key},
         on_session=echo,
+        rekey_after_records=server_records,
     )
     port = server.sockets[0].getsockname()[1]
     errors = pcap.with_suffix(".dumpcap.log")
@@ -388,7 +434,7 @@ async def _session_with_rekeys(pcap: Path, messages: int) -> tuple[int, int]:
             identity=gateway,
             server_name="hospital",
             server_key=hospital.public_key,
-            rekey_after_records=4,
+            rekey_after_records=client_records,
         )
         for i in range(messages):
             await stream.send(b"reading batch %d" % i)
@@ -424,18 +470,52 @@ def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -
         home=home,
         extra=opts,
     )
-    kinds = [r[1] for r in rows]
-    assert kinds[:2] == ["ClientAuth", "ServerAuth"]
+    assert [r[1] for r in rows[:2]] == ["ClientAuth", "ServerAuth"]
+    # one packet may carry several records: their fields are joined by ";" (every record
+    # after the two handshake ones has an epoch, so the columns line up)
+    frames = [f for r in rows[2:] for f in zip(*(c.split(";") for c in r), strict=True)]
+    kinds = [k for _d, k, _e, _s in frames]
     assert kinds.count("KeyUpdateDone") == rekeys
     assert kinds.count("KeyUpdate") >= rekeys
     # after each rekey the client's records start again at sequence 0 of the next epoch
-    client = [(int(e), int(s)) for d, k, e, s in rows[2:] if d.startswith("client") and e]
+    client = [(int(e), int(s)) for d, k, e, s in frames if d.startswith("client") and e]
     epochs = [e for e, _ in client]
     assert epochs == sorted(epochs) and max(epochs) == rekeys
     for epoch in range(1, rekeys + 1):
         assert min(s for e, s in client if e == epoch) == 0
     done = fields(pcap, "pacegate.channel.rekey", ["pacegate.channel.rekey"], home=home, extra=opts)
     assert len(done) >= 2 * rekeys  # the server's and the client's switch to the new keys
+
+
+@pytest.mark.tshark
+@needs_capture
+def test_dissector_shows_the_servers_key_update_requests_of_a_real_session(
+    tmp_path: Path,
+) -> None:
+    pcap = tmp_path / "asked.pcapng"
+    port, rekeys = asyncio.run(_session_with_rekeys(pcap, 20, server_asks=True))
+    assert rekeys >= 3
+    home = tmp_path / "home"
+    opts = ["-o", f"pacegate.channel.ports:{port}"]
+    rows = fields(
+        pcap,
+        "pacegate.channel.type == 0x17",
+        ["pacegate.channel.direction", "pacegate.channel.record.content"],
+        home=home,
+        extra=opts,
+    )
+    # one packet may carry several frames: their fields are joined by ";"
+    frames = [f for d, k in rows for f in zip(d.split(";"), k.split(";"), strict=True)]
+    asked = [d for d, k in frames if k == "KeyUpdateRequest"]
+    assert asked and all(d.startswith("server") for d in asked)
+    # every rekey was asked for (this client never starts one); one more request may be
+    # left unanswered when the client closes
+    assert rekeys <= len(asked) <= rekeys + 1
+    kinds = [k for _d, k in frames]
+    assert kinds.count("KeyUpdateDone") == rekeys
+    for i, k in enumerate(kinds):
+        if k == "KeyUpdate":  # each KeyUpdate follows the server's request
+            assert "KeyUpdateRequest" in kinds[:i]
 
 
 # -- hand-built packets: unknown versions and frame types --------------------------------
@@ -667,3 +747,102 @@ def test_channel_dissector_skips_unknown_frame_types_and_flags_oversized_ones(
     assert fields(pcap, "pacegate.channel.too_large", ["frame.number"], home=home) == [["3"]]
     rec = fields(pcap, "pacegate.channel.record.tag", ["pacegate.channel.record.tag"], home=home)
     assert rec == [[bytes(16).hex()]]
+
+
+def _client_hello(versions: tuple[int, ...], time_ms: int) -> bytes:
+    """A real version-2 ClientHello frame, signed by a fresh ML-DSA-65 key."""
+    me = ChannelIdentity.generate("gateway")
+    unsigned = ClientHello(
+        versions,
+        (session.SUITE_HYBRID_V1,),
+        bytes(range(32)),
+        time_ms,
+        "gateway",
+        "hospital",
+        bytes(32),
+        bytes(kem.MLKEM768_PUBLIC_KEY_SIZE),
+    )
+    sig = ks.sign_transcript(me.private_key, ks.HELLO_SIGNATURE_CONTEXT, unsigned.signed_part())
+    hello = ClientHello(*[getattr(unsigned, n) for n in ClientHello.__slots__][:-1], sig)
+    return wire.frame(wire.FrameType.CLIENT_HELLO, hello.encode())
+
+
+@needs_tshark
+def test_channel_dissector_shows_v2_hello_fields_alerts_and_unknown_versions(
+    tmp_path: Path,
+) -> None:
+    time_ms = 1_700_000_123_456
+    v2 = _client_hello((session.VERSION_2,), time_ms)
+    alert = wire.frame(wire.FrameType.ALERT, bytes([wire.AlertReason.STALE_HELLO]))
+    # version 1's layout: no time, names or signature (peers refuse it; it is still readable)
+    v1_body = (
+        bytes([1]) + struct.pack(">H", session.VERSION_1) + bytes([1]) + struct.pack(">H", 1)
+        + bytes(32) + struct.pack(">H", 32) + bytes(32)
+        + struct.pack(">H", kem.MLKEM768_PUBLIC_KEY_SIZE) + bytes(kem.MLKEM768_PUBLIC_KEY_SIZE)
+    )  # fmt: skip
+    v1 = wire.frame(wire.FrameType.CLIENT_HELLO, v1_body)
+    # a hello offering only a version from the future: flagged, its body not guessed
+    future = wire.frame(
+        wire.FrameType.CLIENT_HELLO,
+        bytes([1]) + struct.pack(">H", 0x0009) + bytes([1]) + struct.pack(">H", 1) + bytes(40),
+    )
+    future_reply = wire.frame(
+        wire.FrameType.SERVER_HELLO, struct.pack(">HH", 0x0009, 1) + bytes(40)
+    )
+    long_alert = wire.frame(wire.FrameType.ALERT, bytes(2))
+    # a hello cut short inside its signature, and an empty one: flagged, no Lua error
+    cut = wire.frame(wire.FrameType.CLIENT_HELLO, v2[wire.FRAME_HEADER_SIZE : -100])
+    empty = wire.frame(wire.FrameType.CLIENT_HELLO, b"")
+    pcap = tmp_path / "v2.pcap"
+    pcap.write_bytes(
+        _pcap(
+            [
+                (41000, 8884, v2[:1000]),  # split: the dissector reassembles the hello
+                (41000, 8884, v2[1000:]),
+                (8884, 41000, alert),
+                (41001, 8884, v1),
+                (41002, 8884, future),
+                (8884, 41002, future_reply),
+                (8884, 41003, long_alert),
+                (41004, 8884, cut),
+                (41005, 8884, empty),
+            ]
+        )
+    )
+    home = tmp_path / "home"
+    names = [
+        "frame.number",
+        "pacegate.channel.hello.client",
+        "pacegate.channel.hello.server",
+        "pacegate.channel.hello.time_ms",
+        "pacegate.channel.hello.signature_length",
+        "pacegate.channel.hello.layout",
+        "pacegate.channel.frame_size",
+    ]
+    rows = fields(pcap, "pacegate.channel.type == 0x01", names, home=home)
+    assert [r[0] for r in rows] == ["2", "4", "5", "8", "9"]
+    _n, client, server, t, sig_len, layout_v, size = rows[0]
+    assert (client, server, int(t), int(sig_len)) == ("gateway", "hospital", time_ms, 3309)
+    assert int(layout_v, 16) == session.VERSION_2 and int(size) == len(v2)
+    assert rows[1][1:5] == ["", "", "", ""] and int(rows[1][5], 16) == session.VERSION_1
+    assert rows[2][1:6] == ["", "", "", "", ""]  # unknown version: nothing guessed
+    # every new field filters
+    by_server = fields(pcap, 'pacegate.channel.hello.server == "hospital"', ["frame.number"],
+                       home=home)  # fmt: skip
+    assert by_server == [["2"], ["8"]]
+    when = fields(pcap, "pacegate.channel.hello.time", ["pacegate.channel.hello.time"], home=home)
+    assert when[0] == ["Nov 14, 2023 22:15:23.456000000 UTC"]  # time_ms as a UTC time
+    early = 'pacegate.channel.hello.time < "2023-11-14 22:15:24Z"'
+    assert fields(pcap, early, ["frame.number"], home=home) == [["2"], ["8"]]
+    late = 'pacegate.channel.hello.time > "2023-11-14 22:15:24Z"'
+    assert fields(pcap, late, ["frame.number"], home=home) == []
+    alerts = fields(
+        pcap, "pacegate.channel.alert.reason == 2", ["frame.number", "_ws.col.Info"], home=home
+    )
+    assert [a[0] for a in alerts] == ["3"] and "Alert (stale)" in alerts[0][1]
+    assert fields(pcap, "pacegate.channel.old_version", ["frame.number"], home=home) == [["4"]]
+    unknown = fields(pcap, "pacegate.channel.unknown_version", ["frame.number"], home=home)
+    assert unknown == [["5"], ["6"]]
+    assert fields(pcap, "pacegate.channel.too_large", ["frame.number"], home=home) == [["7"]]
+    malformed = fields(pcap, "pacegate.channel.malformed", ["frame.number"], home=home)
+    assert malformed == [["8"], ["9"]]
