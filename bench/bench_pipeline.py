@@ -305,6 +305,7 @@ def serve_plain_broker(config: Path) -> None:
             }
             Broker.__init__(self, conf, plugin_namespace="pacegate.broker.plugins")
             self._watch_task = None
+            self._init_registry()
 
         def _connection_identity(self, incoming: Any) -> tuple[str | None, bytes | None]:
             # no TLS, so no certificate: the claimed client id stands in for the identity
