@@ -160,12 +160,18 @@ class StrictHandler(DeliveringHandler):
         others: set[asyncio.Task[None]] = set()
         self._reader_ready.set()
         try:
-            while self.reader is not None:
+            # a refusal decided in a packet's task (see handle_puback) ends the loop too
+            while self.reader is not None and self.refused is None:
                 if len(publishing) >= MAX_INCOMING_IN_FLIGHT:
                     await asyncio.wait(publishing, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    frame = await asyncio.wait_for(read_frame(self.reader, self._limit), idle)
+                    # asyncio.timeout, not wait_for: before 3.12 wait_for drops a
+                    # cancellation that arrives as the read completes (cpython gh-86296,
+                    # fixed by gh-96764), so stop() never ended the reader of a
+                    # connection flooding packets
+                    async with asyncio.timeout(idle):
+                        frame = await read_frame(self.reader, self._limit)
                     if frame is None:
                         break
                     packets.check_client_packet(frame)
