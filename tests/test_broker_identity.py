@@ -6,6 +6,8 @@ the behaviour is MQTT's own; the embedded broker alone where it is pacegate's pr
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -287,3 +289,73 @@ def test_unknown_puback_flood_closes_the_connection_and_logs_a_bounded_number_of
     _assert_closed_with_one_event(broker, "too_many_unknown_acks")
     lines = broker.log_text().splitlines()[before:]
     assert len(lines) <= EVENT_BURST + 10, f"{len(lines)} log lines for {flood} PUBACKs"
+
+
+# -- independent clients: Debian's mosquitto_pub / mosquitto_sub ----------------------
+def _mosquitto_client(tool: str, broker: BrokerHandle, identity: str, *args: str) -> list[str]:
+    from tests.support import identity_files
+
+    assert shutil.which(tool), f"{tool} missing: ./dev setup installs mosquitto-clients"
+    cert, key = identity_files(broker.pki, identity)
+    return [
+        tool,
+        "-h",
+        broker.host,
+        "-p",
+        str(broker.port),
+        "--cafile",
+        str(broker.pki.ca_cert),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "-i",
+        identity,
+        "-V",
+        "mqttv311",
+        *args,
+    ]
+
+
+def test_mosquitto_pub_retained_message_reaches_no_later_mosquitto_sub(
+    broker: BrokerHandle, request: pytest.FixtureRequest
+) -> None:
+    if broker.kind == "mosquitto":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="the generated mosquitto.conf keeps retained messages: the "
+                "broker-mosquitto area's fix",
+            )
+        )
+    pub = _mosquitto_client(
+        "mosquitto_pub", broker, "pm-0001", "-t", TOPIC, "-m", "retained-bytes", "-q", "1", "-r"
+    )
+    subprocess.run(pub, capture_output=True, timeout=30, check=False)
+    sub = _mosquitto_client(
+        "mosquitto_sub", broker, "gateway", "-t", "pacemakers/#", "-q", "1", "-C", "1", "-W", "3"
+    )
+    got = subprocess.run(sub, capture_output=True, timeout=30, check=False)
+    assert b"retained-bytes" not in got.stdout, "a later subscriber got the retained message"
+    if broker.kind == "embedded":
+        assert any(e.get("reason") == "retain_refused" for e in _security_events(broker))
+
+
+def test_mosquitto_pub_qos2_is_refused_and_its_qos1_reaches_the_gateway(
+    embedded_broker: BrokerHandle,
+) -> None:
+    broker = embedded_broker
+    gw = _gateway(broker)
+    try:
+        for qos, payload in (("2", "at-qos-2"), ("1", "at-qos-1")):
+            cmd = _mosquitto_client(
+                "mosquitto_pub", broker, "pm-0001", "-t", TOPIC, "-m", payload, "-q", qos
+            )
+            subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+        assert wait_until(lambda: (TOPIC, b"at-qos-1") in gw.messages)
+        assert (TOPIC, b"at-qos-2") not in gw.messages
+        assert [
+            e["reason"] for e in _security_events(broker) if e["event"] == "packet_refused"
+        ] == [packets.QOS2_REFUSED]
+    finally:
+        gw.close()
