@@ -15,7 +15,7 @@ import pytest
 from pacegate.broker import packets
 from pacegate.broker.strict import MAX_UNKNOWN_ACKS
 from pacegate.identity import telemetry_topic
-from pacegate.log import EVENT_BURST
+from pacegate.log import EVENT_BURST, EVENT_WINDOW_S, SUPPRESSED_EVENT
 from pacegate.pki import revoke_device
 from tests.support import (
     BrokerHandle,
@@ -289,6 +289,13 @@ def test_unknown_puback_flood_closes_the_connection_and_logs_a_bounded_number_of
     _assert_closed_with_one_event(broker, "too_many_unknown_acks")
     lines = broker.log_text().splitlines()[before:]
     assert len(lines) <= EVENT_BURST + 10, f"{len(lines)} log lines for {flood} PUBACKs"
+    # the ignored ones beyond the burst are counted, and reported in one summary line once
+    # the rate-limit window is over
+    broker.wait_for_log(SUPPRESSED_EVENT, timeout=EVENT_WINDOW_S + 10)
+    summaries = [e for e in _security_events(broker) if e["event"] == SUPPRESSED_EVENT]
+    assert len(summaries) == 1, summaries
+    assert summaries[0]["suppressed_event"] == "puback_ignored"
+    assert summaries[0]["suppressed"] == MAX_UNKNOWN_ACKS - EVENT_BURST
 
 
 # -- independent clients: Debian's mosquitto_pub / mosquitto_sub ----------------------
