@@ -115,3 +115,10 @@ def test_random_bytes_are_judged_or_refused_never_crash() -> None:
                 check(frame)
             except PacketRefused as exc:
                 assert exc.reason in packets.REASONS
+
+
+def test_every_packet_refusal_reason_is_documented() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "pki-and-broker.md").read_text()
+    assert [r for r in packets.REASONS if f"`{r}`" not in doc] == []
