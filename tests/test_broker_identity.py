@@ -18,6 +18,7 @@ from pacegate.identity import telemetry_topic
 from pacegate.log import EVENT_BURST, EVENT_WINDOW_S, SUPPRESSED_EVENT
 from pacegate.pki import revoke_device
 from tests.support import (
+    PINGREQ,
     BrokerHandle,
     MqttClient,
     RawMqtt,
@@ -366,3 +367,29 @@ def test_mosquitto_pub_qos2_is_refused_and_its_qos1_reaches_the_gateway(
         ] == [packets.QOS2_REFUSED]
     finally:
         gw.close()
+
+
+def test_a_peer_that_never_reads_cannot_queue_work_without_bound(
+    embedded_broker: BrokerHandle,
+) -> None:
+    """PINGREQ and SUBSCRIBE answered into a socket the peer never reads: the broker stops
+    reading that peer (TCP back-pressure) instead of queueing a task per packet."""
+    import psutil
+
+    broker = embedded_broker
+    proc = psutil.Process(broker.proc.pid)
+    flood = b"".join([PINGREQ, subscribe_packet("pacemakers/#", packet_id=7)] * 20_000)
+    with RawMqtt(broker, "pm-0001") as dev:
+        dev.connect("pm-0001")
+        before = proc.memory_info().rss
+        dev.sock.settimeout(10.0)
+        try:
+            dev.sock.sendall(flood)  # blocks once the broker stops reading: that is the point
+        except TimeoutError:
+            pass
+        time.sleep(2.0)
+        grown = proc.memory_info().rss - before
+        assert grown < 30 * 1024 * 1024, f"broker RSS grew by {grown >> 20} MB"
+    with RawMqtt(broker, "pm-0002") as other:  # still serving
+        other.connect("pm-0002")
+        assert other.alive()

@@ -123,6 +123,10 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     Hook(_BROKER_HANDLER, "handle_unsubscribe", params=("unsubscribe",)),
     Hook(_BROKER_HANDLER, "handle_pingreq", params=("pingreq",)),
     Hook(_BROKER_HANDLER, "_disconnect_waiter", kind="attr"),
+    Hook(_BROKER_HANDLER, "_pending_subscriptions", kind="attr", why="bounded in strict.py"),
+    Hook(_BROKER_HANDLER, "_pending_unsubscriptions", kind="attr", why="bounded in strict.py"),
+    Hook("amqtt.mqtt.protocol.broker_handler", "Subscription", kind="member"),
+    Hook("amqtt.mqtt.protocol.broker_handler", "UnSubscription", kind="member"),
     # -- packets and adapters (strict.py decodes from bytes already judged) --------------
     Hook("amqtt.mqtt", "packet_class", params=("fixed_header",)),
     Hook(

@@ -11,9 +11,10 @@ replaces that loop:
   ``packet_refused`` security event and no traceback;
 - only then does amqtt decode it (from the bytes in hand); a decoding failure is refused
   the same way;
-- at most :data:`MAX_INCOMING_IN_FLIGHT` PUBLISH of one connection are handled at once;
-  beyond that the reader stops reading (TCP pushes back on the peer), so a fast publisher
-  cannot queue tasks without bound;
+- at most :data:`MAX_INCOMING_IN_FLIGHT` packets of one connection are handled at once;
+  beyond that the reader stops reading (TCP pushes back on the peer), so a fast publisher,
+  or a peer that sends PINGREQ or SUBSCRIBE and never reads the answers, cannot queue
+  tasks without bound;
 - a PUBACK for a packet id the broker is not waiting for is ignored, counted and, past
   :data:`MAX_UNKNOWN_ACKS` on one connection, closes it (400 KB of them once made amqtt
   log 100,000 lines);
@@ -33,6 +34,7 @@ from typing import Any
 from amqtt.adapters import BufferReader, ReaderAdapter
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
@@ -45,11 +47,17 @@ log = logging.getLogger("pacegate.broker")
 
 COMPONENT = "broker"
 
-# PUBLISH of one connection handled at once. The device simulator keeps at most 32 in
-# flight (device_sim.device.MAX_IN_FLIGHT) and paho 20 by default; a peer with more waits
-# (the reader stops reading), so the broker holds at most this many payloads per
-# connection, and max_connections times that in all.
+# Packets of one connection handled at once (PUBLISH waiting for their relay and PUBACK,
+# PINGRESP/SUBACK writes into a socket the peer does not read, ...). The device simulator
+# keeps at most 32 PUBLISH in flight (device_sim.device.MAX_IN_FLIGHT) and paho 20 by
+# default; a peer with more waits (the reader stops reading, TCP pushes back), so the
+# broker holds at most this many packets per connection, and max_connections times that
+# in all. (Without it, 20,000 PINGREQ+SUBSCRIBE from a peer that never reads grew the
+# broker by 63 MB: one task per packet.)
 MAX_INCOMING_IN_FLIGHT = 64
+# SUBSCRIBE/UNSUBSCRIBE waiting for the broker's session loop (amqtt's queues are
+# unbounded); a full queue holds its packet's task, which the bound above counts.
+MAX_PENDING_SUBSCRIPTIONS = 16
 # PUBACKs for unknown packet ids tolerated on one connection before it is closed: a
 # duplicate PUBACK now and then is harmless; hundreds are a peer that is broken or probing.
 MAX_UNKNOWN_ACKS = 100
@@ -132,6 +140,12 @@ class StrictHandler(DeliveringHandler):
         self._is_revoked = is_revoked
         self.unknown_acks = 0
         self.refused: str | None = None  # the reason this connection was closed for
+        self._pending_subscriptions: asyncio.Queue[Subscription] = asyncio.Queue(
+            MAX_PENDING_SUBSCRIPTIONS
+        )
+        self._pending_unsubscriptions: asyncio.Queue[UnSubscription] = asyncio.Queue(
+            MAX_PENDING_SUBSCRIPTIONS
+        )
 
     def _peer(self) -> str | None:
         session = self.session
@@ -156,14 +170,13 @@ class StrictHandler(DeliveringHandler):
         assert self.session is not None and self._reader_ready is not None
         keep_alive = self.session.keep_alive
         idle = keep_alive * KEEPALIVE_GRACE if keep_alive > 0 else None
-        publishing: set[asyncio.Task[None]] = set()
-        others: set[asyncio.Task[None]] = set()
+        handling: set[asyncio.Task[None]] = set()
         self._reader_ready.set()
         try:
             # a refusal decided in a packet's task (see handle_puback) ends the loop too
             while self.reader is not None and self.refused is None:
-                if len(publishing) >= MAX_INCOMING_IN_FLIGHT:
-                    await asyncio.wait(publishing, return_when=asyncio.FIRST_COMPLETED)
+                if len(handling) >= MAX_INCOMING_IN_FLIGHT:
+                    await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
                     # asyncio.timeout, not wait_for: before 3.12 wait_for drops a
@@ -184,14 +197,13 @@ class StrictHandler(DeliveringHandler):
                     break
                 task = self._dispatch(frame.packet_type, packet)
                 if task is not None:
-                    bucket = publishing if frame.packet_type == packets.PUBLISH else others
-                    bucket.add(task)
-                    task.add_done_callback(bucket.discard)
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
                     task.add_done_callback(self._task_failed)
         except asyncio.CancelledError:
             pass
         finally:
-            for task in (*publishing, *others):
+            for task in handling:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await self.handle_connection_closed()
