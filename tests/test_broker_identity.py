@@ -5,6 +5,7 @@ the behaviour is MQTT's own; the embedded broker alone where it is pacegate's pr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -393,3 +394,83 @@ def test_a_peer_that_never_reads_cannot_queue_work_without_bound(
     with RawMqtt(broker, "pm-0002") as other:  # still serving
         other.connect("pm-0002")
         assert other.alive()
+
+
+class _MemoryWriter:
+    """What a StrictHandler writes, kept in memory (the unit tests below have no socket)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        return None
+
+    def get_peer_info(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+    def get_ssl_info(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _HeldReader:
+    """Gives ``data``, then waits as an idle peer would (no end of stream)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._data:
+            await asyncio.Event().wait()
+        chunk, self._data = self._data[:n], self._data[n:]
+        return chunk
+
+    def feed_eof(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("revoked", [False, True], ids=["valid", "revoked"])
+async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
+    revoked: bool,
+) -> None:
+    """The relay-time check: whatever the CRL watcher's timing, once the broker's revoked
+    set holds the connection's serial, its PUBLISH is neither relayed nor acknowledged."""
+    from amqtt.session import Session
+
+    from pacegate.broker.strict import StrictHandler
+
+    relayed: list[bytes] = []
+
+    async def deliver(_handler: object, message: object) -> bool:
+        relayed.append(bytes(message.data))  # type: ignore[attr-defined]
+        return True
+
+    session = Session()
+    session.client_id = "pm-0001"
+    writer = _MemoryWriter()
+    handler = StrictHandler(
+        None,  # type: ignore[arg-type]
+        deliver=deliver,
+        limit=4096,
+        source="127.0.0.1",
+        is_revoked=lambda: revoked,
+    )
+    handler.attach(session, _HeldReader(publish_packet(TOPIC, b"reading", packet_id=9)), writer)  # type: ignore[arg-type]
+    await handler.start()
+    for _ in range(500):  # until the PUBLISH has been judged (or 5 s)
+        if relayed or handler.refused or b"\x40\x02" in writer.data:
+            break
+        await asyncio.sleep(0.01)
+    await handler.stop()
+    if revoked:
+        assert relayed == [] and handler.refused == "certificate_revoked"
+        assert b"\x40\x02\x00\x09" not in writer.data  # no PUBACK
+    else:
+        assert relayed == [b"reading"] and handler.refused is None
+        assert b"\x40\x02\x00\x09" in writer.data  # PUBACK for packet id 9
