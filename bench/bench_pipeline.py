@@ -92,7 +92,7 @@ from device_sim.mqtt import (  # noqa: E402
     TlsStream,
     await_connack,
 )
-from hospital.keyring import Keyring  # noqa: E402
+from hospital.keyring import ChainKeys, Keyring  # noqa: E402
 from pacegate.endpoints import Endpoints  # noqa: E402
 from pacegate.layout import DEFAULT_HOST, WorkLayout  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
@@ -106,11 +106,13 @@ from pacegate.sealed import (  # noqa: E402
 from pacegate.stack import (  # noqa: E402
     StackError,
     choose_endpoints,
+    mosquitto_binary,
     prepare_workdir,
     running_stack,
     scrape,
     wait_for_listen,
     write_configs,
+    write_mosquitto_config,
 )
 
 HOST = DEFAULT_HOST
@@ -125,6 +127,10 @@ _HEADER = struct.Struct(">BQ")
 _FRAME = struct.Struct(">I")
 GENESIS = bytes(32)
 STORED = "pacegate_hospital_stored_total"
+# the steady load of the latency figures (the issue's goal: p99 <= 50 ms at this rate)
+LATENCY_RATE = 1000.0
+# how often the hospital's stored counter is read during it: the latency resolution
+LATENCY_SAMPLE_S = 0.005
 BATCHES = "pacegate_hospital_batches_total"
 
 
@@ -248,6 +254,16 @@ class NullKeyring(Keyring):
     def decrypt(self, token: bytes) -> bytes:
         return token
 
+    def integrity(self, version: int) -> ChainKeys:
+        super().integrity(version)  # the same refusal of an unknown version
+        return NullChainKeys(version, bytes(32))
+
+
+class NullChainKeys(ChainKeys):
+    """Row keys in clear, constant chain links and MACs."""
+
+    __slots__ = ()
+
     def row_key(self, device_id: str, counter: int) -> bytes:
         return device_id.encode() + b"\x00" + counter.to_bytes(8, "big")
 
@@ -257,6 +273,9 @@ class NullKeyring(Keyring):
     def head_mac(self, seq: int, chain: bytes) -> bytes:
         return GENESIS
 
+    def anchor_mac(self, seq: int, chain: bytes) -> bytes:
+        return GENESIS
+
 
 # == the plaintext services (run as `bench_pipeline.py --serve NAME -c FILE`) ==============
 def serve_plain_broker(config: Path) -> None:
@@ -264,6 +283,7 @@ def serve_plain_broker(config: Path) -> None:
     from amqtt.broker import Broker
 
     from pacegate.broker.config import BrokerConfig, load_broker_config
+    from pacegate.broker.delivery import GatewayAcks
     from pacegate.broker.plugins import CertIdentityAuthPlugin, TopicAclPlugin, device_may
     from pacegate.broker.server import (
         PACKET_OVERHEAD,
@@ -305,6 +325,8 @@ def serve_plain_broker(config: Path) -> None:
             }
             Broker.__init__(self, conf, plugin_namespace="pacegate.broker.plugins")
             self._watch_task = None
+            # end-to-end acknowledgement, as in production
+            self.acks = GatewayAcks(self._is_gateway)
             self._init_registry()
 
         def _connection_identity(self, incoming: Any) -> tuple[str | None, bytes | None]:
@@ -421,8 +443,18 @@ class PlainStack:
 
     work: WorkLayout
     endpoints: Endpoints
+    broker: str = "embedded"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Any] = field(default_factory=list)
+
+    def _argv(self, name: str, config: Path) -> list[str]:
+        if name == "broker" and self.broker == "mosquitto":
+            return [
+                mosquitto_binary(),
+                "-c",
+                str(write_plain_mosquitto_config(self.work, self.endpoints)),
+            ]
+        return [sys.executable, str(Path(__file__).resolve()), "--serve", name, str(config)]
 
     def start(self) -> None:
         ep = self.endpoints
@@ -437,7 +469,7 @@ class PlainStack:
                 log_file = open(self.work.logs_dir / f"plain-{name}.log", "a")  # noqa: SIM115
                 self.logs.append(log_file)
                 proc = subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve()), "--serve", name, str(config)],
+                    self._argv(name, config),
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -472,11 +504,29 @@ class PlainStack:
         self.logs.clear()
 
 
+def write_plain_mosquitto_config(work: WorkLayout, ep: Endpoints) -> Path:
+    """pacegate's Mosquitto configuration with the TLS listener as an identity: plain TCP,
+    no certificates, so no certificate identity for the ACL either (anonymous clients, no
+    ACL file; Mosquitto's ACL check is a C string match, not what the ratio measures).
+    Persistence as in the secured run."""
+    path = work.root / "mosquitto-plain.conf"
+    head = ["user root"] if os.geteuid() == 0 else []
+    secured = write_mosquitto_config(work, ep, overwrite=True).read_text().splitlines()
+    keep = [
+        line
+        for line in secured[: secured.index(next(x for x in secured if x.startswith("listener")))]
+        if not line.startswith(("acl_file", "allow_anonymous", "user "))
+    ]
+    lines = [*head, *keep, "allow_anonymous true", f"listener {ep.mqtt[1]} {ep.mqtt[0]}"]
+    path.write_text("\n".join([*lines, "protocol mqtt", "max_connections 10000", ""]))
+    return path
+
+
 @contextlib.contextmanager
-def running_plain_stack(work: WorkLayout) -> Iterator[PlainStack]:
+def running_plain_stack(work: WorkLayout, broker: str = "embedded") -> Iterator[PlainStack]:
     ep = choose_endpoints(prefer_defaults=False)
     write_configs(work, ep, overwrite=True)
-    stack = PlainStack(work, ep)
+    stack = PlainStack(work, ep, broker=broker)
     stack.start()
     try:
         yield stack
@@ -510,16 +560,9 @@ class RepeatResult:
         return self.readings / self.seconds
 
 
-async def drive(
-    work: WorkLayout,
-    ep: Endpoints,
-    device_ids: list[str],
-    per_device: int,
-    pids: dict[str, int],
-    *,
-    plain: bool,
-) -> RepeatResult:
-    """Connect the devices, queue ``per_device`` readings on each, time until all stored."""
+def _devices(
+    work: WorkLayout, ep: Endpoints, device_ids: list[str], per_device: int, *, plain: bool
+) -> list[SimulatedDevice]:
     pki = work.pki
     gate = asyncio.Semaphore(16)
     devices: list[SimulatedDevice] = []
@@ -543,6 +586,107 @@ async def drive(
                 buffer_limit=per_device + 1,
             )
         )
+    return devices
+
+
+def latency_percentiles(published: list[float], stored: list[tuple[float, int]]) -> list[float]:
+    """Per-reading latency from the two cumulative curves: reading k (in publish order) is
+    taken as committed at the first sample where the hospital's stored count reached k
+    (FIFO: exact for one device, an estimate across devices; resolution: the sampling
+    interval). ``published``: times, ascending; ``stored``: (time, count), ascending."""
+    out: list[float] = []
+    j = 0
+    for k, t_pub in enumerate(published, start=1):
+        while j < len(stored) and stored[j][1] < k:
+            j += 1
+        if j == len(stored):
+            break
+        out.append(max(0.0, stored[j][0] - t_pub))
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def steady_latency(
+    work: WorkLayout,
+    ep: Endpoints,
+    device_ids: list[str],
+    *,
+    rate: float,
+    seconds: float,
+    plain: bool,
+) -> dict[str, float]:
+    """Readings at a steady ``rate`` (all devices together, round robin) for ``seconds``;
+    latency from the device's publish to the hospital's commit (its stored counter,
+    sampled every :data:`LATENCY_SAMPLE_S`), as p50/p95/p99 in ms."""
+    n = max(1, int(rate * seconds))
+    devices = _devices(work, ep, device_ids, n // len(device_ids) + 1, plain=plain)
+    radios = [asyncio.create_task(d.stay_connected()) for d in devices]
+    published: list[float] = []
+    samples: list[tuple[float, int]] = []
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            while not all(d.connected for d in devices):
+                await asyncio.sleep(POLL_S)
+        base = (await asyncio.to_thread(_stored, ep))["stored"]
+        if base < 0:
+            raise StackError("cannot read the hospital's metrics")
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                count = (await asyncio.to_thread(_stored, ep))["stored"] - base
+                samples.append(((t0 + time.perf_counter()) / 2, int(count)))
+                if count >= n:
+                    done.set()
+                await asyncio.sleep(LATENCY_SAMPLE_S)
+
+        sampler = asyncio.create_task(sample())
+        start = time.perf_counter()
+        i = 0
+        while i < n:
+            due = min(n, int((time.perf_counter() - start) * rate) + 1)
+            while i < due:
+                devices[i % len(devices)].take_reading(1.0 / rate, datetime.now(UTC))
+                published.append(time.perf_counter())
+                i += 1
+            await asyncio.sleep(0.001)
+        achieved = n / (time.perf_counter() - start)
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await done.wait()
+        await sampler
+    finally:
+        for d in devices:
+            d.disconnect()
+        for t in radios:
+            t.cancel()
+        await asyncio.gather(*radios, return_exceptions=True)
+    lat = latency_percentiles(published, samples)
+    return {
+        "readings": n,
+        "offered_readings_per_s": round(achieved, 1),
+        "p50": round(1000 * _percentile(lat, 0.50), 1),
+        "p95": round(1000 * _percentile(lat, 0.95), 1),
+        "p99": round(1000 * _percentile(lat, 0.99), 1),
+        "sample_interval_ms": round(1000 * LATENCY_SAMPLE_S, 1),
+    }
+
+
+async def drive(
+    work: WorkLayout,
+    ep: Endpoints,
+    device_ids: list[str],
+    per_device: int,
+    pids: dict[str, int],
+    *,
+    plain: bool,
+) -> RepeatResult:
+    """Connect the devices, queue ``per_device`` readings on each, time until all stored."""
+    devices = _devices(work, ep, device_ids, per_device, plain=plain)
     radios = [asyncio.create_task(d.stay_connected()) for d in devices]
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -593,11 +737,17 @@ def pids_of_secured(stack: Any) -> dict[str, int]:
 
 
 def run_secured(
-    root: Path, devices: int, per_device: int, repeats: int
-) -> tuple[list[RepeatResult], list[str]]:
+    root: Path,
+    devices: int,
+    per_device: int,
+    repeats: int,
+    *,
+    broker: str = "embedded",
+    latency_s: float = 0.0,
+) -> tuple[list[RepeatResult], list[str], dict[str, float] | None]:
     work = WorkLayout(root)
     ids = prepare_workdir(work, devices)
-    with running_stack(work, overwrite_configs=True, log_level="WARNING") as stack:
+    with running_stack(work, overwrite_configs=True, log_level="WARNING", broker=broker) as stack:
         pids = pids_of_secured(stack)
         warm = max(1, per_device // 5)  # not counted: first sessions, caches, file growth
         asyncio.run(drive(work, stack.endpoints, ids, warm, pids, plain=False))
@@ -605,28 +755,49 @@ def run_secured(
             asyncio.run(drive(work, stack.endpoints, ids, per_device, pids, plain=False))
             for _ in range(repeats)
         ]
+        latency = None
+        if latency_s > 0:
+            latency = asyncio.run(
+                steady_latency(
+                    work, stack.endpoints, ids, rate=LATENCY_RATE, seconds=latency_s, plain=False
+                )
+            )
         stack.check_alive()
-    return results, ids
+    return results, ids, latency
 
 
 def run_plain(
-    root: Path, pki_root: Path, ids: list[str], per_device: int, repeats: int
-) -> list[RepeatResult]:
+    root: Path,
+    pki_root: Path,
+    ids: list[str],
+    per_device: int,
+    repeats: int,
+    *,
+    broker: str = "embedded",
+    latency_s: float = 0.0,
+) -> tuple[list[RepeatResult], dict[str, float] | None]:
     work = WorkLayout(root)
     root.mkdir(parents=True, exist_ok=True)
     if not work.pki.root.exists():
         work.pki.root.symlink_to(pki_root, target_is_directory=True)
-    with running_plain_stack(work) as stack:
+    with running_plain_stack(work, broker) as stack:
         pids = stack.pids() | {"devices": os.getpid()}
         asyncio.run(drive(work, stack.endpoints, ids, max(1, per_device // 5), pids, plain=True))
         results = [
             asyncio.run(drive(work, stack.endpoints, ids, per_device, pids, plain=True))
             for _ in range(repeats)
         ]
+        latency = None
+        if latency_s > 0:
+            latency = asyncio.run(
+                steady_latency(
+                    work, stack.endpoints, ids, rate=LATENCY_RATE, seconds=latency_s, plain=True
+                )
+            )
         for name, proc in stack.procs.items():
             if proc.poll() is not None:
                 raise StackError(f"plaintext {name} exited with {proc.returncode}")
-    return results
+    return results, latency
 
 
 # == handshakes =============================================================================
@@ -730,10 +901,11 @@ def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
     )
     ring = Keyring.create(tmp / "bench-keyring.json")
     pt = encode_plaintext(IngestItem("pm-0001", 5, reading))
-    rk = ring.row_key("pm-0001", 5)
+    keys = ring.integrity(ring.current_mac_version)
+    rk = keys.row_key("pm-0001", 5)
     fernet = _per_op(lambda: ring.encrypt(pt), n)
-    hmacs = _per_op(lambda: ring.row_key("pm-0001", 5), n) + _per_op(
-        lambda: ring.chain_link(GENESIS, 5, rk, pt), n
+    hmacs = _per_op(lambda: keys.row_key("pm-0001", 5), n) + _per_op(
+        lambda: keys.chain_link(GENESIS, 5, rk, pt), n
     )
 
     # one channel record each way per batch: AES-256-GCM seal + open of a batch-sized message
@@ -779,8 +951,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pacegate-bench-pipeline-") as tmp:
         base = Path(tmp)
         t_start = time.perf_counter()
-        secured, ids = run_secured(base / "secured", args.devices, per_device, args.repeats)
-        plain = run_plain(base / "plain", base / "secured" / "pki", ids, per_device, args.repeats)
+        secured, ids, latency = run_secured(
+            base / "secured",
+            args.devices,
+            per_device,
+            args.repeats,
+            broker=args.broker,
+            latency_s=args.latency_seconds,
+        )
+        plain, plain_latency = run_plain(
+            base / "plain",
+            base / "secured" / "pki",
+            ids,
+            per_device,
+            args.repeats,
+            broker=args.broker,
+            latency_s=args.latency_seconds,
+        )
         hs = asyncio.run(handshake_costs(base / "secured" / "pki", args.handshakes))
         batches = sum(r.batches for r in secured)
         per_batch = sum(r.readings for r in secured) / max(batches, 1)
@@ -801,8 +988,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     ms, mp = _median(secured), _median(plain)
     return {
+        "broker": args.broker,
         "devices": args.devices,
         "readings_per_repeat": per_device * args.devices,
+        # device publish -> row committed at a steady LATENCY_RATE readings/s (ms)
+        "latency_ms": latency,
+        "latency_ms_plaintext": plain_latency,
         "repeats": args.repeats,
         "throughput": {
             "secured_readings_per_s": round(ms.rate, 1),
@@ -834,8 +1025,9 @@ def print_table(r: dict[str, Any]) -> None:
     t, h, c = r["throughput"], r["handshake"], r["cpu"]
     out = sys.stdout
     print(
-        f"pacegate end to end: {r['devices']} devices, {r['readings_per_repeat']} readings per"
-        f" repeat, {r['repeats']} repeats (median), {t['readings_per_batch']} readings/batch",
+        f"pacegate end to end ({r['broker']} broker): {r['devices']} devices,"
+        f" {r['readings_per_repeat']} readings per repeat, {r['repeats']} repeats (median),"
+        f" {t['readings_per_batch']} readings/batch",
         file=out,
     )
     print(f"  {'':34}{'secured':>12}{'plaintext':>12}{'ratio':>8}", file=out)
@@ -873,6 +1065,15 @@ def print_table(r: dict[str, Any]) -> None:
         ("tcp_connect", "TCP connect"),
     ):
         print(f"  {label:44}{h[name]['median_ms']:>9.3f}{h[name]['mean_ms']:>9.3f}", file=out)
+    for key, label in (("latency_ms", "secured"), ("latency_ms_plaintext", "plaintext")):
+        lat = r.get(key)
+        if lat:
+            print(
+                f"latency publish -> committed, {label}, {lat['offered_readings_per_s']:,.0f}"
+                f" readings/s offered: p50 {lat['p50']} ms, p95 {lat['p95']} ms,"
+                f" p99 {lat['p99']} ms",
+                file=out,
+            )
     print(f"  PQ / TLS 1.3: {h['pq_over_tls13']}x; bench took {r['bench_seconds']} s", file=out)
 
 
@@ -882,6 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readings", type=int, default=15000, help="readings per repeat")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--handshakes", type=int, default=50)
+    ap.add_argument("--broker", choices=("embedded", "mosquitto"), default="embedded")
+    ap.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of steady load at 1,000 readings/s for the latency figures (0: none)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--serve", nargs=2, metavar=("SERVICE", "CONFIG"), help=argparse.SUPPRESS)
@@ -892,6 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.devices, args.readings, args.repeats, args.handshakes = 2, 100, 1, 3
+        args.latency_seconds = min(args.latency_seconds, 1.0)
     if min(args.devices, args.readings, args.repeats, args.handshakes) < 1:
         ap.error("--devices, --readings, --repeats and --handshakes must be >= 1")
     result = run(args)

@@ -5,8 +5,9 @@
 One run, on a fresh database in a temporary directory (or DIR), with the service's settings
 (WAL, synchronous=FULL, secure_delete). Reports readings/s for ``store_batch`` at several
 batch sizes (each batch is one fsynced transaction, as the service commits before the
-ACK), for a duplicate re-send, for ``iter_readings`` (decrypt + parse), for ``rotate-key``
-and for ``verify``.
+ACK, and the head is anchored, fsynced, outside the database), for a duplicate re-send, for
+``iter_readings`` (decrypt + parse), for the analytics' value scan with and without the
+chain check, for ``verify``, ``rotate-key`` and ``rotate-key --integrity``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def run(root: Path, total: int) -> dict[str, object]:
         streamed = sum(len(b) for b in store.iter_readings(batch_size=1000))
         out["iter_readings_per_s"] = rate(streamed, time.perf_counter() - t)
 
+        for checked in (False, True):
+            t = time.perf_counter()
+            n = sum(len(a) for a, _ in store.iter_reading_values(check_chain=checked))
+            name = "values_scan_chain_checked" if checked else "values_scan"
+            out[f"{name}_rows_per_s"] = rate(n, time.perf_counter() - t)
+
         t = time.perf_counter()
         report = store.verify()
         out["verify_rows_per_s"] = rate(report.rows, time.perf_counter() - t)
@@ -75,6 +82,10 @@ def run(root: Path, total: int) -> dict[str, object]:
         t = time.perf_counter()
         rot = store.rotate_key()
         out["rotate_rows_per_s"] = rate(rot.reencrypted, time.perf_counter() - t)
+
+        t = time.perf_counter()
+        store.rotate_key(integrity=True)
+        out["rotate_integrity_rows_per_s"] = rate(stored, time.perf_counter() - t)
     db = root / "readings.db"
     out["db_bytes_per_reading"] = round(db.stat().st_size / max(stored, 1), 1)
     return out

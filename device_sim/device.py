@@ -21,6 +21,7 @@ import logging
 import random
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -126,6 +127,8 @@ class SimulatedDevice:
     max_in_flight: int = MAX_IN_FLIGHT
     keepalive: int = KEEPALIVE_S
     stats: DeviceStats = field(default_factory=DeviceStats)
+    # called with (device_id, counter) for each reading the broker acknowledged
+    on_acknowledged: Callable[[str, int], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_limit < 1:
@@ -240,11 +243,13 @@ class SimulatedDevice:
                 self._pump()
                 while True:
                     for event in await conn.read_events():
-                        if (
-                            isinstance(event, PubAck)
-                            and self._in_flight.pop(event.packet_id, None) is not None
-                        ):
+                        if not isinstance(event, PubAck):
+                            continue
+                        item = self._in_flight.pop(event.packet_id, None)
+                        if item is not None:
                             self.stats.acknowledged += 1
+                            if self.on_acknowledged is not None:
+                                self.on_acknowledged(self.device_id, item.counter)
                     self._pump()
             except (ConnectionLost, OSError, ssl.SSLError) as exc:
                 log.debug("%s: connection lost: %s", self.device_id, exc)

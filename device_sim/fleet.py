@@ -87,6 +87,33 @@ class DeviceBundle:
     psk: bytes
 
 
+class AckedLog:
+    """``--acked-log FILE``: one JSON line per reading the broker acknowledged,
+    ``{"device_id": "pm-0001", "counter": 17}``, appended as the PUBACKs arrive (flushed at
+    every line, so that a killed simulator leaves what it had seen). What a pacemaker would
+    delete from its buffer: an audit compares it with what the hospital stored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+
+    def record(self, device_id: str, counter: int) -> None:
+        self._file.write(json.dumps({"device_id": device_id, "counter": counter}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_acked_log(path: Path) -> list[tuple[str, int]]:
+    """The (device_id, counter) pairs of an ``--acked-log`` file, in order."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out.append((str(entry["device_id"]), int(entry["counter"])))
+    return out
+
+
 def read_endpoint(work: WorkLayout) -> Endpoint:
     """The broker endpoint from ``endpoints.json`` (written by ``pacegate up``), or the default."""
     host, port = (read_endpoints(work) or Endpoints()).mqtt
@@ -183,6 +210,7 @@ async def run_fleet(
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Callable[[FleetProgress], None] | None = None,
     stop: asyncio.Event | None = None,
+    acked_log: Path | None = None,
 ) -> FleetSummary:
     """Run ``count`` enrolled devices of ``work`` for ``duration`` seconds at ``rate`` Hz each
     (or until ``stop`` is set), then drain and disconnect."""
@@ -196,6 +224,7 @@ async def run_fleet(
     prepared = await asyncio.to_thread(_prepare, pki, ids, counter_block)
     gate = asyncio.Semaphore(connect_concurrency)
     rng = random.Random(seed)
+    audit = AckedLog(acked_log) if acked_log is not None else None
     devices = [
         SimulatedDevice(
             device_id=bundle.device_id,
@@ -207,6 +236,7 @@ async def run_fleet(
             connect_gate=gate,
             backoff=Backoff(random.Random(derive_seed(seed, "backoff:" + bundle.device_id))),
             buffer_limit=buffer_limit,
+            on_acknowledged=audit.record if audit is not None else None,
         )
         for bundle, ctx, store in prepared
     ]
@@ -255,6 +285,8 @@ async def run_fleet(
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
+        if audit is not None:
+            audit.close()
     elapsed = loop.time() - started
     totals = _totals(devices)
     if progress is not None:
@@ -339,6 +371,8 @@ def main(args: argparse.Namespace) -> int:
                 duration=args.duration,
                 seed=getattr(args, "seed", 0),
                 counter_block=getattr(args, "counter_block", DEFAULT_BLOCK),
+                drain_s=getattr(args, "drain", DEFAULT_DRAIN_S),
+                acked_log=getattr(args, "acked_log", None),
                 progress=show,
             )
         )

@@ -593,11 +593,12 @@ class MqttConnection:
 
     def close(self, *, graceful: bool = True) -> None:
         """Send DISCONNECT (if ``graceful``) and close without waiting for the peer."""
+        if not graceful:
+            # also when the TLS layer already ended (close_notify): the socket may not have
+            self._tls.abort()
+            return
         if self._tls.is_closing():
             return  # already closing (gracefully, flushing DISCONNECT): leave it be
-        if graceful:
-            with contextlib.suppress(Exception):
-                self._tls.write(self.protocol.disconnect())
-            self._tls.close()
-        else:
-            self._tls.abort()
+        with contextlib.suppress(Exception):
+            self._tls.write(self.protocol.disconnect())
+        self._tls.close()

@@ -49,6 +49,11 @@ class GatewayMetrics:
             "times the spool was full and the gateway paused MQTT",
             registry=r,
         )
+        self.duplicates_held = Counter(
+            "pacegate_gateway_duplicates_held",
+            "copies of a not-yet-durable reading whose ack waited for the first copy's",
+            registry=r,
+        )
         self.hospital_up = Gauge(
             "pacegate_gateway_hospital_connected", "1 while the hospital channel is up", registry=r
         )

@@ -33,12 +33,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from gateway.config import GatewayConfig, GatewayConfigError, load_gateway_config
 from gateway.forwarder import ChannelStream, Connector, Forwarder, Pending
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import UNKNOWN_DEVICE, Accepted, PipelineState, Rejected, process
+from gateway.pipeline import REPLAY, UNKNOWN_DEVICE, Accepted, PipelineState, Rejected, process
 from gateway.replay_store import ReplayStore
 from gateway.spool import Spool
 from pacegate.errors import ConfigError
 from pacegate.keystore import PskStore
 from pacegate.log import security_event
+from pacegate.replay import ReplayRejected, ReplayWindow
+from pacegate.sealed import SealedReadingError, parse_header
 from pacegate.tlsconf import client_context
 
 log = logging.getLogger("pacegate.gateway")
@@ -48,6 +50,12 @@ log = logging.getLogger("pacegate.gateway")
 SECURITY_EVENTS_PER_REASON_PER_S = 20
 MQTT_RECONNECT_MIN_S = 1
 MQTT_RECONNECT_MAX_S = 10
+# Copies of a reading that is accepted but not yet durable (a device resent it, DUP=1, while
+# the first copy was on its way to the hospital) whose acknowledgement waits for the first
+# copy's. Acknowledging such a copy at once would let the broker PUBACK the device for a
+# reading that a crash could still lose. Bounded: past it, a copy is not acknowledged at all
+# (the broker delivers it again on the next connection).
+MAX_HELD_ACKS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,9 @@ class Gateway:
         self._reload_requested = False
         self._event_budget: dict[str, tuple[int, int]] = {}
         self._stopping = False  # a disconnect we asked for (shutdown, spool full)
+        # (device, counter) accepted, not yet durable -> acks of its copies (MAX_HELD_ACKS)
+        self._held: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+        self._held_count = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -254,6 +265,8 @@ class Gateway:
                 self._current = item.generation
                 self.replay.reset_live()
                 self.forwarder.drop_queued()
+                self._held.clear()  # acks owed to the old connection are not sent
+                self._held_count = 0
                 continue
             self._handle(item)
 
@@ -284,7 +297,33 @@ class Gateway:
                 detail=result.detail,
                 size=len(msg.payload),
             )
+        # a replay is counted and logged like any refusal (the gateway cannot tell a
+        # device's resend from an attacker's copy); only its acknowledgement may wait
+        if result.reason == REPLAY and self._hold_ack(msg, result):
+            return  # acknowledged once the first copy is durable
         self._ack(msg.generation, msg.mid, msg.qos)  # refused for good: do not redeliver
+
+    def _hold_ack(self, msg: _Message, result: Rejected) -> bool:
+        """A copy of a reading whose first copy is accepted but not yet durable: keep its
+        ack until that one is (:meth:`_on_durable`). False: a plain replay (the reading is
+        durable already, or this is not a copy of an accepted one)."""
+        if result.device_id is None or msg.qos == 0:
+            return False
+        try:
+            counter = parse_header(msg.payload).counter
+        except SealedReadingError:
+            return False
+        durable = self.replay.durable(result.device_id)
+        if durable is not None and not _fresh(durable, counter):
+            return False  # durable: acknowledging the copy loses nothing
+        if self._held_count >= MAX_HELD_ACKS:
+            return True  # neither acknowledged nor counted: redelivered on reconnect
+        self._held.setdefault((result.device_id, counter), []).append(
+            (msg.generation, msg.mid, msg.qos)
+        )
+        self._held_count += 1
+        self.metrics.duplicates_held.inc()
+        return True
 
     def decide(self, topic: str, payload: bytes) -> Accepted | Rejected:
         """The pipeline's decision for one message, with the PSK store re-checked once.
@@ -321,6 +360,9 @@ class Gateway:
         self.replay.mark_durable((p.item.device_id, p.item.counter) for p in batch)
         for p in batch:
             self._ack(p.generation, p.mid, p.qos)
+            for generation, mid, qos in self._held.pop((p.item.device_id, p.item.counter), ()):
+                self._held_count -= 1
+                self._ack(generation, mid, qos)
 
     def _pause_mqtt(self) -> None:
         self._current = -1  # nothing in flight may be acked now
@@ -399,6 +441,14 @@ class Gateway:
         self.state.keys = keys
         log.info("PSK store reloaded: %d devices", len(keys))
         return True
+
+
+def _fresh(window: ReplayWindow, counter: int) -> bool:
+    try:
+        window.check(counter)
+    except ReplayRejected:
+        return False
+    return True
 
 
 def _stop_client(client: mqtt.Client) -> None:

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ import tenseal as ts
 from pacegate import analytics_wire as wire
 from pacegate import ckks
 from pacegate.configfile import ConfigSection
-from pacegate.errors import ConfigError, PacegateError
+from pacegate.errors import PacegateError
 from pacegate.layout import WorkLayout
 from pacegate.reading import (
     AGE_MAX,
@@ -59,6 +59,7 @@ from pacegate.reading import (
     HEART_RATE_PLAUSIBLE_MAX,
     HEART_RATE_PLAUSIBLE_MIN,
     Reading,
+    parse_time_option,
 )
 
 log = logging.getLogger("pacegate.analysis")
@@ -327,6 +328,9 @@ class AnalysisReport:
     bytes_sent: int
     bytes_received: int
     timings: Timings
+    # rows 1..store_rows were checked against the chain and its anchor (0: not a store)
+    store_rows: int = 0
+    period: tuple[datetime | None, datetime | None] = (None, None)
 
     def failures(self) -> list[str]:
         out = []
@@ -381,6 +385,14 @@ class AnalysisReport:
                 "rows_wait": t.rows_wait,
             },
             "row_workers": t.row_workers,
+            # what the analysis covers: every row of the store (within --since/--until),
+            # each checked against the hash chain and the anchor first
+            "scope": {
+                "store_rows": self.store_rows,
+                "chain_verified": self.store_rows > 0,
+                "since": self.period[0].isoformat() if self.period[0] else None,
+                "until": self.period[1].isoformat() if self.period[1] else None,
+            },
         }
 
 
@@ -450,6 +462,7 @@ _WORKER_STORES: dict[tuple[str, str], Any] = {}
 def _decrypt_slice(
     db_path: str,
     keyring_path: str,
+    anchor_path: str,
     lo: int,
     hi: int,
     since: datetime | None,
@@ -463,11 +476,15 @@ def _decrypt_slice(
         if store is None:
             from hospital.store import SqliteReadingStore
 
-            store = SqliteReadingStore.open(Path(db_path), Path(keyring_path))
+            store = SqliteReadingStore.open(Path(db_path), Path(keyring_path), Path(anchor_path))
             _WORKER_STORES[(db_path, keyring_path)] = store
         ages: list[int] = []
         rates: list[int] = []
-        for batch_ages, batch_rates in store.iter_reading_values(since, until, seq_range=(lo, hi)):
+        # each slice checks its rows' links from the row before it: together the slices
+        # check the whole chain, as verify does
+        for batch_ages, batch_rates in store.iter_reading_values(
+            since, until, seq_range=(lo, hi), check_chain=True
+        ):
             ages += batch_ages
             rates += batch_rates
         chunk = chunk_from_columns(_int_column(ages), _int_column(rates))
@@ -489,6 +506,7 @@ class ParallelRows:
         self,
         db_path: Path,
         keyring_path: Path,
+        anchor_path: Path,
         bounds: tuple[int, int],
         settings: AnalysisSettings,
         timings: Timings,
@@ -496,7 +514,7 @@ class ParallelRows:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> None:
-        self._args = (str(db_path), str(keyring_path))
+        self._args = (str(db_path), str(keyring_path), str(anchor_path))
         self._bounds = bounds
         self._settings = settings
         self._timings = timings
@@ -671,18 +689,6 @@ async def analyze_chunks(
 # --- against a work directory: store + channel ---------------------------------------
 
 
-def _parse_time(value: str | None, option: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        ts_ = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(
-            None, option, f"{value!r} is not an ISO 8601 timestamp", fix="e.g. 2025-01-31T12:00:00Z"
-        ) from None
-    return ts_ if ts_.tzinfo else ts_.replace(tzinfo=UTC)
-
-
 async def run_analysis_async(
     work: WorkLayout,
     *,
@@ -694,12 +700,12 @@ async def run_analysis_async(
     """Analyse the work directory's store: the cloud endpoint and identities come from
     hospital.yaml. ``transport`` replaces the channel (tests, in-process benchmark)."""
     from hospital.config import load_hospital_config
-    from hospital.store import SqliteReadingStore
+    from hospital.store import SqliteReadingStore, StoreError
 
     cfg = load_hospital_config(work.hospital_config)
     if settings is None:
         settings = parse_analysis_settings(cfg.analysis)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
     stream: Any = None
     try:
         if transport is None:
@@ -722,20 +728,44 @@ async def run_analysis_async(
                     f"(endpoint from {cfg.path}: cloud.host/cloud.port)"
                 ) from None
             transport = stream
-        bounds = store.seq_bounds()
-        if settings.workers > 0 and bounds[1] - bounds[0] + 1 >= settings.parallel_min_rows:
+        # The store's integrity first: the head and its anchor (no rollback) here, every
+        # row's chain link as the rows are read, so a store verify would fail is refused.
+        # The analysis covers the whole store, rows 1..last (or the period within it).
+        try:
+            last = store.check_head()
+        except StoreError as exc:
+            raise AnalysisError(f"the store's integrity check failed: {exc}") from None
+        bounds = (1, last)
+        if settings.workers > 0 and last >= settings.parallel_min_rows:
             timings = Timings()
             rows = ParallelRows(
-                cfg.database, cfg.keyring, bounds, settings, timings, since=since, until=until
+                cfg.database,
+                cfg.keyring,
+                cfg.anchor,
+                bounds,
+                settings,
+                timings,
+                since=since,
+                until=until,
             )
             try:
                 rows.start()
-                return await analyze_chunks(rows.chunks(), transport, settings, timings)
+                report = await analyze_chunks(rows.chunks(), transport, settings, timings)
             finally:
                 rows.close()
-        timings = Timings()
-        values = store.iter_reading_values(since, until, settings.batch_size)
-        return await analyze_chunks(_value_chunks(values, timings), transport, settings, timings)
+        else:
+            timings = Timings()
+            values = store.iter_reading_values(
+                since, until, settings.batch_size, seq_range=(1, last + 1), check_chain=True
+            )
+            try:
+                report = await analyze_chunks(
+                    _value_chunks(values, timings), transport, settings, timings
+                )
+            except StoreError as exc:
+                raise AnalysisError(f"the store's integrity check failed: {exc}") from None
+        report.store_rows, report.period = last, (since, until)
+        return report
     finally:
         if stream is not None:
             await stream.close()
@@ -784,6 +814,15 @@ def print_table(report: dict[str, Any]) -> None:
             f"(rows decrypted by {report['row_workers']} processes beside the CKKS work: "
             "phases overlap; decrypt_rows is their summed time)"
         )
+    scope = report.get("scope") or {}
+    if scope.get("chain_verified"):
+        period = ""
+        if scope.get("since") or scope.get("until"):
+            period = f", readings from {scope.get('since') or '-'} to {scope.get('until') or '-'}"
+        console.print(
+            f"covers the whole store: rows 1-{scope['store_rows']}{period}, every row checked "
+            "against the hash chain and its anchor"
+        )
     if report["excluded_implausible"]:
         console.print(f"{report['excluded_implausible']} implausible readings left out")
     for failure in report["failures"]:
@@ -793,8 +832,8 @@ def print_table(report: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     """``pacegate analyze --workdir DIR [--since T] [--until T] [--json]``."""
     work = WorkLayout(Path(args.workdir).resolve())
-    since = _parse_time(args.since, "--since")
-    until = _parse_time(args.until, "--until")
+    since = parse_time_option(args.since, "--since")
+    until = parse_time_option(args.until, "--until")
     report = run_analysis(work, since=since, until=until)
     if args.json:
         print(json.dumps(report))

@@ -53,6 +53,7 @@ class HospitalConfig:
     allowed_gateways: dict[str, Path]
     database: Path
     keyring: Path
+    anchor: Path
     metrics_host: str
     metrics_port: int
     cloud: CloudEndpoint
@@ -103,11 +104,18 @@ def load_hospital_config(
         )
 
     store = root.section("store", required=True)
-    store.check_keys({"database", "keyring"})
+    store.check_keys({"database", "keyring", "anchor"})
     database = store.get_path("database", required=True)
     keyring = store.get_path("keyring", required=True)
     if keyring.resolve() == database.resolve():
         raise store.error("keyring", "is the database file", fix="use a separate keyring.json")
+    # the chain head's anchor (hospital/anchor.py): beside the database unless placed
+    # elsewhere, ideally on a volume that a restore of the database does not touch
+    anchor = store.get_path("anchor") if "anchor" in store.data else None
+    if anchor is None:
+        anchor = database.with_name(database.name + "-anchor")
+    if anchor.resolve() in (database.resolve(), keyring.resolve()):
+        raise store.error("anchor", "is the database or keyring file", fix="use its own file")
 
     metrics = root.section("metrics")
     metrics.check_keys({"host", "port"})
@@ -130,6 +138,7 @@ def load_hospital_config(
         allowed_gateways=gateways,
         database=database,
         keyring=keyring,
+        anchor=anchor,
         metrics_host=str(metrics.get("host", str, DEFAULT_HOST)),
         metrics_port=_port(metrics, "port", DEFAULT_HOSPITAL_METRICS_PORT, lo=0),
         cloud=cloud_ep,

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from hospital.config import HospitalConfig, load_hospital_config
-from hospital.store import ReadingStore, SqliteReadingStore
+from hospital.store import ReadingStore, SqliteReadingStore, StoreError
 from pacegate.channel import (
     ChannelClosed,
     ChannelServerStats,
@@ -233,7 +233,15 @@ async def run_service(
 ) -> int:
     identity = load_identity(cfg.identity_key, cfg.identity_name)
     allowed = {name: load_public_key(path) for name, path in cfg.allowed_gateways.items()}
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
+    if not store.anchor.exists():
+        store.close()
+        raise StoreError(
+            f"{store.anchor.path}: the chain-head anchor of {cfg.database} is missing: the "
+            "database may have been replaced or rolled back, and ingest would hide it. Run "
+            f"'pacegate hospital verify -c {cfg.path}'; once the store is known good, "
+            f"'pacegate hospital verify -c {cfg.path} --reanchor'"
+        )
     service = HospitalService(cfg, store)
     running_metrics = start_metrics(cfg, service.metrics)
     stop = stop or asyncio.Event()

@@ -1,17 +1,23 @@
 """The hospital's reading store: one Fernet token per reading in SQLite (WAL), idempotent on
-(device, counter), hash-chained so that deleting or reordering rows is detectable.
+(device, counter), hash-chained so that deleting or reordering rows is detectable, with the
+chain head anchored outside the database so that a rollback is detectable too.
 
 What a row holds (everything else is inside the token; see docs/hospital.md)::
 
     seq          INTEGER PRIMARY KEY  arrival order, 1, 2, 3, ... without gaps
     row_key      BLOB UNIQUE          HMAC(row-key, device_id || counter): the idempotence key
-    key_version  INTEGER              which Fernet key encrypted the token (drives rotation)
+    key_version  INTEGER              which Fernet key encrypted the token (a hint only: it
+                                      is not authenticated, and rotation never trusts it)
     token        BLOB                 Fernet(newest key, padded JSON of the reading + metadata)
     chain        BLOB                 HMAC(chain-key, prev chain || seq || row_key || SHA-256(pt))
 
-The chain head (last seq, last chain, and a MAC over both) lives in the ``meta`` table, so a
-removed tail is detected too. Re-encryption (``rotate-key``) changes ``token`` and
-``key_version`` only; the plaintext, hence the chain, is unchanged.
+Row key and chain key derive from the integrity key whose version the head names. The chain
+head (integrity-key version, last seq, last chain, and a MAC over them) lives in the ``meta``
+table, so a removed tail is detected; after each commit it is also appended to the anchor
+log beside the database (:mod:`hospital.anchor`), so a truncated WAL or an older copy of
+the database is detected. Re-encryption (``rotate-key``) changes ``token`` and
+``key_version`` only; ``rotate-key --integrity`` re-keys ``row_key`` and ``chain`` of every
+row in one transaction.
 
 Storage sits behind :class:`ReadingStore` so that a PostgreSQL backend can take over.
 """
@@ -21,7 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hmac
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -32,13 +40,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from hospital.keyring import InvalidToken, Keyring
+from hospital.anchor import AnchorRecord, HeadAnchor
+from hospital.keyring import ChainKeys, InvalidToken, Keyring
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE, SECRET_FILE_MODE
 from pacegate.reading import Reading
 
-SCHEMA_VERSION = 1
+# 2: the head names its integrity-key version, and is anchored outside the database
+SCHEMA_VERSION = 2
 GENESIS = bytes(32)
 # Plaintext is padded to a multiple of this, so token length does not reveal the length of
 # a device id or of a timestamp's fraction. 256 covers every device id (<= 64 characters).
@@ -49,6 +59,8 @@ ROTATE_BATCH = 200
 DEFAULT_ITER_BATCH = 1000
 # How long a writer waits for the other writer (ingest vs rotate-key) before failing.
 BUSY_TIMEOUT_MS = 30_000
+
+log = logging.getLogger("pacegate.hospital.store")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS readings ("
@@ -63,6 +75,11 @@ _SCHEMA = (
 
 class StoreError(PacegateError):
     """The store cannot do what was asked (wrong keyring, undecryptable row, ...)."""
+
+
+def default_anchor(db_path: Path) -> Path:
+    """Where the chain head is anchored when hospital.yaml does not say (``store.anchor``)."""
+    return db_path.with_name(db_path.name + "-anchor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +128,40 @@ class ReadingStore(Protocol):
 
     def seq_bounds(self) -> tuple[int, int]: ...
 
+    def iter_reading_values(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
+        check_chain: bool = False,
+    ) -> Iterator[tuple[list[int], list[int]]]: ...
+
+    # -- integrity: the chain, its anchor outside the store, key rotation ---------------------
+    def verify(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> VerifyReport:
+        """Every row against the chain, the head, and the anchor (rollback); and, given a
+        head recorded earlier off the host, against that too."""
+        ...
+
+    def scan(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> ChainScan:
+        """:meth:`verify` row by row, each row with its reading and its problems."""
+        ...
+
+    def check_head(self) -> int:
+        """The head and the anchor, cheaply; the last row they vouch for."""
+        ...
+
+    def reanchor(self) -> tuple[VerifyReport, list[AnchorRecord] | None]: ...
+
+    def rotate_key(
+        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True, integrity: bool = False
+    ) -> RotationReport: ...
+
     def close(self) -> None: ...
 
 
@@ -145,7 +196,10 @@ def decode_plaintext(plaintext: bytes) -> StoredReading:
 @dataclass(frozen=True)
 class VerifyProblem:
     seq: int | None
-    kind: str  # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch
+    # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch |
+    # unknown_integrity_key | anchor_missing | anchor_damaged | rolled_back | anchor_mismatch |
+    # behind_recorded_head | recorded_head_mismatch (verify --expect-head)
+    kind: str
     detail: str
 
 
@@ -154,11 +208,18 @@ class VerifyReport:
     rows: int = 0
     last_seq: int = 0
     head_chain: bytes = GENESIS
+    head_version: int = 0  # the integrity-key version the chain is under
     problems: list[VerifyProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def head_token(self) -> str:
+        """``VERSION:SEQ:CHAIN`` (hex): what to record off the host, and give back to
+        ``verify --expect-head`` later."""
+        return f"{self.head_version}:{self.last_seq}:{self.head_chain.hex()}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,26 +227,414 @@ class VerifyReport:
             "rows": self.rows,
             "last_seq": self.last_seq,
             "head_chain": self.head_chain.hex(),
+            "head": self.head_token,
             "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in self.problems],
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class RotationReport:
     new_version: int
     reencrypted: int
     retired: list[int]
+    new_mac_version: int | None = None  # set when the integrity key was rotated too
+    retired_mac: list[int] = field(default_factory=list)
 
 
-# -- the SQLite store -------------------------------------------------------------------------
+# the kinds that compare the database with its anchor outside it
+ANCHOR_PROBLEMS = frozenset({"anchor_missing", "anchor_damaged", "rolled_back", "anchor_mismatch"})
+
+
+def _describe(p: VerifyProblem) -> str:
+    where = f"row {p.seq}" if p.seq is not None else "head"
+    return f"{where}: {p.kind}: {p.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRow:
+    """One row of a :class:`ChainScan`: the reading (None when the token does not decrypt
+    or parse) and what is wrong with the row (empty when it is whole)."""
+
+    seq: int
+    record: StoredReading | None
+    problems: tuple[VerifyProblem, ...] = ()
+
+
+class ChainScan:
+    """One pass over every row, each decrypted and checked against the chain, in one read
+    snapshot on a connection of its own (so a long export never holds the store's lock).
+    Runs once; ``report`` is complete when the iteration ends."""
+
+    def __init__(
+        self, store: SqliteReadingStore, batch_size: int, expect: RecordedHead | None = None
+    ) -> None:
+        self._store = store
+        self._expect = expect
+        self._batch_size = batch_size
+        self._started = False
+        self._keys: ChainKeys | None = None
+        self.report = VerifyReport()
+
+    def __iter__(self) -> Iterator[list[CheckedRow]]:
+        if self._started:
+            raise RuntimeError("a ChainScan runs once")
+        self._started = True
+        store = self._store
+        with store._lock:
+            store.keyring.refresh()
+        # the anchor first, the snapshot second: ingest anchors a head only after its
+        # commit, so an anchor read now never names a row the snapshot cannot hold
+        records = store.anchor.records()
+        conn = _read_only(store.db_path)
+        try:
+            conn.execute("BEGIN")  # one read snapshot for the whole walk
+            head = _head_of(conn)
+            version = head.version if head is not None else _db_mac_version(conn, store.keyring)
+            self._keys = (
+                store.keyring.integrity(version)
+                if version is not None and store.keyring.has_mac_version(version)
+                else None
+            )
+            if self._keys is None:
+                self.report.problems.append(
+                    VerifyProblem(
+                        None,
+                        "unknown_integrity_key",
+                        f"the keyring holds no integrity key version {version}: rows cannot "
+                        "be checked against the chain",
+                    )
+                )
+            best = _best_anchor(records or [], store.keyring, version)
+            anchor_seq = best.seq if best is not None else -1
+            chain_at_anchor = GENESIS if anchor_seq == 0 else None
+            expect_seq = self._expect.seq if self._expect is not None else -1
+            chain_at_expect = GENESIS if expect_seq == 0 else None
+            prev_seq, prev_chain = 0, GENESIS
+            cur = conn.execute("SELECT seq, row_key, token, chain FROM readings ORDER BY seq")
+            while rows := cur.fetchmany(self._batch_size):
+                out = []
+                for seq, row_key, token, chain in rows:
+                    out.append(self._check(prev_seq, prev_chain, seq, row_key, token, chain))
+                    prev_seq, prev_chain = seq, chain
+                    if seq == anchor_seq:
+                        chain_at_anchor = chain
+                    if seq == expect_seq:
+                        chain_at_expect = chain
+                self.report.rows += len(rows)
+                yield out
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        self._check_head(head, prev_seq, prev_chain)
+        self.report.problems += _anchor_problems(
+            store.anchor, records, best, version, prev_seq, chain_at_anchor
+        )
+        self.report.head_version = version or 0
+        if self._expect is not None:
+            self.report.problems += _recorded_problems(
+                self._expect, version, prev_seq, chain_at_expect
+            )
+
+    def _check(
+        self, prev_seq: int, prev_chain: bytes, seq: int, row_key: bytes, token: bytes, chain: bytes
+    ) -> CheckedRow:
+        kr, keys = self._store.keyring, self._keys
+        problems = []
+        if seq != prev_seq + 1:
+            span = (
+                f"row {prev_seq + 1}" if seq == prev_seq + 2 else f"rows {prev_seq + 1}-{seq - 1}"
+            )
+            problems.append(VerifyProblem(seq, "missing_rows", f"{span} deleted"))
+        try:
+            plaintext = kr.decrypt(token)
+            record = decode_plaintext(plaintext)
+        except (InvalidToken, ValueError, KeyError, TypeError):
+            problems.append(
+                VerifyProblem(seq, "undecryptable", "token altered, or its key is not held")
+            )
+            self.report.problems += problems
+            return CheckedRow(seq, None, tuple(problems))
+        if keys is not None:
+            problems += _row_problems(keys, prev_chain, seq, row_key, chain, plaintext, record)
+        self.report.problems += problems
+        return CheckedRow(seq, record, tuple(problems))
+
+    def _check_head(self, head: Head | None, last_seq: int, last_chain: bytes) -> None:
+        report = self.report
+        report.last_seq, report.head_chain = last_seq, last_chain
+        report.problems += _head_problems(head, self._keys, last_seq, last_chain)
+
+
+def _row_problems(
+    keys: ChainKeys,
+    prev_chain: bytes,
+    seq: int,
+    row_key: bytes,
+    chain: bytes,
+    plaintext: bytes,
+    record: StoredReading,
+) -> list[VerifyProblem]:
+    """What is wrong with one decrypted row against its predecessor's chain value."""
+    problems = []
+    if keys.row_key(record.device_id, record.counter) != row_key:
+        problems.append(VerifyProblem(seq, "row_key_mismatch", "token moved here from another row"))
+    if keys.chain_link(prev_chain, seq, row_key, plaintext) != chain:
+        problems.append(
+            VerifyProblem(
+                seq,
+                "chain_mismatch",
+                "this row or its predecessor was modified, reordered or deleted",
+            )
+        )
+    return problems
+
+
+def _head_problems(
+    head: Head | None, keys: ChainKeys | None, last_seq: int, last_chain: bytes
+) -> list[VerifyProblem]:
+    if head is None:
+        return [VerifyProblem(None, "head_mismatch", "the chain head is missing or damaged")]
+    if keys is None:
+        return []  # already reported as unknown_integrity_key
+    if not hmac.compare_digest(head.mac, keys.head_mac(head.seq, head.chain)):
+        return [VerifyProblem(None, "head_mismatch", "the chain head was altered")]
+    if (head.seq, head.chain) != (last_seq, last_chain):
+        return [
+            VerifyProblem(
+                head.seq,
+                "head_mismatch",
+                f"the head names row {head.seq} but the last row is {last_seq}: "
+                "rows were removed from the end, or the chain rewritten",
+            )
+        ]
+    return []
+
+
+def _best_anchor(
+    records: list[AnchorRecord], keyring: Keyring, db_version: int | None
+) -> AnchorRecord | None:
+    """The anchor: the valid record with the highest seq (on a tie, the one under the
+    database's integrity key). Records that fail their MAC (a torn append, garbage, a
+    record under a retired key) are ignored."""
+    valid = [
+        r
+        for r in records
+        if keyring.has_mac_version(r.version)
+        and hmac.compare_digest(r.mac, keyring.integrity(r.version).anchor_mac(r.seq, r.chain))
+    ]
+    if not valid:
+        return None
+    return max(valid, key=lambda r: (r.seq, r.version == db_version))
+
+
+def _anchor_problems(
+    anchor: HeadAnchor,
+    records: list[AnchorRecord] | None,
+    best: AnchorRecord | None,
+    db_version: int | None,
+    last_seq: int,
+    chain_at_anchor: bytes | None,
+) -> list[VerifyProblem]:
+    """The database against its anchor. A database *ahead* of the anchor is fine (a crash
+    between commit and anchor leaves at most that batch unanchored, and unacknowledged)."""
+    fix = (
+        "restore the database from a backup at least as recent as the anchor, or, if this "
+        "state is known and wanted, accept it with 'pacegate hospital verify --reanchor'"
+    )
+    if records is None:
+        return [
+            VerifyProblem(
+                None,
+                "anchor_missing",
+                f"the chain-head anchor {anchor.path} is missing: the database cannot be "
+                f"checked for a rollback ({fix})",
+            )
+        ]
+    if best is None:
+        return [
+            VerifyProblem(
+                None, "anchor_damaged", f"{anchor.path} holds no valid head record ({fix})"
+            )
+        ]
+    if best.seq > last_seq:
+        span = f"row {best.seq}" if best.seq == last_seq + 1 else f"rows {last_seq + 1}-{best.seq}"
+        return [
+            VerifyProblem(
+                best.seq,
+                "rolled_back",
+                f"the anchor {anchor.path} names row {best.seq} but the database ends at row "
+                f"{last_seq}: the database or its WAL was truncated, or an older copy put "
+                f"back; {span} lost ({fix})",
+            )
+        ]
+    if best.version == db_version and chain_at_anchor != best.chain:
+        return [
+            VerifyProblem(
+                best.seq,
+                "anchor_mismatch",
+                f"row {best.seq} is not the one anchored in {anchor.path}: the chain up to "
+                f"it was rewritten ({fix})",
+            )
+        ]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedHead:
+    """A head recorded off the host (``VERSION:SEQ:CHAIN`` from an earlier verify): the one
+    anchor that a rollback of the database *and* its anchor file together cannot move."""
+
+    version: int
+    seq: int
+    chain: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> RecordedHead:
+        parts = text.strip().split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            version, seq, chain = int(parts[0]), int(parts[1]), bytes.fromhex(parts[2])
+            if version < 1 or seq < 0 or len(chain) != 32:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                None,
+                "--expect-head",
+                f"{text!r} is not VERSION:SEQ:CHAIN",
+                fix="give the 'head' that an earlier 'pacegate hospital verify' printed",
+            ) from None
+        return cls(version, seq, chain)
+
+
+def _recorded_problems(
+    expect: RecordedHead, version: int | None, last_seq: int, chain_at: bytes | None
+) -> list[VerifyProblem]:
+    if expect.seq > last_seq:
+        return [
+            VerifyProblem(
+                expect.seq,
+                "behind_recorded_head",
+                f"the recorded head names row {expect.seq} but the database ends at row "
+                f"{last_seq}: it was rolled back (with its anchor, if that verifies)",
+            )
+        ]
+    # a head recorded before an integrity-key rotation can only be compared by row number
+    if expect.version == version and chain_at != expect.chain:
+        return [
+            VerifyProblem(
+                expect.seq,
+                "recorded_head_mismatch",
+                f"row {expect.seq} is not the one recorded: the chain up to it was rewritten",
+            )
+        ]
+    return []
+
+
+def _read_only(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(
+        f"file:{db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+
+
+def _db_mac_version(conn: sqlite3.Connection, keyring: Keyring) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'keyring'").fetchone()
+    return keyring.mac_version_of(row[0]) if row is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The chain head in ``meta``: the integrity-key version the whole chain is under, the
+    last row and its chain value, and the MAC over them."""
+
+    version: int
+    seq: int
+    chain: bytes
+    mac: bytes
+
+    def encode(self) -> bytes:
+        return self.version.to_bytes(4, "big") + self.seq.to_bytes(8, "big") + self.chain + self.mac
+
+
+_LEGACY_HEAD_SIZE = 8 + 32 + 32  # schema 1: no version (integrity key version 1)
+_HEAD_SIZE = 4 + _LEGACY_HEAD_SIZE
+
+
+def _head_of(conn: sqlite3.Connection) -> Head | None:
+    """The head in ``meta``; None when missing or malformed."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
+    raw = row[0] if row is not None else None
+    if not isinstance(raw, bytes):
+        return None
+    if len(raw) == _LEGACY_HEAD_SIZE:
+        raw = (1).to_bytes(4, "big") + raw
+    if len(raw) != _HEAD_SIZE:
+        return None
+    return Head(
+        int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:12], "big"), raw[12:44], raw[44:]
+    )
+
+
+class _ChainCursor:
+    """Checks consecutive pages of a scan against the chain (see
+    :meth:`SqliteReadingStore.iter_reading_values`), starting from the row before the range,
+    under the integrity key the head names when the scan starts."""
+
+    def __init__(self, store: SqliteReadingStore, seq_range: tuple[int, int] | None) -> None:
+        self._store = store
+        lo = seq_range[0] if seq_range is not None else 1
+        with store._lock:
+            head = store._read_head()
+            prev = None
+            if lo > 1:
+                prev = store._conn.execute(
+                    "SELECT chain FROM readings WHERE seq = ?", (lo - 1,)
+                ).fetchone()
+        self._keys = store._chain_keys(head.version)
+        if lo > 1 and prev is None:
+            raise self._damaged(VerifyProblem(lo, "missing_rows", f"row {lo - 1} deleted"))
+        self._seq, self._chain = lo - 1, (prev[0] if prev is not None else GENESIS)
+
+    def check(self, page: list[tuple[int, bytes, bytes, bytes]], objs: list[Any]) -> None:
+        keys = self._keys
+        for (seq, plaintext, row_key, chain), obj in zip(page, objs, strict=True):
+            if seq != self._seq + 1:
+                raise self._damaged(
+                    VerifyProblem(seq, "missing_rows", f"rows {self._seq + 1}-{seq - 1} deleted")
+                )
+            if keys.row_key(str(obj["device_id"]), int(obj["counter"])) != row_key:
+                raise self._damaged(
+                    VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
+                )
+            if keys.chain_link(self._chain, seq, row_key, plaintext) != chain:
+                raise self._damaged(
+                    VerifyProblem(
+                        seq, "chain_mismatch", "this row or its predecessor was modified or moved"
+                    )
+                )
+            self._seq, self._chain = seq, chain
+
+    def _damaged(self, problem: VerifyProblem) -> StoreError:
+        return StoreError(
+            f"{self._store.db_path}: {_describe(problem)}: the chain does not verify; "
+            "run 'pacegate hospital verify'"
+        )
+
+
 class SqliteReadingStore:
     """The embedded :class:`ReadingStore`. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, db_path: Path, keyring: Keyring) -> None:
+    def __init__(self, db_path: Path, keyring: Keyring, anchor_path: Path | None = None) -> None:
         self.db_path = db_path
         self.keyring = keyring
+        self.anchor = HeadAnchor(
+            anchor_path if anchor_path is not None else default_anchor(db_path)
+        )
         self._lock = threading.Lock()
+        # the last head this object anchored (None: not known to be anchored)
+        self._anchored: tuple[int, bytes] | None = None
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
+        self.anchor.path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         if not db_path.exists():
             # SQLite gives -wal and -shm the database file's mode: make it 0600 first
             os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, SECRET_FILE_MODE))
@@ -203,7 +652,9 @@ class SqliteReadingStore:
             raise
 
     @classmethod
-    def open(cls, db_path: Path, keyring_path: Path) -> SqliteReadingStore:
+    def open(
+        cls, db_path: Path, keyring_path: Path, anchor_path: Path | None = None
+    ) -> SqliteReadingStore:
         """Open the database with its keyring; a new keyring is made only for a new store."""
         for directory in {db_path.parent, keyring_path.parent}:
             directory.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
@@ -218,7 +669,7 @@ class SqliteReadingStore:
             )
         else:
             keyring = Keyring.create(keyring_path)
-        return cls(db_path, keyring)
+        return cls(db_path, keyring, anchor_path)
 
     def _configure(self) -> None:
         c = self._conn
@@ -234,25 +685,39 @@ class SqliteReadingStore:
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _init_schema(self) -> None:
-        fingerprint = self.keyring.fingerprint()
-        with self._write():
+        with self.anchor.locked(BUSY_TIMEOUT_MS / 1000), self._write():
             for statement in _SCHEMA:
                 self._conn.execute(statement)
             meta = dict(self._conn.execute("SELECT name, value FROM meta").fetchall())
             if "schema_version" not in meta:
+                keys = self.keyring.integrity(self.keyring.current_mac_version)
                 self._set_meta("schema_version", SCHEMA_VERSION.to_bytes(4, "big"))
-                self._set_meta("keyring", fingerprint)
-                self._write_head(0, GENESIS)
+                self._set_meta("keyring", keys.fingerprint())
+                self._set_meta("anchored", b"\x01")
+                self._write_head(keys, 0, GENESIS)
+                self.anchor.replace(self._anchor_record(keys, 0, GENESIS))
                 return
-        if int.from_bytes(meta["schema_version"], "big") != SCHEMA_VERSION:
-            raise StoreError(f"{self.db_path}: unsupported schema version")
-        if meta.get("keyring") != fingerprint:
-            raise ConfigError(
-                self.keyring.path,
-                "mac_key",
-                f"this keyring does not belong to the database {self.db_path}",
-                fix="point 'store.keyring' at the keyring created with this database",
-            )
+            if int.from_bytes(meta["schema_version"], "big") not in (1, SCHEMA_VERSION):
+                raise StoreError(f"{self.db_path}: unsupported schema version")
+            version = self.keyring.mac_version_of(meta.get("keyring", b""))
+            head = _head_of(self._conn)
+            if version is None or (head is not None and head.version != version):
+                raise ConfigError(
+                    self.keyring.path,
+                    "mac_keys",
+                    f"this keyring does not belong to the database {self.db_path}",
+                    fix="point 'store.keyring' at the keyring created with this database (a "
+                    "database restored from before an integrity-key rotation needs the "
+                    "keyring of that time)",
+                )
+            if "anchored" not in meta:
+                # a store from before the anchor existed: anchor its current head now
+                keys = self.keyring.integrity(version)
+                if head is not None:
+                    self.anchor.replace(self._anchor_record(keys, head.seq, head.chain))
+                self._set_meta("schema_version", SCHEMA_VERSION.to_bytes(4, "big"))
+                self._set_meta("anchored", b"\x01")
+                log.info("%s: chain head anchored in %s", self.db_path, self.anchor.path)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -272,19 +737,30 @@ class SqliteReadingStore:
             (name, value),
         )
 
-    def _read_head(self) -> tuple[int, bytes, bytes]:
-        row = self._conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
-        if row is None or len(row[0]) != 8 + 32 + 32:
+    def _read_head(self) -> Head:
+        head = _head_of(self._conn)
+        if head is None:
             raise StoreError(f"{self.db_path}: the chain head is missing or damaged (run verify)")
-        raw: bytes = row[0]
-        return int.from_bytes(raw[:8], "big"), raw[8:40], raw[40:]
+        return head
 
-    def _write_head(self, seq: int, chain: bytes) -> None:
-        mac = self.keyring.head_mac(seq, chain)
-        self._set_meta("head", seq.to_bytes(8, "big") + chain + mac)
+    def _write_head(self, keys: ChainKeys, seq: int, chain: bytes) -> None:
+        self._set_meta("head", Head(keys.version, seq, chain, keys.head_mac(seq, chain)).encode())
+
+    @staticmethod
+    def _anchor_record(keys: ChainKeys, seq: int, chain: bytes) -> AnchorRecord:
+        return AnchorRecord(keys.version, seq, chain, keys.anchor_mac(seq, chain))
+
+    def _chain_keys(self, version: int) -> ChainKeys:
+        """The keys of the version the database is under (reloading the keyring once, in
+        case rotate-key added it since)."""
+        if not self.keyring.has_mac_version(version):
+            self.keyring.refresh()
+        return self.keyring.integrity(version)
 
     # -- ingest ---------------------------------------------------------------------------------
     def store_batch(self, items: Sequence[IngestItem]) -> StoreResult:
+        """Store ``items`` in one transaction, then anchor the new head outside the
+        database; returns once both are fsynced (what the ACK promises)."""
         if not items:
             return StoreResult(0, 0)
         with self._lock:
@@ -292,38 +768,50 @@ class SqliteReadingStore:
             prepared = [self._prepare(item) for item in items]
             version = self.keyring.current_version
             stored = duplicates = conflicts = 0
-            with self._write():
-                # rotate-key may have replaced the keyring while we encrypted: with the write
-                # lock held, make sure no row lands under a key older than the newest
-                if self.keyring.refresh() and self.keyring.current_version != version:
-                    version = self.keyring.current_version
-                    prepared = [(rk, pt, self.keyring.encrypt(pt)) for rk, pt, _ in prepared]
-                seq, chain, _ = self._read_head()
-                for row_key, plaintext, token in prepared:
-                    link = self.keyring.chain_link(chain, seq + 1, row_key, plaintext)
-                    cur = self._conn.execute(
-                        "INSERT INTO readings(seq, row_key, key_version, token, chain) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(row_key) DO NOTHING",
-                        (seq + 1, row_key, version, token, link),
-                    )
-                    if cur.rowcount == 1:
-                        seq, chain = seq + 1, link
-                        stored += 1
-                    else:
-                        duplicates += 1
-                        if not self._same_as_stored(row_key, plaintext):
-                            conflicts += 1
-                if stored:
-                    self._write_head(seq, chain)
+            # the anchor lock spans commit and anchor record: no other writer's (older)
+            # head can be appended after ours
+            with self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+                with self._write():
+                    # rotate-key may have replaced the keyring while we encrypted: with the
+                    # write lock held, make sure no row lands under a key older than the newest
+                    if self.keyring.refresh() and self.keyring.current_version != version:
+                        version = self.keyring.current_version
+                        prepared = [
+                            (item, pt, self.keyring.encrypt(pt)) for item, pt, _ in prepared
+                        ]
+                    head = self._read_head()
+                    keys = self._chain_keys(head.version)
+                    seq, chain = head.seq, head.chain
+                    for item, plaintext, token in prepared:
+                        row_key = keys.row_key(item.device_id, item.counter)
+                        link = keys.chain_link(chain, seq + 1, row_key, plaintext)
+                        cur = self._conn.execute(
+                            "INSERT INTO readings(seq, row_key, key_version, token, chain) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(row_key) DO NOTHING",
+                            (seq + 1, row_key, version, token, link),
+                        )
+                        if cur.rowcount == 1:
+                            seq, chain = seq + 1, link
+                            stored += 1
+                        else:
+                            duplicates += 1
+                            if not self._same_as_stored(row_key, plaintext):
+                                conflicts += 1
+                    if stored:
+                        self._write_head(keys, seq, chain)
+                # also when nothing was new but the head is not known to be anchored: a
+                # batch whose anchor append failed after its commit (disk full) comes back
+                # as duplicates, and is acknowledged only once its head is anchored
+                if stored or self._anchored != (seq, chain):
+                    self.anchor.append(self._anchor_record(keys, seq, chain))
+                    self._anchored = (seq, chain)
             return StoreResult(stored, duplicates, conflicts)
 
-    def _prepare(self, item: IngestItem) -> tuple[bytes, bytes, bytes]:
+    def _prepare(self, item: IngestItem) -> tuple[IngestItem, bytes, bytes]:
+        # the Fernet encryption, the costly part, outside the write transaction; the row
+        # key inside it, under the integrity key the database is under at that moment
         plaintext = encode_plaintext(item)
-        return (
-            self.keyring.row_key(item.device_id, item.counter),
-            plaintext,
-            self.keyring.encrypt(plaintext),
-        )
+        return item, plaintext, self.keyring.encrypt(plaintext)
 
     def _same_as_stored(self, row_key: bytes, plaintext: bytes) -> bool:
         row = self._conn.execute(
@@ -365,7 +853,7 @@ class SqliteReadingStore:
         """
         for page in self._plaintext_pages(since, until, batch_size, seq_range):
             out = []
-            for seq, plaintext in page:
+            for seq, plaintext, _, _ in page:
                 try:
                     record = decode_plaintext(plaintext)
                 except (ValueError, KeyError, TypeError) as exc:
@@ -394,25 +882,35 @@ class SqliteReadingStore:
         batch_size: int = DEFAULT_ITER_BATCH,
         *,
         seq_range: tuple[int, int] | None = None,
+        check_chain: bool = False,
     ) -> Iterator[tuple[list[int], list[int]]]:
         """``(ages, heart_rates)`` of the same rows as :meth:`iter_readings`, per batch of
         rows, for analytics: the JSON of a whole batch is parsed in one call and no
         :class:`Reading` is built, which makes a scan ~25 % cheaper. Timestamps are parsed
         only when ``since``/``until`` filter. A row that does not decrypt or parse raises
-        :class:`StoreError` naming it, as in :meth:`iter_records`."""
+        :class:`StoreError` naming it, as in :meth:`iter_records`.
+
+        ``check_chain``: every row of the range (filtered by time or not) is also checked
+        against the chain, from the row before the range on, as :meth:`verify` does; the
+        first damaged row raises :class:`StoreError` naming it. Together with
+        :meth:`check_head` and a range from row 1 to its result, nothing :meth:`verify`
+        would flag passes."""
+        chain = _ChainCursor(self, seq_range) if check_chain else None
         for page in self._plaintext_pages(since, until, batch_size, seq_range):
-            plaintexts = [plaintext for _, plaintext in page]
+            plaintexts = [row[1] for row in page]
             try:
                 objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
                 readings = [o["reading"] for o in objs]
                 ages = [int(r["age"]) for r in readings]
                 rates = [int(r["heart_rate_bpm"]) for r in readings]
+                if chain is not None:
+                    chain.check(page, objs)
                 if since is not None or until is not None:
                     keep = [_in_period(r["timestamp"], since, until) for r in readings]
                     ages = [a for a, k in zip(ages, keep, strict=True) if k]
                     rates = [h for h, k in zip(rates, keep, strict=True) if k]
             except (ValueError, KeyError, TypeError):
-                for seq, plaintext in page:
+                for seq, plaintext, _, _ in page:
                     try:  # find the culprit, and say which row it is
                         decode_plaintext(plaintext)
                     except (ValueError, KeyError, TypeError) as exc:
@@ -427,12 +925,12 @@ class SqliteReadingStore:
         until: datetime | None,
         batch_size: int,
         seq_range: tuple[int, int] | None,
-    ) -> Iterator[list[tuple[int, bytes]]]:
-        """``(seq, plaintext)`` of the rows ``seq_range`` selects (all when None), in arrival
-        order, one list per query of ``batch_size`` rows; the lock is held per query only.
-        Checks the arguments both public scans share (``since``/``until`` only for a
-        timezone: the callers filter). A token that does not decrypt raises
-        :class:`StoreError` naming its row."""
+    ) -> Iterator[list[tuple[int, bytes, bytes, bytes]]]:
+        """``(seq, plaintext, row_key, chain)`` of the rows ``seq_range`` selects (all when
+        None), in arrival order, one list per query of ``batch_size`` rows; the lock is
+        held per query only. Checks the arguments both public scans share
+        (``since``/``until`` only for a timezone: the callers filter). A token that does
+        not decrypt raises :class:`StoreError` naming its row."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         for bound in (since, until):
@@ -443,7 +941,7 @@ class SqliteReadingStore:
         while True:
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT seq, token FROM readings WHERE seq > ? AND seq < ? "
+                    "SELECT seq, token, row_key, chain FROM readings WHERE seq > ? AND seq < ? "
                     "ORDER BY seq LIMIT ?",
                     (last, stop if stop is not None else 2**63 - 1, batch_size),
                 ).fetchall()
@@ -452,9 +950,9 @@ class SqliteReadingStore:
                 return
             last = rows[-1][0]
             page = []
-            for seq, token in rows:
+            for seq, token, row_key, chain in rows:
                 try:
-                    page.append((seq, self.keyring.decrypt(token)))
+                    page.append((seq, self.keyring.decrypt(token), row_key, chain))
                 except InvalidToken:
                     raise self._undecryptable(seq, "InvalidToken") from None
             yield page
@@ -467,127 +965,244 @@ class SqliteReadingStore:
 
     # -- maintenance ----------------------------------------------------------------------------
     def rotate_key(
-        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True
+        self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True, integrity: bool = False
     ) -> RotationReport:
         """Add a Fernet key, re-encrypt every row under it in short transactions while
-        ingest continues, then (``retire_old``) drop the older keys from the keyring."""
+        ingest continues, then (``retire_old``) drop the older keys from the keyring.
+        ``integrity``: then also re-key row keys and chain under a new integrity key
+        (:meth:`_rekey`)."""
         with _exclusive(self.keyring.path.with_name(self.keyring.path.name + ".lock")):
             with self._lock:
                 self.keyring.refresh()
                 new_version = self.keyring.add_key()
                 self.keyring.save()  # from here on, a running service encrypts under it
+            # Every row is looked at, whatever its key_version says: that column is not
+            # authenticated (set high on one row, it would make a rotation that trusts it
+            # skip the row and then retire the only key that decrypts it).
             reencrypted, last = 0, 0
             while True:
                 with self._lock, self._write():
                     rows = self._conn.execute(
-                        "SELECT seq, token FROM readings WHERE seq > ? AND key_version < ? "
+                        "SELECT seq, key_version, token FROM readings WHERE seq > ? "
                         "ORDER BY seq LIMIT ?",
-                        (last, new_version, batch_size),
+                        (last, batch_size),
                     ).fetchall()
-                    for seq, token in rows:
-                        try:
-                            fresh = self.keyring.reencrypt(token)
-                        except InvalidToken:
-                            raise StoreError(
-                                f"{self.db_path}: row {seq} does not decrypt under any key of "
-                                f"{self.keyring.path}; nothing retired. Run "
-                                "'pacegate hospital verify'"
-                            ) from None
-                        self._conn.execute(
-                            "UPDATE readings SET token = ?, key_version = ? WHERE seq = ?",
-                            (fresh, new_version, seq),
-                        )
+                    for seq, version, token in rows:
+                        fresh = self._under_newest(seq, token)
+                        if fresh is not None:
+                            reencrypted += 1
+                            self._conn.execute(
+                                "UPDATE readings SET token = ?, key_version = ? WHERE seq = ?",
+                                (fresh, new_version, seq),
+                            )
+                        elif version != new_version:
+                            self._conn.execute(
+                                "UPDATE readings SET key_version = ? WHERE seq = ?",
+                                (new_version, seq),
+                            )
                 if not rows:
                     break
-                reencrypted += len(rows)
                 last = rows[-1][0]
             retired: list[int] = []
             with self._lock, self._write():
-                stale = self._conn.execute(
-                    "SELECT count(*) FROM readings WHERE key_version < ?", (new_version,)
-                ).fetchone()[0]
-                if stale:
-                    raise StoreError(f"{stale} rows still under an older key; nothing retired")
+                # the rows ingest added since the last batch were encrypted under the newest
+                # key (store_batch checks inside its transaction); check it, token by token,
+                # before the older keys go
+                for seq, token in self._conn.execute(
+                    "SELECT seq, token FROM readings WHERE seq > ?", (last,)
+                ).fetchall():
+                    if not self.keyring.decrypts_under_newest(token):
+                        raise StoreError(
+                            f"{self.db_path}: row {seq} is not under key version "
+                            f"{new_version}; nothing retired. Run 'pacegate hospital rotate-key' "
+                            "again"
+                        )
                 if retire_old:
                     retired = self.keyring.retire_older_than(new_version)
                     self.keyring.save()
             with self._lock:
                 # old tokens still sit in the WAL until it is checkpointed and truncated
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return RotationReport(new_version, reencrypted, retired)
+            report = RotationReport(new_version, reencrypted, retired)
+            if integrity:
+                report.new_mac_version, report.retired_mac = self._rekey(batch_size, retire_old)
+            return report
 
-    def verify(self, batch_size: int = DEFAULT_ITER_BATCH) -> VerifyReport:
-        """Walk the chain over one consistent snapshot and report every break."""
-        report = VerifyReport()
+    def _rekey(self, batch_size: int, retire_old: bool) -> tuple[int, list[int]]:
+        """Re-key every row (row key and chain link) under a new integrity key, in **one**
+        transaction: a crash leaves the store wholly under the old key or wholly under the
+        new one, never a mix that verify could not tell from tampering. Ingest waits for it
+        (up to the busy timeout; past it, the batch fails without ACK and the gateway sends
+        it again). Refused, with nothing changed, when the chain or its anchor does not
+        verify: re-keying a damaged chain would make the damage verify."""
         kr = self.keyring
         with self._lock:
             kr.refresh()
-            self._conn.execute("BEGIN")  # one read snapshot: ingest may go on meanwhile
-            try:
-                cur = self._conn.execute(
-                    "SELECT seq, row_key, token, chain FROM readings ORDER BY seq"
-                )
-                prev_seq, prev_chain = 0, GENESIS
-                while rows := cur.fetchmany(batch_size):
+            new_version = kr.add_mac_key()
+            kr.save()  # both keys held: a service reloads it, and can follow the switch
+        new = kr.integrity(new_version)
+        with self._lock, self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+            records = self.anchor.records()
+            with self._write():
+                head = self._read_head()
+                old = self._chain_keys(head.version)
+                best = _best_anchor(records or [], kr, head.version)
+                anchor_seq = best.seq if best is not None else -1
+                chain_at_anchor = GENESIS if anchor_seq == 0 else None
+                prev_old = prev_new = GENESIS
+                last = 0
+                while rows := self._conn.execute(
+                    "SELECT seq, row_key, token, chain FROM readings WHERE seq > ? "
+                    "ORDER BY seq LIMIT ?",
+                    (last, batch_size),
+                ).fetchall():
+                    updates = []
                     for seq, row_key, token, chain in rows:
-                        report.rows += 1
-                        self._verify_row(report, prev_seq, prev_chain, seq, row_key, token, chain)
-                        prev_seq, prev_chain = seq, chain
-                head_seq, head_chain, head_mac = self._read_head()
+                        try:
+                            plaintext = kr.decrypt(token)
+                            record = decode_plaintext(plaintext)
+                        except (InvalidToken, ValueError, KeyError, TypeError):
+                            raise self._not_rekeyed(seq, "undecryptable") from None
+                        if seq != last + 1:
+                            raise self._not_rekeyed(seq, "missing_rows")
+                        bad = _row_problems(old, prev_old, seq, row_key, chain, plaintext, record)
+                        if bad:
+                            raise self._not_rekeyed(seq, bad[0].kind)
+                        fresh_key = new.row_key(record.device_id, record.counter)
+                        fresh_chain = new.chain_link(prev_new, seq, fresh_key, plaintext)
+                        updates.append((fresh_key, fresh_chain, seq))
+                        if seq == anchor_seq:
+                            chain_at_anchor = chain
+                        prev_old, prev_new, last = chain, fresh_chain, seq
+                    self._conn.executemany(
+                        "UPDATE readings SET row_key = ?, chain = ? WHERE seq = ?", updates
+                    )
+                damage = _head_problems(head, old, last, prev_old) + _anchor_problems(
+                    self.anchor, records, best, head.version, last, chain_at_anchor
+                )
+                if damage:
+                    raise self._not_rekeyed(damage[0].seq, damage[0].kind)
+                self._write_head(new, last, prev_new)
+                self._set_meta("keyring", new.fingerprint())
+            # committed: the anchor follows (a crash before this line leaves an anchor under
+            # the old key, which verify compares by row number only)
+            self.anchor.replace(self._anchor_record(new, last, prev_new))
+        retired: list[int] = []
+        with self._lock:
+            if retire_old:
+                kr.refresh()
+                retired = kr.retire_mac_older_than(new_version)
+                kr.save()
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return new_version, retired
+
+    def _not_rekeyed(self, seq: int | None, kind: str) -> StoreError:
+        where = f"row {seq}" if seq is not None else "the head"
+        return StoreError(
+            f"{self.db_path}: {where}: {kind}: the chain does not verify, so it was not "
+            "re-keyed under a new integrity key (that would make the damage verify); nothing "
+            "changed. Run 'pacegate hospital verify'"
+        )
+
+    def reanchor(self) -> tuple[VerifyReport, list[AnchorRecord] | None]:
+        """Accept the database's current head as its anchor, after a deliberate restore
+        (or a lost anchor file). Refused unless the chain *inside* the database verifies.
+        Ingest goes on meanwhile: the head anchored is the one verified (rows stored since
+        are anchored by their own commits, and by this). Returns the report and the anchor
+        records it replaced."""
+        before = self.anchor.records()
+        report = self.verify()
+        inside = [p for p in report.problems if p.kind not in ANCHOR_PROBLEMS]
+        if inside:
+            raise StoreError(
+                f"{self.db_path}: the chain inside the database does not verify "
+                f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
+            )
+        with self._lock, self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
+            head = self._read_head()
+            row = self._conn.execute(
+                "SELECT chain FROM readings WHERE seq = ?", (report.last_seq,)
+            ).fetchone()
+            at = GENESIS if report.last_seq == 0 else (row[0] if row is not None else None)
+            if head.version != report.head_version or at != report.head_chain:
+                raise StoreError(f"{self.db_path}: the chain changed during the check; try again")
+            keys = self._chain_keys(head.version)
+            self.anchor.replace(self._anchor_record(keys, report.last_seq, report.head_chain))
+            # ingest stored rows since the check: anchor the newest head too, so that a
+            # rollback below it still shows
+            if head.seq > report.last_seq:
+                self.anchor.append(self._anchor_record(keys, head.seq, head.chain))
+        return report, before
+
+    def check_head(self) -> int:
+        """The last row of the store after checking, cheaply, what a scan of rows cannot
+        see: the head's MAC, that the head is the last row, and the anchor outside the
+        database (no rollback). Raises :class:`StoreError` naming the problem. With a scan
+        that checks every row's link (``check_chain=True``) from row 1 up to this row, it
+        covers what :meth:`verify` does."""
+        records = self.anchor.records()  # first: see ChainScan
+        with self._lock:
+            self.keyring.refresh()
+            self._conn.execute("BEGIN")
+            try:
+                head = _head_of(self._conn)
+                last = self._conn.execute(
+                    "SELECT seq, chain FROM readings ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                version = head.version if head is not None else None
+                best = _best_anchor(records or [], self.keyring, version)
+                at = None
+                if best is not None:
+                    row = self._conn.execute(
+                        "SELECT chain FROM readings WHERE seq = ?", (best.seq,)
+                    ).fetchone()
+                    at = GENESIS if best.seq == 0 else (row[0] if row is not None else None)
             finally:
                 self._conn.execute("COMMIT")
-        report.last_seq, report.head_chain = prev_seq, prev_chain
-        if head_mac != kr.head_mac(head_seq, head_chain):
-            report.problems.append(
-                VerifyProblem(None, "head_mismatch", "the chain head was altered")
+        last_seq, last_chain = (int(last[0]), last[1]) if last is not None else (0, GENESIS)
+        keys = self._chain_keys(version) if version is not None else None
+        problems = _head_problems(head, keys, last_seq, last_chain) + _anchor_problems(
+            self.anchor, records, best, version, last_seq, at
+        )
+        if problems:
+            raise StoreError(
+                f"{self.db_path}: {_describe(problems[0])}; run 'pacegate hospital verify'"
             )
-        elif (head_seq, head_chain) != (prev_seq, prev_chain):
-            report.problems.append(
-                VerifyProblem(
-                    head_seq,
-                    "head_mismatch",
-                    f"the head names row {head_seq} but the last row is {prev_seq}: "
-                    "rows were removed from the end, or the chain rewritten",
-                )
-            )
-        return report
+        return last_seq
 
-    def _verify_row(
-        self,
-        report: VerifyReport,
-        prev_seq: int,
-        prev_chain: bytes,
-        seq: int,
-        row_key: bytes,
-        token: bytes,
-        chain: bytes,
-    ) -> None:
-        problems = report.problems
-        if seq != prev_seq + 1:
-            span = (
-                f"row {prev_seq + 1}" if seq == prev_seq + 2 else f"rows {prev_seq + 1}-{seq - 1}"
-            )
-            problems.append(VerifyProblem(seq, "missing_rows", f"{span} deleted"))
+    def _under_newest(self, seq: int, token: bytes) -> bytes | None:
+        """None when ``token`` already decrypts under the newest key alone; else the same
+        plaintext re-encrypted under it. Raises :class:`StoreError` naming the row when no
+        key of the keyring decrypts it (then nothing may be retired)."""
+        if self.keyring.decrypts_under_newest(token):
+            return None
         try:
-            plaintext = self.keyring.decrypt(token)
-            record = decode_plaintext(plaintext)
-        except (InvalidToken, ValueError, KeyError, TypeError):
-            problems.append(
-                VerifyProblem(seq, "undecryptable", "token altered, or its key is not held")
-            )
-            return
-        if self.keyring.row_key(record.device_id, record.counter) != row_key:
-            problems.append(
-                VerifyProblem(seq, "row_key_mismatch", "token moved here from another row")
-            )
-        if self.keyring.chain_link(prev_chain, seq, row_key, plaintext) != chain:
-            problems.append(
-                VerifyProblem(
-                    seq,
-                    "chain_mismatch",
-                    "this row or its predecessor was modified, reordered or deleted",
-                )
-            )
+            return self.keyring.reencrypt(token)
+        except InvalidToken:
+            raise StoreError(
+                f"{self.db_path}: row {seq} does not decrypt under any key of "
+                f"{self.keyring.path}; nothing retired. Run 'pacegate hospital verify'"
+            ) from None
+
+    def verify(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> VerifyReport:
+        """Walk the chain over one consistent snapshot and report every break."""
+        scan = self.scan(batch_size, expect=expect)
+        for _ in scan:
+            pass
+        return scan.report
+
+    def scan(
+        self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
+    ) -> ChainScan:
+        """Every row in arrival order, each checked against the chain, over one read
+        snapshot of its own (ingest may go on meanwhile; the scan does not see it).
+        Iterate it for batches of :class:`CheckedRow`; once exhausted, ``scan.report``
+        is what :meth:`verify` returns."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        return ChainScan(self, batch_size, expect)
 
     def checkpoint(self) -> None:
         with self._lock:
@@ -642,26 +1257,39 @@ def open_from_config(config_path: Path) -> SqliteReadingStore:
     from hospital.config import load_hospital_config
 
     cfg = load_hospital_config(config_path)
-    return SqliteReadingStore.open(cfg.database, cfg.keyring)
+    return SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
 
 
 def cli_rotate_key(args: argparse.Namespace) -> int:
     """``pacegate hospital rotate-key -c FILE``: new key, every row re-encrypted, online."""
     with open_from_config(args.config) as store:
-        report = store.rotate_key(retire_old=not getattr(args, "keep_old", False))
+        report = store.rotate_key(
+            retire_old=not getattr(args, "keep_old", False),
+            integrity=getattr(args, "integrity", False),
+        )
     retired = ", ".join(map(str, report.retired)) or "none"
     print(
         f"rotate-key: key version {report.new_version} now encrypts; "
         f"{report.reencrypted} rows re-encrypted; retired versions: {retired}",
         file=sys.stderr,
     )
+    if report.new_mac_version is not None:
+        retired_mac = ", ".join(map(str, report.retired_mac)) or "none"
+        print(
+            f"rotate-key: integrity key version {report.new_mac_version} now keys every row "
+            f"and the chain; retired integrity versions: {retired_mac}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cli_verify(args: argparse.Namespace) -> int:
     """``pacegate hospital verify -c FILE``: exit 0 if the chain is whole, 1 otherwise."""
     with open_from_config(args.config) as store:
-        report = store.verify()
+        if getattr(args, "reanchor", False):
+            return _reanchor(store)
+        recorded = getattr(args, "expect_head", None)
+        report = store.verify(expect=RecordedHead.parse(recorded) if recorded else None)
     if getattr(args, "json", False):
         print(json.dumps(report.to_json()))
     else:
@@ -669,12 +1297,25 @@ def cli_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _reanchor(store: SqliteReadingStore) -> int:
+    report, before = store.reanchor()
+    was = max((r.seq for r in before or []), default=None)
+    print(
+        f"verify --reanchor: the chain inside {store.db_path} is whole up to row "
+        f"{report.last_seq}; {store.anchor.path} now anchors that head"
+        + (f" (it named row {was} before)" if was is not None else " (there was no anchor)"),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def format_report(report: VerifyReport, db_path: Path) -> str:
     if report.ok:
         return (
             f"verify: OK: {report.rows} rows in {db_path}, chain whole up to row "
-            f"{report.last_seq}; head {report.head_chain.hex()} (record it elsewhere to detect "
-            "a rollback of the whole database)"
+            f"{report.last_seq} and not behind its anchor; head {report.head_token} (record "
+            "it off this host: a rollback of the database *and* its anchor together shows "
+            "only with 'verify --expect-head' against such a copy)"
         )
     lines = [f"verify: FAILED: {len(report.problems)} problem(s) in {db_path}:"]
     for p in report.problems:

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-old", action="store_true", help="keep the older keys in the keyring afterwards"
     )
+    p.add_argument(
+        "--integrity",
+        action="store_true",
+        help="also rotate the integrity key: re-key every row and the chain (ingest waits)",
+    )
     p = _add(
         hosp_sub,
         "verify",
@@ -120,6 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--expect-head",
+        metavar="VERSION:SEQ:CHAIN",
+        help="a head an earlier verify printed, recorded off this host: fail if the store "
+        "is behind it or its chain differs",
+    )
+    p.add_argument(
+        "--reanchor",
+        action="store_true",
+        help="after a deliberate restore: accept the current head as the anchor, "
+        "if the chain inside the database verifies",
+    )
+    p = _add(
+        hosp_sub,
+        "export",
+        "hospital.export:cli_export",
+        "the decrypted readings, one per line (clear text), if the chain verifies",
+    )
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument("--since", help="ISO 8601 time, inclusive (UTC when no zone)")
+    p.add_argument("--until", help="ISO 8601 time, exclusive (UTC when no zone)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--out", type=Path, help="write to this file (mode 0600) instead of stdout")
+    p.add_argument(
+        "--allow-damaged",
+        action="store_true",
+        help="export a store whose chain does not verify, each damaged row marked",
+    )
     p = _add(sub, "cloud", "cloud.worker:main", "run the CKKS cloud worker (public context only)")
     p.add_argument("-c", "--config", type=Path, required=True)
 
@@ -146,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
     )
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="the embedded broker (end-to-end acknowledgement, default) or Debian's "
+        "Mosquitto with WORKDIR/mosquitto.conf",
+    )
     p = _add(sub, "devices", "device_sim.fleet:main", "run N simulated pacemakers")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--count", type=int, default=10)
@@ -158,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="nonce counters reserved per flash write (default 1024; see docs/devices.md)",
+    )
+    p.add_argument(
+        "--acked-log",
+        type=Path,
+        help="append each acknowledged reading to FILE as a JSON line "
+        '{"device_id": ..., "counter": ...} (to audit that acknowledged means stored)',
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        help="seconds to wait for outstanding PUBACKs after --duration (default 5)",
     )
     p = _add(
         sub,

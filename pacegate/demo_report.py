@@ -145,6 +145,22 @@ def _analyze(work: WorkLayout) -> dict[str, Any]:
     return result
 
 
+def _analysis_covers(analysis: dict[str, Any], stored_this_run: int) -> str:
+    """Whether the analysis is of this run alone or of a store that already held readings
+    (``pacegate analyze`` reads the whole store, every row checked against the chain)."""
+    scope = analysis.get("scope")
+    if not isinstance(scope, dict) or not isinstance(scope.get("store_rows"), int):
+        return ""
+    rows = scope["store_rows"]
+    checked = ", every row checked against the hash chain and its anchor"
+    if rows == stored_this_run:
+        return f"this run: the store holds only its {rows} readings{checked}"
+    return (
+        f"the whole store: {rows} readings, of which {stored_this_run} were stored by this "
+        f"run (the work directory held earlier readings){checked}"
+    )
+
+
 def _print_report(console: Console, report: dict[str, Any]) -> None:
     t = Table(title="pacegate demo: final report")
     t.add_column("what")
@@ -181,6 +197,8 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
         console.print(a)
     elif "heart_rate_mean" in analysis:
         console.print(f"analysis: {json.dumps(analysis)[:2000]}")
+    if report.get("analysis_covers"):
+        console.print(f"the analysis covers {report['analysis_covers']}")
     verdict = "[green]OK[/green]" if report["ok"] else "[red]FAILED[/red]"
     console.print(f"{verdict}: {report['verdict']}  (work directory: {report['workdir']})")
 
@@ -236,6 +254,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "rejected": counts.rejected,
         "fleet": fleet,
         "analysis": analysis,
+        "analysis_covers": _analysis_covers(analysis, counts.stored),
         "duration_s": round(time.monotonic() - t0, 2),
         "workdir": str(work.root),
         "ok": not problems,

@@ -97,3 +97,18 @@ class Reading:
             sensor_id=int(obj["sensor_id"]),
             timestamp=ts,
         )
+
+
+def parse_time_option(value: str | None, option: str) -> datetime | None:
+    """A ``--since``/``--until`` command-line value: ISO 8601, UTC when no zone is given."""
+    from pacegate.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            None, option, f"{value!r} is not an ISO 8601 timestamp", fix="e.g. 2025-01-31T12:00:00Z"
+        ) from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

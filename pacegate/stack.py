@@ -6,6 +6,14 @@ it writes default configs, starts the services in dependency order (broker, clou
 hospital, gateway), waits for each to listen, and stops exactly the processes it started,
 by their PID, on SIGINT/SIGTERM or at the end of the demo.
 
+``pacegate up`` supervises: a service that dies is logged and restarted with backoff
+(:class:`RestartPolicy`) while the others keep running; nothing is lost meanwhile, because
+a device's reading is acknowledged only once it is durable downstream (docs/architecture.md).
+A service that keeps dying (:data:`CRASH_LOOP_FAILURES` within :data:`CRASH_LOOP_WINDOW_S`)
+is a crash loop: ``up`` says so, with the end of that service's log, stops the stack and
+exits 1 rather than hide it behind restarts. Restarts and exits are counted in
+``WORKDIR/supervision.json``. SIGTERM stops the device side first (:data:`STOP_ORDER`).
+
 The demo then runs the simulated fleet (``pacegate devices --json``), watches the gateway's
 and the hospital's Prometheus metrics for the live view, waits until everything the gateway
 accepted is stored, runs ``pacegate analyze --json`` and prints the final report.
@@ -15,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +62,26 @@ SERVICE_START_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 SERVICE_ORDER = ("broker", "cloud", "hospital", "gateway")
+# Stop the device side first: the broker stops taking publishes (devices keep what was not
+# acknowledged), the gateway then hands on what it holds, the hospital, which commits what
+# the gateway sends, goes last but the cloud (which holds no state).
+STOP_ORDER = ("broker", "gateway", "hospital", "cloud")
+
+# Restart delay after a service died: 0.5 s, 1 s, 2 s ... at most 10 s. A service killed
+# once is back within a second; one that keeps dying does not spin the machine.
+RESTART_BACKOFF_BASE_S = 0.5
+RESTART_BACKOFF_CAP_S = 10.0
+# A service that ran this long before dying was healthy: its backoff starts over.
+STABLE_RUN_S = 30.0
+# A crash loop: this many failures of one service within the window. Restarting further
+# would hide a broken configuration or disk behind a flapping service; give up, loudly.
+CRASH_LOOP_FAILURES = 5
+CRASH_LOOP_WINDOW_S = 60.0
+SUPERVISE_INTERVAL_S = 0.2
+# ``pacegate up --broker``: the embedded amqtt broker (end-to-end acknowledgement), or
+# Debian's Mosquitto with pacegate's configuration (WORKDIR/mosquitto.conf).
+BROKERS = ("embedded", "mosquitto")
+MOSQUITTO_CONFIG = "mosquitto.conf"
 
 
 class StackError(PacegateError):
@@ -95,6 +126,33 @@ def choose_endpoints(*, prefer_defaults: bool = True) -> Endpoints:
         gateway_metrics=pick(DEFAULT_GATEWAY_METRICS_PORT),
         hospital_metrics=pick(DEFAULT_HOSPITAL_METRICS_PORT),
     )
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(found).exists():
+        raise ConfigError(
+            None,
+            "--broker",
+            "mosquitto is not installed",
+            fix="install Debian's mosquitto (./dev setup does), or use --broker embedded",
+        )
+    return found
+
+
+def write_mosquitto_config(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> Path:
+    """``WORKDIR/mosquitto.conf`` for ``pacegate up --broker mosquitto`` (kept if edited)."""
+    from pacegate.pki import mosquitto_conf
+
+    path = work.root / MOSQUITTO_CONFIG
+    if overwrite or not path.exists():
+        # as root, mosquitto would drop to the 'mosquitto' user, who cannot read the 0600
+        # broker key written by root; it logs to stderr, i.e. WORKDIR/logs/broker.log
+        head = ["user root"] if os.geteuid() == 0 else []
+        head += ["log_dest stderr", "log_type error warning notice information"]
+        body = mosquitto_conf(work.pki, host=ep.mqtt[0], port=ep.mqtt[1])
+        path.write_text("\n".join([*head, body]))
+    return path
 
 
 def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
@@ -158,11 +216,42 @@ def wait_for_listen(port: int, timeout: float, proc: subprocess.Popen[bytes]) ->
 
 
 @dataclass
+class RestartPolicy:
+    """When to restart a service that died, and when to give up (sans-IO: times are given).
+
+    ``on_failure(now, ran_s)`` returns the delay before the restart, or None for a crash
+    loop (:data:`CRASH_LOOP_FAILURES` failures within :data:`CRASH_LOOP_WINDOW_S`)."""
+
+    base_s: float = RESTART_BACKOFF_BASE_S
+    cap_s: float = RESTART_BACKOFF_CAP_S
+    stable_s: float = STABLE_RUN_S
+    loop_failures: int = CRASH_LOOP_FAILURES
+    loop_window_s: float = CRASH_LOOP_WINDOW_S
+    consecutive: int = 0
+    recent: list[float] = field(default_factory=list)
+
+    def on_failure(self, now: float, ran_s: float) -> float | None:
+        if ran_s >= self.stable_s:
+            self.consecutive = 0
+        self.recent = [t for t in self.recent if now - t < self.loop_window_s] + [now]
+        if len(self.recent) >= self.loop_failures:
+            return None
+        delay = min(self.cap_s, self.base_s * 2.0**self.consecutive)
+        self.consecutive += 1
+        return delay
+
+
+class CrashLoop(StackError):
+    """A service failed :data:`CRASH_LOOP_FAILURES` times within the window."""
+
+
+@dataclass
 class Service:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
     log_file: TextIO
+    started_at: float = field(default_factory=time.monotonic)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -188,7 +277,13 @@ class Stack:
     endpoints: Endpoints
     log_level: str = "INFO"
     log_json: bool = False
+    broker: str = "embedded"  # or "mosquitto" (BROKERS)
     services: list[Service] = field(default_factory=list)
+    policies: dict[str, RestartPolicy] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    last_exit: dict[str, int] = field(default_factory=dict)
+    # a dead service's name -> when it is restarted (time.monotonic())
+    restart_at: dict[str, float] = field(default_factory=dict)
 
     def _config_of(self, name: str) -> Path:
         return {
@@ -217,15 +312,19 @@ class Stack:
             raise
 
     def _start_one(self, name: str) -> None:
+        self.services = [s for s in self.services if s.name != name]
         log_path = self.work.logs_dir / f"{name}.log"
         log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
-        argv = pacegate_argv(
-            name,
-            "-c",
-            str(self._config_of(name)),
-            log_level=self.log_level,
-            log_json=self.log_json,
-        )
+        if name == "broker" and self.broker == "mosquitto":
+            argv = [mosquitto_binary(), "-c", str(self.work.root / MOSQUITTO_CONFIG)]
+        else:
+            argv = pacegate_argv(
+                name,
+                "-c",
+                str(self._config_of(name)),
+                log_level=self.log_level,
+                log_json=self.log_json,
+            )
         proc = subprocess.Popen(
             argv,
             stdout=log_file,
@@ -253,13 +352,94 @@ class Stack:
                     f"--- last lines of {s.log_path} ---\n{s.tail()}"
                 )
 
+    # -- supervision -----------------------------------------------------------------------
+    def supervise(self, now: float | None = None) -> None:
+        """One round: notice services that died, restart those whose delay is over.
+        Raises :class:`CrashLoop` when one keeps dying (the caller stops the stack)."""
+        now = time.monotonic() if now is None else now
+        for s in list(self.services):
+            if s.name in self.restart_at or s.proc.poll() is None:
+                continue
+            s.log_file.close()
+            code = s.proc.returncode
+            self.last_exit[s.name] = code
+            self._failed(s.name, now, now - s.started_at, f"exited with code {code}", s)
+        for name, at in list(self.restart_at.items()):
+            if now < at:
+                continue
+            del self.restart_at[name]
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("restarting %s (restart #%d)", name, self.restarts[name])
+            started = time.monotonic()
+            try:
+                self._start_one(name)
+            except StackError as exc:
+                dead = next((s for s in self.services if s.name == name), None)
+                if dead is not None:
+                    dead.log_file.close()
+                    if dead.proc.poll() is None:  # never listened: ours, by its PID
+                        dead.proc.kill()
+                        dead.proc.wait()
+                    self.last_exit[name] = dead.proc.returncode
+                now = time.monotonic()
+                self._failed(name, now, now - started, str(exc).splitlines()[0], dead)
+        self.write_status()
+
+    def _failed(self, name: str, now: float, ran_s: float, why: str, s: Service | None) -> None:
+        policy = self.policies.setdefault(name, RestartPolicy())
+        delay = policy.on_failure(now, ran_s)
+        self.write_status()
+        if delay is None:
+            tail = s.tail() if s is not None else ""
+            log_path = self.work.logs_dir / f"{name}.log"
+            raise CrashLoop(
+                f"{name} is crash-looping: it failed {policy.loop_failures} times within "
+                f"{policy.loop_window_s:.0f} s (last: {why}); giving up and stopping the "
+                f"stack. Fix the cause, then run 'pacegate up' again.\n"
+                f"--- last lines of {log_path} ---\n{tail}"
+            )
+        log.error(
+            "%s %s after %.1f s; restarting in %.1f s (%d restarts so far)",
+            name,
+            why,
+            ran_s,
+            delay,
+            self.restarts.get(name, 0),
+        )
+        self.restart_at[name] = now + delay
+
+    def write_status(self) -> None:
+        """``WORKDIR/supervision.json``: each service's pid, restarts and last exit code."""
+        status = {
+            name: {
+                "pid": next(
+                    (s.proc.pid for s in self.services if s.name == name and s.proc.poll() is None),
+                    None,
+                ),
+                "restarts": self.restarts.get(name, 0),
+                "last_exit_code": self.last_exit.get(name),
+                "restarting": name in self.restart_at,
+            }
+            for name in SERVICE_ORDER
+        }
+        path = self.work.root / "supervision.json"
+        tmp = path.with_suffix(".json.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(status, indent=2) + "\n")
+            os.replace(tmp, path)
+
     def stop(self) -> None:
-        """SIGTERM our services in reverse order, then SIGKILL any that outstay the grace."""
-        for s in reversed(self.services):
-            if s.proc.poll() is None:
+        """SIGTERM our services, the device side first (:data:`STOP_ORDER`), each waited
+        for in turn; SIGKILL any that outstays the grace."""
+        self.restart_at.clear()
+        rank = {name: i for i, name in enumerate(STOP_ORDER)}
+        for s in sorted(self.services, key=lambda s: rank.get(s.name, len(rank))):
+            was_running = s.proc.poll() is None
+            if was_running:
                 with contextlib.suppress(ProcessLookupError):
                     s.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
+            asked = time.monotonic()
+            deadline = asked + STOP_GRACE_S
             while s.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             if s.proc.poll() is None:
@@ -271,8 +451,16 @@ class Stack:
                 )
                 s.proc.kill()
                 s.proc.wait()
+            elif was_running:
+                log.info(
+                    "%s stopped in %.2f s (exit code %d)",
+                    s.name,
+                    time.monotonic() - asked,
+                    s.proc.returncode,
+                )
             s.log_file.close()
         self.services.clear()
+        self.write_status()  # every pid gone
 
 
 def scrape(host: str, port: int) -> dict[str, float]:
@@ -346,13 +534,22 @@ def prepare_workdir(work: WorkLayout, device_count: int) -> list[str]:
 
 @contextlib.contextmanager
 def running_stack(
-    work: WorkLayout, *, overwrite_configs: bool, log_level: str = "INFO", log_json: bool = False
+    work: WorkLayout,
+    *,
+    overwrite_configs: bool,
+    log_level: str = "INFO",
+    log_json: bool = False,
+    broker: str = "embedded",
 ) -> Iterator[Stack]:
+    if broker not in BROKERS:
+        raise ConfigError(None, "--broker", f"unknown broker {broker!r}", fix="embedded|mosquitto")
     ep = read_endpoints(work) if not overwrite_configs else None
     if ep is None or overwrite_configs:
         ep = choose_endpoints()
     write_configs(work, ep, overwrite=overwrite_configs)
-    stack = Stack(work, ep, log_level=log_level, log_json=log_json)
+    if broker == "mosquitto":
+        write_mosquitto_config(work, ep, overwrite=overwrite_configs)
+    stack = Stack(work, ep, log_level=log_level, log_json=log_json, broker=broker)
     stack.start()
     try:
         yield stack
@@ -382,7 +579,11 @@ def cli_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         with running_stack(
-            work, overwrite_configs=False, log_level=args.log_level, log_json=args.log_json
+            work,
+            overwrite_configs=False,
+            log_level=args.log_level,
+            log_json=args.log_json,
+            broker=getattr(args, "broker", "embedded"),
         ) as stack:
             ep = stack.endpoints
             print(
@@ -393,8 +594,11 @@ def cli_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             while True:
-                stack.check_alive()
-                time.sleep(0.5)
+                stack.supervise()
+                time.sleep(SUPERVISE_INTERVAL_S)
+    except CrashLoop as exc:
+        print(f"pacegate: {exc}", file=sys.stderr)
+        return 1
     except _Stop as stop:
         print(f"pacegate: {stop}, stopping services", file=sys.stderr)
         return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_pipeline import NullKeyring, null_open, null_seal
+from bench.bench_pipeline import NullKeyring, latency_percentiles, null_open, null_seal
 from pacegate.reading import Reading
 from pacegate.sealed import SEALED_SIZE_V1, SealedReadingError, open_reading, seal_reading
 
@@ -78,6 +78,11 @@ def test_quick_bench_completes_and_reports_positive_consistent_figures(tmp_path:
     assert 1 <= t["readings_per_batch"] <= r["readings_per_repeat"]
     for name in ("pq_channel", "tls13_mtls", "tcp_connect"):
         assert h[name]["median_ms"] > 0 and h[name]["mean_ms"] > 0
+    assert r["broker"] == "embedded"
+    for key in ("latency_ms", "latency_ms_plaintext"):  # publish -> committed, steady load
+        lat = r[key]
+        assert lat["readings"] > 0 and lat["offered_readings_per_s"] > 0
+        assert 0 <= lat["p50"] <= lat["p95"] <= lat["p99"]
     assert h["pq_over_tls13"] > 0
     sec = c["secured_cpu_s_per_1000_readings"]
     plain = c["plaintext_cpu_s_per_1000_readings"]
@@ -101,3 +106,11 @@ def _processes_mentioning(text: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
+
+
+def test_latency_is_read_from_the_published_and_stored_curves_in_order() -> None:
+    published = [0.0, 0.1, 0.2, 0.3]
+    stored = [(0.05, 0), (0.15, 2), (0.25, 2), (0.5, 4)]
+    lat = latency_percentiles(published, stored)
+    assert lat == pytest.approx([0.15, 0.05, 0.3, 0.2])  # k-th reading: first sample >= k
+    assert latency_percentiles(published, [(0.15, 2)]) == pytest.approx([0.15, 0.05])

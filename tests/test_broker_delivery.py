@@ -1,7 +1,10 @@
-"""QoS 1 delivery through the broker: a PUBACK means the broker owns the message.
+"""QoS 1 delivery through the broker: a PUBACK means the message is safe.
 
 Both brokers, real TLS, real paho clients; the subscriber is the ``gateway`` identity with a
 persistent session (``clean_session=False``) and manual acknowledgements, as the gateway runs.
+On Mosquitto a PUBACK means the broker owns the message; on the embedded broker it means the
+gateway acknowledged it (end-to-end acknowledgement, tests/test_broker_e2e_ack.py), so the
+publishers here stay connected until the subscriber has acknowledged.
 
 - a message the broker sent to the subscriber and never got a PUBACK for is sent again, with
   DUP=1 and its packet id, when the subscriber's persistent session reconnects: after a
@@ -158,6 +161,24 @@ def _read_lines(proc: subprocess.Popen[str], want: int) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def publishing(
+    broker: BrokerHandle, device_id: str, payloads: list[str]
+) -> Iterator[list[mqtt.MQTTMessageInfo]]:
+    """Publish every payload at QoS 1 without waiting; stay connected while the body runs
+    (the embedded broker PUBACKs only once the gateway acknowledged)."""
+    outcome, dev = connect_as(broker, device_id)
+    assert dev is not None, outcome
+    try:
+        yield [dev.client.publish(telemetry_topic(device_id), p, qos=1) for p in payloads]
+    finally:
+        dev.close()
+
+
+def _all_published(infos: list[mqtt.MQTTMessageInfo]) -> bool:
+    return all(i.is_published() for i in infos)
+
+
 def _publish_and_leave(broker: BrokerHandle, device_id: str, payloads: list[str]) -> None:
     """Publish every payload at QoS 1 without waiting in between, wait for every PUBACK,
     then disconnect at once."""
@@ -179,15 +200,18 @@ def test_messages_in_flight_to_a_killed_subscriber_are_redelivered_with_dup(
     sent = [f"kill9-{i:03d}" for i in range(20)]
     with silent_subscriber_process(broker, tmp_path / "sub.log") as proc:
         assert _read_lines(proc, 1) == ["subscribed"]
-        _publish_and_leave(broker, "pm-0001", sent)
-        got = _read_lines(proc, len(sent))
-        assert sorted(got) == sorted(f"message {p}" for p in sent)
-        proc.send_signal(signal.SIGKILL)  # no DISCONNECT, no PUBACK ever
-        proc.wait(timeout=10)
-    with subscriber(broker, ack=True) as sub:
-        assert wait_until(lambda: len(sub.received) >= len(sent), WAIT), sub.received
-        assert sub.payloads() == sent  # in order
-        assert all(dup for _, dup in sub.received)
+        with publishing(broker, "pm-0001", sent) as infos:
+            got = _read_lines(proc, len(sent))
+            assert sorted(got) == sorted(f"message {p}" for p in sent)
+            proc.send_signal(signal.SIGKILL)  # no DISCONNECT, no PUBACK ever
+            proc.wait(timeout=10)
+            if broker.kind == "embedded":  # end to end: the gateway never acknowledged
+                assert not any(i.is_published() for i in infos)
+            with subscriber(broker, ack=True) as sub:
+                assert wait_until(lambda: len(sub.received) >= len(sent), WAIT), sub.received
+                assert sub.payloads() == sent  # in order
+                assert all(dup for _, dup in sub.received)
+                assert wait_until(lambda: _all_published(infos), WAIT)
     # acknowledged: gone from the session; the next message is the only one delivered
     with subscriber(broker, ack=True) as sub:
         _publish_and_leave(broker, "pm-0001", ["after"])
@@ -200,14 +224,21 @@ def test_a_message_unacknowledged_for_longer_than_5_s_is_redelivered_on_reconnec
     broker: BrokerHandle,
 ) -> None:
     sent = ["slow-1", "slow-2", "slow-3"]
-    with subscriber(broker, ack=False) as sub:
-        _publish_and_leave(broker, "pm-0002", sent)
-        assert wait_until(lambda: len(sub.received) == 3, WAIT), sub.received
-        time.sleep(6.0)  # amqtt 0.12 gives up on a PUBACK after 5 s and forgets the message
-        assert sub.received == [(p, False) for p in sent]  # no resend within a connection
-    with subscriber(broker, ack=True) as sub:
-        assert wait_until(lambda: len(sub.received) >= 3, WAIT), sub.received
-        assert sub.received == [(p, True) for p in sent]
+    silent = Subscriber(broker, ack=False)
+    try:
+        with publishing(broker, "pm-0002", sent) as infos:
+            assert wait_until(lambda: len(silent.received) == 3, WAIT), silent.received
+            time.sleep(6.0)  # amqtt 0.12 gives up on a PUBACK after 5 s and forgets it
+            assert silent.received == [(p, False) for p in sent]  # no resend within a connection
+            silent.close()
+            if broker.kind == "embedded":
+                assert not any(i.is_published() for i in infos)
+            with subscriber(broker, ack=True) as sub:
+                assert wait_until(lambda: len(sub.received) >= 3, WAIT), sub.received
+                assert sub.received == [(p, True) for p in sent]
+                assert wait_until(lambda: _all_published(infos), WAIT)
+    finally:
+        silent.close()
 
 
 @pytest.mark.timeout(120)
@@ -236,20 +267,29 @@ def test_every_acknowledged_publish_reaches_the_subscriber_when_publishers_leave
 
 
 @pytest.mark.timeout(120)
-def test_publishes_acknowledged_while_the_subscriber_is_offline_wait_in_its_session(
+def test_publishes_made_while_the_subscriber_is_offline_wait_in_its_session(
     broker: BrokerHandle,
 ) -> None:
     ids = ("pm-0001", "pm-0002", "pm-0003")
     want = {f"{d}-off-{i:03d}" for d in ids for i in range(100)}
     with subscriber(broker, ack=True):
         pass  # the persistent session and its subscription now exist; it is offline
-    for d in ids:
-        _publish_and_leave(broker, d, [f"{d}-off-{i:03d}" for i in range(100)])
-    with subscriber(broker, ack=True) as sub:
-        assert wait_until(lambda: set(sub.payloads()) >= want, WAIT), (
-            f"{len(want - set(sub.payloads()))} of {len(want)} lost"
-        )
-        assert len(sub.payloads()) == len(want)  # nothing twice: all were acknowledged
+    with contextlib.ExitStack() as stack:
+        infos = [
+            info
+            for d in ids
+            for info in stack.enter_context(
+                publishing(broker, d, [f"{d}-off-{i:03d}" for i in range(100)])
+            )
+        ]
+        if broker.kind == "mosquitto":  # the broker owns them: PUBACKed at once
+            assert wait_until(lambda: _all_published(infos), WAIT)
+        with subscriber(broker, ack=True) as sub:
+            assert wait_until(lambda: set(sub.payloads()) >= want, WAIT), (
+                f"{len(want - set(sub.payloads()))} of {len(want)} lost"
+            )
+            assert len(sub.payloads()) == len(want)  # nothing twice
+            assert wait_until(lambda: _all_published(infos), WAIT)
 
 
 def test_a_connect_refused_before_the_tls_handshake_leaves_no_socket_open(
@@ -296,7 +336,12 @@ def test_a_subscriber_reconnecting_mid_stream_gets_each_message_once_and_in_orde
         for i, p in enumerate(sent):
             infos.append(dev.client.publish(telemetry_topic("pm-0001"), p, qos=1))
             if i == 100:
-                infos[50].wait_for_publish(WAIT)  # some are queued offline by now
+                # some are queued offline by now (the embedded broker PUBACKs them only once
+                # the subscriber has them: wait for the broker to have them queued instead)
+                if broker.kind == "embedded":
+                    time.sleep(1.0)
+                else:
+                    infos[50].wait_for_publish(WAIT)
                 sub = Subscriber(broker, ack=True)  # reconnects while the rest flows
         for info in infos:
             info.wait_for_publish(WAIT)

@@ -443,6 +443,7 @@ async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
     set holds the connection's serial, its PUBLISH is neither relayed nor acknowledged."""
     from amqtt.session import Session
 
+    from pacegate.broker.delivery import GatewayAcks
     from pacegate.broker.strict import StrictHandler
 
     relayed: list[bytes] = []
@@ -457,6 +458,7 @@ async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
     handler = StrictHandler(
         None,  # type: ignore[arg-type]
         deliver=deliver,
+        acks=GatewayAcks(lambda _session: False),
         limit=4096,
         source="127.0.0.1",
         is_revoked=lambda: revoked,

@@ -164,6 +164,11 @@ def test_demo_rerun_in_the_same_workdir_keeps_counting_without_nonce_reuse(
     assert second["stored"] == second["sent"] > 0
     assert second["rejected"] == {}  # a reused counter would be rejected as a replay
     assert len(stored_readings(work)) == first["stored"] + second["stored"]
+    assert first["analysis_covers"].startswith("this run")
+    assert second["analysis_covers"].startswith(
+        f"the whole store: {first['stored'] + second['stored']} readings, of which "
+        f"{second['stored']} were stored by this run"
+    )
 
 
 def test_up_serves_until_sigterm_and_stops_every_service_it_started(tmp_path: Path) -> None:

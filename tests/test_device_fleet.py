@@ -96,7 +96,11 @@ def test_cli_prints_one_json_summary_and_reads_endpoints_json(
 ) -> None:
     work = WorkLayout(tmp_path)
     _endpoints(work, embedded_broker)
-    proc = _devices_cli(tmp_path, "--count", "2", "--rate", "5", "--duration", "1", "--json")
+    gateway = _gateway_subscriber(embedded_broker)  # PUBACKs are end to end
+    try:
+        proc = _devices_cli(tmp_path, "--count", "2", "--rate", "5", "--duration", "1", "--json")
+    finally:
+        gateway.close()
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert set(summary) >= {
@@ -261,13 +265,17 @@ async def test_two_hundred_devices_connect_and_publish_through_the_embedded_brok
     count = 200
     await asyncio.to_thread(enroll_devices, pki_dir, [f"pm-{i:04d}" for i in range(4, count + 1)])
     with embedded_broker(pki_dir, tmp_path / "broker") as broker:
-        summary = await run_fleet(
-            WorkLayout(tmp_path),
-            count=count,
-            rate=1.0,
-            duration=4.0,
-            endpoint=Endpoint(broker.host, broker.port),
-        )
+        gateway = await asyncio.to_thread(_gateway_subscriber, broker)  # PUBACKs end to end
+        try:
+            summary = await run_fleet(
+                WorkLayout(tmp_path),
+                count=count,
+                rate=1.0,
+                duration=4.0,
+                endpoint=Endpoint(broker.host, broker.port),
+            )
+        finally:
+            gateway.close()
     assert summary.devices == summary.connected == count
     assert summary.connect_failures == 0
     assert summary.acknowledged >= count

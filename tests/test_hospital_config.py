@@ -150,7 +150,7 @@ def test_verify_json_reports_problems_as_one_object(
     assert pacegate_main(["hospital", "verify", "--json", "-c", str(work.hospital_config)]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["rows"] == 5
-    assert [p["kind"] for p in report["problems"]] == ["head_mismatch"]
+    assert [p["kind"] for p in report["problems"]] == ["head_mismatch", "rolled_back"]
 
 
 def test_rotate_key_keep_old_leaves_both_keys(work: WorkLayout) -> None:

@@ -257,6 +257,33 @@ async def test_pacegate_hospital_command_serves_and_stops_cleanly_on_sigterm(
     assert b"verify: OK: 25 rows" in verify.stderr
 
 
+def decode_batch_items(message: bytes) -> tuple[IngestItem, ...]:
+    msg = decode(message)
+    assert isinstance(msg, IngestBatch)
+    return msg.items
+
+
+def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to_fix(
+    tmp_path: Path,
+) -> None:
+    """Ingesting on would anchor the current head afresh and hide a rollback for good."""
+    work, _ = make_work(tmp_path / "work", port=free_port(), metrics_port=free_port())
+    cfg = load_hospital_config(work.hospital_config)
+    with SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor) as store:
+        store.store_batch(decode_batch_items(batch(1, 5)))
+    cfg.anchor.unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacegate", "hospital", "-c", str(work.hospital_config)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert str(cfg.anchor) in err and "anchor" in err and "--reanchor" in err
+    assert not cfg.anchor.exists()
+
+
 async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in_clear(
     hospital: Running,
 ) -> None:
@@ -294,3 +321,38 @@ async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in
         if path.is_file():
             data = path.read_bytes()
             assert not [n for n in needles if n in data], path.name
+
+
+async def test_integrity_key_rotation_during_live_ingest_loses_nothing_and_absorbs_resends(
+    hospital: Running,
+) -> None:
+    """Gateways keep sending while the integrity key rotates (ingest waits for the one
+    re-keying transaction); batches sent before it and resent after it are duplicates."""
+    hdir = hospital.work.hospital_dir
+
+    async def send_all(first: int, count: int) -> list[IngestAck]:
+        acks = []
+        async with await hospital.gateway() as gw:
+            for b in range(first, first + count):
+                await gw.send(batch(b, 50, start=b * 50))
+                ack = decode(await gw.recv())
+                assert isinstance(ack, IngestAck)
+                acks.append(ack)
+        return acks
+
+    await send_all(0, 10)
+
+    def rotate() -> int | None:
+        with SqliteReadingStore.open(hdir / "readings.db", hdir / "keyring.json") as op:
+            return op.rotate_key(batch_size=100, integrity=True).new_mac_version
+
+    acks, mac_version = await asyncio.gather(send_all(10, 20), asyncio.to_thread(rotate))
+    assert mac_version == 2
+    assert sum(a.stored for a in acks) == 1000
+    resent = await send_all(0, 30)
+    assert (sum(a.stored for a in resent), sum(a.duplicates for a in resent)) == (0, 1500)
+    store = hospital.service.store
+    assert store.count() == 1500 and store.keyring.mac_versions == [2]
+    report = store.verify()
+    assert report.ok, report.problems
+    assert report.head_version == 2

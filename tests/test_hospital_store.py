@@ -331,6 +331,35 @@ def test_service_picks_up_a_rotated_keyring_without_restart(hdir: Path) -> None:
         assert {v for (v,) in c.execute("SELECT key_version FROM readings")} == {2}
 
 
+def test_rotation_does_not_trust_key_version_and_retires_only_once_every_row_is_under_the_new_key(
+    store: SqliteReadingStore, hdir: Path
+) -> None:
+    """The key_version column is not authenticated: set high on one row, a rotation that
+    trusted it would skip that row and retire the only key that decrypts it."""
+    items = make_items(30)
+    store.store_batch(items)
+    with raw(hdir / "readings.db") as c:
+        c.execute("UPDATE readings SET key_version = 99 WHERE seq = 7")
+    report = store.rotate_key(batch_size=8)
+    assert report.retired == [1]
+    assert Keyring.load(hdir / "keyring.json").versions == [2]
+    assert [r for b in store.iter_readings() for r in b] == [i.reading for i in items]
+    assert store.verify().ok
+    with raw(hdir / "readings.db") as c:
+        assert {v for (v,) in c.execute("SELECT key_version FROM readings")} == {2}
+
+
+def test_rotation_keeps_every_key_when_a_row_does_not_decrypt(
+    store: SqliteReadingStore, hdir: Path
+) -> None:
+    store.store_batch(make_items(10))
+    with raw(hdir / "readings.db") as c:
+        c.execute("UPDATE readings SET token = X'00' WHERE seq = 4")
+    with pytest.raises(StoreError, match="row 4 does not decrypt under any key"):
+        store.rotate_key()
+    assert Keyring.load(hdir / "keyring.json").versions == [1, 2]
+
+
 def test_second_rotation_while_one_runs_is_refused(store: SqliteReadingStore, hdir: Path) -> None:
     from hospital.store import _exclusive
 
@@ -374,7 +403,8 @@ def test_verify_detects_removal_of_the_last_rows(store: SqliteReadingStore, hdir
     with raw(hdir / "readings.db") as c:
         c.execute("DELETE FROM readings WHERE seq > 18")
     report = store.verify()
-    assert [p.kind for p in report.problems] == ["head_mismatch"]
+    # the head inside the database, and the anchor outside it, both see it
+    assert [p.kind for p in report.problems] == ["head_mismatch", "rolled_back"]
 
 
 def test_verify_detects_a_forged_head_after_truncation(
@@ -385,12 +415,12 @@ def test_verify_detects_a_forged_head_after_truncation(
         (chain,) = c.execute("SELECT chain FROM readings WHERE seq = 19").fetchone()
         (head,) = c.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
         c.execute("DELETE FROM readings WHERE seq = 20")
-        forged = (19).to_bytes(8, "big") + chain + head[40:]
+        forged = head[:4] + (19).to_bytes(8, "big") + chain + head[44:]
         c.execute("UPDATE meta SET value = ? WHERE name = 'head'", (forged,))
     report = store.verify()
-    assert [(p.kind, p.detail) for p in report.problems] == [
-        ("head_mismatch", "the chain head was altered")
-    ]
+    first = report.problems[0]
+    assert (first.kind, first.detail) == ("head_mismatch", "the chain head was altered")
+    assert [p.kind for p in report.problems] == ["head_mismatch", "rolled_back"]
 
 
 def test_verify_detects_reordered_rows(store: SqliteReadingStore, hdir: Path) -> None:

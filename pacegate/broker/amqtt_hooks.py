@@ -77,6 +77,18 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     ),
     Hook(_BROKER, "retain_message", params=("source_session", "topic_name", "data", "qos")),
     Hook(_BROKER, "add_subscription", params=("subscription", "session"), why="QoS <= 1"),
+    Hook(
+        _BROKER,
+        "_broadcast_message",
+        params=("session", "topic", "data", "force_qos"),
+        why="end-to-end acknowledgement tickets (delivery.py)",
+    ),
+    Hook(
+        _BROKER,
+        "_retain_broadcast_message",
+        params=("broadcast", "qos", "target_session"),
+        why="offline queue bound and compaction (delivery.py)",
+    ),
     # -- Broker: called ------------------------------------------------------------------
     Hook(_BROKER, "_authenticate", params=("session", "_")),
     Hook(_BROKER, "_get_handler", params=("session",)),

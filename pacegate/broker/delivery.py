@@ -1,4 +1,24 @@
-"""QoS 1 delivery that keeps MQTT 3.1.1's promises, which amqtt 0.12.1 does not.
+"""QoS 1 delivery that keeps MQTT 3.1.1's promises, which amqtt 0.12.1 does not, and
+end-to-end acknowledgement: a device's PUBACK means the gateway has its reading durably.
+
+**End-to-end acknowledgement.** A pacemaker deletes a reading once the broker PUBACKs it, so
+the broker PUBACKs a device's QoS 1 publish only once the *gateway identity* has PUBACKed
+the copy relayed to it (and the gateway PUBACKs only after the hospital's commit or an
+fsynced spool write). The broker therefore holds nothing that a crash can lose: every
+publish it holds is still in the device's buffer, and the device sends it again on its next
+connection (DUP=1); the gateway's replay window and the hospital's uniqueness on
+(device, counter) absorb the copies. The device's payload travels through amqtt's relay (the
+broadcast queue, the gateway session's offline queue, its in-flight store, redelivery on the
+gateway's reconnect) as a :class:`TrackedPayload`: the bytes plus the :class:`GatewayTicket`
+that the gateway's PUBACK resolves, whichever copy it acknowledges. A publish relayed while
+no gateway session would receive it (no gateway ever connected since the broker started, or
+not subscribed) is *parked* in :class:`GatewayAcks` and handed to the gateway when it
+subscribes. Publishes awaiting the gateway are bounded per connection and in all (see the
+constants); a publisher beyond a bound is disconnected (it keeps the reading and sends it
+again after its backoff). When a device's connection ends, its tickets are abandoned: it
+will send those readings again, and a gateway PUBACK for an abandoned ticket is a no-op.
+A publish the broker does not relay (refused by the ACL) is PUBACKed at once, as before:
+nothing downstream will ever hold it, and MQTT 3.1.1 has no negative acknowledgement.
 
 Three amqtt defects, all fixed here by a subclass of its per-connection protocol handler
 (:class:`DeliveringHandler`, installed by :class:`pacegate.broker.server.PacegateBroker`):
@@ -16,9 +36,9 @@ Three amqtt defects, all fixed here by a subclass of its per-connection protocol
    per-connection loop relays that queue to the subscribers later, and stops (dropping what
    is left) when the publisher disconnects. Here the message is relayed (topic checks, ACL,
    into the broker's broadcast queue, from which it reaches every connected subscriber or
-   the offline queue of every persistent session) *before* the PUBACK is sent, so a PUBACK
-   means the broker owns the message. QoS 0 messages take the same path (without PUBACK).
-   Publishes of one connection are relayed in arrival order.
+   the offline queue of every persistent session) at once, and the PUBACK waits for the
+   gateway's (above). QoS 0 messages take the same path (without PUBACK). Publishes of one
+   connection are relayed in arrival order.
 3. **Live messages overtake, and were sent twice with, a reconnect's backlog.** amqtt marks
    a reconnecting session connected (so the broadcast loop hands it live messages at once)
    before the handler has started, resent its in-flight messages or drained its offline
@@ -50,18 +70,157 @@ from amqtt.session import (
     ApplicationMessage,
     IncomingApplicationMessage,
     OutgoingApplicationMessage,
+    Session,
 )
+
+from pacegate.log import security_event
 
 # ``deliver(handler, message) -> keep_connection``: relay one incoming PUBLISH now.
 Deliver = Callable[["DeliveringHandler", IncomingApplicationMessage], Awaitable[bool]]
+
+# Device publishes one connection may have awaiting the gateway's acknowledgement. The
+# simulator keeps at most 32 in flight (device_sim.device.MAX_IN_FLIGHT), paho's default is
+# 20, MQTT 5 calls this Receive Maximum; a client far beyond it is flooding, not buffering.
+MAX_AWAITING_GATEWAY_PER_CONNECTION = 128
+# All device publishes awaiting the gateway. Each one is a copy in the gateway session (a
+# packet id of its 65,535 once sent), so the bound stays below that; at ~300 bytes apiece it
+# is ~15 MB, and it is 25 readings in flight for each of 2,000 devices.
+MAX_AWAITING_GATEWAY = 50_000
+
+
+class GatewayTicket:
+    """One device QoS 1 publish awaiting the gateway's PUBACK (see module doc)."""
+
+    __slots__ = ("_event", "acknowledged", "closed", "relayed", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.relayed = False  # into the broadcast queue (the ACL let it through)
+        self.acknowledged = False  # the gateway PUBACKed a copy: the device may be PUBACKed
+        self.closed = False  # acknowledged, or abandoned (the device connection ended)
+        self._event = asyncio.Event()
+
+    async def wait(self) -> bool:
+        """Until acknowledged or abandoned; True if acknowledged."""
+        await self._event.wait()
+        return self.acknowledged
+
+    def _close(self, *, acknowledged: bool) -> bool:
+        if self.closed:
+            return False
+        self.closed = True
+        self.acknowledged = acknowledged
+        self._event.set()
+        return True
+
+
+class TrackedPayload(bytes):
+    """A device's QoS 1 payload on its way through amqtt's relay, carrying its ticket.
+
+    A ``bytes`` subclass so that every amqtt structure that holds a message's data (the
+    broadcast queue, a session's offline queue and in-flight store) carries the ticket with
+    it, with no second copy of the message to keep in step."""
+
+    ticket: GatewayTicket
+
+    def __new__(cls, data: bytes | bytearray, ticket: GatewayTicket) -> TrackedPayload:
+        obj = super().__new__(cls, data)
+        obj.ticket = ticket
+        return obj
+
+
+def abandoned(data: object) -> bool:
+    """A tracked copy whose publisher's connection ended unacknowledged: the device sends
+    the reading again, so this copy need not be delivered (nor kept queued)."""
+    return isinstance(data, TrackedPayload) and data.ticket.closed and not data.ticket.acknowledged
+
+
+def compact(queue: asyncio.Queue[ApplicationMessage]) -> int:
+    """Drop the abandoned copies from a session's offline queue; return how many."""
+    kept: list[ApplicationMessage] = []
+    dropped = 0
+    while not queue.empty():
+        item = queue.get_nowait()
+        if abandoned(item.data):
+            dropped += 1
+        else:
+            kept.append(item)
+    for item in kept:
+        queue.put_nowait(item)
+    return dropped
+
+
+class GatewayAcks:
+    """The broker's publishes awaiting the gateway: counted, bounded, parked while no gateway
+    session would receive them. Pure bookkeeping (no I/O); one per broker."""
+
+    def __init__(
+        self,
+        is_gateway: Callable[[Session | None], bool],
+        *,
+        limit: int = MAX_AWAITING_GATEWAY,
+        per_connection: int = MAX_AWAITING_GATEWAY_PER_CONNECTION,
+    ) -> None:
+        self.is_gateway = is_gateway
+        self.limit = limit
+        self.per_connection = per_connection
+        self.awaiting = 0
+        self._parked: dict[GatewayTicket, TrackedPayload] = {}  # insertion order: FIFO
+
+    def refusal(self, connection_awaiting: int) -> tuple[str, int] | None:
+        """Why one more publish may not wait for the gateway: (reason, limit), or None."""
+        if connection_awaiting >= self.per_connection:
+            return "too_many_unacknowledged", self.per_connection
+        if self.awaiting >= self.limit:
+            return "broker_busy", self.limit
+        return None
+
+    def open(self, topic: str, data: bytes | bytearray) -> TrackedPayload:
+        self.awaiting += 1
+        return TrackedPayload(data, GatewayTicket(topic))
+
+    def acknowledge(self, ticket: GatewayTicket) -> None:
+        """The gateway PUBACKed a copy."""
+        if ticket._close(acknowledged=True):
+            self._release(ticket)
+
+    def abandon(self, ticket: GatewayTicket) -> None:
+        """The publisher's connection ended (it resends), or the publish was not relayed."""
+        if ticket._close(acknowledged=False):
+            self._release(ticket)
+
+    def _release(self, ticket: GatewayTicket) -> None:
+        self.awaiting -= 1
+        self._parked.pop(ticket, None)
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def park(self, payload: TrackedPayload) -> None:
+        if not payload.ticket.closed:
+            self._parked[payload.ticket] = payload
+
+    def unpark(self, matches: Callable[[str], bool]) -> list[TrackedPayload]:
+        """The parked payloads whose topic ``matches`` (a new gateway subscription), oldest
+        first, no longer parked."""
+        out = [p for t, p in self._parked.items() if matches(t.topic)]
+        for p in out:
+            del self._parked[p.ticket]
+        return out
 
 
 class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """amqtt's broker-side protocol handler with QoS 1 delivery fixed (see module doc)."""
 
-    def __init__(self, plugins_manager: PluginManager[Any], *, deliver: Deliver) -> None:
+    def __init__(
+        self, plugins_manager: PluginManager[Any], *, deliver: Deliver, acks: GatewayAcks
+    ) -> None:
         super().__init__(plugins_manager)
         self._deliver = deliver
+        self._acks = acks
+        # this connection's publishes whose PUBACK waits for the gateway's
+        self._awaiting: set[GatewayTicket] = set()
         self._relay_order = asyncio.Lock()  # FIFO: publishes relayed in arrival order
         self._background: set[asyncio.Task[Any]] = set()
         # Live publishes (the broadcast loop's) wait here until the reconnect backlog has
@@ -87,11 +246,23 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     async def stop(self) -> None:
         self._live.set()  # waiting live publishes find the handler closing: kept in session
+        self._abandon_awaiting()
         await super().stop()
+
+    def _abandon_awaiting(self) -> None:
+        """The connection ends: the device sends these again on its next one."""
+        for ticket in list(self._awaiting):
+            self._acks.abandon(ticket)
+        self._awaiting.clear()
 
     async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
         await super().handle_disconnect(disconnect)
         self._live.set()
+        self._abandon_awaiting()
+
+    async def handle_connection_closed(self) -> None:
+        await super().handle_connection_closed()
+        self._abandon_awaiting()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in a task this handler keeps a reference to until it ends."""
@@ -111,7 +282,9 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         which task runs first. PUBACKs are awaited in the background."""
         backlog: list[ApplicationMessage] = []
         while not offline.empty():
-            backlog.append(offline.get_nowait())
+            queued = offline.get_nowait()
+            if not abandoned(queued.data):  # its device resends it on its new connection
+                backlog.append(queued)
         self.spawn(self._write_backlog(backlog))
 
     async def _write_backlog(self, backlog: list[ApplicationMessage]) -> None:
@@ -149,7 +322,7 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         )
         return message
 
-    # -- incoming: relay, then PUBACK --------------------------------------------------
+    # -- incoming: relay, then PUBACK once the gateway acknowledged ------------------------
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         qos = publish_packet.qos
         if qos not in (QOS_0, QOS_1):
@@ -160,20 +333,64 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         topic, data = publish_packet.topic_name, publish_packet.data
         if topic is None or data is None or (qos == QOS_1 and packet_id is None):
             return
+        if self.closing():
+            return  # not relayed: a QoS 1 publisher sends it again on its next connection
+        ticket: GatewayTicket | None = None
+        if qos == QOS_1:
+            refusal = self._acks.refusal(len(self._awaiting))
+            if refusal is not None:
+                reason, limit = refusal
+                security_event(
+                    "publish_refused",
+                    component="broker",
+                    reason=reason,
+                    peer=self.session.client_id if self.session is not None else None,
+                    limit=limit,
+                )
+                await self._drop_connection()  # it keeps the reading, resends later
+                return
+            data = self._acks.open(topic, data)
+            ticket = data.ticket
+            self._awaiting.add(ticket)
         message = IncomingApplicationMessage(
             packet_id, topic, qos, data, publish_packet.retain_flag
         )
         message.publish_packet = publish_packet
         async with self._relay_order:
+            if self.closing():  # ended while this publish waited its turn
+                if ticket is not None:
+                    self._forget(ticket)
+                return
             keep = await self._deliver(self, message)
+        if ticket is not None and (not keep or self.closing()):
+            self._forget(ticket)
         if not keep:  # an invalid topic: MQTT says close the connection
-            await self.handle_connection_closed()
+            await self._drop_connection()
             return
-        if qos == QOS_1 and not self.closing():
+        if ticket is not None:
             assert packet_id is not None
+            self.spawn(self._puback_when_acknowledged(ticket, packet_id))
+
+    async def _drop_connection(self) -> None:
+        """End this connection now (amqtt's ``handle_connection_closed`` only tells the
+        broker's session loop, which leaves the socket open and the reader reading)."""
+        await self.handle_connection_closed()
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await self.writer.close()
+
+    def _forget(self, ticket: GatewayTicket) -> None:
+        self._acks.abandon(ticket)
+        self._awaiting.discard(ticket)
+
+    async def _puback_when_acknowledged(self, ticket: GatewayTicket, packet_id: int) -> None:
+        try:
+            acknowledged = await ticket.wait()
+        finally:
+            self._awaiting.discard(ticket)
+        if acknowledged and not self.closing():
             puback = PubackPacket.build(packet_id)
             await self._send_packet(puback)
-            message.puback_packet = puback
 
     # -- outgoing: keep until PUBACK, resend on reconnect ------------------------------
     async def _handle_qos1_message_flow(
@@ -227,6 +444,9 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         try:
             app_message.puback_packet = await waiter
             self.session.inflight_out.pop(packet_id, None)
+            data = app_message.data
+            if isinstance(data, TrackedPayload) and self._acks.is_gateway(self.session):
+                self._acks.acknowledge(data.ticket)  # the device may now be PUBACKed
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not waiter.cancelled() or (task is not None and task.cancelling()):

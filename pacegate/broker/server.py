@@ -51,7 +51,13 @@ from cryptography import x509
 
 from pacegate.broker import packets
 from pacegate.broker.config import BrokerConfig, load_broker_config
-from pacegate.broker.delivery import DeliveringHandler
+from pacegate.broker.delivery import (
+    MAX_AWAITING_GATEWAY,
+    DeliveringHandler,
+    GatewayAcks,
+    TrackedPayload,
+    compact,
+)
 from pacegate.broker.plugins import (
     CERT_KEY,
     COMPONENT,
@@ -247,7 +253,14 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         # connections without a CONNECT read yet, oldest first
         self._pending: dict[_Conn, None] = {}
         self._pending_by_source: dict[str, int] = {}
+        # device publishes whose PUBACK waits for the gateway's (end-to-end acknowledgement)
+        self.acks = GatewayAcks(self._is_gateway)
         self._init_registry()
+
+    def _is_gateway(self, session: Session | None) -> bool:
+        return session is not None and session.attributes.get(IDENTITY_KEY) == (
+            self.cfg.gateway_identity
+        )
 
     def _init_registry(self) -> None:
         """The live-connection registry (the plaintext benchmark, which skips
@@ -510,6 +523,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         return StrictHandler(
             self.plugins_manager,
             deliver=self._relay,
+            acks=self.acks,
             limit=limit,
             source=source,
             is_revoked=lambda: serial is not None and serial in self.guard.revoked,
@@ -633,7 +647,69 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             return False  # revoked since it connected: never relayed (closed at once)
         done: asyncio.Future[IncomingApplicationMessage] = self._loop.create_future()
         done.set_result(message)
-        return await self._handle_message_delivery(handler.session, handler, done)
+        keep = await self._handle_message_delivery(handler.session, handler, done)
+        data = message.data
+        if keep and isinstance(data, TrackedPayload) and not data.ticket.relayed:
+            # refused by the ACL: nothing downstream will ever hold it, so it is PUBACKed
+            # at once, as before (MQTT 3.1.1 has no negative acknowledgement)
+            self.acks.acknowledge(data.ticket)
+        return keep
+
+    # -- end-to-end acknowledgement (pacegate.broker.delivery) ---------------------------
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if isinstance(data, TrackedPayload) and topic is not None:
+            data.ticket.relayed = True
+            if not self._gateway_receives(topic):
+                self.acks.park(data)  # handed to the gateway when it subscribes
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        # An offline session's queue holds at most what is awaited: copies whose devices
+        # left (and resend) are dropped once it exceeds the bound of awaited publishes.
+        queue = target_session.retained_messages
+        if queue.qsize() >= MAX_AWAITING_GATEWAY:
+            dropped = compact(queue)
+            if dropped:
+                log.info(
+                    "dropped %d abandoned copies from %s's queue", dropped, target_session.client_id
+                )
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    def _gateway_receives(self, topic: str) -> bool:
+        """Whether the broadcast of ``topic`` reaches a gateway session at QoS 1: connected,
+        or persistent (its offline queue keeps it) and subscribed to a matching filter."""
+        entry = self._sessions.get(self.cfg.gateway_identity)
+        if entry is None:
+            return False
+        session = entry[0]
+        if session.transitions.state != "connected" and session.clean_session:
+            return False
+        return any(
+            self._matches(topic, a_filter) and any(s is session and q for s, q in subs)
+            for a_filter, subs in self._subscriptions.items()
+        )
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        # granted at most QoS 1 (MAX_GRANTED_QOS): the broker never starts a QoS 2 flow
+        a_filter, qos = subscription
+        code: int = await super().add_subscription((a_filter, min(qos, MAX_GRANTED_QOS)), session)
+        handler = self._get_handler(session)
+        # granted at QoS >= 1 to a live gateway connection: it takes the parked publishes
+        if self._is_gateway(session) and code in (1, 2) and isinstance(handler, DeliveringHandler):
+            parked = self.acks.unpark(lambda topic: self._matches(topic, a_filter))
+            if parked:
+                log.info("handing %d parked device publishes to the gateway", len(parked))
+            for payload in parked:
+                handler.spawn(handler.mqtt_publish(payload.ticket.topic, payload, 1, False))
+        return code
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         # The messages queued for an offline persistent session, sent on its reconnect.
@@ -710,13 +786,6 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         ]
         if sends:
             await asyncio.wait(sends)
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        topic_filter, qos = subscription
-        granted: int = await super().add_subscription(
-            (topic_filter, min(qos, MAX_GRANTED_QOS)), session
-        )
-        return granted
 
 
 def amqtt_config(cfg: BrokerConfig) -> dict[str, Any]:

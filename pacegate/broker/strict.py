@@ -40,7 +40,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 
 from pacegate.broker import packets
-from pacegate.broker.delivery import DeliveringHandler
+from pacegate.broker.delivery import DeliveringHandler, GatewayAcks
 from pacegate.log import security_event
 
 log = logging.getLogger("pacegate.broker")
@@ -130,11 +130,12 @@ class StrictHandler(DeliveringHandler):
         plugins_manager: PluginManager[Any],
         *,
         deliver: Any,
+        acks: GatewayAcks,
         limit: int,
         source: str,
         is_revoked: Callable[[], bool],
     ) -> None:
-        super().__init__(plugins_manager, deliver=deliver)
+        super().__init__(plugins_manager, deliver=deliver, acks=acks)
         self._limit = limit
         self._source = source
         self._is_revoked = is_revoked

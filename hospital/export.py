@@ -1,0 +1,229 @@
+"""``pacegate hospital export -c FILE``: the decrypted readings, one per line, for clinicians
+and auditors. This module owns the export's format.
+
+Every line is one stored reading, in arrival order::
+
+    seq, device_id, counter, age, heart_rate_bpm, sensor_id, timestamp, implausible, damage
+
+as JSON Lines (one object per line; ``damage`` a list) or CSV (a header line; ``damage``
+the kinds joined by ``;``). ``damage`` is empty for a row the chain vouches for.
+
+The export refuses a store whose chain does not verify: its rows can no longer be trusted
+as the readings that arrived. ``--allow-damaged`` exports it anyway and marks each damaged
+row with what :meth:`~hospital.store.SqliteReadingStore.verify` found (a row that does not
+decrypt is a line with its ``seq``, its damage and empty fields). Damage of the store as a
+whole (a removed tail, a rollback) is reported on stderr.
+
+The output is the readings **in clear**: ``--out FILE`` is created with mode 0600 (written
+beside, then renamed into place, so a refused or failed export leaves no partial file);
+stdout is whatever the caller makes of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from hospital.store import (
+    CheckedRow,
+    SqliteReadingStore,
+    VerifyReport,
+    format_report,
+    open_from_config,
+)
+from pacegate.errors import PacegateError
+from pacegate.ingest import FLAG_IMPLAUSIBLE
+from pacegate.layout import SECRET_FILE_MODE
+from pacegate.reading import parse_time_option
+
+FORMATS = ("jsonl", "csv")
+COLUMNS = (
+    "seq",
+    "device_id",
+    "counter",
+    "age",
+    "heart_rate_bpm",
+    "sensor_id",
+    "timestamp",
+    "implausible",
+    "damage",
+)
+
+
+class ExportRefused(PacegateError):
+    """The store's chain does not verify and ``--allow-damaged`` was not given."""
+
+
+def row_fields(row: CheckedRow) -> dict[str, Any]:
+    """The export's fields of one checked row (None where the row does not decrypt)."""
+    damage = [p.kind for p in row.problems]
+    rec = row.record
+    if rec is None:
+        return dict.fromkeys(COLUMNS) | {"seq": row.seq, "damage": damage}
+    r = rec.reading
+    return {
+        "seq": row.seq,
+        "device_id": rec.device_id,
+        "counter": rec.counter,
+        "age": r.age,
+        "heart_rate_bpm": r.heart_rate_bpm,
+        "sensor_id": r.sensor_id,
+        "timestamp": r.timestamp.isoformat(),
+        "implausible": bool(rec.flags & FLAG_IMPLAUSIBLE),
+        "damage": damage,
+    }
+
+
+def _in_period(row: CheckedRow, since: datetime | None, until: datetime | None) -> bool:
+    if row.record is None:
+        return True  # a row that does not decrypt has no time: always shown, marked
+    ts = row.record.reading.timestamp
+    return (since is None or ts >= since) and (until is None or ts < until)
+
+
+class _Writer:
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        self._out = out
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(COLUMNS)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if self._csv is None:
+            self._out.write(json.dumps(fields, separators=(",", ":")) + "\n")
+            return
+        cells = dict(fields)
+        cells["damage"] = ";".join(fields["damage"])
+        if cells["implausible"] is not None:
+            cells["implausible"] = int(cells["implausible"])
+        self._csv.writerow(["" if cells[c] is None else cells[c] for c in COLUMNS])
+
+
+@dataclass
+class ExportSummary:
+    exported: int = 0
+    damaged: int = 0
+    report: VerifyReport | None = None
+
+
+def export_rows(
+    store: SqliteReadingStore,
+    out: IO[str],
+    *,
+    fmt: str = "jsonl",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    allow_damaged: bool = False,
+) -> ExportSummary:
+    """Write the store's readings to ``out``; raises :class:`ExportRefused` (before writing
+    anything) when the chain does not verify and ``allow_damaged`` is False."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if not allow_damaged:
+        # a first pass, so that nothing is written from a store that does not verify
+        checked = store.verify()
+        if not checked.ok:
+            raise ExportRefused(_refusal(checked, store.db_path))
+    summary = ExportSummary()
+    writer = _Writer(out, fmt)
+    scan = store.scan()
+    for batch in scan:
+        for row in batch:
+            if row.problems and not allow_damaged:
+                # altered between the two passes: stop here, say so
+                raise ExportRefused(
+                    f"row {row.seq} changed during the export "
+                    f"({', '.join(p.kind for p in row.problems)}); the export is incomplete"
+                )
+            if _in_period(row, since, until):
+                writer.write(row_fields(row))
+                summary.exported += 1
+                summary.damaged += bool(row.problems)
+    summary.report = scan.report
+    if not allow_damaged and not scan.report.ok:
+        raise ExportRefused(_refusal(scan.report, store.db_path))
+    return summary
+
+
+def _refusal(report: VerifyReport, db_path: Path) -> str:
+    return (
+        f"export refused: the chain of {db_path} does not verify.\n"
+        + format_report(report, db_path)
+        + "\nTo export what is there anyway, each damaged row marked, add --allow-damaged."
+    )
+
+
+@contextlib.contextmanager
+def _private_output(path: Path) -> Iterator[IO[str]]:
+    """A text file only the owner can read, in place only once complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def cli_export(args: argparse.Namespace) -> int:
+    """``pacegate hospital export -c FILE [--since T] [--until T] [--format jsonl|csv]
+    [--out FILE] [--allow-damaged]``: 0 when exported, 1 when refused."""
+    since = parse_time_option(args.since, "--since")
+    until = parse_time_option(args.until, "--until")
+    out_path: Path | None = args.out
+    with open_from_config(args.config) as store:
+        try:
+            if out_path is None:
+                summary = export_rows(
+                    store,
+                    sys.stdout,
+                    fmt=args.format,
+                    since=since,
+                    until=until,
+                    allow_damaged=args.allow_damaged,
+                )
+                sys.stdout.flush()
+            else:
+                with _private_output(out_path) as out:
+                    summary = export_rows(
+                        store,
+                        out,
+                        fmt=args.format,
+                        since=since,
+                        until=until,
+                        allow_damaged=args.allow_damaged,
+                    )
+        except ExportRefused as exc:
+            print(f"pacegate hospital export: {exc}", file=sys.stderr)
+            return 1
+    where = str(out_path) if out_path is not None else "stdout"
+    print(
+        f"export: {summary.exported} readings to {where} (clear text: keep it private)"
+        + (f"; {summary.damaged} marked damaged" if summary.damaged else ""),
+        file=sys.stderr,
+    )
+    report = summary.report
+    if report is not None and not report.ok:
+        store_level = [p for p in report.problems if p.seq is None or p.seq > report.last_seq]
+        print(format_report(report, store.db_path), file=sys.stderr)
+        if store_level:
+            print(
+                "export: damage of the store as a whole (not on any exported row): "
+                + "; ".join(f"{p.kind}: {p.detail}" for p in store_level),
+                file=sys.stderr,
+            )
+    return 0
