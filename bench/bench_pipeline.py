@@ -330,6 +330,7 @@ def serve_plain_broker(config: Path) -> None:
             self._watch_task = None
             # end-to-end acknowledgement, as in production
             self.acks = GatewayAcks(self._is_gateway)
+            self._init_registry()
 
         def _connection_identity(self, incoming: Any) -> tuple[str | None, bytes | None]:
             # no TLS, so no certificate: the claimed client id stands in for the identity

@@ -349,3 +349,142 @@ def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.05) -> b
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+# ---------------------------------------------------------------------------------------
+# A raw MQTT 3.1.1 client over mutual TLS: sends exactly the bytes a test gives it
+# ---------------------------------------------------------------------------------------
+def mqtt_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def mqtt_packet(first_byte: int, body: bytes) -> bytes:
+    """A whole packet: fixed header (with its variable-length remaining length) + body."""
+    out, n = bytearray([first_byte]), len(body)
+    while True:
+        digit, n = n % 128, n // 128
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + body
+
+
+def connect_packet(client_id: str, *, clean_session: bool = True, keep_alive: int = 30) -> bytes:
+    flags = 0x02 if clean_session else 0x00
+    body = mqtt_string("MQTT") + bytes([4, flags]) + keep_alive.to_bytes(2, "big")
+    return mqtt_packet(0x10, body + mqtt_string(client_id))
+
+
+def publish_packet(
+    topic: str | bytes, payload: bytes, *, qos: int = 1, packet_id: int = 1, flags: int = 0
+) -> bytes:
+    body = mqtt_string(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+    return mqtt_packet(0x30 | (qos << 1) | flags, body)
+
+
+def subscribe_packet(topic: str, *, qos: int = 1, packet_id: int = 1) -> bytes:
+    return mqtt_packet(0x82, packet_id.to_bytes(2, "big") + mqtt_string(topic) + bytes([qos]))
+
+
+PINGREQ = b"\xc0\x00"
+PINGRESP = b"\xd0\x00"
+
+
+class RawMqtt:
+    """One TLS connection with a client certificate; the test writes raw bytes and reads
+    what comes back. ``closed_by_peer()`` says whether the broker has closed it."""
+
+    def __init__(self, broker: BrokerHandle, identity: str, timeout: float = 5.0) -> None:
+        cert, key = identity_files(broker.pki, identity)
+        self.tls = client_tls_context(broker.pki.ca_cert, cert, key)
+        raw = socket.create_connection((broker.host, broker.port), timeout=timeout)
+        try:
+            self.sock = self.tls.wrap_socket(raw, server_hostname=broker.host)
+        except BaseException:
+            raw.close()
+            raise
+        self.sock.settimeout(timeout)
+        self._buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_packet(self, timeout: float = 5.0) -> bytes | None:
+        """The next whole packet, or None if the broker closed the connection first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            packet = self._take()
+            if packet is not None:
+                return packet
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no packet from the broker")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except (ssl.SSLError, ConnectionError):
+                return None
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    def _take(self) -> bytes | None:
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        length, mult, pos = 0, 1, 1
+        while pos < len(buf):
+            b = buf[pos]
+            length += (b & 0x7F) * mult
+            pos += 1
+            if not b & 0x80:
+                if len(buf) < pos + length:
+                    return None
+                self._buf = buf[pos + length :]
+                return buf[: pos + length]
+            mult *= 128
+        return None
+
+    def connect(self, client_id: str, *, clean_session: bool = True) -> bytes:
+        """Send CONNECT; return the CONNACK (AssertionError if none came)."""
+        self.send(connect_packet(client_id, clean_session=clean_session))
+        connack = self.recv_packet()
+        assert connack is not None and connack[0] == 0x20, f"no CONNACK: {connack!r}"
+        return connack
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True once the broker closes the connection within ``timeout`` (packets it sends
+        before closing are read and dropped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.recv_packet(timeout=max(0.01, deadline - time.monotonic())) is None:
+                    return True
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+        return False
+
+    def alive(self) -> bool:
+        """True if the broker still answers a PINGREQ on this connection."""
+        try:
+            self.send(PINGREQ)
+            while True:
+                packet = self.recv_packet()
+                if packet is None:
+                    return False
+                if packet == PINGRESP:
+                    return True
+        except (OSError, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> RawMqtt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -28,7 +28,15 @@ from pacegate.ingest import (
     encode_batch,
 )
 from pacegate.keystore import PskStore
-from pacegate.log import JsonFormatter, RedactingFilter, security_event
+from pacegate.log import (
+    SUPPRESSED_EVENT,
+    EventRateLimiter,
+    JsonFormatter,
+    RedactingFilter,
+    event_limiter,
+    flush_security_events,
+    security_event,
+)
 from pacegate.reading import Reading
 
 READING = Reading(40, 82, 42, datetime(2026, 1, 1, tzinfo=UTC))
@@ -162,6 +170,51 @@ def test_security_events_are_json_and_secret_fields_are_redacted() -> None:
     assert event["peer"] == "pm-0001"
     assert event["psk"] == event["session_key"] == event["reading"] == "<redacted>"
     assert "00" * 32 not in buf.getvalue()
+
+
+def test_event_rate_limiter_logs_a_burst_then_counts_and_reports_once_per_window() -> None:
+    now = [0.0]
+    limiter = EventRateLimiter(burst=3, window=10.0, clock=lambda: now[0])
+    key = ("broker", "packet_refused", "qos_invalid", "127.0.0.1")
+    assert [limiter.admit(key)[0] for _ in range(5)] == [True, True, True, False, False]
+    assert limiter.admit(("broker", "packet_refused", "qos_invalid", "10.0.0.9"))[0]  # per source
+    assert limiter.flush() == []  # the window is not over
+    now[0] = 10.0
+    assert limiter.flush() == [(key, 2)]  # one summary, with the count
+    assert limiter.flush() == []
+    assert limiter.admit(key) == (True, [])  # a new window
+
+
+def test_event_rate_limiter_keeps_a_bounded_number_of_keys() -> None:
+    limiter = EventRateLimiter(burst=1, window=10.0, max_keys=4, clock=lambda: 0.0)
+    for i in range(1000):
+        limiter.admit(("broker", "e", "r", f"10.0.{i // 256}.{i % 256}"))
+    assert len(limiter._windows) == 5  # 4 sources and one shared overflow key
+
+
+def test_security_event_flood_is_one_summary_line_per_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(event_limiter(), "_clock", lambda: now[0])
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("pacegate.security")
+    logger.addHandler(handler)
+    try:
+        for _ in range(10_000):
+            security_event("puback_ignored", component="broker", reason="x", source="1.2.3.4")
+        now[0] += event_limiter().window
+        flush_security_events()
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    burst = event_limiter().burst
+    assert len(lines) == burst + 1
+    summary = lines[-1]
+    assert summary["event"] == SUPPRESSED_EVENT and summary["suppressed_event"] == "puback_ignored"
+    assert summary["suppressed"] == 10_000 - burst and summary["source"] == "1.2.3.4"
 
 
 # -- TLS contexts -------------------------------------------------------------------------

@@ -36,13 +36,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.adapters import (
+    BufferReader,
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WriterAdapter,
+)
 from amqtt.broker import Broker, BrokerProtocolHandler, Server
-from amqtt.contexts import ListenerType
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.session import IncomingApplicationMessage, Session
 from cryptography import x509
 
+from pacegate.broker import packets
 from pacegate.broker.config import BrokerConfig, load_broker_config
 from pacegate.broker.delivery import (
     MAX_AWAITING_GATEWAY,
@@ -60,7 +67,8 @@ from pacegate.broker.plugins import (
     TopicAclPlugin,
     session_cert,
 )
-from pacegate.log import security_event
+from pacegate.broker.strict import StrictHandler, packet_type_name, read_frame
+from pacegate.log import flush_security_events, security_event
 from pacegate.peers import source_key
 from pacegate.tlsconf import peer_identity, server_context
 
@@ -91,13 +99,31 @@ _CONN_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 class _Conn:
     """One accepted TCP connection, counted from the accept until it closes."""
 
-    __slots__ = ("evicted", "remote", "source", "writer")
+    __slots__ = ("done", "evicted", "identity", "remote", "serial", "source", "writer")
 
     def __init__(self, source: str, remote: str, writer: asyncio.StreamWriter) -> None:
         self.source = source
         self.remote = remote
         self.writer = writer
         self.evicted = False  # closed by us to admit a newer connection (already logged)
+        # set once its CONNECT is admitted: the certificate identity and serial it holds
+        self.identity: str | None = None
+        self.serial: int | None = None
+        self.done = asyncio.Event()  # set when the connection has been wholly torn down
+
+    def abort(self) -> None:
+        """Cut the TCP connection now: amqtt's reader sees the end, whatever its state."""
+        self.writer.transport.abort()
+
+
+class _Admission:
+    """The lock that admits one connection of an identity at a time, and how many wait."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 # The connection handled by the current task.
@@ -106,6 +132,26 @@ _CONN: contextvars.ContextVar[_Conn | None] = contextvars.ContextVar("pacegate_c
 
 def _serial_of(der: bytes) -> int:
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def _serial_or_none(der: bytes | None) -> int | None:
+    """The serial of a certificate, None without one (the plaintext benchmark has none)."""
+    if not der:
+        return None
+    with contextlib.suppress(ValueError):
+        return _serial_of(der)
+    return None
+
+
+# A CONNECT for a client id that is connected closes the older connection (MQTT-3.1.4-2)
+# and waits this long for it to be torn down (its session released) before admitting the
+# newcomer. The old socket is aborted at once, so this is only the time amqtt's tasks
+# take to notice (milliseconds); past it the newcomer goes on regardless.
+TAKEOVER_WAIT = 5.0
+# The broker grants at most QoS 1 (MQTT-3.8.4-6 lets it grant less than asked): no
+# outgoing QoS 2 flow exists, so a client's PUBREC/PUBREL/PUBCOMP is a protocol error and
+# no QoS 2 state can grow per connection (pacegate.broker.packets).
+MAX_GRANTED_QOS = 1
 
 
 class RevocationGuard:
@@ -209,11 +255,22 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         self._pending_by_source: dict[str, int] = {}
         # device publishes whose PUBACK waits for the gateway's (end-to-end acknowledgement)
         self.acks = GatewayAcks(self._is_gateway)
+        self._init_registry()
 
     def _is_gateway(self, session: Session | None) -> bool:
         return session is not None and session.attributes.get(IDENTITY_KEY) == (
             self.cfg.gateway_identity
         )
+
+    def _init_registry(self) -> None:
+        """The live-connection registry (the plaintext benchmark, which skips
+        ``__init__``, calls this too)."""
+        # admitted connections (CONNECT accepted), with their identity and certificate
+        # serial: takeover and revocation walk these, never amqtt's session table (which
+        # forgets a connection when a newer one of the same client id replaces its entry)
+        self.live: dict[_Conn, None] = {}
+        # one admission at a time per identity, so a takeover sees every older connection
+        self._admitting: dict[str, _Admission] = {}
 
     # -- listener ----------------------------------------------------------------------
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
@@ -268,6 +325,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             component=COMPONENT,
             reason=reason,
             peer=victim.remote,
+            source=victim.source,
             limit=limit,
         )
         victim.writer.transport.abort()
@@ -291,6 +349,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 component=COMPONENT,
                 reason="max_connections",
                 peer=remote,
+                source=conn.source,
                 limit=self.cfg.max_connections,
             )
             writer.transport.abort()
@@ -303,7 +362,9 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         finally:
             self.open_connections -= 1
             self._drop_pending(conn)
+            self.live.pop(conn, None)
             writer.close()
+            conn.done.set()
 
     async def _serve_connection(
         self,
@@ -327,6 +388,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                     component=COMPONENT,
                     reason=_handshake_reason(exc),
                     peer=conn.remote,
+                    source=conn.source,
                 )
             return
         if conn.evicted:
@@ -376,11 +438,31 @@ class PacegateBroker(Broker):  # type: ignore[misc]
     ) -> tuple[BrokerProtocolHandler, Session]:
         """amqtt's, with the CONNECT judged against the connection's certificate *before*
         any session is deleted, reused or modified (amqtt does it after)."""
+        conn = _CONN.get()
+        source = conn.source if conn is not None else remote_address
+        limit = self.cfg.max_payload + PACKET_OVERHEAD
         try:
             async with asyncio.timeout(self.cfg.connect_timeout):
+                frame = await read_frame(reader, limit)
+                if frame is None:
+                    raise NoDataError("connection closed before its CONNECT")
+                packets.check_connect(frame)
+                # amqtt decodes the CONNECT from the bytes already judged
                 stock, incoming = await BrokerProtocolHandler.init_from_connect(
-                    reader, writer, self.plugins_manager
+                    BufferReader(frame.to_bytes()), writer, self.plugins_manager
                 )
+        except packets.PacketRefused as exc:
+            security_event(
+                "connect_refused",
+                component=COMPONENT,
+                reason=exc.reason,
+                peer=_CONN_IDENTITY.get(),
+                source=source,
+                packet_type=packet_type_name(exc.packet_type),
+                remote=f"{remote_address}:{remote_port}",
+            )
+            await _quiet_close(writer)
+            raise AMQTTError(f"CONNECT refused: {exc.reason}") from None
         except TimeoutError:
             security_event(
                 "connect_refused",
@@ -394,7 +476,6 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         except (AMQTTError, MQTTError, NoDataError) as exc:
             await _quiet_close(writer)
             raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}") from exc
-        conn = _CONN.get()
         if conn is not None:
             self._drop_pending(conn)  # no longer pending: its CONNECT is here
         identity, der = self._connection_identity(incoming)
@@ -420,6 +501,70 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 await stock.mqtt_connack_authorize(False)
             await _quiet_close(writer)
             raise AMQTTError(f"CONNECT refused: {refusal}")
+        admission = self._admitting.setdefault(identity, _Admission())
+        admission.users += 1
+        try:
+            async with admission.lock:
+                await self._take_over(identity, conn)
+                session = await self._admit_session(
+                    identity, der, incoming, remote_address, remote_port
+                )
+                if conn is not None:
+                    conn.identity, conn.serial = identity, _serial_or_none(der)
+                    self.live[conn] = None
+        finally:
+            admission.users -= 1
+            if not admission.users:
+                del self._admitting[identity]
+        serial = _serial_or_none(der)
+        # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
+        # properly (pacegate.broker.delivery) and judges every packet before amqtt
+        # decodes it (pacegate.broker.strict)
+        return StrictHandler(
+            self.plugins_manager,
+            deliver=self._relay,
+            acks=self.acks,
+            limit=limit,
+            source=source,
+            is_revoked=lambda: serial is not None and serial in self.guard.revoked,
+        ), session
+
+    async def _take_over(self, identity: str, conn: _Conn | None) -> None:
+        """MQTT-3.1.4-2: close every older connection of ``identity`` and wait until it is
+        torn down, whatever the clean-session flags of either."""
+        older = [c for c in self.live if c.identity == identity and c is not conn]
+        for old in older:
+            security_event(
+                "session_taken_over",
+                component=COMPONENT,
+                reason="same_client_id",
+                peer=identity,
+                source=old.source,
+                remote=old.remote,
+                level=logging.INFO,
+            )
+            self.live.pop(old, None)
+            old.abort()
+        if older:
+            done = [asyncio.ensure_future(c.done.wait()) for c in older]
+            _, pending = await asyncio.wait(done, timeout=TAKEOVER_WAIT)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%s: an older connection took over %.0f s to close", identity, TAKEOVER_WAIT
+                )
+
+    async def _admit_session(
+        self,
+        identity: str,
+        der: bytes,
+        incoming: Session,
+        remote_address: str,
+        remote_port: int,
+    ) -> Session:
+        """The session this connection gets, by MQTT 3.1.1 §3.1.2.4: clean session
+        discards the stored one; otherwise the identity's stored session resumes."""
         session = incoming
         if incoming.clean_session:
             await self._delete_session(identity)
@@ -443,9 +588,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         delay = self.config.get("timeout-disconnect-delay", 0)
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
-        # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
-        # properly (pacegate.broker.delivery)
-        return DeliveringHandler(self.plugins_manager, deliver=self._relay, acks=self.acks), session
+        return session
 
     async def _delete_session(self, client_id: str) -> None:
         # amqtt deletes a clean-session client's old session before authenticating it:
@@ -499,6 +642,9 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         check and ACL, then into the broadcast queue. False: close the connection."""
         if handler.session is None:
             return False
+        serial = _serial_or_none(session_cert(handler.session))
+        if serial is not None and serial in self.guard.revoked:
+            return False  # revoked since it connected: never relayed (closed at once)
         done: asyncio.Future[IncomingApplicationMessage] = self._loop.create_future()
         done.set_result(message)
         keep = await self._handle_message_delivery(handler.session, handler, done)
@@ -552,11 +698,12 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         )
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        code: int = await super().add_subscription(subscription, session)
+        # granted at most QoS 1 (MAX_GRANTED_QOS): the broker never starts a QoS 2 flow
+        a_filter, qos = subscription
+        code: int = await super().add_subscription((a_filter, min(qos, MAX_GRANTED_QOS)), session)
         handler = self._get_handler(session)
         # granted at QoS >= 1 to a live gateway connection: it takes the parked publishes
         if self._is_gateway(session) and code in (1, 2) and isinstance(handler, DeliveringHandler):
-            a_filter = subscription[0]
             parked = self.acks.unpark(lambda topic: self._matches(topic, a_filter))
             if parked:
                 log.info("handing %d parked device publishes to the gateway", len(parked))
@@ -582,28 +729,63 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             newly = self.guard.reload_if_changed()
             if newly:
                 await self.close_revoked_sessions(newly)
+            flush_security_events()  # the summary of any rate-limited flood that ended
 
     async def close_revoked_sessions(self, serials: frozenset[int]) -> int:
+        """Close every live connection whose certificate serial is in ``serials``: walks
+        the connection registry, so a connection that amqtt's session table has lost
+        track of (an older one of the same client id) is closed too."""
         closed = 0
-        for client_id, (session, handler) in list(self._sessions.items()):
-            if session.transitions.state != "connected":
-                continue
-            der = session_cert(session)
-            if not der or _serial_of(der) not in serials:
+        for conn in list(self.live):
+            if conn.serial is None or conn.serial not in serials:
                 continue
             security_event(
                 "session_closed",
                 component=COMPONENT,
                 reason="certificate_revoked",
-                peer=client_id,
+                peer=conn.identity,
+                remote=conn.remote,
             )
-            with contextlib.suppress(Exception):
-                await handler.handle_connection_closed()
-            if handler.writer is not None:
-                with contextlib.suppress(Exception):
-                    await handler.writer.close()
+            self.live.pop(conn, None)
+            conn.abort()
             closed += 1
         return closed
+
+    # -- retained messages: none are kept, none bypass a subscription ------------------
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        # A client's RETAIN is refused by the packet rules (pacegate.broker.packets), and
+        # no will is accepted: nothing is ever stored. (amqtt would keep it and push it to
+        # every later client, subscribed or not.)
+        return
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # amqtt calls this on every reconnect with *every* filter any client subscribed,
+        # not the session's own, and sends without asking the ACL. The store is empty
+        # (retain_message), and even if it were not, only a filter this session holds,
+        # and a topic the ACL lets it receive, would be sent.
+        topic_filter, qos = subscription
+        held = any(s is session for s, _qos in self._subscriptions.get(topic_filter, ()))
+        handler = self._get_handler(session)
+        if not held or handler is None:
+            return
+        sends = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(topic, kept.data, min(qos, kept.qos or qos), retain=True)
+            )
+            for topic, kept in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter)
+            and await self._topic_filtering(session, topic, Action.RECEIVE)
+        ]
+        if sends:
+            await asyncio.wait(sends)
 
 
 def amqtt_config(cfg: BrokerConfig) -> dict[str, Any]:
