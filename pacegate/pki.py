@@ -347,7 +347,11 @@ def mosquitto_conf(
         f"crlfile {lay.crl}",
         "tls_version tlsv1.2",
         "require_certificate true",
+        # The username is the certificate's CN, and the client id is then overwritten with
+        # the username (mosquitto 2.0.11 src/handle_connect.c, handle__connect): whatever id
+        # a device claims, its session is its own CN's, so it can take over no one else's.
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         *extra,
         "",
     ]

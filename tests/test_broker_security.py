@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from pacegate.broker.config import render_default_config
 from pacegate.broker.server import MAX_PENDING_PER_SOURCE
@@ -104,22 +103,35 @@ def test_expired_certificate_is_refused(broker: BrokerHandle) -> None:
     assert not outcome.connected, outcome
 
 
-def test_device_cannot_claim_another_devices_client_id(
-    broker: BrokerHandle, request: pytest.FixtureRequest
-) -> None:
-    if broker.kind == "mosquitto":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="mosquitto 2.0 cannot bind the client id to the certificate CN "
-                "(documented in docs/pki-and-broker.md); its ACL still keys on the CN",
-            )
-        )
-    outcome, client = connect_as(broker, "pm-0001", client_id="pm-0002")
-    if client is not None:
-        client.close()
-    assert not outcome.connected, outcome
-    assert "Not authorized" in outcome.reason
+def test_device_cannot_claim_another_devices_client_id(broker: BrokerHandle) -> None:
+    """pm-0001's certificate claiming the client id of a connected pm-0002 or of the
+    gateway: the embedded broker refuses the CONNECT; mosquitto (``use_username_as_clientid``)
+    replaces the claimed id by the certificate's CN, so the session is pm-0001's own. Either
+    way the victims stay connected and keep working: nobody is kicked."""
+    gw = _gateway(broker)
+    victim = _connected(broker, "pm-0002")
+    try:
+        for claimed in ("pm-0002", "gateway"):
+            outcome, client = connect_as(broker, "pm-0001", client_id=claimed)
+            if broker.kind == "embedded":
+                assert not outcome.connected, outcome
+                assert "Not authorized" in outcome.reason
+            else:
+                assert outcome.connected, outcome
+                assert client is not None
+                # mosquitto names the session by the id it kept: the CN, not the claim
+                broker.wait_for_log("as pm-0001 (")
+                assert f"as {claimed} (" not in broker.log_text().split("as pm-0002 (", 1)[1]
+            if client is not None:
+                client.close()
+        time.sleep(0.5)  # a takeover would close the victims' connections by now
+        assert not victim.disconnected.is_set(), "pm-0002 was kicked by a claimed client id"
+        assert not gw.disconnected.is_set(), "the gateway was kicked by a claimed client id"
+        victim.publish(telemetry_topic("pm-0002"), b"still-mine")
+        assert wait_until(lambda: (telemetry_topic("pm-0002"), b"still-mine") in gw.messages)
+    finally:
+        victim.close()
+        gw.close()
 
 
 def test_claimed_client_id_gives_no_right_of_the_victim(broker: BrokerHandle) -> None:
