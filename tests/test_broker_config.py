@@ -106,5 +106,6 @@ def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Pa
         f"ciphers {TLS12_CIPHERS}",
         "allow_anonymous false",
         "require_certificate true",
+        "retain_available false",
     ):
         assert line in shipped and line in generated, line
