@@ -452,6 +452,26 @@ def mosquitto_conf(
     return "\n".join(lines)
 
 
+def _ensure_mosquitto_admin(layout: PkiLayout, ca: _Ca) -> None:
+    """Issue the ``mosquitto-admin`` identity if it is missing (a PKI made before
+    'pki revoke' closed live mosquitto sessions has none; revoking issues it then)."""
+    if layout.mosquitto_admin_cert.exists() and layout.mosquitto_admin_key.exists():
+        return
+    now = _now()
+    key = _new_key()
+    cert = _issue(
+        ca,
+        key,
+        MOSQUITTO_ADMIN_ID,
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + MOSQUITTO_ADMIN_ID)],
+        not_before=now - CLOCK_SKEW,
+        not_after=now + SERVICE_VALIDITY,
+    )
+    write_secret(layout.mosquitto_admin_key, _key_pem(key))
+    write_public(layout.mosquitto_admin_cert, _cert_pem(cert))
+
+
 def _write_mosquitto_files(layout: PkiLayout, registry: dict[str, Any]) -> None:
     (layout.mosquitto_dir / "data").mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
     write_public(layout.mosquitto_dir / "acl", mosquitto_acl(registry).encode())
@@ -531,13 +551,6 @@ def init_pki(
             ExtendedKeyUsageOID.CLIENT_AUTH,
             [x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + GATEWAY_ID)],
         ),
-        (
-            MOSQUITTO_ADMIN_ID,
-            layout.mosquitto_admin_cert,
-            layout.mosquitto_admin_key,
-            ExtendedKeyUsageOID.CLIENT_AUTH,
-            [x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + MOSQUITTO_ADMIN_ID)],
-        ),
     ):
         key = _new_key()
         cert = _issue(
@@ -552,6 +565,7 @@ def init_pki(
         write_secret(key_path, _key_pem(key))
         write_public(cert_path, _cert_pem(cert))
 
+    _ensure_mosquitto_admin(layout, ca)
     layout.devices_dir.mkdir(exist_ok=True)
     layout.keystore_dir.mkdir(mode=SECRET_DIR_MODE, exist_ok=True)
     PskStore.create(layout.psk_store, layout.psk_store_key)
@@ -711,6 +725,7 @@ def revoke_device(root: Path, device_id: str) -> None:
         store.save()
     _write_crl(layout, ca, registry)
     _save_registry(layout, registry)
+    _ensure_mosquitto_admin(layout, ca)
     _write_mosquitto_files(layout, registry)
 
 

@@ -107,6 +107,10 @@ def test_only_the_mosquitto_admin_identity_may_command_the_dynamic_security_plug
         "# dynamic-security plugin, which closes a revoked device's live session.\n"
         "user mosquitto-admin\ntopic readwrite $CONTROL/dynamic-security/#"
     ]
+    # a PKI made before this identity existed gets it at its next revocation
+    pki.mosquitto_admin_cert.unlink()
+    revoke_device(pki.root, "pm-0003")
+    assert "CN=mosquitto-admin" in _cert(pki.mosquitto_admin_cert).subject.rfc4514_string()
     dynsec = json.loads(pki.mosquitto_dynsec.read_text())
     assert {a["allow"] for a in dynsec["defaultACLAccess"]} == {False}  # defers to acl_file
     assert dynsec["clients"] == dynsec["roles"] == dynsec["groups"] == []
