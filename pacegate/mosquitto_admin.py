@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,14 @@ PLUGIN_GLOBS = tuple(
 )
 # One round trip on loopback; generous because the machine may be loaded.
 ADMIN_TIMEOUT = 10.0
+ADMIN_ATTEMPTS = 3  # createClient/disableClient are idempotent: a retry is harmless
 KEEPALIVE = 30
+# After the SIGHUP: how long the broker may take to refuse the revoked certificate, and how
+# long a probe waits for the refusal (an alert on loopback takes milliseconds; a probe that
+# times out too early only costs another probe).
+RELOAD_TIMEOUT = 10.0
+PROBE_WAIT = 0.5
+PROBE_INTERVAL = 0.1
 
 
 class MosquittoAdminError(Exception):
@@ -236,11 +245,51 @@ def close_revoked_session(
                 "as its user, then revoke's kick again with --mosquitto"
             ) from None
     host, port = address or (found.host, found.port)  # type: ignore[union-attr]
-    done, detail = disable_succeeded(
-        _admin_request(layout, host, port, disable_commands(device_id))
-    )
-    if not done:
-        raise MosquittoAdminError(
-            f"mosquitto at {host}:{port} did not disable {device_id}: {detail}"
-        )
-    return f"{reloaded}closed {device_id}'s live connections on {host}:{port}"
+    # Kick only once the broker refuses the certificate, or the device would be back at once.
+    # The signal is handled at mosquitto's next loop turn: on a loaded machine the admin
+    # connection could otherwise be served before the reload.
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while (refused := _refuses_device(layout, host, port, device_id)) is False:
+        if time.monotonic() > deadline:
+            raise MosquittoAdminError(
+                f"mosquitto at {host}:{port} still accepts {device_id}'s certificate "
+                f"{RELOAD_TIMEOUT:.0f} s after the reload: does its crlfile name "
+                f"{layout.crl}? (or reload it: kill -HUP <pid>, and run this again)"
+            )
+        time.sleep(PROBE_INTERVAL)
+    last = ""
+    for _ in range(ADMIN_ATTEMPTS):
+        try:
+            answer = _admin_request(layout, host, port, disable_commands(device_id))
+        except MosquittoAdminError as exc:
+            last = str(exc)
+            continue
+        done, detail = disable_succeeded(answer)
+        if done:
+            checked = "it refuses the certificate now, " if refused else ""
+            return f"{reloaded}{checked}closed {device_id}'s live connections on {host}:{port}"
+        last = f"mosquitto at {host}:{port} did not disable {device_id}: {detail}"
+    raise MosquittoAdminError(last)
+
+
+def _refuses_device(layout: PkiLayout, host: str, port: int, device_id: str) -> bool | None:
+    """Whether the broker refuses the device's own certificate now (its bundle is in the
+    PKI directory); None if the bundle is gone (flashed and deleted): nothing to probe."""
+    cert, key = layout.device_cert(device_id), layout.device_key(device_id)
+    if not (cert.exists() and key.exists()):
+        return None
+    ctx = client_context(layout.ca_cert, cert, key)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=ADMIN_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            # TLS 1.3: the server judges the client certificate after the client's
+            # handshake is done, and answers a refusal with an alert right away; an
+            # accepted connection just waits for a CONNECT this probe never sends
+            tls.settimeout(PROBE_WAIT)
+            return tls.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # ssl.SSLError included: the handshake or the first read was refused
+        return True
