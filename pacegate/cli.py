@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("device_id")
     p.add_argument("--dir", required=True, type=Path)
+    p.add_argument(
+        "--mosquitto",
+        metavar="HOST:PORT",
+        help="the mosquitto whose live session of the device to close (default: the one "
+        "running with this PKI's generated configuration, found by its pid_file)",
+    )
 
     # --- services ------------------------------------------------------------------------
     p = _add(sub, "broker", "pacegate.broker.server:main", "run the embedded amqtt MQTTS broker")

@@ -13,6 +13,8 @@ PKI directory (``pacegate pki init --dir DIR``)::
     channel/<name>.mldsa.key  channel/<name>.mldsa.pub   ML-DSA-65 identities for the PQ channel
                                                     (<name>: hospital, gateway, cloud)
     mosquitto/acl  mosquitto/pacegate.conf          what Debian's mosquitto needs
+    mosquitto/dynamic-security.json  mosquitto/mosquitto.pid  (mosquitto writes both)
+    mosquitto-admin.crt mosquitto-admin.key         'pki revoke' kicks a session with it
 
 Work directory (``pacegate up|devices|analyze|demo --workdir DIR``)::
 
@@ -105,6 +107,22 @@ class PkiLayout:
     @property
     def mosquitto_dir(self) -> Path:
         return self.root / "mosquitto"
+
+    @property
+    def mosquitto_admin_cert(self) -> Path:
+        return self.root / "mosquitto-admin.crt"
+
+    @property
+    def mosquitto_admin_key(self) -> Path:
+        return self.root / "mosquitto-admin.key"
+
+    @property
+    def mosquitto_pid(self) -> Path:
+        return self.mosquitto_dir / "mosquitto.pid"
+
+    @property
+    def mosquitto_dynsec(self) -> Path:
+        return self.mosquitto_dir / "dynamic-security.json"
 
     def device_dir(self, device_id: str) -> Path:
         return self.devices_dir / validate_device_id(device_id)

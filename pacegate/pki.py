@@ -16,7 +16,9 @@ Everything is written under one PKI directory whose file names are fixed by
   above every counter an earlier PSK can have used.
 - CRL: regenerated on every revocation (``crl.pem``); brokers watch it.
 - ML-DSA-65 identities for the post-quantum channel (``channel/<name>.mldsa.{key,pub}``).
-- Mosquitto: ``mosquitto/acl`` and ``mosquitto/pacegate.conf`` for Debian's mosquitto.
+- Mosquitto: ``mosquitto/acl`` and ``mosquitto/pacegate.conf`` for Debian's mosquitto, the
+  dynamic-security plugin's file, and ``mosquitto-admin`` (``clientAuth``), the identity
+  ``pki revoke`` uses to close a revoked device's live session (:mod:`pacegate.mosquitto_admin`).
 
 Private keys and PSKs are written 0600 and never printed.
 """
@@ -29,6 +31,7 @@ import fcntl
 import functools
 import json
 import os
+import pwd
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,7 +48,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pacegate import counterfile
 from pacegate.errors import PacegateError
-from pacegate.identity import device_san_uri, validate_device_id
+from pacegate.identity import MOSQUITTO_ADMIN_ID, device_san_uri, validate_device_id
 from pacegate.keystore import PskStore
 from pacegate.layout import (
     DEFAULT_HOST,
@@ -56,7 +59,15 @@ from pacegate.layout import (
     write_public,
     write_secret,
 )
+from pacegate.mosquitto_admin import (
+    MosquittoAdminError,
+    close_revoked_session,
+    find_plugin,
+    initial_dynsec_config,
+    running_mosquitto,
+)
 from pacegate.sealed import PSK_SIZE
+from pacegate.tlsconf import TLS12_CIPHERS
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -298,11 +309,16 @@ def mosquitto_acl(registry: dict[str, Any]) -> str:
         f"user {GATEWAY_ID}",
         "topic read pacemakers/#",
         "",
+        "# Only 'pacegate pki revoke' (its mosquitto-admin certificate) commands the",
+        "# dynamic-security plugin, which closes a revoked device's live session.",
+        f"user {MOSQUITTO_ADMIN_ID}",
+        "topic readwrite $CONTROL/dynamic-security/#",
+        "",
     ]
     revoked = sorted(d for d, e in registry["devices"].items() if e["status"] == "revoked")
     for did in revoked:
-        # Belt and braces: the CRL stops new handshakes; this stops a session that is
-        # still open from publishing once mosquitto reloads (SIGHUP).
+        # Belt and braces: the CRL stops new handshakes and 'pki revoke' closes the live
+        # session; this denies a session still open everything once mosquitto reloads.
         lines += [
             f"# revoked {registry['devices'][did]['revoked_at']}",
             f"user {did}",
@@ -317,6 +333,60 @@ def mosquitto_acl(registry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The account Debian's mosquitto drops to when started as root (its package creates it).
+MOSQUITTO_ACCOUNT = "mosquitto"
+# A root-owned PKI run by that account: its group may pass through (no read: no listing),
+# others nothing.
+PKI_DIR_MODE_FOR_MOSQUITTO = 0o710
+
+
+def mosquitto_run_user(layout: PkiLayout) -> str | None:
+    """The account mosquitto runs as once it drops root (its ``user`` line).
+
+    Mosquitto started as root switches to ``user`` right after reading its configuration
+    (src/mosquitto.c, ``drop_privileges``), before it opens the key, CRL, ACL, pid file or
+    persistence directory; started as anyone else it ignores the line. So: the owner of the
+    PKI directory, who can read all of them; for a PKI owned by root, the unprivileged
+    ``mosquitto`` account, to which :func:`_grant_mosquitto_access` gives exactly what it
+    needs (never ``user root``: a network daemon holding root). None: no such account, and
+    mosquitto would fall back to ``nobody``, which can read nothing of a root-owned PKI.
+    """
+    try:
+        owner = pwd.getpwuid(layout.root.stat().st_uid).pw_name
+    except (KeyError, FileNotFoundError):
+        return None
+    if owner != "root":
+        return owner
+    try:
+        pwd.getpwnam(MOSQUITTO_ACCOUNT)
+    except KeyError:
+        return None
+    return MOSQUITTO_ACCOUNT
+
+
+def _grant_mosquitto_access(layout: PkiLayout) -> None:
+    """A root-owned PKI, run by the ``mosquitto`` account: it owns its own directory (pid
+    file, persistence, the plugin's file) and the broker key (still 0600); the PKI
+    directory lets its group through (0710, no listing), so it reaches the public CA, CRL and
+    broker certificate. Every other key and PSK stays root's, unreadable to it."""
+    if os.geteuid() != 0 or layout.root.stat().st_uid != 0:
+        return
+    try:
+        account = pwd.getpwnam(MOSQUITTO_ACCOUNT)
+    except KeyError:
+        return
+    uid, gid = account.pw_uid, account.pw_gid
+    os.chown(layout.root, 0, gid)
+    os.chmod(layout.root, PKI_DIR_MODE_FOR_MOSQUITTO)
+    for path in (layout.mosquitto_dir, layout.mosquitto_dir / "data", layout.mosquitto_dynsec):
+        if path.exists():
+            os.chown(path, uid, gid)
+    for item in (layout.mosquitto_dir / "data").iterdir():
+        os.chown(item, uid, gid)
+    if layout.broker_key.exists():
+        os.chown(layout.broker_key, uid, gid)
+
+
 def mosquitto_conf(
     layout: PkiLayout,
     *,
@@ -329,12 +399,26 @@ def mosquitto_conf(
     root = layout.root.resolve()
     lay = PkiLayout(root)
     acl = (acl_file or lay.mosquitto_dir / "acl").resolve()
+    user = mosquitto_run_user(lay)
+    plugin = find_plugin()
     lines = [
-        "# pacegate: Mosquitto 2 configuration (written by 'pacegate pki'). Reload: SIGHUP.",
+        "# pacegate: Mosquitto 2 configuration (written by 'pacegate pki'). Reload: SIGHUP;",
+        "# 'pacegate pki revoke' reloads it and closes the revoked device's live session.",
+        (
+            f"user {user}"
+            if user
+            else f"# no 'user' line: no account to drop root to (create '{MOSQUITTO_ACCOUNT}')"
+        ),
         "per_listener_settings false",
         "allow_anonymous false",
         f"acl_file {acl}",
+        # how 'pacegate pki revoke' finds the running broker (and the process to SIGHUP)
+        f"pid_file {lay.mosquitto_pid}",
         "max_packet_size 4096",
+        # No retained messages: a device's retained PUBLISH closes its connection (MQTT
+        # 5: DISCONNECT 0x9A; src/handle_publish.c), so nothing a device (or a revoked
+        # one) leaves behind is pushed to the next subscriber. No pacegate client retains.
+        "retain_available false",
         # Sessions and queued QoS 1 messages survive a broker restart (the payloads are
         # sealed readings: nothing rests on disk in clear), and a gateway away for a while
         # finds its backlog: mosquitto's default queue of 1,000 is minutes of a ward.
@@ -346,6 +430,13 @@ def mosquitto_conf(
         # (docs/pki-and-broker.md, "Mosquitto under kill -9").
         "autosave_interval 1",
         "max_queued_messages 100000",
+        # The dynamic-security plugin only so that 'pki revoke' can kick a live session
+        # (disableClient); it defers every ACL decision to acl_file (pacegate.mosquitto_admin).
+        *(
+            [f"plugin {plugin}", f"plugin_opt_config_file {lay.mosquitto_dynsec}"]
+            if plugin
+            else ["# dynamic-security plugin not found: a revoked live session stays open"]
+        ),
         "",
         f"listener {port} {host}",
         "protocol mqtt",
@@ -354,19 +445,49 @@ def mosquitto_conf(
         f"certfile {lay.broker_cert}",
         f"keyfile {lay.broker_key}",
         f"crlfile {lay.crl}",
+        # TLS 1.2 at least (1.3 still negotiated); 1.2 suites: ECDHE + AEAD only, the same
+        # list as the embedded broker's (mosquitto's default list has CBC and SHA-1 suites)
         "tls_version tlsv1.2",
+        f"ciphers {TLS12_CIPHERS}",
         "require_certificate true",
+        # The username is the certificate's CN, and the client id is then overwritten with
+        # the username (mosquitto 2.0.11 src/handle_connect.c, handle__connect): whatever id
+        # a device claims, its session is its own CN's, so it can take over no one else's.
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         *extra,
         "",
     ]
     return "\n".join(lines)
 
 
+def _ensure_mosquitto_admin(layout: PkiLayout, ca: _Ca) -> None:
+    """Issue the ``mosquitto-admin`` identity if it is missing (a PKI made before
+    'pki revoke' closed live mosquitto sessions has none; revoking issues it then)."""
+    if layout.mosquitto_admin_cert.exists() and layout.mosquitto_admin_key.exists():
+        return
+    now = _now()
+    key = _new_key()
+    cert = _issue(
+        ca,
+        key,
+        MOSQUITTO_ADMIN_ID,
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + MOSQUITTO_ADMIN_ID)],
+        not_before=now - CLOCK_SKEW,
+        not_after=now + SERVICE_VALIDITY,
+    )
+    write_secret(layout.mosquitto_admin_key, _key_pem(key))
+    write_public(layout.mosquitto_admin_cert, _cert_pem(cert))
+
+
 def _write_mosquitto_files(layout: PkiLayout, registry: dict[str, Any]) -> None:
     (layout.mosquitto_dir / "data").mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
     write_public(layout.mosquitto_dir / "acl", mosquitto_acl(registry).encode())
     write_public(layout.mosquitto_dir / "pacegate.conf", mosquitto_conf(layout).encode())
+    if not layout.mosquitto_dynsec.exists():  # mosquitto owns it from then on
+        write_public(layout.mosquitto_dynsec, initial_dynsec_config().encode())
+    _grant_mosquitto_access(layout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,7 +535,7 @@ def init_pki(
             layout.mosquitto_dir,
         ):
             shutil.rmtree(sub, ignore_errors=True)
-        for f in (layout.registry, layout.crl):
+        for f in (layout.registry, layout.crl, layout.mosquitto_admin_cert):
             f.unlink(missing_ok=True)
     layout.root.mkdir(parents=True, exist_ok=True)
     os.chmod(layout.root, SECRET_DIR_MODE)
@@ -453,6 +574,7 @@ def init_pki(
         write_secret(key_path, _key_pem(key))
         write_public(cert_path, _cert_pem(cert))
 
+    _ensure_mosquitto_admin(layout, ca)
     layout.devices_dir.mkdir(exist_ok=True)
     layout.keystore_dir.mkdir(mode=SECRET_DIR_MODE, exist_ok=True)
     PskStore.create(layout.psk_store, layout.psk_store_key)
@@ -618,6 +740,7 @@ def revoke_device(root: Path, device_id: str) -> None:
         store.save()
     _write_crl(layout, ca, registry)
     _save_registry(layout, registry)
+    _ensure_mosquitto_admin(layout, ca)
     _write_mosquitto_files(layout, registry)
 
 
@@ -735,11 +858,42 @@ def cli_rekey_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise PkiError(f"--mosquitto {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8883")
+    return host.strip("[]"), int(port)
+
+
 def cli_revoke(args: argparse.Namespace) -> int:
-    revoke_device(args.dir, args.device_id)
-    print(
-        f"pacegate: revoked {args.device_id}: CRL re-signed, PSK store updated. The embedded "
-        "broker applies it within seconds; send SIGHUP to mosquitto to reload.",
-        file=sys.stderr,
-    )
+    layout = PkiLayout(Path(args.dir))
+    address = _address(args.mosquitto) if getattr(args, "mosquitto", None) else None
+    if args.device_id in device_ids(layout.root, status="revoked"):
+        # idempotent, so that an operator can retry the broker step after a failure
+        print(f"pacegate: {args.device_id} was already revoked", file=sys.stderr)
+    else:
+        revoke_device(layout.root, args.device_id)
+        print(
+            f"pacegate: revoked {args.device_id}: CRL re-signed, PSK store and mosquitto ACL "
+            "updated. The embedded broker applies it within seconds.",
+            file=sys.stderr,
+        )
+    if address is None and running_mosquitto(layout) is None:
+        print(
+            f"pacegate: no mosquitto runs for {layout.root} ({layout.mosquitto_pid} names "
+            "none); a mosquitto started from elsewhere: run this again with --mosquitto "
+            "HOST:PORT",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        done = close_revoked_session(layout, args.device_id, address=address)
+    except MosquittoAdminError as exc:
+        print(
+            f"pacegate: mosquitto: {exc}. The revocation is recorded; until this succeeds "
+            f"a live session of {args.device_id} may stay open.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"pacegate: mosquitto: {done}", file=sys.stderr)
     return 0

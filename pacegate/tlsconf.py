@@ -2,7 +2,12 @@
 
 - TLS 1.2 at least (ESP32-class stacks speak 1.2), 1.3 preferred (OpenSSL negotiates it
   whenever both sides can).
+- TLS 1.2 suites: ECDHE with an AEAD only (:data:`TLS12_CIPHERS`, shared with the Mosquitto
+  configuration that ``pacegate pki`` writes). TLS 1.3 suites are all (EC)DHE + AEAD already.
 - Servers *require* a client certificate (``CERT_REQUIRED``): a handshake without one fails.
+  It must be meant for a TLS client: OpenSSL's ``ssl_client`` purpose (the default when a
+  server verifies its client) refuses an extendedKeyUsage without ``clientAuth``, and
+  :func:`allows_client_auth` lets a server refuse a certificate with no extendedKeyUsage.
 - ``SSLKEYLOGFILE`` in the environment makes the context append its session secrets to that
   file (NSS key log format, as curl and browsers do) so that Wireshark can decrypt a capture
   of one's *own* test traffic. It is off unless the operator sets the variable.
@@ -20,6 +25,21 @@ from cryptography import x509
 from pacegate.errors import ConfigError
 
 KEYLOG_ENV = "SSLKEYLOGFILE"
+
+# TLS 1.2 suites, in preference order: ECDHE only (forward secrecy; no static RSA key
+# exchange) with an AEAD only (no CBC: padding oracles such as Lucky13; no SHA-1 MAC).
+# The ECDSA suites are the ones pacegate's P-256 broker certificate can use; the RSA ones
+# stay for a site that brings an RSA broker certificate.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    )
+)
 
 
 def _apply_keylog(ctx: ssl.SSLContext) -> None:
@@ -77,6 +97,7 @@ def server_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers(TLS12_CIPHERS)
     _load_chain(ctx, cert, key)
     _load_ca(ctx, ca)
     if crl is not None:
@@ -130,6 +151,24 @@ def client_context(
     _load_chain(ctx, cert, key)
     _apply_keylog(ctx)
     return ctx
+
+
+def allows_client_auth(cert_der: bytes | None) -> bool:
+    """True if the certificate's extendedKeyUsage names ``clientAuth``.
+
+    OpenSSL refuses an extendedKeyUsage without ``clientAuth`` at the handshake, but accepts
+    a certificate that has no extendedKeyUsage at all (RFC 5280 §4.2.1.12: then any use is
+    allowed). pacegate's CA gives every client identity ``clientAuth``, so a server that
+    calls this after the handshake refuses a CA-signed certificate never meant for a client.
+    """
+    if not cert_der:
+        return False
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
 def peer_identity(cert_der: bytes | None) -> str | None:

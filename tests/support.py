@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -145,25 +147,55 @@ def embedded_broker(
         _stop(proc)
 
 
+def let_others_through(directory: Path) -> None:
+    """Give ``directory`` and its parents the search bit for others (not the read bit), so
+    an unprivileged broker account can reach files below whose names it knows."""
+    for d in (directory, *directory.parents):
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 @contextlib.contextmanager
 def mosquitto_broker(
-    pki_dir: Path, workdir: Path, *, host: str = LOOPBACK, port: int | None = None
+    pki_dir: Path,
+    workdir: Path,
+    *,
+    host: str = LOOPBACK,
+    port: int | None = None,
+    run_as: str | None = None,
 ) -> Iterator[BrokerHandle]:
-    """Run Debian's mosquitto with pacegate's configuration on a free loopback port."""
+    """Run Debian's mosquitto with pacegate's configuration on a free loopback port
+    (``run_as``: start it as that account, through setpriv, instead of as ourselves)."""
     from pacegate.pki import mosquitto_conf
 
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     pki = PkiLayout(Path(pki_dir))
-    user = "root" if os.geteuid() == 0 else None  # root: do not drop to 'mosquitto'
-    extra = [f"user {user}"] if user else []
-    conf = mosquitto_conf(pki, host=host, port=port, extra=())
-    conf = "\n".join([*extra, "log_dest stderr", "log_type all", conf])
+    if os.geteuid() == 0:
+        # started as root, mosquitto drops to the generated 'user' (the 'mosquitto' account
+        # for a root-owned PKI), which must be able to walk down to the PKI: pytest makes
+        # its base temporary directory 0700
+        let_others_through(pki.root.resolve().parent)
+    conf = mosquitto_conf(pki, host=host, port=port)
+    conf = "\n".join(["log_dest stderr", "log_type all", conf])
     cfg = workdir / "mosquitto.conf"
     cfg.write_text(conf)
     log_path = workdir / "mosquitto.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        argv = [MOSQUITTO, "-c", str(cfg)]
+        if run_as is not None:
+            account = pwd.getpwnam(run_as)
+            cfg.chmod(0o644)
+            let_others_through(workdir)
+            argv = [
+                "setpriv",
+                f"--reuid={account.pw_uid}",
+                f"--regid={account.pw_gid}",
+                "--clear-groups",
+                *argv,
+            ]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_ready(proc, log_path, "running", "mosquitto")
         wait_for_port(host, port)

@@ -89,3 +89,23 @@ def test_shipped_mosquitto_conf_requires_certificates() -> None:
         "allow_anonymous false",
     ):
         assert line in text
+
+
+def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Path) -> None:
+    """The repository's mosquitto/pacegate.conf binds the client id to the CN and limits
+    TLS 1.2 to the embedded broker's suites, exactly as the generated one does."""
+    from pacegate.pki import mosquitto_conf
+    from pacegate.tlsconf import TLS12_CIPHERS
+
+    shipped = set((REPO / "mosquitto" / "pacegate.conf").read_text().splitlines())
+    generated = set(mosquitto_conf(PkiLayout(tmp_path)).splitlines())
+    for line in (
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "tls_version tlsv1.2",
+        f"ciphers {TLS12_CIPHERS}",
+        "allow_anonymous false",
+        "require_certificate true",
+        "retain_available false",
+    ):
+        assert line in shipped and line in generated, line

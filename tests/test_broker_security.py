@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from pacegate.broker.config import render_default_config
 from pacegate.broker.server import MAX_PENDING_PER_SOURCE
 from pacegate.identity import telemetry_topic
+from pacegate.layout import PkiLayout
 from pacegate.pki import enroll_device, init_pki, revoke_device
 from tests.support import (
     LOOPBACK,
@@ -104,22 +107,35 @@ def test_expired_certificate_is_refused(broker: BrokerHandle) -> None:
     assert not outcome.connected, outcome
 
 
-def test_device_cannot_claim_another_devices_client_id(
-    broker: BrokerHandle, request: pytest.FixtureRequest
-) -> None:
-    if broker.kind == "mosquitto":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="mosquitto 2.0 cannot bind the client id to the certificate CN "
-                "(documented in docs/pki-and-broker.md); its ACL still keys on the CN",
-            )
-        )
-    outcome, client = connect_as(broker, "pm-0001", client_id="pm-0002")
-    if client is not None:
-        client.close()
-    assert not outcome.connected, outcome
-    assert "Not authorized" in outcome.reason
+def test_device_cannot_claim_another_devices_client_id(broker: BrokerHandle) -> None:
+    """pm-0001's certificate claiming the client id of a connected pm-0002 or of the
+    gateway: the embedded broker refuses the CONNECT; mosquitto (``use_username_as_clientid``)
+    replaces the claimed id by the certificate's CN, so the session is pm-0001's own. Either
+    way the victims stay connected and keep working: nobody is kicked."""
+    gw = _gateway(broker)
+    victim = _connected(broker, "pm-0002")
+    try:
+        for claimed in ("pm-0002", "gateway"):
+            outcome, client = connect_as(broker, "pm-0001", client_id=claimed)
+            if broker.kind == "embedded":
+                assert not outcome.connected, outcome
+                assert "Not authorized" in outcome.reason
+            else:
+                assert outcome.connected, outcome
+                assert client is not None
+                # mosquitto names the session by the id it kept: the CN, not the claim
+                broker.wait_for_log("as pm-0001 (")
+                assert f"as {claimed} (" not in broker.log_text().split("as pm-0002 (", 1)[1]
+            if client is not None:
+                client.close()
+        time.sleep(0.5)  # a takeover would close the victims' connections by now
+        assert not victim.disconnected.is_set(), "pm-0002 was kicked by a claimed client id"
+        assert not gw.disconnected.is_set(), "the gateway was kicked by a claimed client id"
+        victim.publish(telemetry_topic("pm-0002"), b"still-mine")
+        assert wait_until(lambda: (telemetry_topic("pm-0002"), b"still-mine") in gw.messages)
+    finally:
+        victim.close()
+        gw.close()
 
 
 def test_claimed_client_id_gives_no_right_of_the_victim(broker: BrokerHandle) -> None:
@@ -241,6 +257,125 @@ def test_revocation_closes_the_live_session_without_restart(
         )
     finally:
         dev.close()
+        gw.close()
+
+
+def test_pki_revoke_closes_the_live_session_and_the_device_cannot_reconnect(
+    broker: BrokerHandle,
+) -> None:
+    """The operator's one command, ``pacegate pki revoke``, on either broker: the embedded
+    broker polls the CRL; for mosquitto the command finds the broker by its pid_file,
+    reloads it (SIGHUP: CRL and ACL) and has the dynamic-security plugin kick the device."""
+    gw = _gateway(broker)
+    dev = _connected(broker, "pm-0003")
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pacegate",
+                "pki",
+                "revoke",
+                "pm-0003",
+                "--dir",
+                str(broker.pki.root),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        if broker.kind == "mosquitto":
+            assert (
+                "it refuses the certificate now, closed pm-0003's live connections" in done.stderr
+            ), done.stderr
+        assert dev.disconnected.wait(15.0), "the revoked device's session stayed open"
+        outcome, again = connect_as(broker, "pm-0003")
+        if again is not None:
+            again.close()
+        assert not outcome.connected, f"pm-0003 reconnected after its revocation: {outcome}"
+        assert not gw.disconnected.is_set(), "the gateway was disconnected too"
+        other = _connected(broker, "pm-0001")
+        other.publish(telemetry_topic("pm-0001"), b"still-routed")
+        assert wait_until(lambda: (telemetry_topic("pm-0001"), b"still-routed") in gw.messages)
+        other.close()
+        assert broker.proc.poll() is None
+    finally:
+        dev.close()
+        gw.close()
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_sighup_alone_leaves_a_revoked_session_open_but_mute(
+    mosquitto_broker: BrokerHandle,
+) -> None:
+    """Why ``pki revoke`` kicks: a SIGHUP reloads the CRL and ACL, yet mosquitto 2.0.11
+    keeps the revoked device's open connection (src/security_default.c,
+    mosquitto_security_apply, never checks a connected client's certificate against the
+    new CRL). The reloaded ACL's ``topic deny #`` still drops what it publishes."""
+    broker = mosquitto_broker
+    gw = _gateway(broker)
+    dev = _connected(broker, "pm-0003")
+    try:
+        revoke_device(broker.pki.root, "pm-0003")  # the files only: no kick
+        broker.reload()
+        broker.wait_for_log("Reloading config.")
+        time.sleep(1.0)  # a reload that closed sessions would have done it by now
+        assert not dev.disconnected.is_set()
+        dev.publish(telemetry_topic("pm-0003"), b"after-revocation")
+        broker.wait_for_log("Denied PUBLISH from pm-0003")
+        assert not wait_until(lambda: bool(gw.messages), timeout=1.0)
+    finally:
+        dev.close()
+        gw.close()
+
+
+@pytest.mark.mosquitto
+def test_device_cannot_command_mosquittos_dynamic_security_plugin(
+    mosquitto_broker: BrokerHandle,
+) -> None:
+    """The plugin that kicks revoked devices would kick anyone for whoever may publish on
+    its control topic: only the mosquitto-admin certificate may (the ACL)."""
+    from pacegate.mosquitto_admin import CONTROL_TOPIC, disable_commands
+
+    broker = mosquitto_broker
+    victim = _connected(broker, "pm-0002")
+    attacker = _connected(broker, "pm-0001")
+    try:
+        attacker.subscribe(CONTROL_TOPIC + "/#")
+        attacker.publish(CONTROL_TOPIC, disable_commands("pm-0002"))
+        assert wait_until(
+            lambda: any(
+                "Denied PUBLISH from pm-0001" in line and f"'{CONTROL_TOPIC}'" in line
+                for line in broker.log_text().splitlines()
+            )
+        ), broker.log_text()
+        time.sleep(0.5)
+        assert not victim.disconnected.is_set(), "a device's command kicked pm-0002"
+        assert "disableClient" not in broker.log_text()
+        assert attacker.messages == []
+    finally:
+        attacker.close()
+        victim.close()
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_closes_a_device_that_publishes_a_retained_message(
+    mosquitto_broker: BrokerHandle,
+) -> None:
+    """``retain_available false``: the retained PUBLISH closes the device's connection and
+    is stored nowhere, so a gateway that subscribes afterwards receives nothing of it."""
+    broker = mosquitto_broker
+    dev = _connected(broker, "pm-0001")
+    try:
+        dev.client.publish(telemetry_topic("pm-0001"), b"left-behind", qos=1, retain=True)
+        assert dev.disconnected.wait(10.0), "a retained publish was accepted"
+    finally:
+        dev.close()
+    gw = _gateway(broker)  # subscribes now: a stored retained message would come at once
+    try:
+        assert not wait_until(lambda: bool(gw.messages), timeout=1.0), gw.messages
+    finally:
         gw.close()
 
 
@@ -460,3 +595,53 @@ def test_one_source_holds_at_most_its_cap_of_pending_connections(
     finally:
         for s in idle:
             s.close()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize(
+    ("owner", "started_as", "runs_as"),
+    [
+        ("root", "root", "mosquitto"),  # drops to the mosquitto account, never stays root
+        ("nobody", "root", "nobody"),  # drops to the PKI's owner, who can read its keys
+        ("nobody", "nobody", "nobody"),  # started as the owner: the 'user' line is ignored
+    ],
+)
+def test_generated_mosquitto_config_serves_as_root_and_as_the_pki_owner(
+    tmp_path: Path, owner: str, started_as: str, runs_as: str
+) -> None:
+    import os
+    import pwd
+
+    import psutil
+
+    from pacegate.pki import enroll_devices, mosquitto_conf
+    from tests.support import let_others_through, mosquitto_broker
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the PKI to another account and start mosquitto as it")
+    root = tmp_path / "pki"
+    init_pki(root)
+    enroll_devices(root, ["pm-0001"])
+    if owner != "root":
+        account = pwd.getpwnam(owner)
+        for d, dirs, files in os.walk(root):
+            for name in [d, *(os.path.join(d, n) for n in dirs + files)]:
+                os.chown(name, account.pw_uid, account.pw_gid)
+    assert f"user {runs_as if owner == 'root' else owner}" in mosquitto_conf(PkiLayout(root))
+    let_others_through(tmp_path)
+    run_as = None if started_as == "root" else started_as
+    with mosquitto_broker(root, tmp_path / "mosquitto", run_as=run_as) as broker:
+        assert wait_until(lambda: psutil.Process(broker.proc.pid).username() == runs_as), (
+            psutil.Process(broker.proc.pid).username()
+        )
+        gw = _gateway(broker)
+        dev = _connected(broker, "pm-0001")
+        try:
+            dev.publish(telemetry_topic("pm-0001"), b"sealed")
+            assert wait_until(lambda: (telemetry_topic("pm-0001"), b"sealed") in gw.messages)
+        finally:
+            dev.close()
+            gw.close()
+        log = broker.log_text()
+        # (the harness's port probe leaves an "OpenSSL Error" line: a TCP connect, no TLS)
+        assert "Error: " not in log and "should not be run as root" not in log, log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +77,43 @@ def test_broker_certificate_covers_the_configured_hosts(tmp_path: Path) -> None:
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_every_client_identity_carries_client_auth_and_only_the_broker_server_auth(
+    pki: PkiLayout,
+) -> None:
+    """Both brokers refuse a client certificate whose extendedKeyUsage lacks clientAuth, and
+    the embedded broker one without any: pacegate issues exactly one usage to each."""
+    clients = [pki.gateway_cert, pki.mosquitto_admin_cert, pki.device_cert("pm-0001")]
+    for path in clients:
+        eku = _cert(path).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH], path.name
+    eku = _cert(pki.broker_cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_only_the_mosquitto_admin_identity_may_command_the_dynamic_security_plugin(
+    pki: PkiLayout,
+) -> None:
+    cn = _cert(pki.mosquitto_admin_cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert cn[0].value == "mosquitto-admin"
+    assert stat.S_IMODE(pki.mosquitto_admin_key.stat().st_mode) == 0o600
+    with pytest.raises(PkiError, match="reserved"):
+        enroll_device(pki.root, "mosquitto-admin")
+    acl = (pki.mosquitto_dir / "acl").read_text().split("\n\n")
+    control = [block for block in acl if "$CONTROL" in block]
+    assert control == [
+        "# Only 'pacegate pki revoke' (its mosquitto-admin certificate) commands the\n"
+        "# dynamic-security plugin, which closes a revoked device's live session.\n"
+        "user mosquitto-admin\ntopic readwrite $CONTROL/dynamic-security/#"
+    ]
+    # a PKI made before this identity existed gets it at its next revocation
+    pki.mosquitto_admin_cert.unlink()
+    revoke_device(pki.root, "pm-0003")
+    assert "CN=mosquitto-admin" in _cert(pki.mosquitto_admin_cert).subject.rfc4514_string()
+    dynsec = json.loads(pki.mosquitto_dynsec.read_text())
+    assert {a["allow"] for a in dynsec["defaultACLAccess"]} == {False}  # defers to acl_file
+    assert dynsec["clients"] == dynsec["roles"] == dynsec["groups"] == []
 
 
 def test_each_device_gets_a_fresh_psk_kept_in_the_encrypted_store(pki: PkiLayout) -> None:

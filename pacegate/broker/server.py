@@ -70,7 +70,7 @@ from pacegate.broker.plugins import (
 from pacegate.broker.strict import StrictHandler, packet_type_name, read_frame
 from pacegate.log import flush_security_events, security_event
 from pacegate.peers import source_key
-from pacegate.tlsconf import peer_identity, server_context
+from pacegate.tlsconf import allows_client_auth, peer_identity, server_context
 
 log = logging.getLogger("pacegate.broker")
 
@@ -392,6 +392,17 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 )
             return
         if conn.evicted:
+            return
+        sslobj = writer.get_extra_info("ssl_object")
+        if not allows_client_auth(sslobj.getpeercert(binary_form=True) if sslobj else None):
+            # a CA-signed certificate without extendedKeyUsage clientAuth: OpenSSL accepts
+            # one with no extendedKeyUsage at all; close before any MQTT byte is read
+            security_event(
+                "tls_handshake_refused",
+                component=COMPONENT,
+                reason="client_certificate_without_client_auth",
+                peer=conn.remote,
+            )
             return
         limit = self.cfg.max_payload + PACKET_OVERHEAD
         await self._client_connected(
