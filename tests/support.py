@@ -520,3 +520,25 @@ class RawMqtt:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PACEGATE_TIMEOUT_S = 420.0  # a whole demo on the loaded 2-core machine, with room
+
+
+def run_pacegate(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = PACEGATE_TIMEOUT_S,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pacegate ARGS`` as an operator runs it: captured, text, never raising on
+    a non-zero exit (the tests assert on it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pacegate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )

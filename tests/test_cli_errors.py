@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pacegate.layout import WorkLayout
-from tests.support import wait_until
+from tests.support import run_pacegate, wait_until
 
 UP_START_TIMEOUT_S = 120.0
 COMMAND_TIMEOUT_S = 300.0
@@ -32,14 +32,7 @@ COMMAND_TIMEOUT_S = 300.0
 def pacegate(
     *args: str, cwd: Path | None = None, timeout: float = COMMAND_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacegate", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        check=False,
-    )
+    return run_pacegate(*args, cwd=cwd, timeout=timeout)
 
 
 def assert_one_clear_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

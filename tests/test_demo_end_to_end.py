@@ -24,6 +24,7 @@ from hospital.keyring import Keyring
 from hospital.store import SqliteReadingStore
 from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
+from tests.support import run_pacegate
 
 DEMO_DEVICES = 6
 DEMO_DURATION = "4"
@@ -33,14 +34,7 @@ RUN_TIMEOUT = 420
 def pacegate(
     *args: str, env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacegate", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    return run_pacegate(*args, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

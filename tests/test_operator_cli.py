@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from pacegate.layout import PkiLayout, WorkLayout
+from tests.support import run_pacegate
 
 
 def pacegate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pacegate", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        check=False,
-    )
+    return run_pacegate(*args, cwd=cwd, timeout=300)
 
 
 def registry(root: Path) -> dict[str, dict[str, str]]:
