@@ -32,15 +32,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from device_sim.fleet import read_acked_log  # noqa: E402
-from pacegate.layout import WorkLayout  # noqa: E402
-from pacegate.stack import (  # noqa: E402
+from console.stack import (  # noqa: E402
     MOSQUITTO_CONFIG,
     choose_endpoints,
     prepare_workdir,
     write_configs,
     write_mosquitto_config,
 )
+from console.workdir import WorkLayout  # noqa: E402
+from device_sim.fleet import read_acked_log  # noqa: E402
 
 UP_READY = "pacegate is up in"
 WAIT_S = 90.0
@@ -83,7 +83,7 @@ def exported_pairs(work: WorkLayout) -> list[tuple[str, int]]:
     """(device, counter) of every row ``pacegate hospital export`` gives (it refuses a store
     whose chain does not verify: then this raises)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "hospital", "export", "-c", str(work.hospital_config)],
+        [sys.executable, "-m", "console", "hospital", "export", "-c", str(work.hospital_config)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,7 +147,7 @@ def run(
             raise RuntimeError(f"pacegate up did not start:\n{up_log.read_text()[-3000:]}")
         fleet = subprocess.Popen(
             [
-                *(sys.executable, "-m", "pacegate", "devices", "--workdir", str(work.root)),
+                *(sys.executable, "-m", "console", "devices", "--workdir", str(work.root)),
                 *("--count", str(devices), "--rate", str(rate), "--duration", str(duration)),
                 *("--drain", "60", "--acked-log", str(acked_log), "--json"),
             ],

@@ -34,14 +34,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cloud.config import render_default_config
+from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
 from hospital.analysis import AnalysisSettings, run_analysis_async
 from hospital.config import load_hospital_config
-from hospital.config import render_default_config as render_hospital_config
 from hospital.store import SqliteReadingStore
 from pacegate.channel import ChannelIdentity, write_identity
 from pacegate.ingest import IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -63,9 +61,9 @@ def setup(work: WorkLayout, n: int, port: int) -> float:
                 work.pki.channel_key(name),
                 work.pki.channel_pub(name),
             )
-    work.cloud_config.write_text(render_default_config(work, host="127.0.0.1", port=port))
+    work.cloud_config.write_text(cloud_config_text(work, host="127.0.0.1", port=port))
     work.hospital_config.write_text(
-        render_hospital_config(work, port=0, metrics_port=0, cloud_port=port)
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
     )
     cfg = load_hospital_config(work.hospital_config)
     store = SqliteReadingStore.open(cfg.database, cfg.keyring)
@@ -144,7 +142,7 @@ def run_once(work: WorkLayout, port: int, settings: AnalysisSettings) -> dict[st
         self_cpu0 = cpu_seconds(resource.RUSAGE_SELF)
         children_cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        report = asyncio.run(run_analysis_async(work, settings=settings))
+        report = asyncio.run(run_analysis_async(work.hospital_config, settings=settings))
         wall = time.perf_counter() - started
         # the decrypting processes have been joined: RUSAGE_CHILDREN holds them (the
         # cloud worker is still running, so it is not in it yet)

@@ -24,9 +24,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from console.workdir import WorkLayout
 from device_sim.device import Endpoint
 from device_sim.fleet import FleetProgress, run_fleet
-from pacegate.layout import WorkLayout
 from pacegate.pki import enroll_devices, init_pki
 from tests.support import BrokerHandle, embedded_broker, mosquitto_broker
 
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         cpu0 = me.cpu_times()
         summary = asyncio.run(
             run_fleet(
-                work,
+                work.pki,
                 count=args.count,
                 rate=args.rate,
                 duration=args.duration,

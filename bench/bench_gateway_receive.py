@@ -32,13 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from gateway.config import load_gateway_config, render_default_config  # noqa: E402
+from console.workdir import WorkLayout, gateway_config_text  # noqa: E402
+from gateway.config import load_gateway_config  # noqa: E402
 from gateway.pipeline import PipelineState, process  # noqa: E402
 from gateway.replay_store import ReplayStore  # noqa: E402
 from gateway.service import Gateway  # noqa: E402
 from pacegate.identity import TELEMETRY_FILTER, telemetry_topic  # noqa: E402
 from pacegate.keystore import PskStore  # noqa: E402
-from pacegate.layout import PkiLayout, WorkLayout  # noqa: E402
+from pacegate.layout import PkiLayout  # noqa: E402
 from pacegate.reading import Reading  # noqa: E402
 from pacegate.sealed import new_epoch, seal_reading  # noqa: E402
 from tests.support import connect_as, embedded_broker, free_port  # noqa: E402
@@ -206,7 +207,7 @@ def main() -> int:
         enroll_devices(work / "pki", DEVICES)
         with embedded_broker(work / "pki", work / "broker") as broker:
             (work / "gateway.yaml").write_text(
-                render_default_config(
+                gateway_config_text(
                     WorkLayout(work),
                     mqtt_host=broker.host,
                     mqtt_port=broker.port,

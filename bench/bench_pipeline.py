@@ -4,7 +4,7 @@ plaintext, the post-quantum handshake cost, and the share of CPU spent in crypto
     .venv/bin/python bench/bench_pipeline.py [--devices 10] [--readings 15000] [--repeats 5]
                                              [--handshakes 50] [--quick] [--json]
 
-**Secured run**: the real stack as ``pacegate up`` runs it (:func:`pacegate.stack.running_stack`
+**Secured run**: the real stack as ``pacegate up`` runs it (:func:`console.stack.running_stack`
 on a temporary work directory: broker, cloud, hospital and gateway as separate processes),
 ``--devices`` simulated pacemakers (``device_sim.device.SimulatedDevice``: real sealing, real
 MQTT over mutual TLS) connected first, then each queues ``--readings / --devices`` readings at
@@ -82,6 +82,19 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
+from console.endpoints import Endpoints  # noqa: E402
+from console.stack import (  # noqa: E402
+    StackError,
+    choose_endpoints,
+    mosquitto_binary,
+    prepare_workdir,
+    running_stack,
+    scrape,
+    wait_for_listen,
+    write_configs,
+    write_mosquitto_config,
+)
+from console.workdir import WorkLayout  # noqa: E402
 from device_sim.counter import CounterStore  # noqa: E402
 from device_sim.device import Backoff, Endpoint, SimulatedDevice  # noqa: E402
 from device_sim.fleet import load_bundle  # noqa: E402
@@ -93,8 +106,7 @@ from device_sim.mqtt import (  # noqa: E402
     await_connack,
 )
 from hospital.keyring import ChainKeys, Keyring  # noqa: E402
-from pacegate.endpoints import Endpoints  # noqa: E402
-from pacegate.layout import DEFAULT_HOST, WorkLayout  # noqa: E402
+from pacegate.layout import DEFAULT_HOST  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
 from pacegate.sealed import (  # noqa: E402
     HEADER_SIZE_V2,
@@ -102,17 +114,6 @@ from pacegate.sealed import (  # noqa: E402
     VERSION_2,
     SealedReadingError,
     parse_header,
-)
-from pacegate.stack import (  # noqa: E402
-    StackError,
-    choose_endpoints,
-    mosquitto_binary,
-    prepare_workdir,
-    running_stack,
-    scrape,
-    wait_for_listen,
-    write_configs,
-    write_mosquitto_config,
 )
 
 HOST = DEFAULT_HOST
@@ -285,10 +286,10 @@ def serve_plain_broker(config: Path) -> None:
     from amqtt.adapters import StreamWriterAdapter
     from amqtt.broker import Broker
 
-    from pacegate.broker.config import BrokerConfig, load_broker_config
-    from pacegate.broker.delivery import GatewayAcks
-    from pacegate.broker.plugins import CertIdentityAuthPlugin, TopicAclPlugin, device_may
-    from pacegate.broker.server import (
+    from broker.config import BrokerConfig, load_broker_config
+    from broker.delivery import GatewayAcks
+    from broker.plugins import CertIdentityAuthPlugin, TopicAclPlugin, device_may
+    from broker.server import (
         PACKET_OVERHEAD,
         PacegateBroker,
         RevocationGuard,

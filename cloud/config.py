@@ -17,13 +17,14 @@ the public context arrives with each session and is dropped when the session end
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.worker import DEFAULT_MAX_BATCHES
 from pacegate.configfile import load_config
-from pacegate.layout import DEFAULT_CLOUD_PORT, DEFAULT_HOST, WorkLayout
+from pacegate.layout import DEFAULT_CLOUD_PORT, DEFAULT_HOST, PkiLayout
 
 _IDENTITY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -74,12 +75,12 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
 
 
 def render_default_config(
-    work: WorkLayout, *, host: str = DEFAULT_HOST, port: int = DEFAULT_CLOUD_PORT
+    path: Path, *, pki: PkiLayout, host: str = DEFAULT_HOST, port: int = DEFAULT_CLOUD_PORT
 ) -> str:
-    """The cloud.yaml that ``pacegate up``/``demo`` write into a work directory."""
-    pki = work.pki
-    key = pki.channel_key("cloud").relative_to(work.root)
-    hospital = pki.channel_pub("hospital").relative_to(work.root)
+    """The cloud.yaml to write at ``path``, as ``pacegate up``/``demo`` write it into a work
+    directory: the identity files relative to ``path``'s directory."""
+    key = os.path.relpath(pki.channel_key("cloud"), path.parent)
+    hospital = os.path.relpath(pki.channel_pub("hospital"), path.parent)
     return (
         "# pacegate CKKS cloud worker (holds the public CKKS context only)\n"
         "listen:\n"

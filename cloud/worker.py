@@ -15,10 +15,8 @@ serving.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -257,27 +255,11 @@ async def start_worker(config: Any, *, stats: WorkerStats | None = None) -> asyn
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    """``pacegate cloud -c cloud.yaml``: serve until SIGINT/SIGTERM."""
-    from cloud.config import load_cloud_config
-
-    config = load_cloud_config(args.config)
-    from pacegate.runstate import ensure_port_free
-
-    ensure_port_free("cloud", config.host, config.port, where=f"listen.port in {args.config}")
-
-    async def _run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        server = await start_worker(config)
-        async with server:
-            port = server.sockets[0].getsockname()[1]
-            log.info(
-                "cloud worker listening", extra={"fields": {"host": config.host, "port": port}}
-            )
-            await stop.wait()
-
-    asyncio.run(_run())
-    return 0
+async def run(config: Any, stop: asyncio.Event) -> None:
+    """Serve pinned hospitals until ``stop`` is set (``config``: a
+    :class:`cloud.config.CloudConfig`)."""
+    server = await start_worker(config)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        log.info("cloud worker listening", extra={"fields": {"host": config.host, "port": port}})
+        await stop.wait()

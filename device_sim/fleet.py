@@ -18,14 +18,12 @@ Accounting: every reading produced ends in exactly one of ``acknowledged``, ``dr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import random
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +32,8 @@ from typing import Any
 from device_sim.counter import DEFAULT_BLOCK, CounterStore
 from device_sim.device import DEFAULT_BUFFER_LIMIT, Backoff, Endpoint, SimulatedDevice
 from device_sim.model import HeartModel, derive_seed
-from pacegate.endpoints import Endpoints, read_endpoints
 from pacegate.errors import ConfigError
-from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.sealed import PSK_SIZE
 from pacegate.tlsconf import client_context
 
@@ -112,12 +109,6 @@ def read_acked_log(path: Path) -> list[tuple[str, int]]:
             entry = json.loads(line)
             out.append((str(entry["device_id"]), int(entry["counter"])))
     return out
-
-
-def read_endpoint(work: WorkLayout) -> Endpoint:
-    """The broker endpoint from ``endpoints.json`` (written by ``pacegate up``), or the default."""
-    host, port = (read_endpoints(work) or Endpoints()).mqtt
-    return Endpoint(host, port)
 
 
 def active_device_ids(pki: PkiLayout) -> list[str]:
@@ -197,13 +188,13 @@ def _totals(devices: list[SimulatedDevice]) -> dict[str, int]:
 
 
 async def run_fleet(
-    work: WorkLayout,
+    pki: PkiLayout,
     *,
+    endpoint: Endpoint,
     count: int,
     rate: float,
     duration: float,
     seed: int = 0,
-    endpoint: Endpoint | None = None,
     counter_block: int = DEFAULT_BLOCK,
     buffer_limit: int = DEFAULT_BUFFER_LIMIT,
     connect_concurrency: int = DEFAULT_CONNECT_CONCURRENCY,
@@ -212,15 +203,15 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     acked_log: Path | None = None,
 ) -> FleetSummary:
-    """Run ``count`` enrolled devices of ``work`` for ``duration`` seconds at ``rate`` Hz each
-    (or until ``stop`` is set), then drain and disconnect."""
+    """Run ``count`` enrolled devices of the PKI ``pki`` against the broker at ``endpoint`` for
+    ``duration`` seconds at ``rate`` Hz each (or until ``stop`` is set), then drain and
+    disconnect."""
     if not rate > 0:
         raise ConfigError(None, "--rate", f"must be > 0 readings/s, got {rate}")
     if not duration > 0:
         raise ConfigError(None, "--duration", f"must be > 0 s, got {duration}")
-    pki = work.pki
     ids = select_devices(pki, count)
-    target = endpoint or read_endpoint(work)
+    target = endpoint
     prepared = await asyncio.to_thread(_prepare, pki, ids, counter_block)
     gate = asyncio.Semaphore(connect_concurrency)
     rng = random.Random(seed)
@@ -336,67 +327,3 @@ async def _report(
         rate = (t["acknowledged"] - last_acked) / max(now - last_at, 1e-9)
         last_acked, last_at = t["acknowledged"], now
         progress(_progress(t, len(devices), now - started, rate))
-
-
-# -- CLI ------------------------------------------------------------------------------------
-def _render(p: FleetProgress) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"pacegate devices  {p.elapsed_s:6.1f} s", show_header=True)
-    for col in ("devices", "connected", "sent", "acked", "unacked", "dropped", "acks/s"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        str(p.devices),
-        str(p.connected_now),
-        str(p.sent),
-        str(p.acknowledged),
-        str(p.failed),
-        str(p.dropped),
-        f"{p.ack_rate:,.0f}",
-    )
-    return table
-
-
-def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.live import Live
-
-    work = WorkLayout(Path(args.workdir))
-    console = Console(stderr=True)
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-
-        def show(p: FleetProgress) -> None:
-            live.update(_render(p))
-
-        summary = asyncio.run(
-            run_fleet(
-                work,
-                count=args.count,
-                rate=args.rate,
-                duration=args.duration,
-                seed=getattr(args, "seed", 0),
-                counter_block=getattr(args, "counter_block", DEFAULT_BLOCK),
-                drain_s=getattr(args, "drain", DEFAULT_DRAIN_S),
-                acked_log=getattr(args, "acked_log", None),
-                progress=show,
-            )
-        )
-    if not console.is_terminal:
-        console.line()  # a non-terminal Live leaves its last frame without a newline
-    data = summary.to_json()
-    if args.json:
-        sys.stdout.write(json.dumps(data) + "\n")
-    else:
-        console.print(
-            f"{summary.devices} devices, {summary.connected} connected: "
-            f"{summary.sent} sent, {summary.acknowledged} acknowledged, "
-            f"{summary.failed} failed, {summary.dropped} dropped in {summary.duration_s:.1f} s"
-        )
-    if summary.acknowledged == 0:
-        console.print(
-            "pacegate devices: no reading was acknowledged; is the broker running "
-            f"(pacegate up --workdir {work.root}) and reachable at "
-            f"{read_endpoint(work).host}:{read_endpoint(work).port}?"
-        )
-        return 1
-    return 0

@@ -11,10 +11,8 @@ so that ``pacegate config check`` can list them all in one run.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
 from pacegate.identity import TELEMETRY_FILTER
 from pacegate.ingest import MAX_BATCH_ITEMS
-from pacegate.layout import WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
 
 T = TypeVar("T")
@@ -802,55 +800,32 @@ def render_json_schema() -> str:
     return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
-def cli_schema(args: argparse.Namespace) -> int:
-    """``pacegate config schema [--out FILE]``: write the JSON Schema of gateway.yaml."""
-    text = render_json_schema()
-    if args.out is None:
-        sys.stdout.write(text)
-        return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
-
-def cli_check(args: argparse.Namespace) -> int:
-    """``pacegate config check FILE``: print OK, or every error with file:line, key and fix."""
-    try:
-        cfg = load_gateway_config(args.file, check_files=not getattr(args, "schema_only", False))
-    except GatewayConfigError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{args.file}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
-        return 2
-    print(f"{args.file}: OK ({len(cfg.routes)} route{'s' if len(cfg.routes) != 1 else ''})")
-    return 0
-
-
 # -- the default file written by `pacegate up` / `demo` -------------------------------------
 def render_default_config(
-    work: WorkLayout,
+    path: Path,
     *,
+    pki: PkiLayout,
+    state_dir: Path,
     mqtt_host: str,
     mqtt_port: int,
     hospital_host: str,
     hospital_port: int,
     metrics_port: int,
 ) -> str:
-    """The gateway.yaml that ``pacegate up``/``demo`` write into ``work.root`` (commented)."""
+    """The gateway.yaml to write at ``path`` (commented), as ``pacegate up``/``demo`` write
+    it into a work directory: file paths relative to ``path``'s directory when under it."""
 
     def rel(p: Path) -> str:
         try:
-            return str(p.relative_to(work.root))
+            return str(p.relative_to(path.parent))
         except ValueError:
             return str(p)
 
-    pki = work.pki
     return f"""\
 # yaml-language-server: $schema={packaged_schema_path()}
-# gateway.yaml written by pacegate for {work.root.name}/ (reference: docs/gateway.md).
+# gateway.yaml written by pacegate for {path.parent.name}/ (reference: docs/gateway.md).
 # Relative paths resolve against this file's directory. Check an edit with
-#   pacegate config check {rel(work.gateway_config)}
+#   pacegate config check {path.name}
 # The running gateway reloads routes on SIGHUP or when this file changes; an invalid edit
 # is refused with the reason in the log and the previous configuration stays in force.
 
@@ -866,7 +841,7 @@ psk_store:                  # device PSKs, encrypted at rest; reloaded when it c
   path: {rel(pki.psk_store)}
   key: {rel(pki.psk_store_key)}
 
-state_dir: {rel(work.gateway_dir)}          # replay windows (replay.db) and the spool
+state_dir: {rel(state_dir)}          # replay windows (replay.db) and the spool
 
 hospital:                   # the post-quantum channel to the hospital
   host: {hospital_host}

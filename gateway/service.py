@@ -14,12 +14,10 @@ owed to the previous connection are not sent (their packet ids belong to the new
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -494,25 +492,3 @@ def _mtime(path: os.PathLike[str] | str) -> float:
         return os.stat(path).st_mtime_ns / 1e9
     except OSError:
         return 0.0
-
-
-def main(args: argparse.Namespace) -> int:
-    """``pacegate gateway -c FILE``: run until SIGINT/SIGTERM; SIGHUP reloads the file."""
-    cfg = load_gateway_config(args.config)
-    from pacegate.runstate import ensure_port_free
-
-    m = cfg.metrics
-    if m.enabled:
-        ensure_port_free("gateway metrics", m.host, m.port, where=f"metrics.port in {args.config}")
-
-    async def _run() -> None:
-        stop = asyncio.Event()
-        gw = Gateway(cfg)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, gw.request_reload)
-        await gw.run(stop)
-
-    asyncio.run(_run())
-    return 0

@@ -26,14 +26,11 @@ exactly those of a sequential scan.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import math
 import multiprocessing
 import resource
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -51,7 +48,6 @@ from pacegate import analytics_wire as wire
 from pacegate import ckks
 from pacegate.configfile import ConfigSection
 from pacegate.errors import PacegateError
-from pacegate.layout import WorkLayout
 from pacegate.reading import (
     AGE_MAX,
     HEART_RATE_NORMAL_MAX,
@@ -59,7 +55,6 @@ from pacegate.reading import (
     HEART_RATE_PLAUSIBLE_MAX,
     HEART_RATE_PLAUSIBLE_MIN,
     Reading,
-    parse_time_option,
 )
 
 log = logging.getLogger("pacegate.analysis")
@@ -686,23 +681,24 @@ async def analyze_chunks(
     )
 
 
-# --- against a work directory: store + channel ---------------------------------------
+# --- against a hospital config: its store + the channel to its cloud --------------------
 
 
 async def run_analysis_async(
-    work: WorkLayout,
+    config: Path,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
     settings: AnalysisSettings | None = None,
     transport: Transport | None = None,
 ) -> AnalysisReport:
-    """Analyse the work directory's store: the cloud endpoint and identities come from
-    hospital.yaml. ``transport`` replaces the channel (tests, in-process benchmark)."""
+    """Analyse the store that the hospital config file ``config`` names: the cloud endpoint
+    and identities come from it too. ``transport`` replaces the channel (tests, the
+    in-process benchmark)."""
     from hospital.config import load_hospital_config
     from hospital.store import SqliteReadingStore, StoreError
 
-    cfg = load_hospital_config(work.hospital_config)
+    cfg = load_hospital_config(config)
     if settings is None:
         settings = parse_analysis_settings(cfg.analysis)
     store = SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
@@ -773,7 +769,7 @@ async def run_analysis_async(
 
 
 def run_analysis(
-    work: WorkLayout,
+    config: Path,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -781,69 +777,5 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Synchronous API: run the analysis and return its JSON report (``ok`` says whether
     every statistic is within tolerance; the caller decides what a failure means)."""
-    report = asyncio.run(run_analysis_async(work, since=since, until=until, settings=settings))
+    report = asyncio.run(run_analysis_async(config, since=since, until=until, settings=settings))
     return report.to_json()
-
-
-def print_table(report: dict[str, Any]) -> None:
-    """The human view: a rich table on stderr."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=True)
-    table = Table(title=f"CKKS analysis of {report['count']} readings (blind in the cloud)")
-    for col in ("statistic", "encrypted", "plaintext", "abs error", "rel error"):
-        table.add_column(col, justify="left" if col == "statistic" else "right")
-    for name, v in report["statistics"].items():
-        table.add_row(
-            name,
-            f"{v['encrypted']:.9g}",
-            f"{v['plaintext']:.9g}",
-            f"{v['abs_error']:.2e}",
-            f"{v['rel_error']:.2e}",
-        )
-    console.print(table)
-    t = report["timings_s"]
-    console.print(
-        f"{report['batches']} batches, {report['bytes_sent'] / 1e6:.1f} MB sent, "
-        f"{report['bytes_received'] / 1e6:.1f} MB received; "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
-    )
-    if report.get("row_workers"):
-        console.print(
-            f"(rows decrypted by {report['row_workers']} processes beside the CKKS work: "
-            "phases overlap; decrypt_rows is their summed time)"
-        )
-    scope = report.get("scope") or {}
-    if scope.get("chain_verified"):
-        period = ""
-        if scope.get("since") or scope.get("until"):
-            period = f", readings from {scope.get('since') or '-'} to {scope.get('until') or '-'}"
-        console.print(
-            f"covers the whole store: rows 1-{scope['store_rows']}{period}, every row checked "
-            "against the hash chain and its anchor"
-        )
-    if report["excluded_implausible"]:
-        console.print(f"{report['excluded_implausible']} implausible readings left out")
-    for failure in report["failures"]:
-        console.print(f"[red]OUT OF TOLERANCE[/red] {failure}")
-
-
-def main(args: argparse.Namespace) -> int:
-    """``pacegate analyze --workdir DIR [--since T] [--until T] [--json]``."""
-    work = WorkLayout(Path(args.workdir).resolve())
-    since = parse_time_option(args.since, "--since")
-    until = parse_time_option(args.until, "--until")
-    report = run_analysis(work, since=since, until=until)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_table(report)
-    if not report["ok"]:
-        print(
-            "pacegate analyze: encrypted results differ from plaintext beyond the tolerance "
-            f"({report['tolerance']:g} relative): " + "; ".join(report["failures"]),
-            file=sys.stderr,
-        )
-        return 3
-    return 0

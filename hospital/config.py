@@ -27,7 +27,7 @@ from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_HOST,
-    WorkLayout,
+    PkiLayout,
 )
 
 DEFAULT_HOSPITAL_METRICS_PORT = 9109  # beside the gateway's 9108
@@ -147,21 +147,23 @@ def load_hospital_config(
 
 
 def render_default_config(
-    work: WorkLayout,
+    path: Path,
     *,
+    pki: PkiLayout,
+    data_dir: Path,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_HOSPITAL_PORT,
     metrics_port: int = DEFAULT_HOSPITAL_METRICS_PORT,
     cloud_host: str = DEFAULT_HOST,
     cloud_port: int = DEFAULT_CLOUD_PORT,
 ) -> str:
-    """The ``hospital.yaml`` that ``pacegate up``/``demo`` write into the work directory."""
-    base = work.hospital_config.parent
+    """The ``hospital.yaml`` to write at ``path``, as ``pacegate up``/``demo`` write it into a
+    work directory: the store in ``data_dir``, paths relative to ``path``'s directory."""
+    base = path.parent
 
     def rel(p: Path) -> str:
         return os.path.relpath(p, base)
 
-    pki = work.pki
     return f"""\
 # pacegate hospital: PQ-channel ingest and the encrypted reading store.
 # Relative paths resolve against this file's directory.
@@ -174,8 +176,8 @@ identity:
 allowed_gateways:          # only these ML-DSA-65 identities may open a session
   gateway: {rel(pki.channel_pub("gateway"))}
 store:
-  database: {rel(work.hospital_dir / "readings.db")}
-  keyring: {rel(work.hospital_dir / "keyring.json")}   # mode 0600; back it up apart from the db
+  database: {rel(data_dir / "readings.db")}
+  keyring: {rel(data_dir / "keyring.json")}   # mode 0600; back it up apart from the db
 metrics:                   # Prometheus text, loopback only
   host: 127.0.0.1
   port: {metrics_port}

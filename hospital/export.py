@@ -21,13 +21,8 @@ stdout is whatever the caller makes of it.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import json
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,12 +33,9 @@ from hospital.store import (
     SqliteReadingStore,
     VerifyReport,
     format_report,
-    open_from_config,
 )
 from pacegate.errors import PacegateError
 from pacegate.ingest import FLAG_IMPLAUSIBLE
-from pacegate.layout import SECRET_FILE_MODE
-from pacegate.reading import parse_time_option
 
 FORMATS = ("jsonl", "csv")
 COLUMNS = (
@@ -160,70 +152,3 @@ def _refusal(report: VerifyReport, db_path: Path) -> str:
         + format_report(report, db_path)
         + "\nTo export what is there anyway, each damaged row marked, add --allow-damaged."
     )
-
-
-@contextlib.contextmanager
-def _private_output(path: Path) -> Iterator[IO[str]]:
-    """A text file only the owner can read, in place only once complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
-    try:
-        with open(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def cli_export(args: argparse.Namespace) -> int:
-    """``pacegate hospital export -c FILE [--since T] [--until T] [--format jsonl|csv]
-    [--out FILE] [--allow-damaged]``: 0 when exported, 1 when refused."""
-    since = parse_time_option(args.since, "--since")
-    until = parse_time_option(args.until, "--until")
-    out_path: Path | None = args.out
-    with open_from_config(args.config) as store:
-        try:
-            if out_path is None:
-                summary = export_rows(
-                    store,
-                    sys.stdout,
-                    fmt=args.format,
-                    since=since,
-                    until=until,
-                    allow_damaged=args.allow_damaged,
-                )
-                sys.stdout.flush()
-            else:
-                with _private_output(out_path) as out:
-                    summary = export_rows(
-                        store,
-                        out,
-                        fmt=args.format,
-                        since=since,
-                        until=until,
-                        allow_damaged=args.allow_damaged,
-                    )
-        except ExportRefused as exc:
-            print(f"pacegate hospital export: {exc}", file=sys.stderr)
-            return 1
-    where = str(out_path) if out_path is not None else "stdout"
-    print(
-        f"export: {summary.exported} readings to {where} (clear text: keep it private)"
-        + (f"; {summary.damaged} marked damaged" if summary.damaged else ""),
-        file=sys.stderr,
-    )
-    report = summary.report
-    if report is not None and not report.ok:
-        store_level = [p for p in report.problems if p.seq is None or p.seq > report.last_seq]
-        print(format_report(report, store.db_path), file=sys.stderr)
-        if store_level:
-            print(
-                "export: damage of the store as a whole (not on any exported row): "
-                + "; ".join(f"{p.kind}: {p.detail}" for p in store_level),
-                file=sys.stderr,
-            )
-    return 0

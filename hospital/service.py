@@ -11,11 +11,9 @@ runs the handler on the one writer thread.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from hospital.config import HospitalConfig, load_hospital_config
+from hospital.config import HospitalConfig
 from hospital.store import ReadingStore, SqliteReadingStore, StoreError
 from pacegate.channel import (
     ChannelClosed,
@@ -225,12 +223,13 @@ class HospitalService:
         self.store.close()
 
 
-async def run_service(
+async def run(
     cfg: HospitalConfig,
+    stop: asyncio.Event,
     *,
-    stop: asyncio.Event | None = None,
     on_ready: Callable[[HospitalService, asyncio.Server, RunningMetrics], None] | None = None,
-) -> int:
+) -> None:
+    """Ingest over the PQ channel until ``stop`` is set."""
     identity = load_identity(cfg.identity_key, cfg.identity_name)
     allowed = {name: load_public_key(path) for name, path in cfg.allowed_gateways.items()}
     store = SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
@@ -244,11 +243,6 @@ async def run_service(
         )
     service = HospitalService(cfg, store)
     running_metrics = start_metrics(cfg, service.metrics)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
     try:
         server = await serve(
             cfg.listen_host,
@@ -276,28 +270,11 @@ async def run_service(
             with contextlib.suppress(Exception):
                 await server.wait_closed()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
         running_metrics.close()
         service.close()
-    return 0
 
 
 def _bound_port(server: asyncio.Server, default: int) -> int:
     with contextlib.suppress(AttributeError, IndexError, TypeError):
         return int(server.sockets[0].getsockname()[1])
     return default
-
-
-def main(args: argparse.Namespace) -> int:
-    """``pacegate hospital -c FILE`` (the ``rotate-key``/``verify`` actions live in store)."""
-    cfg = load_hospital_config(args.config, require_channel_files=True)
-    from pacegate.runstate import ensure_port_free
-
-    for what, host, port, key in (
-        ("hospital", cfg.listen_host, cfg.listen_port, "listen.port"),
-        ("hospital metrics", cfg.metrics_host, cfg.metrics_port, "metrics.port"),
-    ):
-        ensure_port_free(what, host, port, where=f"{key} in {args.config}")
-    return asyncio.run(run_service(cfg))

@@ -24,7 +24,6 @@ Storage sits behind :class:`ReadingStore` so that a PostgreSQL backend can take 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hmac
@@ -32,7 +31,6 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1267,55 +1265,6 @@ def open_from_config(config_path: Path) -> SqliteReadingStore:
 
     cfg = load_hospital_config(config_path)
     return SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
-
-
-def cli_rotate_key(args: argparse.Namespace) -> int:
-    """``pacegate hospital rotate-key -c FILE``: new key, every row re-encrypted, online."""
-    with open_from_config(args.config) as store:
-        report = store.rotate_key(
-            retire_old=not getattr(args, "keep_old", False),
-            integrity=getattr(args, "integrity", False),
-        )
-    retired = ", ".join(map(str, report.retired)) or "none"
-    print(
-        f"rotate-key: key version {report.new_version} now encrypts; "
-        f"{report.reencrypted} rows re-encrypted; retired versions: {retired}",
-        file=sys.stderr,
-    )
-    if report.new_mac_version is not None:
-        retired_mac = ", ".join(map(str, report.retired_mac)) or "none"
-        print(
-            f"rotate-key: integrity key version {report.new_mac_version} now keys every row "
-            f"and the chain; retired integrity versions: {retired_mac}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cli_verify(args: argparse.Namespace) -> int:
-    """``pacegate hospital verify -c FILE``: exit 0 if the chain is whole, 1 otherwise."""
-    with open_from_config(args.config) as store:
-        if getattr(args, "reanchor", False):
-            return _reanchor(store)
-        recorded = getattr(args, "expect_head", None)
-        report = store.verify(expect=RecordedHead.parse(recorded) if recorded else None)
-    if getattr(args, "json", False):
-        print(json.dumps(report.to_json()))
-    else:
-        print(format_report(report, store.db_path), file=sys.stderr)
-    return 0 if report.ok else 1
-
-
-def _reanchor(store: SqliteReadingStore) -> int:
-    report, before = store.reanchor()
-    was = max((r.seq for r in before or []), default=None)
-    print(
-        f"verify --reanchor: the chain inside {store.db_path} is whole up to row "
-        f"{report.last_seq}; {store.anchor.path} now anchors that head"
-        + (f" (it named row {was} before)" if was is not None else " (there was no anchor)"),
-        file=sys.stderr,
-    )
-    return 0
 
 
 def format_report(report: VerifyReport, db_path: Path) -> str:

@@ -146,51 +146,6 @@ class PkiLayout:
         return self.channel_dir / f"{name}.mldsa.pub"
 
 
-@dataclass(frozen=True)
-class WorkLayout:
-    root: Path
-
-    @property
-    def pki(self) -> PkiLayout:
-        return PkiLayout(self.root / "pki")
-
-    @property
-    def broker_config(self) -> Path:
-        return self.root / "broker.yaml"
-
-    @property
-    def gateway_config(self) -> Path:
-        return self.root / "gateway.yaml"
-
-    @property
-    def hospital_config(self) -> Path:
-        return self.root / "hospital.yaml"
-
-    @property
-    def cloud_config(self) -> Path:
-        return self.root / "cloud.yaml"
-
-    @property
-    def gateway_dir(self) -> Path:
-        return self.root / "gateway"
-
-    @property
-    def hospital_dir(self) -> Path:
-        return self.root / "hospital"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def endpoints(self) -> Path:
-        """JSON written by ``pacegate up``: where each running service listens, e.g.
-        ``{"mqtt": {"host": "127.0.0.1", "port": 8883}, "hospital": {...}, "cloud": {...},
-        "gateway_metrics": {...}}``. ``devices`` and ``analyze`` read it; absent, they use
-        the defaults above."""
-        return self.root / "endpoints.json"
-
-
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to a fresh temp file beside ``path`` (mkstemp: unique name, mode 0600
     from creation), fsync it, then rename it over ``path`` and fsync the directory. A crash

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +73,85 @@ def broker(request: pytest.FixtureRequest) -> BrokerHandle:
     name = "embedded_broker_fixture" if request.param == "embedded" else "mosquitto_broker_fixture"
     handle: BrokerHandle = request.getfixturevalue(name)
     return handle
+
+
+# -- the integration marker, enforced ---------------------------------------------------------
+# Every test that starts a process or a server, or connects to one, carries
+# @pytest.mark.integration, so that '-m "not integration"' is a loop of seconds. A test
+# without the marker that does any of these fails, naming what it did (set
+# PACEGATE_INTEGRATION_REPORT=FILE to list such tests in FILE instead of failing them).
+_activity: list[str] | None = None
+
+
+def _record(what: str) -> None:
+    if _activity is not None and len(_activity) < 3:
+        _activity.append(what)
+
+
+def _install_activity_probes() -> None:
+    import multiprocessing.process
+    import socket
+    import subprocess
+
+    def wrap(owner: Any, name: str, label: Callable[..., str]) -> None:
+        original = getattr(owner, name)
+
+        def probe(self: Any, *args: Any, **kwargs: Any) -> Any:
+            _record(label(self, *args, **kwargs))
+            return original(self, *args, **kwargs)
+
+        setattr(owner, name, probe)
+
+    def address(sock: Any, addr: Any = None, *_: Any, **__: Any) -> str:
+        return f"socket connect to {addr!r}"
+
+    wrap(socket.socket, "connect", address)
+    wrap(socket.socket, "connect_ex", address)
+    wrap(
+        socket.socket, "listen", lambda sock, *_a, **_k: f"socket listen on {sock.getsockname()!r}"
+    )
+    wrap(subprocess.Popen, "__init__", lambda p, args, *_a, **_k: f"subprocess {args!r:.80}")
+    wrap(multiprocessing.process.BaseProcess, "start", lambda p: "a multiprocessing worker")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _install_activity_probes()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    global _activity
+    _activity = [] if item.get_closest_marker("integration") is None else None
+    try:
+        return (yield)
+    finally:
+        item.stash[_ACTIVITY] = _activity or []
+        _activity = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    global _activity
+    _activity = item.stash.get(_ACTIVITY, None)
+    if item.get_closest_marker("integration") is not None:
+        _activity = None
+    try:
+        result = yield
+    finally:
+        seen, _activity = _activity, None
+    if seen:
+        report = os.environ.get("PACEGATE_INTEGRATION_REPORT")
+        if report:
+            with open(report, "a") as f:
+                f.write(f"{item.nodeid}\t{seen[0]}\n")
+        else:
+            pytest.fail(
+                f"{item.nodeid} starts or reaches a process or server ({'; '.join(seen)}) "
+                "but is not marked @pytest.mark.integration (fix: mark it, so the inner "
+                "loop '-m \"not integration\"' stays fast)",
+                pytrace=False,
+            )
+    return result
+
+
+_ACTIVITY = pytest.StashKey[list[str]]()

@@ -2,7 +2,7 @@
 
 - :func:`free_port`, :func:`wait_for_port`;
 - :func:`embedded_broker` / :func:`mosquitto_broker`: context managers that start the real
-  embedded broker (``python -m pacegate broker -c <yaml>``) or Debian's mosquitto on a free
+  embedded broker (``python -m console broker -c <yaml>``) or Debian's mosquitto on a free
   loopback port for a PKI directory, and yield a :class:`BrokerHandle`
   (``.host``, ``.port``, ``.pki``, ``.kind``, ``.log_text()``, ``.reload()``);
 - :func:`mqtt_client`, :func:`try_connect`: paho clients over mTLS with a given identity.
@@ -125,7 +125,7 @@ def embedded_broker(
     env: dict[str, str] | None = None,
 ) -> Iterator[BrokerHandle]:
     """Run ``pacegate broker`` (the real embedded broker) as a subprocess."""
-    from pacegate.broker.config import render_default_config
+    from broker.config import render_default_config
 
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
@@ -135,7 +135,7 @@ def embedded_broker(
     log_path = workdir / "broker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pacegate", "--log-json", "broker", "-c", str(cfg)],
+            [sys.executable, "-m", "console", "--log-json", "broker", "-c", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -531,10 +531,10 @@ def run_pacegate(
     env: dict[str, str] | None = None,
     timeout: float = PACEGATE_TIMEOUT_S,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m pacegate ARGS`` as an operator runs it: captured, text, never raising on
+    """``python -m console ARGS`` as an operator runs it: captured, text, never raising on
     a non-zero exit (the tests assert on it)."""
     return subprocess.run(
-        [sys.executable, "-m", "pacegate", *args],
+        [sys.executable, "-m", "console", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

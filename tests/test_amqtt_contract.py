@@ -1,4 +1,4 @@
-"""The amqtt contract: each name pacegate hooks (pacegate.broker.amqtt_hooks.AMQTT_HOOKS)
+"""The amqtt contract: each name pacegate hooks (broker.amqtt_hooks.AMQTT_HOOKS)
 exists in the installed amqtt with the parameters pacegate expects. An amqtt upgrade that
 renames or reshapes one of them fails here, loudly, rather than in production."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pacegate.broker import delivery, plugins, server, strict
-from pacegate.broker.amqtt_hooks import AMQTT_HOOKS, AMQTT_VERSION, Hook
+from broker import delivery, plugins, server, strict
+from broker.amqtt_hooks import AMQTT_HOOKS, AMQTT_VERSION, Hook
 
 
 def _resolve(dotted: str) -> Any:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud.config import load_cloud_config, render_default_config
+from cloud.config import load_cloud_config
 from cloud.worker import WorkerStats, start_worker
+from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
 from hospital.analysis import AnalysisError, AnalysisSettings, run_analysis_async
-from hospital.config import render_default_config as render_hospital_config
 from hospital.store import SqliteReadingStore
 from pacegate import analytics_wire as wire
 from pacegate import ckks
@@ -26,7 +26,6 @@ from pacegate.channel import (
     write_identity,
 )
 from pacegate.ingest import IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -38,7 +37,7 @@ def make_workdir(root: Path) -> WorkLayout:
         write_identity(
             ChannelIdentity.generate(name), work.pki.channel_key(name), work.pki.channel_pub(name)
         )
-    work.cloud_config.write_text(render_default_config(work, host="127.0.0.1", port=0))
+    work.cloud_config.write_text(cloud_config_text(work, host="127.0.0.1", port=0))
     return work
 
 
@@ -68,7 +67,7 @@ async def stack(tmp_path: Path):
     server = await start_worker(load_cloud_config(work.cloud_config), stats=stats)
     port = server.sockets[0].getsockname()[1]
     work.hospital_config.write_text(
-        render_hospital_config(work, port=0, metrics_port=0, cloud_port=port)
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
     )
     try:
         yield work, port, stats
@@ -81,7 +80,7 @@ async def test_analysis_over_the_pq_channel_matches_plaintext(stack) -> None:
     work, _port, stats = stack
     fill_store(work, 1500)
     report = await run_analysis_async(
-        work,
+        work.hospital_config,
         since=T0 + timedelta(minutes=100),
         until=T0 + timedelta(minutes=1300),
         settings=AnalysisSettings(bands=(0, 50), batch_size=700),
@@ -109,7 +108,7 @@ async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_servi
     assert isinstance(reply, wire.Error) and reply.code == "secret_key_in_context"
     assert stats.refused["secret_key_in_context"] == 1
     fill_store(work, 300)
-    report = await run_analysis_async(work, settings=AnalysisSettings(bands=(0,)))
+    report = await run_analysis_async(work.hospital_config, settings=AnalysisSettings(bands=(0,)))
     assert report.ok and report.plain.n == 300
 
 
@@ -134,8 +133,8 @@ async def test_unreachable_worker_is_a_clear_error(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         free_port = s.getsockname()[1]
     work.hospital_config.write_text(
-        render_hospital_config(work, port=0, metrics_port=0, cloud_port=free_port)
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=free_port)
     )
     fill_store(work, 10)
     with pytest.raises(AnalysisError, match="cannot reach the cloud worker"):
-        await run_analysis_async(work)
+        await run_analysis_async(work.hospital_config)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cloud.worker import CloudSession
+from console.workdir import WorkLayout, hospital_config_text
 from hospital.analysis import (
     AnalysisError,
     AnalysisSettings,
@@ -20,10 +21,8 @@ from hospital.analysis import (
     run_analysis_async,
 )
 from hospital.config import load_hospital_config
-from hospital.config import render_default_config as render_hospital_config
 from hospital.store import SqliteReadingStore, StoreError
 from pacegate.ingest import IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 5, 1, tzinfo=UTC)
@@ -34,7 +33,7 @@ def make_work(root: Path, n: int) -> tuple[WorkLayout, Path]:
     work = WorkLayout(root)
     root.mkdir(parents=True, exist_ok=True)
     work.hospital_config.write_text(
-        render_hospital_config(work, port=0, metrics_port=0, cloud_port=1)
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=1)
     )
     cfg = load_hospital_config(work.hospital_config)
     rng = random.Random(5)
@@ -65,7 +64,10 @@ async def test_parallel_decryption_gives_the_batches_and_statistics_of_a_sequent
         )  # fmt: skip
         reports.append(
             await run_analysis_async(
-                work, settings=settings, transport=LocalTransport(CloudSession().handle), **period
+                work.hospital_config,
+                settings=settings,
+                transport=LocalTransport(CloudSession().handle),
+                **period,
             )
         )
     sequential, parallel = reports
@@ -89,7 +91,7 @@ async def test_a_row_failing_in_a_decrypting_process_fails_the_analysis_naming_i
     settings = AnalysisSettings(workers=2, chunk_rows=250, parallel_min_rows=0)
     with pytest.raises(AnalysisError, match=r"rows 751\.\.1000.*row 777 does not decrypt"):
         await run_analysis_async(
-            work, settings=settings, transport=LocalTransport(CloudSession().handle)
+            work.hospital_config, settings=settings, transport=LocalTransport(CloudSession().handle)
         )
 
 
@@ -142,7 +144,7 @@ def test_workers_is_read_from_hospital_yaml_and_a_negative_count_names_the_key(
     from pacegate.errors import ConfigError
 
     work = WorkLayout(tmp_path)
-    text = render_hospital_config(work, port=0, metrics_port=0, cloud_port=1)
+    text = hospital_config_text(work, port=0, metrics_port=0, cloud_port=1)
     for value, expected in (("0", 0), ("3", 3)):
         work.hospital_config.write_text(
             text.replace("analysis: {}", f"analysis: {{workers: {value}}}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pacegate.broker.config import load_broker_config, render_default_config
+from broker.config import load_broker_config, render_default_config
 from pacegate.errors import ConfigError
 from pacegate.layout import PkiLayout
 
@@ -64,7 +64,7 @@ def test_broker_command_reports_a_malformed_config_and_exits_2(
 ) -> None:
     path = _write(tmp_path, pki, **{"handshake_timeout: 10.0": "handshake_timeout: [1]"})
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "broker", "-c", str(path)],
+        [sys.executable, "-m", "console", "broker", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -31,7 +31,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from pacegate.broker.config import render_default_config
+from broker.config import render_default_config
 from pacegate.identity import telemetry_topic
 from tests.support import (
     LOOPBACK,

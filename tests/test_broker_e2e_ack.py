@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from pacegate.broker.delivery import (
+from broker.delivery import (
     MAX_AWAITING_GATEWAY_PER_CONNECTION,
     GatewayAcks,
     TrackedPayload,
@@ -197,7 +197,7 @@ def test_parked_publishes_are_handed_over_oldest_first_and_only_if_still_awaited
 def test_copies_whose_device_left_are_dropped_from_an_offline_queue_and_no_other() -> None:
     from amqtt.session import ApplicationMessage
 
-    from pacegate.broker.delivery import abandoned, compact
+    from broker.delivery import abandoned, compact
 
     async def run() -> None:
         acks = _acks(limit=10, per_connection=10)

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pacegate.broker import packets
-from pacegate.broker.strict import MAX_UNKNOWN_ACKS
+from broker import packets
+from broker.strict import MAX_UNKNOWN_ACKS
 from pacegate.identity import telemetry_topic
 from pacegate.log import EVENT_BURST, EVENT_WINDOW_S, SUPPRESSED_EVENT
 from pacegate.pki import revoke_device
@@ -428,8 +428,8 @@ async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
     set holds the connection's serial, its PUBLISH is neither relayed nor acknowledged."""
     from amqtt.session import Session
 
-    from pacegate.broker.delivery import GatewayAcks
-    from pacegate.broker.strict import StrictHandler
+    from broker.delivery import GatewayAcks
+    from broker.strict import StrictHandler
 
     relayed: list[bytes] = []
 

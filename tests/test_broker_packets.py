@@ -1,4 +1,4 @@
-"""The broker's packet rules (pacegate.broker.packets) as pure functions: each refusal has
+"""The broker's packet rules (broker.packets) as pure functions: each refusal has
 its stable reason, and every packet pacegate's own clients send passes."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from pacegate.broker import packets
-from pacegate.broker.packets import Frame, PacketRefused, check_client_packet, check_connect
+from broker import packets
+from broker.packets import Frame, PacketRefused, check_client_packet, check_connect
 from tests.support import connect_packet, mqtt_packet, mqtt_string, publish_packet, subscribe_packet
 
 

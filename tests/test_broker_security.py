@@ -14,8 +14,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from pacegate.broker.config import render_default_config
-from pacegate.broker.server import MAX_PENDING_PER_SOURCE
+from broker.config import render_default_config
+from broker.server import MAX_PENDING_PER_SOURCE
 from pacegate.identity import telemetry_topic
 from pacegate.layout import PkiLayout
 from pacegate.pki import enroll_device, init_pki, revoke_device

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from pacegate.layout import WorkLayout
+from console.workdir import WorkLayout
 from tests.support import run_pacegate, wait_until
 
 UP_START_TIMEOUT_S = 120.0
@@ -105,8 +105,8 @@ def test_unclosed_quote_points_at_where_the_quote_opened(tmp_path: Path) -> None
 
 
 def test_port_held_by_another_program_is_named_with_its_holder(tmp_path: Path) -> None:
+    from console.stack import choose_endpoints, write_configs
     from pacegate.pki import init_pki
-    from pacegate.stack import choose_endpoints, write_configs
 
     work = WorkLayout(tmp_path / "work")
     init_pki(work.pki.root)
@@ -129,8 +129,8 @@ def test_port_held_by_another_program_is_named_with_its_holder(tmp_path: Path) -
 @pytest.fixture(scope="module")
 def running_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkLayout, int]]:
     """``pacegate up`` on a fresh work directory (free ports), fed by a short fleet."""
+    from console.stack import choose_endpoints, write_configs
     from pacegate.pki import enroll_devices, init_pki
-    from pacegate.stack import choose_endpoints, write_configs
 
     work = WorkLayout(tmp_path_factory.mktemp("up") / "work")
     init_pki(work.pki.root)
@@ -138,7 +138,7 @@ def running_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkL
     write_configs(work, choose_endpoints(prefer_defaults=False), overwrite=True)
     out = open(work.root / "up.out", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pacegate", "up", "--workdir", str(work.root)],
+        [sys.executable, "-m", "console", "up", "--workdir", str(work.root)],
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -202,7 +202,7 @@ def test_analyze_json_into_a_reader_that_left_ends_quietly(
 ) -> None:
     work, _ = running_up
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pacegate", "analyze", "--workdir", str(work.root), "--json"],
+        [sys.executable, "-m", "console", "analyze", "--workdir", str(work.root), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -238,7 +238,7 @@ def test_logs_and_replay_windows_are_owner_only(running_up: tuple[WorkLayout, in
 def test_status_reports_each_service_pid_port_uptime_and_counters(
     running_up: tuple[WorkLayout, int],
 ) -> None:
-    from pacegate.endpoints import read_endpoints
+    from console.endpoints import read_endpoints
 
     work, pid = running_up
     acked = json.loads((work.root / "devices.json").read_text())["acknowledged"]
@@ -300,8 +300,8 @@ def test_corrupt_database_is_named_as_corruption_with_integrity_checks_answer(
 
 
 def test_status_of_a_stopped_stack_says_down_and_exits_1(tmp_path: Path) -> None:
+    from console.stack import choose_endpoints
     from pacegate.pki import init_pki
-    from pacegate.stack import choose_endpoints
 
     work = WorkLayout(tmp_path)
     init_pki(work.pki.root)

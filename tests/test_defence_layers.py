@@ -28,11 +28,11 @@ from amqtt.session import Session
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker import plugins
+from broker.config import BrokerConfig, load_broker_config, render_default_config
+from broker.plugins import CertIdentityAuthPlugin
+from broker.server import PacegateBroker
 from device_sim.mqtt import MqttClientProtocol
-from pacegate.broker import plugins
-from pacegate.broker.config import BrokerConfig, load_broker_config, render_default_config
-from pacegate.broker.plugins import CertIdentityAuthPlugin
-from pacegate.broker.server import PacegateBroker
 from pacegate.layout import PkiLayout
 from pacegate.pki import revoke_device
 from pacegate.tlsconf import client_context, server_context

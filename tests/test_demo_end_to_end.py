@@ -20,9 +20,9 @@ from typing import Any
 import psutil
 import pytest
 
+from console.workdir import WorkLayout
 from hospital.keyring import Keyring
 from hospital.store import SqliteReadingStore
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 from tests.support import run_pacegate
 
@@ -172,7 +172,7 @@ def test_up_serves_until_sigterm_and_stops_every_service_it_started(tmp_path: Pa
     init_pki(work.pki.root)
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pacegate", "up", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "console", "up", "--workdir", str(tmp_path)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from console.workdir import WorkLayout
 from device_sim.device import Endpoint
 from device_sim.fleet import run_fleet, select_devices
 from device_sim.model import HeartModel
 from pacegate.errors import ConfigError
 from pacegate.identity import TELEMETRY_FILTER
-from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.sealed import open_reading
 from tests.support import BrokerHandle, MqttClient, connect_as, embedded_broker, wait_until
 
@@ -48,7 +49,7 @@ def _open_all(pki: PkiLayout, messages: list[tuple[str, bytes]]) -> dict[str, li
 
 def _devices_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pacegate", "devices", "--workdir", str(workdir), *args],
+        [sys.executable, "-m", "console", "devices", "--workdir", str(workdir), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -68,7 +69,7 @@ async def test_devices_publish_sealed_readings_that_open_with_their_psk(
     subscriber = _gateway_subscriber(broker)
     try:
         summary = await run_fleet(
-            work, count=3, rate=10.0, duration=1.0, endpoint=Endpoint(broker.host, broker.port)
+            work.pki, count=3, rate=10.0, duration=1.0, endpoint=Endpoint(broker.host, broker.port)
         )
         assert summary.connected == 3
         assert summary.acknowledged > 0
@@ -171,7 +172,7 @@ def test_simulator_killed_mid_run_and_restarted_never_reuses_a_nonce(
     ids = ["pm-0001", "pm-0002", "pm-0003"]
     subscriber = _gateway_subscriber(embedded_broker)
     # small blocks: the kill lands after several reservations, mid-block
-    argv = [sys.executable, "-m", "pacegate", "devices", "--workdir", str(tmp_path)]
+    argv = [sys.executable, "-m", "console", "devices", "--workdir", str(tmp_path)]
     argv += ["--count", "3", "--rate", "40", "--counter-block", "16", "--json"]
     try:
         first = subprocess.Popen(
@@ -223,7 +224,7 @@ async def test_devices_reconnect_after_the_broker_restarts_and_deliver_their_buf
     endpoint = Endpoint(broker.host, broker.port)
     stop = asyncio.Event()
     fleet = asyncio.create_task(
-        run_fleet(work, count=3, rate=10.0, duration=60.0, endpoint=endpoint, stop=stop)
+        run_fleet(work.pki, count=3, rate=10.0, duration=60.0, endpoint=endpoint, stop=stop)
     )
     second = None
     subscriber = None
@@ -279,7 +280,7 @@ async def test_two_hundred_devices_connect_and_publish_through_the_embedded_brok
         gateway = await asyncio.to_thread(_gateway_subscriber, broker)  # PUBACKs end to end
         try:
             summary = await run_fleet(
-                WorkLayout(tmp_path),
+                WorkLayout(tmp_path).pki,
                 count=count,
                 rate=1.0,
                 duration=4.0,

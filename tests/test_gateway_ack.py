@@ -12,11 +12,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.config import load_gateway_config, render_default_config
+from console.workdir import WorkLayout, gateway_config_text
+from gateway.config import load_gateway_config
 from gateway.forwarder import Pending
 from gateway.service import Gateway, _Message
 from pacegate.identity import telemetry_topic
-from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.reading import Reading
 from pacegate.sealed import new_epoch, seal_reading
 
@@ -32,7 +33,7 @@ class _RecordingClient:
 
 
 def _gateway(tmp_path: Path) -> Gateway:
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(tmp_path),
         mqtt_host="127.0.0.1",
         mqtt_port=1,  # never connected: messages are handed in directly

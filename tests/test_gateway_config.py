@@ -7,20 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import (
-    GatewayConfigError,
-    cli_check,
-    load_gateway_config,
-    render_default_config,
-    topic_filter_problem,
-)
-from pacegate.layout import WorkLayout
+from console.config_admin import cli_check
+from console.workdir import WorkLayout, gateway_config_text
+from gateway.config import GatewayConfigError, load_gateway_config, topic_filter_problem
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _default(tmp_path: Path) -> str:
-    return render_default_config(
+    return gateway_config_text(
         WorkLayout(tmp_path),
         mqtt_host="127.0.0.1",
         mqtt_port=18883,

@@ -2,7 +2,7 @@
 
 Every reading a device got a PUBACK for is stored exactly once at the hospital, whether the
 hospital was down for a while, killed mid-stream, or the gateway itself was ``kill -9``-ed.
-The hospital runs as its own process (``python -m pacegate hospital``), the broker is the
+The hospital runs as its own process (``python -m console hospital``), the broker is the
 embedded one, the gateway runs in-process or, for ``kill -9``, as its own process.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from console.workdir import WorkLayout
 from gateway.service import hospital_connector
-from pacegate.layout import WorkLayout
 from tests.support import BrokerHandle, free_port, wait_for_port, wait_until
 from tests.test_gateway_service import (
     WAIT,
@@ -47,7 +47,7 @@ class Hospital:
     def start(self) -> None:
         log = open(self.work / "hospital.log", "ab")  # noqa: SIM115 (kept by the process)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacegate", "hospital", "-c", str(self.config)],
+            [sys.executable, "-m", "console", "hospital", "-c", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -84,12 +84,12 @@ class Hospital:
 
 @contextlib.contextmanager
 def hospital(work: Path, *, start: bool = True) -> Iterator[Hospital]:
-    from hospital.config import render_default_config
+    from console.workdir import hospital_config_text
 
     layout = WorkLayout(work)
     port, metrics_port = free_port(), free_port()
     layout.hospital_config.write_text(
-        render_default_config(layout, port=port, metrics_port=metrics_port, cloud_port=free_port())
+        hospital_config_text(layout, port=port, metrics_port=metrics_port, cloud_port=free_port())
     )
     h = Hospital(work, port, metrics_port, layout.hospital_config)
     if start:
@@ -200,14 +200,14 @@ def test_hospital_outage_spools_encrypted_and_drains_exactly_once(
 def _gateway_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "pacegate", "gateway", "-c", str(config)],
+            [sys.executable, "-m", "console", "gateway", "-c", str(config)],
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
 
 
 # Both brokers: the embedded one keeps a QoS 1 message in the gateway's session until its
-# PUBACK and resends it on reconnect (pacegate.broker.delivery; stock amqtt 0.12 forgot it).
+# PUBACK and resends it on reconnect (broker.delivery; stock amqtt 0.12 forgot it).
 @pytest.mark.timeout(180)
 def test_gateway_kill_9_mid_stream_loses_nothing(broker: BrokerHandle, tmp_path: Path) -> None:
     metrics_port = free_port()

@@ -16,16 +16,15 @@ import pytest
 from jsonschema import Draft7Validator
 from ruamel.yaml import YAML
 
+from console.workdir import WorkLayout, gateway_config_text
 from gateway.config import (
     SCHEMA_FILE_NAME,
     GatewayConfigError,
     json_schema,
     load_gateway_config,
     packaged_schema_path,
-    render_default_config,
     render_json_schema,
 )
-from pacegate.layout import WorkLayout
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "gateway.example.yaml"
@@ -157,7 +156,7 @@ def test_shipped_schema_files_are_the_generated_schema() -> None:
     )
     assert packaged_schema_path().read_text() == generated
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "config", "schema"],
+        [sys.executable, "-m", "console", "config", "schema"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -174,7 +173,7 @@ def test_example_names_the_schema_on_its_first_line_for_editors() -> None:
 
 def test_written_default_config_is_valid_and_names_the_packaged_schema(tmp_path: Path) -> None:
     work = WorkLayout(tmp_path)
-    text = render_default_config(
+    text = gateway_config_text(
         work,
         mqtt_host="127.0.0.1",
         mqtt_port=8883,

@@ -21,14 +21,15 @@ from typing import Any
 
 import pytest
 
-from gateway.config import GatewayConfig, load_gateway_config, render_default_config
+from console.workdir import WorkLayout, gateway_config_text
+from gateway.config import GatewayConfig, load_gateway_config
 from gateway.forwarder import Connector
 from gateway.pipeline import Accepted, Rejected
 from gateway.service import Gateway
 from gateway.spool import Spool
 from pacegate.identity import telemetry_topic
 from pacegate.ingest import IngestItem
-from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.reading import Reading
 from pacegate.sealed import new_epoch, seal_reading
 from tests.support import BrokerHandle, MqttClient, connect_as, free_port, wait_until
@@ -40,7 +41,7 @@ def write_gateway_yaml(
     work: Path, broker: BrokerHandle, *, hospital_port: int | None = None, **replace: str
 ) -> Path:
     """A gateway.yaml for ``work`` (whose ``pki/`` is the test PKI) and ``broker``."""
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(work),
         mqtt_host=broker.host,
         mqtt_port=broker.port,
@@ -307,7 +308,7 @@ def test_reading_published_right_after_enrolment_is_not_refused_as_unknown(
     The gateway is built but not run, so no watcher can reload the store first."""
     from pacegate.pki import enroll_device
 
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(tmp_path),
         mqtt_host="127.0.0.1",
         mqtt_port=free_port(),
@@ -347,7 +348,7 @@ def test_older_psk_store_put_back_after_a_revocation_is_refused_and_the_device_s
     from pacegate.errors import ConfigError
     from pacegate.pki import revoke_device
 
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(tmp_path),
         mqtt_host="127.0.0.1",
         mqtt_port=free_port(),
@@ -392,7 +393,7 @@ def test_a_route_left_on_sealed_reading_v1_is_named_at_start_with_the_fix(
 ) -> None:
     """A gateway.yaml written before v2 keeps ``format: sealed-reading/v1``: updated devices'
     readings would all be refused, so the gateway says so when it starts."""
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(tmp_path),
         mqtt_host="127.0.0.1",
         mqtt_port=free_port(),

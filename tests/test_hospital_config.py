@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from hospital.config import load_hospital_config, render_default_config
+from console.cli import main as pacegate_main
+from console.workdir import WorkLayout, hospital_config_text
+from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore
-from pacegate.cli import main as pacegate_main
 from pacegate.errors import ConfigError
 from pacegate.ingest import IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 
@@ -23,7 +23,7 @@ def work(tmp_path: Path) -> WorkLayout:
     w = WorkLayout(tmp_path / "work")
     w.root.mkdir()
     w.hospital_config.write_text(
-        render_default_config(
+        hospital_config_text(
             w,
             host="127.0.0.1",
             port=18884,

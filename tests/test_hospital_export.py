@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from hospital.config import load_hospital_config, render_default_config
+from console.cli import main as pacegate_main
+from console.workdir import WorkLayout, hospital_config_text
+from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore
-from pacegate.cli import main as pacegate_main
 from pacegate.ingest import FLAG_IMPLAUSIBLE, IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
@@ -30,7 +30,7 @@ def work(tmp_path: Path) -> WorkLayout:
     w = WorkLayout(tmp_path / "work")
     w.root.mkdir()
     w.hospital_config.write_text(
-        render_default_config(
+        hospital_config_text(
             w, host="127.0.0.1", port=18884, metrics_port=0, cloud_host="127.0.0.1", cloud_port=1
         )
     )

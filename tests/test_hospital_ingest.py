@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hospital.config import load_hospital_config, render_default_config
+from console.workdir import WorkLayout, hospital_config_text
+from hospital.config import load_hospital_config
 from hospital.service import HospitalMetrics, IngestHandler, start_metrics
 from hospital.store import SqliteReadingStore
 from pacegate.ingest import (
@@ -28,7 +29,6 @@ from pacegate.ingest import (
     encode_ack,
     encode_batch,
 )
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
@@ -128,7 +128,7 @@ def test_garbage_either_parses_or_raises_ingest_wire_error(
 def test_metrics_are_served_over_http_on_loopback(handler: IngestHandler, tmp_path: Path) -> None:
     work = WorkLayout(tmp_path / "work")
     work.root.mkdir()
-    work.hospital_config.write_text(render_default_config(work, metrics_port=0))
+    work.hospital_config.write_text(hospital_config_text(work, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
     handler.handle(encode_batch(batch(1, 5)), "gateway")
     running = start_metrics(cfg, handler.metrics)

@@ -19,15 +19,14 @@ from pathlib import Path
 import pytest
 
 from cloud.worker import CloudSession
+from console.cli import main as pacegate_main
+from console.workdir import WorkLayout, hospital_config_text
 from hospital.analysis import AnalysisError, AnalysisSettings, LocalTransport, run_analysis_async
 from hospital.anchor import RECORD_SIZE, AnchorError
 from hospital.config import load_hospital_config
-from hospital.config import render_default_config as render_hospital_config
 from hospital.keyring import Keyring
 from hospital.store import Head, SqliteReadingStore, StoreError
-from pacegate.cli import main as pacegate_main
 from pacegate.ingest import IngestItem
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -199,7 +198,7 @@ def test_reanchor_accepts_a_deliberate_restore_but_not_a_damaged_chain(
 ) -> None:
     work = WorkLayout(tmp_path / "work")
     work.root.mkdir()
-    work.hospital_config.write_text(render_hospital_config(work, port=0, metrics_port=0))
+    work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
     with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
         s.store_batch(make_items(30))
@@ -346,7 +345,7 @@ def test_integrity_rotation_while_another_store_ingests_loses_nothing(hdir: Path
 def analysis_work(root: Path, n: int) -> tuple[WorkLayout, Path]:
     work = WorkLayout(root)
     root.mkdir(parents=True)
-    work.hospital_config.write_text(render_hospital_config(work, port=0, metrics_port=0))
+    work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
     with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
         for i in range(0, n, 200):
@@ -395,7 +394,7 @@ async def test_analysis_refuses_a_store_that_verify_fails(
         assert not s.verify().ok
     with pytest.raises(AnalysisError, match=expected):
         await run_analysis_async(
-            work,
+            work.hospital_config,
             settings=AnalysisSettings(workers=0),
             transport=LocalTransport(CloudSession().handle),
         )
@@ -412,14 +411,16 @@ async def test_analysis_in_decrypting_processes_refuses_a_damaged_slice_boundary
     settings = AnalysisSettings(workers=1, chunk_rows=250, parallel_min_rows=0)
     with pytest.raises(AnalysisError, match=r"row 251: missing_rows"):
         await run_analysis_async(
-            work, settings=settings, transport=LocalTransport(CloudSession().handle)
+            work.hospital_config, settings=settings, transport=LocalTransport(CloudSession().handle)
         )
 
 
 async def test_analysis_of_a_whole_store_says_it_covers_every_checked_row(tmp_path: Path) -> None:
     work, _ = analysis_work(tmp_path / "w", 400)
     report = await run_analysis_async(
-        work, settings=AnalysisSettings(workers=0), transport=LocalTransport(CloudSession().handle)
+        work.hospital_config,
+        settings=AnalysisSettings(workers=0),
+        transport=LocalTransport(CloudSession().handle),
     )
     scope = report.to_json()["scope"]
     assert scope == {"store_rows": 400, "chain_verified": True, "since": None, "until": None}
@@ -427,7 +428,7 @@ async def test_analysis_of_a_whole_store_says_it_covers_every_checked_row(tmp_pa
 
 
 def test_demo_report_says_whether_the_analysis_covers_this_run_or_the_whole_store() -> None:
-    from pacegate.demo_report import _analysis_covers
+    from console.demo import _analysis_covers
 
     scope = {"scope": {"store_rows": 500, "chain_verified": True}}
     assert _analysis_covers(scope, 500).startswith("this run: the store holds only its 500")
@@ -441,7 +442,7 @@ def test_a_rollback_of_database_and_anchor_together_shows_only_against_a_recorde
 ) -> None:
     work = WorkLayout(tmp_path / "work")
     work.root.mkdir()
-    work.hospital_config.write_text(render_hospital_config(work, port=0, metrics_port=0))
+    work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
     verify = ["hospital", "verify", "--json", "-c", str(work.hospital_config)]
     with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:

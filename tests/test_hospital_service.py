@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from hospital.config import load_hospital_config, render_default_config
-from hospital.service import HospitalService, RunningMetrics, run_service
+from console.workdir import WorkLayout, hospital_config_text
+from hospital.config import load_hospital_config
+from hospital.service import HospitalService, RunningMetrics, run
 from hospital.store import SqliteReadingStore
 from pacegate.channel import (
     ChannelClosed,
@@ -36,7 +37,6 @@ from pacegate.channel import (
     write_identity,
 )
 from pacegate.ingest import IngestAck, IngestBatch, IngestItem, decode, encode_batch
-from pacegate.layout import WorkLayout
 from pacegate.reading import Reading
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
@@ -64,7 +64,7 @@ def make_work(root: Path, *, metrics_port: int = 0, port: int = 0) -> tuple[Work
     for ident in (ids.hospital, ids.gateway):
         write_identity(ident, pki.channel_key(ident.name), pki.channel_pub(ident.name))
     work.hospital_config.write_text(
-        render_default_config(work, host="127.0.0.1", port=port, metrics_port=metrics_port)
+        hospital_config_text(work, host="127.0.0.1", port=port, metrics_port=metrics_port)
     )
     return work, ids
 
@@ -103,7 +103,7 @@ async def hospital(tmp_path: Path) -> AsyncIterator[Running]:
         port = server.sockets[0].getsockname()[1]
         ready.set_result(Running(work, ids, port, service, m))
 
-    task = asyncio.create_task(run_service(cfg, stop=stop, on_ready=on_ready))
+    task = asyncio.create_task(run(cfg, stop, on_ready=on_ready))
     try:
         waiters: set[asyncio.Future[Any]] = {ready, task}
         done, _ = await asyncio.wait(waiters, timeout=20, return_when="FIRST_COMPLETED")
@@ -209,7 +209,7 @@ def hospital_process(
     port = free_port()
     work, ids = make_work(tmp_path / "work", port=port, metrics_port=free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pacegate", "hospital", "-c", str(work.hospital_config)],
+        [sys.executable, "-m", "console", "hospital", "-c", str(work.hospital_config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -248,7 +248,7 @@ async def test_pacegate_hospital_command_serves_and_stops_cleanly_on_sigterm(
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 20) == 0
     verify = subprocess.run(
-        [sys.executable, "-m", "pacegate", "hospital", "verify", "-c", str(work.hospital_config)],
+        [sys.executable, "-m", "console", "hospital", "verify", "-c", str(work.hospital_config)],
         capture_output=True,
         timeout=60,
         check=False,
@@ -273,7 +273,7 @@ def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to
         store.store_batch(decode_batch_items(batch(1, 5)))
     cfg.anchor.unlink()
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "hospital", "-c", str(work.hospital_config)],
+        [sys.executable, "-m", "console", "hospital", "-c", str(work.hospital_config)],
         capture_output=True,
         timeout=60,
         check=False,

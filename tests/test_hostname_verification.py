@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from console.workdir import WorkLayout, gateway_config_text
 from device_sim.mqtt import MqttConnection
-from gateway.config import load_gateway_config, render_default_config
+from gateway.config import load_gateway_config
 from gateway.service import Gateway
-from pacegate.layout import PkiLayout, WorkLayout
+from pacegate.layout import PkiLayout
 from pacegate.pki import enroll_devices, init_pki
 from pacegate.tlsconf import client_context, server_context
 from tests.support import LOOPBACK, BrokerHandle, embedded_broker, free_port
@@ -149,7 +150,7 @@ def test_device_refuses_a_broker_whose_certificate_names_another_host(
 
 # -- the gateway's MQTT client (paho) ----------------------------------------------------------
 def _gateway(work: Path, broker: BrokerHandle, server_name: str | None) -> Gateway:
-    text = render_default_config(
+    text = gateway_config_text(
         WorkLayout(work),
         mqtt_host=broker.host,
         mqtt_port=broker.port,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pacegate.layout import PkiLayout, WorkLayout
+from console.workdir import WorkLayout
+from pacegate.layout import PkiLayout
 from tests.support import run_pacegate
 
 
@@ -61,7 +62,7 @@ def test_enroll_refuses_the_whole_batch_when_one_id_is_bad(tmp_path: Path) -> No
 
 
 def test_workdir_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path: Path) -> None:
-    from pacegate.runstate import WorkdirBusy, lock_holder, workdir_lock
+    from console.runstate import WorkdirBusy, lock_holder, workdir_lock
 
     work = WorkLayout(tmp_path)
     assert lock_holder(work) is None
@@ -90,24 +91,24 @@ def test_workdir_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path: Path) 
     ],
 )
 def test_report_never_shows_negative_zero(value: float, shown: str) -> None:
-    from pacegate.demo_report import fixed4
+    from console.demo import fixed4
 
     assert fixed4(value) == shown
 
 
 def test_children_are_started_so_a_local_pacegate_folder_cannot_shadow_the_package() -> None:
-    from pacegate.stack import pacegate_argv
+    from console.stack import pacegate_argv
 
     argv = pacegate_argv("demo")
-    assert argv[:4] == [sys.executable, "-P", "-m", "pacegate"]
+    assert argv[:4] == [sys.executable, "-P", "-m", "console"]
 
 
 def test_child_pacegate_started_beside_a_pacegate_folder_imports_the_package(
     tmp_path: Path,
 ) -> None:
-    from pacegate.stack import pacegate_argv
+    from console.stack import pacegate_argv
 
-    # what crashed capture: 'python -m pacegate' with ./pacegate/ first on sys.path
+    # what crashed capture: 'python -m console' with ./pacegate/ first on sys.path
     (tmp_path / "pacegate").mkdir()
     proc = subprocess.run(
         pacegate_argv("--version"),

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from pacegate.cli import main as cli_main
+from console.cli import main as cli_main
 from pacegate.identity import device_san_uri
 from pacegate.keystore import PskStore
 from pacegate.layout import PkiLayout

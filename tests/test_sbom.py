@@ -13,7 +13,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
 import pacegate
-from pacegate.sbom import validate
+from console.sbom import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SBOM_TIMEOUT = 600  # cyclonedx-py imports and validates; tens of seconds on a busy machine
@@ -35,7 +35,7 @@ def test_dev_sbom_writes_valid_cyclonedx_naming_the_crypto_broker_and_he_librari
     text = out.read_text()
     bom = json.loads(text)
     assert bom["bomFormat"] == "CycloneDX"
-    # checked by the CycloneDX library's own schema validator, not only by pacegate.sbom
+    # checked by the CycloneDX library's own schema validator, not only by console.sbom
     assert (
         JsonStrictValidator(SchemaVersion.from_version(bom["specVersion"])).validate_str(text)
         is None

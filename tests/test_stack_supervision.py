@@ -23,15 +23,15 @@ import psutil
 import pytest
 
 from bench.bench_ack_loss import exported_pairs
-from device_sim.fleet import read_acked_log
-from pacegate.layout import WorkLayout
-from pacegate.stack import (
+from console.stack import (
     CRASH_LOOP_FAILURES,
     RestartPolicy,
     choose_endpoints,
     prepare_workdir,
     write_configs,
 )
+from console.workdir import WorkLayout
+from device_sim.fleet import read_acked_log
 from tests.support import wait_until
 
 DEVICES = 20
@@ -122,7 +122,7 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
     acked_log = tmp_path / "acked.jsonl"
     with open(up_log, "w") as out:
         up = subprocess.Popen(
-            [sys.executable, "-m", "pacegate", "up", "--workdir", str(work.root)],
+            [sys.executable, "-m", "console", "up", "--workdir", str(work.root)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -204,7 +204,7 @@ def test_a_crash_looping_service_is_reported_and_up_gives_up(tmp_path: Path) -> 
     up_log = tmp_path / "up.log"
     with open(up_log, "w") as out:
         up = subprocess.Popen(
-            [sys.executable, "-m", "pacegate", "up", "--workdir", str(work.root)],
+            [sys.executable, "-m", "console", "up", "--workdir", str(work.root)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

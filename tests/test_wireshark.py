@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from console.wireshark import LUA_FILES, lua_paths, tshark_lua_args
+from console.workdir import WorkLayout
 from pacegate import layout, sealed
 from pacegate.channel import ChannelIdentity, connect, kem, serve, session, wire
 from pacegate.channel import keyschedule as ks
@@ -32,9 +34,7 @@ from pacegate.channel.admission import HELLO_MAX_SKEW_SECONDS
 from pacegate.channel.identity import MAX_NAME_SIZE
 from pacegate.channel.wire import ClientHello
 from pacegate.identity import TELEMETRY_FILTER
-from pacegate.layout import WorkLayout
 from pacegate.reading import READING_SIZE
-from pacegate.wireshark import LUA_FILES, lua_paths, tshark_lua_args
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 420
@@ -169,7 +169,7 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
     assert "pacegate.sealed" not in before
 
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "wireshark", "install", "--json"],
+        [sys.executable, "-m", "console", "wireshark", "install", "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -192,7 +192,7 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
     # --dir overrides the folder; installed and -X copies together do not clash.
     other = tmp_path / "elsewhere"
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "wireshark", "install", "--dir", str(other)],
+        [sys.executable, "-m", "console", "wireshark", "install", "--dir", str(other)],
         capture_output=True,
         text=True,
         env=env,
@@ -205,7 +205,7 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     proc = subprocess.run(
-        [sys.executable, "-m", "pacegate", "wireshark", "install", "--dir", str(blocker / "x")],
+        [sys.executable, "-m", "console", "wireshark", "install", "--dir", str(blocker / "x")],
         capture_output=True,
         text=True,
         env=env,

@@ -4,7 +4,7 @@ revoked) and what each identity may do with which topic.
 Both plugins judge the *connection's* certificate, never ``session.ssl_object``: for a
 persistent (``clean_session=False``) client id amqtt hands over the session object of the
 previous connection, whose ``ssl_object`` is that connection's certificate. The broker
-(``pacegate.broker.server``) binds each accepted session to the certificate of the
+(``broker.server``) binds each accepted session to the certificate of the
 connection that owns it (:data:`IDENTITY_KEY`, :data:`CERT_KEY` in ``session.attributes``)
 and publishes the certificate of the connection being handled in :data:`CONN_CERT`.
 

@@ -12,7 +12,7 @@ What the report checks, and how:
 - **No reading in clear on any port**: ...so that we can then search every TCP payload of the
   capture, on every port (MQTT/TLS, the post-quantum channels, metrics), raw and TLS-decrypted,
   for each reading's wire encoding and for the reading's JSON field names.
-- **What pacegate's Wireshark dissectors see** (``pacegate/wireshark/*.lua``, loaded with
+- **What pacegate's Wireshark dissectors see** (``console/wireshark/*.lua``, loaded with
   ``-X lua_script:``): the sealed readings the devices sent, counted per device, must be as
   many as the devices say they sent, agree with :mod:`pacegate.sealed`'s own parse, and never
   show one nonce with two ciphertexts (a nonce reused under one key: for v1 the same (device,
@@ -43,18 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pacegate.endpoints import Endpoints, read_endpoints
+from console.endpoints import Endpoints, read_endpoints
+from console.wireshark import tshark_lua_args
+from console.workdir import WorkLayout
 from pacegate.errors import PacegateError, RemoteProtocolError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_MQTTS_PORT,
     SECRET_FILE_MODE,
-    WorkLayout,
 )
 from pacegate.sealed import VERSION_2, open_reading, parse_header
 from pacegate.tlsconf import KEYLOG_ENV
-from pacegate.wireshark import tshark_lua_args
 
 log = logging.getLogger("pacegate.capture")
 
@@ -440,7 +440,7 @@ def check_dissected_readings(
         versions = ", ".join(f"v{v}: {n}" for v, n in sorted(unknown.items()))
         report.findings.append(
             f"{report.sealed_unknown_versions} sealed readings of a version the dissector "
-            f"does not know ({versions}; pacegate/wireshark/pacegate_sealed.lua needs it)"
+            f"does not know ({versions}; console/wireshark/pacegate_sealed.lua needs it)"
         )
     if report.sealed_malformed:
         report.findings.append(
@@ -498,7 +498,7 @@ def _dissector_checks(
         report.findings.append(
             f"the PQ channel ports carried {report.channel_unknown_frames + len(oversized)} "
             "frames that are not pacegate channel frames (garbage, or a frame type newer than "
-            "pacegate/wireshark/pacegate_channel.lua knows)"
+            "console/wireshark/pacegate_channel.lua knows)"
         )
     if report.pq_channel_bytes and not report.channel_handshakes:
         report.findings.append("traffic on the PQ channel ports, but no channel handshake")
@@ -585,7 +585,7 @@ def main(args: argparse.Namespace) -> int:
         dumpcap = _start_dumpcap(out, None)
         try:
             demo_env = dict(os.environ, **{KEYLOG_ENV: str(keylog)})
-            from pacegate.stack import pacegate_argv
+            from console.stack import pacegate_argv
 
             # pacegate_argv: -P, so a pacegate/ folder in the current directory cannot
             # shadow the installed package (it did: "cannot import name '__version__'")

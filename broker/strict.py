@@ -7,7 +7,7 @@ replaces that loop:
 
 - each frame is read whole (its length checked against the packet limit from the header,
   before its body is buffered) and judged by the sans-IO rules of
-  :mod:`pacegate.broker.packets`; a refused frame closes the connection with one
+  :mod:`broker.packets`; a refused frame closes the connection with one
   ``packet_refused`` security event and no traceback;
 - only then does amqtt decode it (from the bytes in hand); a decoding failure is refused
   the same way;
@@ -39,8 +39,8 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 
-from pacegate.broker import packets
-from pacegate.broker.delivery import DeliveringHandler, GatewayAcks
+from broker import packets
+from broker.delivery import DeliveringHandler, GatewayAcks
 from pacegate.log import security_event
 
 log = logging.getLogger("pacegate.broker")
@@ -90,7 +90,7 @@ def packet_type_name(packet_type: int | None) -> str | None:
 
 async def read_frame(reader: ReaderAdapter, limit: int) -> packets.Frame | None:
     """One whole frame from ``reader``; None at end of stream. Raises
-    :class:`~pacegate.broker.packets.PacketRefused` for a malformed length or a frame
+    :class:`~broker.packets.PacketRefused` for a malformed length or a frame
     larger than ``limit`` (before reading its body)."""
     try:
         first = await reader.read(1)

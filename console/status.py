@@ -4,7 +4,7 @@ Three sources, each the owner of its fact:
 
 - the listening sockets (the kernel): a service is *up* when a process listens on the port
   ``endpoints.json`` gives it, whoever started it (``up``, or an operator one at a time);
-- ``stack.json`` and the work-directory lock (:mod:`pacegate.runstate`): which ``up`` holds
+- ``stack.json`` and the work-directory lock (:mod:`console.runstate`): which ``up`` holds
   the directory, when each service started and how often it was restarted;
 - the gateway's and the hospital's Prometheus endpoints: the pipeline's counters.
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import psutil
 
-from pacegate.endpoints import Endpoints, read_endpoints
-from pacegate.layout import WorkLayout
-from pacegate.runstate import describe_process, listener_pid, lock_holder, read_state, uptime_s
-from pacegate.stack import SERVICE_ORDER, rejected_by_reason, scrape
+from console.endpoints import Endpoints, read_endpoints
+from console.runstate import describe_process, listener_pid, lock_holder, read_state, uptime_s
+from console.stack import SERVICE_ORDER, rejected_by_reason, scrape
+from console.workdir import WorkLayout
 
 WAIT_POLL_S = 0.5
 SUPERVISION_NAME = "supervision.json"  # written by a supervising "pacegate up"

@@ -1,15 +1,14 @@
 """The ``pacegate`` command line: one entry point, the contract of ARCHITECTURE.md.
 
-Each command names the function that runs it as ``"module:function"``; the module is
-imported only when its command runs, so ``pacegate pki`` does not pay for TenSEAL.
-A command function takes the parsed arguments and returns an exit code.
+Each command runs one function of the operator layer (``console``), imported only when
+its command runs, so ``pacegate pki`` does not pay for TenSEAL. A command function takes
+the parsed arguments and returns an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import math
 import os
 import re
@@ -106,8 +105,130 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (fix: see '{self.prog} --help')\n")
 
 
+# Each command's function, imported only when its command runs (``pacegate pki`` does not
+# pay for TenSEAL): a plain function per command, so mypy checks every call.
+def _pki_init(args: argparse.Namespace) -> int:
+    from console import pki_admin
+
+    return pki_admin.cli_init(args)
+
+
+def _pki_enroll(args: argparse.Namespace) -> int:
+    from console import pki_admin
+
+    return pki_admin.cli_enroll(args)
+
+
+def _pki_rekey_device(args: argparse.Namespace) -> int:
+    from console import pki_admin
+
+    return pki_admin.cli_rekey_device(args)
+
+
+def _pki_revoke(args: argparse.Namespace) -> int:
+    from console import pki_admin
+
+    return pki_admin.cli_revoke(args)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from console import services
+
+    return services.broker(args)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from console import services
+
+    return services.gateway(args)
+
+
+def _hospital(args: argparse.Namespace) -> int:
+    from console import services
+
+    return services.hospital(args)
+
+
+def _hospital_rotate_key(args: argparse.Namespace) -> int:
+    from console import hospital_admin
+
+    return hospital_admin.cli_rotate_key(args)
+
+
+def _hospital_verify(args: argparse.Namespace) -> int:
+    from console import hospital_admin
+
+    return hospital_admin.cli_verify(args)
+
+
+def _hospital_export(args: argparse.Namespace) -> int:
+    from console import hospital_admin
+
+    return hospital_admin.cli_export(args)
+
+
+def _cloud(args: argparse.Namespace) -> int:
+    from console import services
+
+    return services.cloud(args)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from console import config_admin
+
+    return config_admin.cli_check(args)
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    from console import config_admin
+
+    return config_admin.cli_schema(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from console import status
+
+    return status.cli_status(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from console import stack
+
+    return stack.cli_up(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from console import stack
+
+    return stack.cli_demo(args)
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from console import capture
+
+    return capture.main(args)
+
+
+def _wireshark_install(args: argparse.Namespace) -> int:
+    from console import wireshark
+
+    return wireshark.cli_install(args)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from console import devices
+
+    return devices.main(args)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from console import analyze
+
+    return analyze.main(args)
+
+
 def _add(
-    sub: argparse._SubParsersAction[_Parser], name: str, target: str, help_: str
+    sub: argparse._SubParsersAction[_Parser], name: str, target: Command, help_: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(target=target)
@@ -141,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         pki_sub,
         "init",
-        "pacegate.pki:cli_init",
+        _pki_init,
         "create the CA, the broker and gateway identities and the PQ-channel identities",
     )
     p.add_argument("--dir", required=True, type=Path, help="PKI directory to create")
@@ -157,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         pki_sub,
         "enroll",
-        "pacegate.pki:cli_enroll",
+        _pki_enroll,
         "issue a device certificate, key and fresh 32-byte PSK",
     )
     p.add_argument("device_ids", nargs="*", metavar="DEVICE_ID", help="one or more device ids")
@@ -172,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         pki_sub,
         "rekey-device",
-        "pacegate.pki:cli_rekey_device",
+        _pki_rekey_device,
         "give a device a new PSK and a fresh counter file (the recovery for a lost or "
         "damaged counter.state)",
     )
@@ -181,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         pki_sub,
         "revoke",
-        "pacegate.pki:cli_revoke",
+        _pki_revoke,
         "revoke a device: the broker refuses it and the gateway drops its readings",
     )
     p.add_argument("device_id")
@@ -194,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # --- services ------------------------------------------------------------------------
-    p = _add(sub, "broker", "pacegate.broker.server:main", "run the embedded amqtt MQTTS broker")
+    p = _add(sub, "broker", _broker, "run the embedded amqtt MQTTS broker")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", type=Path, help="broker.yaml (default ./broker.yaml)")
     where.add_argument(
@@ -203,18 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "gateway",
-        "gateway.service:main",
+        _gateway,
         "run the gateway: MQTT subscriber, PSK opening, PQ channel to the hospital",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
     hosp = sub.add_parser("hospital", help="run the hospital ingest service, or maintain its store")
-    hosp.set_defaults(target="hospital.service:main")
+    hosp.set_defaults(target=_hospital)
     hosp.add_argument("-c", "--config", type=Path)
     hosp_sub = hosp.add_subparsers(dest="hospital_command", metavar="ACTION")
     p = _add(
         hosp_sub,
         "rotate-key",
-        "hospital.store:cli_rotate_key",
+        _hospital_rotate_key,
         "add a new at-rest key and re-encrypt every row online",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
@@ -229,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         hosp_sub,
         "verify",
-        "hospital.store:cli_verify",
+        _hospital_verify,
         "check the hash chain: detect deleted or reordered rows",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
@@ -249,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         hosp_sub,
         "export",
-        "hospital.export:cli_export",
+        _hospital_export,
         "the decrypted readings, one per line (clear text), if the chain verifies",
     )
     p.add_argument("-c", "--config", type=Path, required=True)
@@ -262,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export a store whose chain does not verify, each damaged row marked",
     )
-    p = _add(sub, "cloud", "cloud.worker:main", "run the CKKS cloud worker (public context only)")
+    p = _add(sub, "cloud", _cloud, "run the CKKS cloud worker (public context only)")
     p.add_argument("-c", "--config", type=Path, required=True)
 
     cfg = sub.add_parser("config", help="check configuration files")
@@ -270,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         cfg_sub,
         "check",
-        "gateway.config:cli_check",
+        _config_check,
         "validate a gateway.yaml and report every error with file, line, key and fix",
     )
     p.add_argument("file", type=Path)
@@ -282,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         cfg_sub,
         "schema",
-        "gateway.config:cli_schema",
+        _config_schema,
         "write the JSON Schema of gateway.yaml (for editors), generated from gateway/config.py",
     )
     p.add_argument("--out", type=Path, help="write it here (default: standard output)")
@@ -290,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "status",
-        "pacegate.status:cli_status",
+        _status,
         "which services of a work directory's stack are up: PIDs, ports, uptime, counters",
     )
     p.add_argument("--workdir", type=Path, required=True)
@@ -306,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "up",
-        "pacegate.stack:cli_up",
+        _up,
         "run broker, hospital, cloud and gateway together until SIGINT/SIGTERM",
     )
     p.add_argument("--workdir", type=Path, required=True)
@@ -317,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded broker (end-to-end acknowledgement, default) or Debian's "
         "Mosquitto with WORKDIR/mosquitto.conf",
     )
-    p = _add(sub, "devices", "device_sim.fleet:main", "run N simulated pacemakers")
+    p = _add(sub, "devices", _devices, "run N simulated pacemakers")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
@@ -345,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "analyze",
-        "hospital.analysis:main",
+        _analyze,
         "hospital -> cloud CKKS analysis, validated against plaintext",
     )
     p.add_argument("--workdir", type=Path, required=True)
@@ -355,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "demo",
-        "pacegate.stack:cli_demo",
+        _demo,
         "the main job: PKI, broker, hospital, cloud, gateway, devices, analysis",
     )
     p.add_argument("--workdir", type=Path, default=Path(DEFAULT_DEMO_WORKDIR))
@@ -366,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "capture",
-        "pacegate.capture:main",
+        _capture,
         "capture pacegate's loopback traffic with tshark and verify it",
     )
     p.add_argument("--duration", type=float, default=20.0)
@@ -379,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         ws_sub,
         "install",
-        "pacegate.wireshark:cli_install",
+        _wireshark_install,
         "copy the sealed-reading and PQ-channel dissectors where Wireshark looks for Lua plugins",
     )
     p.add_argument(
@@ -387,13 +508,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     return parser
-
-
-def _resolve(target: str) -> Command:
-    module_name, func_name = target.split(":")
-    module = importlib.import_module(module_name)
-    func: Command = getattr(module, func_name)
-    return func
 
 
 # "[Errno 98] error while attempting to bind on address ('127.0.0.1', 8883): address ..."
@@ -412,7 +526,7 @@ def _address_in_use_cause(exc: BaseException) -> OSError | None:
 
 
 def _address_in_use(exc: OSError) -> str:
-    from pacegate.runstate import who_holds_port
+    from console.runstate import who_holds_port
 
     found = _BIND_ADDRESS.search(str(exc))
     if found is None:
@@ -427,8 +541,8 @@ def _address_in_use(exc: OSError) -> str:
 def _database_error(args: argparse.Namespace, exc: sqlite3.DatabaseError) -> str:
     """SQLite names the damage but not the file: check the work directory's databases
     (``--workdir``, or the directory of ``-c``) and name the corrupt one."""
+    from console.workdir import WorkLayout
     from pacegate.dbcheck import first_corrupt
-    from pacegate.layout import WorkLayout
 
     root = getattr(args, "workdir", None)
     config = getattr(args, "config", None)
@@ -474,8 +588,8 @@ def _check_workdir(args: argparse.Namespace) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    target: str = args.target
-    if target == "hospital.service:main" and args.config is None:
+    target: Command = args.target
+    if target is _hospital and args.config is None:
         parser.error("hospital: -c/--config is required")
     if args.command == "broker":
         if args.workdir is None and args.config is None:
@@ -490,7 +604,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         elif args.workdir is not None:
             args.config = args.workdir / "broker.yaml"
     _check_workdir(args)
-    return _resolve(target)(args)
+    return target(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

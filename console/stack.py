@@ -1,6 +1,6 @@
 """``pacegate up`` and ``pacegate demo``: the whole pipeline on one machine.
 
-Every service runs as its own process (``python -m pacegate <service> -c <config>``), as an
+Every service runs as its own process (``python -m console <service> -c <config>``), as an
 operator would run it, with its log in ``WORKDIR/logs/``. This module only orchestrates:
 it writes default configs, starts the services in dependency order (broker, cloud,
 hospital, gateway), waits for each to listen, and stops exactly the processes it started,
@@ -41,7 +41,9 @@ from typing import TextIO
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacegate.endpoints import DEFAULT_HOSPITAL_METRICS_PORT, Endpoints, read_endpoints
+from console.endpoints import DEFAULT_HOSPITAL_METRICS_PORT, Endpoints, read_endpoints
+from console.runstate import ServiceState, ensure_port_free, hold_workdir, write_state
+from console.workdir import WorkLayout
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
@@ -49,10 +51,8 @@ from pacegate.layout import (
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
-    WorkLayout,
     create_private,
 )
-from pacegate.runstate import ServiceState, ensure_port_free, hold_workdir, write_state
 
 log = logging.getLogger("pacegate.stack")
 
@@ -159,17 +159,15 @@ def write_mosquitto_config(work: WorkLayout, ep: Endpoints, *, overwrite: bool) 
 
 def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
     """Write the four service configs for ``ep`` (keeping hand-edited ones unless asked)."""
-    from cloud.config import render_default_config as cloud_config
-    from gateway.config import render_default_config as gateway_config
-    from hospital.config import render_default_config as hospital_config
-    from pacegate.broker.config import render_default_config as broker_config
+    from broker.config import render_default_config as broker_config
+    from console.workdir import cloud_config_text, gateway_config_text, hospital_config_text
 
     texts = {
         work.broker_config: broker_config(
             work.pki.root, host=ep.mqtt[0], port=ep.mqtt[1], config_dir=work.root
         ),
-        work.cloud_config: cloud_config(work, host=ep.cloud[0], port=ep.cloud[1]),
-        work.hospital_config: hospital_config(
+        work.cloud_config: cloud_config_text(work, host=ep.cloud[0], port=ep.cloud[1]),
+        work.hospital_config: hospital_config_text(
             work,
             host=ep.hospital[0],
             port=ep.hospital[1],
@@ -177,7 +175,7 @@ def write_configs(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> None:
             cloud_host=ep.cloud[0],
             cloud_port=ep.cloud[1],
         ),
-        work.gateway_config: gateway_config(
+        work.gateway_config: gateway_config_text(
             work,
             mqtt_host=ep.mqtt[0],
             mqtt_port=ep.mqtt[1],
@@ -265,7 +263,7 @@ class Service:
 def pacegate_argv(*args: str, log_level: str | None = None, log_json: bool = False) -> list[str]:
     # -P: not the current directory on sys.path, so a folder named pacegate/ beside the
     # caller (the clone's parent, say) cannot shadow the installed package.
-    argv = [sys.executable, "-P", "-m", "pacegate"]
+    argv = [sys.executable, "-P", "-m", "console"]
     if log_level:
         argv += ["--log-level", log_level]
     if log_json:
@@ -631,7 +629,7 @@ def cli_up(args: argparse.Namespace) -> int:
 
 
 def cli_demo(args: argparse.Namespace) -> int:
-    from pacegate.demo_report import run_demo
+    from console.demo import run_demo
 
     hold_workdir(WorkLayout(args.workdir.resolve()))
     return run_demo(args)

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from console.workdir import WorkLayout
 from pacegate.errors import ConfigError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
@@ -20,7 +21,6 @@ from pacegate.layout import (
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
-    WorkLayout,
 )
 
 DEFAULT_HOSPITAL_METRICS_PORT = 9109

@@ -20,8 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pacegate.layout import WorkLayout, open_private_log
-from pacegate.stack import (
+from console.stack import (
     DRAIN_TIMEOUT_S,
     PipelineCounts,
     Stack,
@@ -30,6 +29,8 @@ from pacegate.stack import (
     prepare_workdir,
     running_stack,
 )
+from console.workdir import WorkLayout
+from pacegate.layout import open_private_log
 
 log = logging.getLogger("pacegate.demo")
 LIVE_REFRESH_S = 0.5

@@ -25,15 +25,12 @@ What this adds to amqtt 0.12.1 (whose listener uses ``CERT_OPTIONAL``):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import contextvars
 import logging
-import signal
 import ssl
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from amqtt.adapters import (
@@ -49,16 +46,16 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.session import IncomingApplicationMessage, Session
 from cryptography import x509
 
-from pacegate.broker import packets
-from pacegate.broker.config import BrokerConfig, load_broker_config
-from pacegate.broker.delivery import (
+from broker import packets
+from broker.config import BrokerConfig
+from broker.delivery import (
     MAX_AWAITING_GATEWAY,
     DeliveringHandler,
     GatewayAcks,
     TrackedPayload,
     compact,
 )
-from pacegate.broker.plugins import (
+from broker.plugins import (
     CERT_KEY,
     COMPONENT,
     CONN_CERT,
@@ -67,7 +64,7 @@ from pacegate.broker.plugins import (
     TopicAclPlugin,
     session_cert,
 )
-from pacegate.broker.strict import StrictHandler, packet_type_name, read_frame
+from broker.strict import StrictHandler, packet_type_name, read_frame
 from pacegate.log import flush_security_events, security_event
 from pacegate.peers import source_key
 from pacegate.tlsconf import allows_client_auth, peer_identity, server_context
@@ -150,7 +147,7 @@ def _serial_or_none(der: bytes | None) -> int | None:
 TAKEOVER_WAIT = 5.0
 # The broker grants at most QoS 1 (MQTT-3.8.4-6 lets it grant less than asked): no
 # outgoing QoS 2 flow exists, so a client's PUBREC/PUBREL/PUBCOMP is a protocol error and
-# no QoS 2 state can grow per connection (pacegate.broker.packets).
+# no QoS 2 state can grow per connection (broker.packets).
 MAX_GRANTED_QOS = 1
 
 
@@ -529,8 +526,8 @@ class PacegateBroker(Broker):  # type: ignore[misc]
                 del self._admitting[identity]
         serial = _serial_or_none(der)
         # amqtt's fresh, unattached handler is replaced by one that delivers QoS 1
-        # properly (pacegate.broker.delivery) and judges every packet before amqtt
-        # decodes it (pacegate.broker.strict)
+        # properly (broker.delivery) and judges every packet before amqtt
+        # decodes it (broker.strict)
         return StrictHandler(
             self.plugins_manager,
             deliver=self._relay,
@@ -666,7 +663,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             self.acks.acknowledge(data.ticket)
         return keep
 
-    # -- end-to-end acknowledgement (pacegate.broker.delivery) ---------------------------
+    # -- end-to-end acknowledgement (broker.delivery) ---------------------------
     async def _broadcast_message(
         self,
         session: Session | None,
@@ -770,7 +767,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         data: bytes | bytearray | None,
         qos: int | None = None,
     ) -> None:
-        # A client's RETAIN is refused by the packet rules (pacegate.broker.packets), and
+        # A client's RETAIN is refused by the packet rules (broker.packets), and
         # no will is accepted: nothing is ever stored. (amqtt would keep it and push it to
         # every later client, subscribed or not.)
         return
@@ -824,9 +821,8 @@ def amqtt_config(cfg: BrokerConfig) -> dict[str, Any]:
     }
 
 
-async def serve(cfg: BrokerConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the broker until ``stop`` is set (or SIGINT/SIGTERM when run by :func:`main`)."""
-    stop = stop or asyncio.Event()
+async def run(cfg: BrokerConfig, stop: asyncio.Event) -> None:
+    """Run the broker until ``stop`` is set."""
     broker = PacegateBroker(cfg)
     await broker.start()
     watcher = asyncio.create_task(broker.watch_crl())
@@ -838,20 +834,3 @@ async def serve(cfg: BrokerConfig, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await broker.shutdown()
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = load_broker_config(Path(args.config))
-    from pacegate.runstate import ensure_port_free
-
-    ensure_port_free("broker", cfg.host, cfg.port, where=f"'port:' in {args.config}")
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    asyncio.run(run())
-    return 0

@@ -10,7 +10,7 @@ cybersecurity guidance, section V.A.4: commercial, open-source and off-the-shelf
 - the Python interpreter;
 - the Debian packages pacegate starts (``mosquitto``, ``tshark``), from ``dpkg-query``.
 
-Usage: ``python -m pacegate.sbom ENV_SBOM OUT [--deb PACKAGE ...]``. The result is validated
+Usage: ``python -m console.sbom ENV_SBOM OUT [--deb PACKAGE ...]``. The result is validated
 against the CycloneDX JSON schema of its spec version before it is written.
 """
 
@@ -134,7 +134,7 @@ def validate(text: str, spec_version: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pacegate.sbom", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m console.sbom", description=__doc__)
     parser.add_argument("env_sbom", type=Path, help="cyclonedx-py environment output (JSON)")
     parser.add_argument("out", type=Path)
     parser.add_argument("--deb", action="append", default=[], help="a Debian package to add")

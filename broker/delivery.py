@@ -21,7 +21,7 @@ A publish the broker does not relay (refused by the ACL) is PUBACKed at once, as
 nothing downstream will ever hold it, and MQTT 3.1.1 has no negative acknowledgement.
 
 Three amqtt defects, all fixed here by a subclass of its per-connection protocol handler
-(:class:`DeliveringHandler`, installed by :class:`pacegate.broker.server.PacegateBroker`):
+(:class:`DeliveringHandler`, installed by :class:`broker.server.PacegateBroker`):
 
 1. **Outgoing in-flight messages are forgotten.** amqtt waits 5 s for a subscriber's PUBACK
    and then, or when the connection ends, drops the message from ``session.inflight_out``

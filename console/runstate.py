@@ -29,8 +29,9 @@ from typing import Any
 
 import psutil
 
+from console.workdir import WorkLayout
 from pacegate.errors import PacegateError
-from pacegate.layout import SECRET_FILE_MODE, WorkLayout
+from pacegate.layout import SECRET_FILE_MODE
 
 LOCK_NAME = ".pacegate.lock"
 STATE_NAME = "stack.json"
