@@ -41,6 +41,7 @@ from amqtt.plugins.manager import PluginManager
 
 from broker import packets
 from broker.delivery import DeliveringHandler, GatewayAcks
+from pacegate.errors import InvariantError
 from pacegate.log import security_event
 
 log = logging.getLogger("pacegate.broker")
@@ -168,7 +169,8 @@ class StrictHandler(DeliveringHandler):
         )
 
     async def _reader_loop(self) -> None:
-        assert self.session is not None and self._reader_ready is not None
+        if self.session is None or self._reader_ready is None:
+            raise InvariantError("self.session, self._reader_ready unset here")
         keep_alive = self.session.keep_alive
         idle = keep_alive * KEEPALIVE_GRACE if keep_alive > 0 else None
         handling: set[asyncio.Task[None]] = set()

@@ -28,6 +28,7 @@ import tenseal as ts
 from pacegate import analytics_wire as wire
 from pacegate import ckks
 from pacegate.analytics_wire import AnalyticsProtocolError
+from pacegate.errors import InvariantError
 from pacegate.log import security_event
 
 log = logging.getLogger("pacegate.cloud")
@@ -128,7 +129,10 @@ class CloudSession:
         if self.state is not SessionState.AWAIT_OPEN:
             raise AnalyticsProtocolError("second OPEN in one session", reason="unexpected_message")
         ctx = ckks.load_public_context(msg.context)
-        assert not ctx.is_private()  # load_public_context refuses it; belt and braces
+        if ctx.is_private():  # load_public_context refuses it; belt and braces
+            raise AnalyticsProtocolError(
+                "a context with a secret key", reason="secret_key_in_context"
+            )
         self.context = ctx
         self._plan = wire.accumulator_plan(msg.bands)
         self._lanes = wire.lanes(msg.bands)
@@ -148,7 +152,8 @@ class CloudSession:
             raise AnalyticsProtocolError(
                 f"session exceeds {self.max_batches} batches", reason="too_many_batches"
             )
-        assert self.context is not None
+        if self.context is None:
+            raise InvariantError("self.context unset here")
         started = time.perf_counter()
         vec = ckks.load_ciphertext(self.context, msg.data)
         self._pending.append(vec)

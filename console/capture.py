@@ -46,7 +46,7 @@ from typing import Any
 from console.endpoints import Endpoints, read_endpoints
 from console.wireshark import tshark_lua_args
 from console.workdir import WorkLayout
-from pacegate.errors import PacegateError, RemoteProtocolError
+from pacegate.errors import InvariantError, PacegateError, RemoteProtocolError
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
     DEFAULT_HOSPITAL_PORT,
@@ -578,7 +578,8 @@ def main(args: argparse.Namespace) -> int:
         keylog = Path(env) if env else (out.with_suffix(".keys.log") if work else None)
     devices_sent: int | None = None
     if work is not None:
-        assert keylog is not None
+        if keylog is None:
+            raise InvariantError("keylog unset here")
         keylog = keylog.resolve()
         with contextlib.suppress(FileNotFoundError):
             keylog.unlink()

@@ -34,6 +34,7 @@ from device_sim.mqtt import (
     MqttProtocolError,
     PubAck,
 )
+from pacegate.errors import InvariantError
 from pacegate.identity import telemetry_topic
 from pacegate.log import security_event
 from pacegate.sealed import new_epoch, seal_reading
@@ -204,7 +205,8 @@ class SimulatedDevice:
             else:
                 self.stats.sent += 1
                 item.sent = True
-            assert pid is not None  # QoS 1
+            if pid is None:
+                raise InvariantError("pid unset here (QoS 1)")
             self._in_flight[pid] = item
             conn.write(data)
 

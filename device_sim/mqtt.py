@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from pacegate.errors import LocalProtocolError, RemoteProtocolError
+from pacegate.errors import InvariantError, LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_NAME = b"MQTT"
 PROTOCOL_LEVEL_311 = 4
@@ -398,7 +398,8 @@ class TlsStream(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise InvariantError(f"a stream transport expected, got {type(transport).__name__}")
         self._transport = transport
         self._handshake()
 

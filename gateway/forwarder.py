@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from gateway.config import HospitalSettings
 from gateway.metrics import GatewayMetrics
 from gateway.spool import Spool, SpoolFull
-from pacegate.errors import PacegateError, RemoteProtocolError
+from pacegate.errors import InvariantError, PacegateError, RemoteProtocolError
 from pacegate.ingest import IngestAck, IngestBatch, IngestItem, decode, encode_batch
 from pacegate.log import security_event
 
@@ -209,7 +209,8 @@ class Forwarder:
     # -- the channel -----------------------------------------------------------------------
     async def _send(self, items: list[IngestItem]) -> IngestAck:
         stream = self._stream
-        assert stream is not None
+        if stream is None:
+            raise InvariantError("stream unset here")
         self._batch_id += 1
         batch = IngestBatch(self._batch_id, tuple(items))
         try:

@@ -34,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import REPLAY, UNKNOWN_DEVICE, Accepted, PipelineState, Rejected, process
 from gateway.replay_store import ReplayStore
 from gateway.spool import Spool
-from pacegate.errors import ConfigError
+from pacegate.errors import ConfigError, InvariantError
 from pacegate.keystore import PskStore
 from pacegate.log import security_event
 from pacegate.replay import ReplayRejected, ReplayWindow
@@ -208,7 +208,8 @@ class Gateway:
         client.tls_set_context(client_context(m.ca, m.cert, m.key, server_name=m.server_name))
 
     def _start_mqtt(self) -> None:
-        assert self._client is not None
+        if self._client is None:
+            raise InvariantError("self._client unset here")
         self._stopping = False
         m = self.cfg.mqtt
         self._client.connect_async(str(m.host), int(m.port), keepalive=int(m.keepalive_s))

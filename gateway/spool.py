@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from pacegate.errors import ConfigError
+from pacegate.errors import ConfigError, InvariantError
 from pacegate.ingest import IngestBatch, IngestItem, IngestWireError, decode, encode_batch
 from pacegate.layout import SECRET_DIR_MODE, write_secret
 
@@ -119,7 +119,8 @@ class Spool:
         self._readings += len(items)
         self._batches += 1
         seq = cur.lastrowid
-        assert seq is not None
+        if seq is None:
+            raise InvariantError("seq unset here")
         return seq
 
     def oldest(self) -> SpooledBatch | None:

@@ -50,7 +50,13 @@ MAX_SLOT_MAGNITUDE_BITS = sum(COEFF_MOD_BIT_SIZES[:-1]) - 1 - 2 * SCALE_BITS
 MAX_CONTEXT_BYTES = 4 << 20
 MAX_CIPHERTEXT_BYTES = 1 << 20
 
-assert sum(COEFF_MOD_BIT_SIZES) <= HE_STANDARD_128_MAX_BITS[POLY_MODULUS_DEGREE]
+# The parameters must stay inside the HE standard's 128-bit bound: checked at import, so a
+# change that breaks it cannot run at all (an assert would vanish under python -O).
+if sum(COEFF_MOD_BIT_SIZES) > HE_STANDARD_128_MAX_BITS[POLY_MODULUS_DEGREE]:
+    raise ImportError(
+        f"pacegate.ckks: coefficient modulus of {sum(COEFF_MOD_BIT_SIZES)} bits exceeds the "
+        f"128-bit bound {HE_STANDARD_128_MAX_BITS[POLY_MODULUS_DEGREE]} for N={POLY_MODULUS_DEGREE}"
+    )
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -16,6 +16,11 @@ class PacegateError(Exception):
     """Base class of every error pacegate raises on purpose."""
 
 
+class InvariantError(PacegateError):
+    """A state pacegate's own code must never reach: a bug, reported as one. Raised where an
+    ``assert`` would be, since ``python -O`` strips asserts and the check with them."""
+
+
 class RemoteProtocolError(PacegateError):
     """A peer sent something we refuse. ``reason`` is a short stable code for metrics."""
 

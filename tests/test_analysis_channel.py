@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def fill_store(work: WorkLayout, n: int) -> None:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path):
+async def stack(tmp_path: Path) -> AsyncIterator[tuple[WorkLayout, int, WorkerStats]]:
     work = make_workdir(tmp_path)
     stats = WorkerStats()
     server = await start_worker(load_cloud_config(work.cloud_config), stats=stats)
@@ -76,7 +77,9 @@ async def stack(tmp_path: Path):
         await server.wait_closed()
 
 
-async def test_analysis_over_the_pq_channel_matches_plaintext(stack) -> None:
+async def test_analysis_over_the_pq_channel_matches_plaintext(
+    stack: tuple[WorkLayout, int, WorkerStats],
+) -> None:
     work, _port, stats = stack
     fill_store(work, 1500)
     report = await run_analysis_async(
@@ -92,7 +95,9 @@ async def test_analysis_over_the_pq_channel_matches_plaintext(stack) -> None:
     assert stats.sessions == 1 and stats.batches == 2 and not stats.refused
 
 
-async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_serving(stack) -> None:
+async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_serving(
+    stack: tuple[WorkLayout, int, WorkerStats],
+) -> None:
     work, port, stats = stack
     identity = load_identity(work.pki.channel_key("hospital"), "hospital")
     server_key = load_public_key(work.pki.channel_pub("cloud"))
@@ -112,7 +117,9 @@ async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_servi
     assert report.ok and report.plain.n == 300
 
 
-async def test_unpinned_client_cannot_open_an_analysis_session(stack) -> None:
+async def test_unpinned_client_cannot_open_an_analysis_session(
+    stack: tuple[WorkLayout, int, WorkerStats],
+) -> None:
     work, port, stats = stack
     intruder = load_identity(work.pki.channel_key("intruder"), "intruder")
     server_key = load_public_key(work.pki.channel_pub("cloud"))

@@ -7,6 +7,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import tenseal as ts
 
 from cloud.worker import CloudSession
 from hospital.analysis import (
@@ -38,11 +39,13 @@ def batches_of(readings: list[Reading], size: int) -> list[list[Reading]]:
 
 
 @pytest.fixture(scope="module")
-def context():  # context creation costs; one per module
+def context() -> ts.Context:  # context creation costs; one per module
     return ckks.create_context()
 
 
-async def test_every_encrypted_statistic_is_within_tolerance_of_plaintext(context) -> None:
+async def test_every_encrypted_statistic_is_within_tolerance_of_plaintext(
+    context: ts.Context,
+) -> None:
     readings = generated_readings(6000)
     # two glitches: stored and flagged at ingest, left out of the statistics
     readings.append(Reading(40, 900, 1, T0))
@@ -84,7 +87,7 @@ async def test_every_encrypted_statistic_is_within_tolerance_of_plaintext(contex
     assert report.bytes_sent > 2 * 6 * 200_000  # 2 batches x 6 lanes, ~260 KB each
 
 
-async def test_plaintext_reference_matches_a_direct_computation(context) -> None:
+async def test_plaintext_reference_matches_a_direct_computation(context: ts.Context) -> None:
     readings = generated_readings(500, seed=3)
     report = await analyze(
         [readings], LocalTransport(CloudSession().handle), AnalysisSettings(), context=context
@@ -121,7 +124,7 @@ def test_a_result_off_by_more_than_the_tolerance_is_reported_as_a_failure() -> N
     assert report.to_json()["ok"] is False
 
 
-async def test_an_empty_period_is_refused_with_a_clear_error(context) -> None:
+async def test_an_empty_period_is_refused_with_a_clear_error(context: ts.Context) -> None:
     with pytest.raises(AnalysisError, match="no plausible readings"):
         await analyze([[]], LocalTransport(CloudSession().handle), context=context)
 

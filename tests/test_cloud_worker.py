@@ -3,6 +3,8 @@ must: a context with a secret key, a wrong context, tampered or incompatible cip
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -37,7 +39,9 @@ def refusal(reply: bytes) -> wire.Error:
     return msg
 
 
-def test_worker_context_is_public_and_cannot_decrypt(context, public_bytes) -> None:
+def test_worker_context_is_public_and_cannot_decrypt(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     session = open_session(public_bytes)
     assert session.context is not None
     assert not session.context.is_private()
@@ -49,14 +53,14 @@ def test_worker_context_is_public_and_cannot_decrypt(context, public_bytes) -> N
         ckks.decrypt_vector(session.context, vec.serialize())
 
 
-def test_public_context_ships_no_galois_or_relin_keys(public_bytes) -> None:
+def test_public_context_ships_no_galois_or_relin_keys(public_bytes: bytes) -> None:
     loaded = ts.context_from(public_bytes)
     assert not loaded.has_galois_keys()
     assert not loaded.has_relin_keys()
     assert len(public_bytes) < 1_000_000  # one channel record
 
 
-def test_context_holding_a_secret_key_is_refused(context) -> None:
+def test_context_holding_a_secret_key_is_refused(context: ts.Context) -> None:
     stats = WorkerStats()
     session = CloudSession(stats=stats)
     secret = context.serialize(save_secret_key=True)
@@ -83,7 +87,7 @@ def test_context_holding_a_secret_key_is_refused(context) -> None:
     ],
     ids=["other-moduli", "smaller-degree", "bfv"],
 )
-def test_wrong_context_is_refused(make, code) -> None:
+def test_wrong_context_is_refused(make: Callable[[], ts.Context], code: str) -> None:
     data = make().serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
     err = refusal(CloudSession().handle(wire.encode(wire.Open(1, data))))
     assert err.code in {code, "bad_context"}
@@ -95,7 +99,9 @@ def test_garbage_context_is_refused() -> None:
     assert err.code == "bad_context"
 
 
-def test_tampered_ciphertext_is_refused_by_its_digest(context, public_bytes) -> None:
+def test_tampered_ciphertext_is_refused_by_its_digest(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     session = open_session(public_bytes)
     msg = bytearray(wire.encode(wire.Ciphertext(0, 0, ckks.encrypt_vector(context, [70.0]))))
     msg[len(msg) // 2] ^= 0x01
@@ -105,7 +111,9 @@ def test_tampered_ciphertext_is_refused_by_its_digest(context, public_bytes) -> 
     assert session.state is SessionState.FAILED
 
 
-def test_rehashed_garbage_ciphertext_is_refused_by_seal(context, public_bytes) -> None:
+def test_rehashed_garbage_ciphertext_is_refused_by_seal(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     session = open_session(public_bytes)
     data = bytearray(ckks.encrypt_vector(context, [70.0]))
     data[10:60] = b"\xff" * 50  # header mangled, digest recomputed by the attacker
@@ -113,7 +121,7 @@ def test_rehashed_garbage_ciphertext_is_refused_by_seal(context, public_bytes) -
     assert err.code == "bad_ciphertext"
 
 
-def test_ciphertext_under_other_parameters_is_refused(public_bytes) -> None:
+def test_ciphertext_under_other_parameters_is_refused(public_bytes: bytes) -> None:
     other = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
     other.global_scale = 2**40
     data = ts.ckks_vector(other, [1.0] * 10).serialize()
@@ -122,21 +130,23 @@ def test_ciphertext_under_other_parameters_is_refused(public_bytes) -> None:
     assert err.code == "bad_ciphertext"
 
 
-def test_product_ciphertext_is_refused_as_batch_input(context, public_bytes) -> None:
+def test_product_ciphertext_is_refused_as_batch_input(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     vec = ts.ckks_vector(context, np.arange(ckks.SLOTS, dtype=float))
     square = (vec * vec).serialize()  # size 3, scale 2**80: not a fresh input
     err = refusal(open_session(public_bytes).handle(wire.encode(wire.Ciphertext(0, 0, square))))
     assert err.code == "bad_ciphertext"
 
 
-def test_out_of_order_lane_is_refused(context, public_bytes) -> None:
+def test_out_of_order_lane_is_refused(context: ts.Context, public_bytes: bytes) -> None:
     session = open_session(public_bytes)
     data = ckks.encrypt_vector(context, [70.0])
     err = refusal(session.handle(wire.encode(wire.Ciphertext(0, 1, data))))
     assert err.code == "out_of_order"
 
 
-def test_fetch_with_wrong_batch_count_is_refused(context, public_bytes) -> None:
+def test_fetch_with_wrong_batch_count_is_refused(context: ts.Context, public_bytes: bytes) -> None:
     session = open_session(public_bytes, bands=1)
     for lane in range(wire.lanes(1)):
         ack = wire.decode(
@@ -149,7 +159,9 @@ def test_fetch_with_wrong_batch_count_is_refused(context, public_bytes) -> None:
     assert err.code == "batch_count_mismatch"
 
 
-def test_worker_sums_blind_and_the_hospital_decrypts(context, public_bytes) -> None:
+def test_worker_sums_blind_and_the_hospital_decrypts(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     session = open_session(public_bytes, bands=1)
     rng = np.random.default_rng(1)
     hr = [rng.integers(40, 180, ckks.SLOTS).astype(float) for _ in range(2)]
@@ -168,7 +180,9 @@ def test_worker_sums_blind_and_the_hospital_decrypts(context, public_bytes) -> N
     assert np.max(np.abs(got - want)) < 1e-2
 
 
-def test_refused_session_does_not_stop_the_next_one(context, public_bytes) -> None:
+def test_refused_session_does_not_stop_the_next_one(
+    context: ts.Context, public_bytes: bytes
+) -> None:
     stats = WorkerStats()
     bad = CloudSession(stats=stats)
     refusal(bad.handle(b"\x99garbage"))
@@ -189,7 +203,9 @@ def test_decode_parses_or_raises_analytics_protocol_error(data: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 255), st.binary(max_size=64), st.data())
-def test_ciphertext_message_round_trips_and_truncation_is_refused(batch, lane, body, data):
+def test_ciphertext_message_round_trips_and_truncation_is_refused(
+    batch: int, lane: int, body: bytes, data: st.DataObject
+) -> None:
     encoded = wire.encode(wire.Ciphertext(batch, lane, body))
     assert wire.decode(encoded) == wire.Ciphertext(batch, lane, body)
     cut = data.draw(st.integers(0, len(encoded) - 1))

@@ -313,7 +313,7 @@ async def test_revoked_device_is_refused_promptly_and_does_not_hang(
     conn = await MqttConnection.open(embedded_broker.host, embedded_broker.port, ctx, "pm-0001")
     conn.close()
     revoke_device(pki.root, "pm-0001")
-    refused = None
+    refused: Exception | None = None
     for _ in range(100):  # the embedded broker applies a new CRL within seconds
         try:
             conn = await MqttConnection.open(

@@ -54,7 +54,7 @@ def parser_accepts(doc: Any, tmp_path: Path) -> bool:
 
 
 def schema_accepts(doc: Any) -> bool:
-    return validator().is_valid(doc)
+    return bool(validator().is_valid(doc))
 
 
 def _set(path: str, value: Any) -> Callable[[Doc], None]:

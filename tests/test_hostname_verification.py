@@ -174,7 +174,7 @@ def _close_what_paho_drops(client: object) -> list[ssl.SSLSocket]:
     original = ctx.wrap_socket
 
     def wrap(*args: object, **kwargs: object) -> ssl.SSLSocket:
-        sock = original(*args, **kwargs)
+        sock: ssl.SSLSocket = original(*args, **kwargs)
         wrapped.append(sock)
         return sock
 

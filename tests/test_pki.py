@@ -365,7 +365,7 @@ def test_store_from_before_generations_loads_until_a_generation_is_recorded(
     from pacegate.keystore import generation_path
 
     key = pki.psk_store_key.read_bytes()
-    data = {"devices": {}}
+    data: dict[str, dict[str, str]] = {"devices": {}}
     nonce = os.urandom(12)
     v1 = b"PGKS\x01" + nonce + AESGCM(key).encrypt(nonce, json.dumps(data).encode(), b"PGKS\x01")
     pki.psk_store.write_bytes(v1)

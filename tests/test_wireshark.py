@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,9 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,8 +68,8 @@ def tshark(
 
 
 def fields(
-    pcap: Path, flt: str, names: list[str], *, home: Path, extra: list[str] = ()
-) -> list[list[str]]:  # type: ignore[assignment]
+    pcap: Path, flt: str, names: list[str], *, home: Path, extra: Sequence[str] = ()
+) -> list[list[str]]:
     args = [*extra, "-Y", flt, "-T", "fields", "-E", "separator=\t", "-E", "occurrence=a"]
     args += ["-E", "aggregator=;"]
     for n in names:
@@ -641,7 +644,7 @@ def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per
     """``pacegate capture``'s dissector checks on a hand-built capture, read by the real
     tshark and dissector: what is wrong is a finding, never a traceback; a nonce is
     (device, epoch, counter) for v2, so one counter in two epochs is no reuse."""
-    from pacegate import capture
+    from console import capture
 
     readings = [
         # one counter, three keys, three ciphertexts: a different nonce each time
@@ -696,13 +699,13 @@ def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per
 def test_capture_checks_count_any_dissector_tree_as_a_finding_never_raise() -> None:
     """Whatever a dissector (a newer, an older, a broken one) puts in its tree, the checks
     count it and go on."""
-    from pacegate import capture
+    from console import capture
 
     p = capture.SEALED_FIELD_PREFIX
     good = {p + "device": "pm-1", p + "version": "2", p + "version_known": "1",
             p + "epoch": "00:01:02:03:04:05:06:07", p + "counter": "4",
             p + "ciphertext": "aa", p + "tag": "bb"}  # fmt: skip
-    trees = [
+    trees: list[dict[str, Any]] = [
         good,
         {},
         {p + "version": "2", p + "version_known": "1"},  # no counter: wrong size
@@ -763,7 +766,7 @@ def _client_hello(versions: tuple[int, ...], time_ms: int) -> bytes:
         bytes(kem.MLKEM768_PUBLIC_KEY_SIZE),
     )
     sig = ks.sign_transcript(me.private_key, ks.HELLO_SIGNATURE_CONTEXT, unsigned.signed_part())
-    hello = ClientHello(*[getattr(unsigned, n) for n in ClientHello.__slots__][:-1], sig)
+    hello = dataclasses.replace(unsigned, signature=sig)
     return wire.frame(wire.FrameType.CLIENT_HELLO, hello.encode())
 
 

@@ -35,7 +35,7 @@ from pacegate.channel.session import (
 )
 from pacegate.channel.states import State
 from pacegate.channel.wire import CloseReason
-from pacegate.errors import LocalProtocolError
+from pacegate.errors import InvariantError, LocalProtocolError
 from pacegate.log import security_event
 from pacegate.peers import source_key
 
@@ -483,7 +483,8 @@ async def connect(
         _log_refusal(component, exc, server_name, f"{host}:{port}")
         raise exc from None
     except ChannelError as exc:
-        assert writer is not None
+        if writer is None:
+            raise InvariantError("writer unset here") from exc
         writer.close()
         _log_refusal(component, exc, server_name, f"{host}:{port}")
         raise

@@ -61,7 +61,7 @@ from pacegate.channel.wire import (
     ServerHello,
     frame,
 )
-from pacegate.errors import LocalProtocolError
+from pacegate.errors import InvariantError, LocalProtocolError
 
 # Version 2: the ClientHello is signed and names the server (admission before any state,
 # relay protection), the server can ask for a key update, sessions have a maximum lifetime.
@@ -336,7 +336,8 @@ class ChannelSession:
             raise LocalProtocolError("only a client initiates")
         nxt = self._local(Event.SEND_CLIENT_HELLO)
         self._initiator = ks.HybridInitiator(self._kem, self._entropy)
-        assert self.server_name is not None
+        if self.server_name is None:
+            raise InvariantError("self.server_name unset here")
         unsigned = ClientHello(
             self._offer_versions,
             self._offer_suites,
@@ -538,7 +539,8 @@ class ChannelSession:
         )
 
     def _seal(self, inner: bytes) -> None:
-        assert self._send is not None
+        if self._send is None:
+            raise InvariantError("self._send unset here")
         header = FRAME_HEADER.pack(FrameType.RECORD, len(inner) + ks.TAG_SIZE)
         self._out += header
         self._out += self._send.seal(header, inner)
@@ -546,7 +548,8 @@ class ChannelSession:
         self._epoch_sent += 1
 
     def _on_record(self, raw: bytes) -> None:
-        assert self._recv is not None
+        if self._recv is None:
+            raise InvariantError("self._recv unset here")
         inner = self._recv.open(raw[:FRAME_HEADER_SIZE], raw[FRAME_HEADER_SIZE:])
         self.stats.records_received += 1
         self._epoch_received += 1
@@ -692,7 +695,8 @@ class ChannelSession:
             )
         if hello.suite not in self._offer_suites or hello.suite not in SUPPORTED_SUITES:
             raise ChannelError(f"server chose suite {hello.suite:#06x}", reason="unsupported_suite")
-        assert self._initiator is not None
+        if self._initiator is None:
+            raise InvariantError("self._initiator unset here")
         shared = self._initiator.finish(hello.x25519_public, hello.kem_ciphertext)
         self._initiator = None
         self.version, self.suite = hello.version, hello.suite
@@ -754,7 +758,8 @@ class ChannelSession:
             )
         th = self._transcript.copy()
         th.update(bytes([ContentType.SERVER_AUTH]) + PeerAuth.name_bytes(auth.name))
-        assert self._server_key is not None
+        if self._server_key is None:
+            raise InvariantError("self._server_key unset here")
         if not ks.verify_transcript(
             self._server_key, ks.SERVER_SIGNATURE_CONTEXT, th.digest(), auth.signature
         ):
@@ -766,7 +771,8 @@ class ChannelSession:
         self._establish(auth.name)
 
     def _establish(self, peer: str) -> None:
-        assert self._hs_secret is not None
+        if self._hs_secret is None:
+            raise InvariantError("self._hs_secret unset here")
         self.th_full = self._transcript.digest()
         self._master = ks.master_secret(self._hs_secret, self.th_full)
         self._hs_secret = None
@@ -776,7 +782,8 @@ class ChannelSession:
         self._events.append(HandshakeComplete(peer))
 
     def _install_epoch_keys(self, *, both: bool) -> None:
-        assert self._master is not None
+        if self._master is None:
+            raise InvariantError("self._master unset here")
         c_ap, s_ap = ks.application_keys(self._master, self.epoch)
         mine, theirs = (c_ap, s_ap) if self.role == Role.CLIENT else (s_ap, c_ap)
         self._send = ks.RecordProtection(mine)
@@ -883,7 +890,8 @@ class ChannelSession:
             )
 
     def _unpinned(self) -> bool:
-        assert self.peer_name is not None
+        if self.peer_name is None:
+            raise InvariantError("self.peer_name unset here")
         key = self._allowed.get(self.peer_name)
         if key is self._pinned_obj:
             return False
@@ -920,7 +928,8 @@ class ChannelSession:
 
     def _on_key_update_response(self, inner: bytes, payload: bytes) -> None:
         share = KeyShare.decode(payload, "KeyUpdateResponse")
-        assert self._initiator is not None and self._ku_request is not None
+        if self._initiator is None or self._ku_request is None:
+            raise InvariantError("self._initiator, self._ku_request unset here")
         shared = self._initiator.finish(share.x25519, share.kem)
         self._initiator = None
         self._next_master(shared, self._ku_request, inner)
@@ -929,7 +938,8 @@ class ChannelSession:
         self._install_epoch_keys(both=True)
 
     def _next_master(self, shared: bytes, request: bytes, response: bytes) -> None:
-        assert self._master is not None
+        if self._master is None:
+            raise InvariantError("self._master unset here")
         th_ku = ks.transcript_hash(request + response)
         self._master = ks.next_master_secret(self._master, shared, th_ku)
         self.epoch += 1
