@@ -131,7 +131,7 @@ def run(
             [
                 sys.executable,
                 "-m",
-                "pacegate",
+                "console",
                 "up",
                 "--workdir",
                 str(work.root),

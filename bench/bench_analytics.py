@@ -125,7 +125,7 @@ def run_once(work: WorkLayout, port: int, settings: AnalysisSettings) -> dict[st
         [
             sys.executable,
             "-m",
-            "pacegate",
+            "console",
             "--log-level",
             "WARNING",
             "cloud",

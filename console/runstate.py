@@ -65,9 +65,9 @@ def describe_process(pid: int) -> str:
         name = proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return f"pid {pid}"
-    # "python -P -m pacegate broker -c W/broker.yaml" or ".venv/bin/pacegate up --workdir W"
+    # "python -P -m console broker -c W/broker.yaml" or ".venv/bin/pacegate up --workdir W"
     for i, arg in enumerate(cmdline[:4]):
-        if Path(arg).name == "pacegate":
+        if Path(arg).name == "pacegate" or (arg == "console" and cmdline[i - 1 : i] == ["-m"]):
             args = cmdline[i + 1 :]
             if args[:1] == ["--log-level"]:
                 args = args[2:]  # the options 'up' passes on say nothing of the service

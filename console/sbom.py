@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deb", action="append", default=[], help="a Debian package to add")
     args = parser.parse_args(argv)
     bom = json.loads(args.env_sbom.read_text())
+    # pyproject.toml reads the version from pacegate.__version__ (one source), which
+    # cyclonedx-py's static --pyproject reading does not follow: name it here
+    from pacegate import __version__
+
+    bom.setdefault("metadata", {}).setdefault("component", {}).setdefault("version", __version__)
     text = json.dumps(complete(bom, args.deb), indent=2) + "\n"
     try:
         validate(text, bom.get("specVersion", "1.6"))

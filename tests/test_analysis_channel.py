@@ -29,6 +29,9 @@ from pacegate.channel import (
 from pacegate.ingest import IngestItem
 from pacegate.reading import Reading
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 
 

@@ -51,6 +51,7 @@ def make_work(root: Path, n: int) -> tuple[WorkLayout, Path]:
     return work, cfg.database
 
 
+@pytest.mark.integration
 async def test_parallel_decryption_gives_the_batches_and_statistics_of_a_sequential_scan(
     tmp_path: Path,
 ) -> None:
@@ -80,6 +81,7 @@ async def test_parallel_decryption_gives_the_batches_and_statistics_of_a_sequent
     assert parallel.timings.decrypt_rows > 0
 
 
+@pytest.mark.integration
 async def test_a_row_failing_in_a_decrypting_process_fails_the_analysis_naming_it(
     tmp_path: Path,
 ) -> None:

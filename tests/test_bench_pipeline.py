@@ -53,6 +53,7 @@ def test_null_keyring_stores_rows_in_clear_and_stays_idempotent(tmp_path: Path) 
     assert b'"heart_rate_bpm":64' in on_disk  # the identity keyring really stores clear rows
 
 
+@pytest.mark.integration
 def test_quick_bench_completes_and_reports_positive_consistent_figures(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     env.pop("SSLKEYLOGFILE", None)

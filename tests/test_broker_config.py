@@ -59,6 +59,7 @@ def test_malformed_broker_yaml_names_the_file_line_and_key(
     assert err.value.line is not None
 
 
+@pytest.mark.integration
 def test_broker_command_reports_a_malformed_config_and_exits_2(
     pki: PkiLayout, tmp_path: Path
 ) -> None:

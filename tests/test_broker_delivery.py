@@ -43,6 +43,9 @@ from tests.support import (
     wait_until,
 )
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 WAIT = 20.0
 GATEWAY = "gateway"
 FILTER = "pacemakers/#"

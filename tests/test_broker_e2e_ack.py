@@ -51,6 +51,7 @@ def _published(infos: list[mqtt.MQTTMessageInfo]) -> int:
 
 
 # -- the broker, for real -------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_a_device_is_acknowledged_only_once_the_gateway_acknowledged_its_reading(
     embedded_broker: BrokerHandle,
@@ -68,6 +69,7 @@ def test_a_device_is_acknowledged_only_once_the_gateway_acknowledged_its_reading
             assert sub.payloads() == sent
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_publishes_made_before_any_gateway_connected_reach_it_when_it_subscribes(
     embedded_broker: BrokerHandle,
@@ -85,6 +87,7 @@ def test_publishes_made_before_any_gateway_connected_reach_it_when_it_subscribes
             assert sub.payloads() == sent
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_a_device_that_reconnects_before_the_gateway_acked_resends_and_is_then_acknowledged(
     embedded_broker: BrokerHandle,
@@ -127,6 +130,7 @@ async def _flood(broker: BrokerHandle, device_id: str, n: int) -> tuple[int, boo
         conn.close(graceful=False)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_connection_over_its_bound_of_unacknowledged_publishes_is_closed_and_logged(
     embedded_broker: BrokerHandle,

@@ -32,6 +32,9 @@ from tests.support import (
     wait_until,
 )
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 SEED = 20261202
 ROUNDS = 4
 MUTATIONS_PER_ROUND = 100  # 400 mutated packets in all

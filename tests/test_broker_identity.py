@@ -58,6 +58,7 @@ def _session_present(connack: bytes) -> bool:
 
 
 # -- session takeover ------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("first_clean", "second_clean"),
     [(True, True), (True, False), (False, True), (False, False)],
@@ -74,6 +75,7 @@ def test_second_connect_with_the_same_client_id_closes_the_first(
         assert second.alive()
 
 
+@pytest.mark.integration
 def test_takeover_resumes_a_persistent_session_and_a_clean_one_discards_it(
     broker: BrokerHandle,
 ) -> None:
@@ -118,6 +120,7 @@ def _refused_at_connect(broker: BrokerHandle, identity: str) -> bool:
 
 
 # -- revocation ------------------------------------------------------------------------
+@pytest.mark.integration
 def test_revocation_closes_every_live_connection_of_the_revoked_certificate(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -151,6 +154,7 @@ def test_revocation_closes_every_live_connection_of_the_revoked_certificate(
 
 
 # -- retained messages -----------------------------------------------------------------
+@pytest.mark.integration
 def test_device_retained_publish_is_refused_and_reaches_no_later_client(
     broker: BrokerHandle,
 ) -> None:
@@ -227,6 +231,7 @@ def _assert_closed_with_one_event(broker: BrokerHandle, reason: str) -> None:
     assert "Traceback" not in broker.log_text()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_packet_closes_the_connection(broker: BrokerHandle, case: str) -> None:
     with RawMqtt(broker, "pm-0001") as dev:
@@ -240,6 +245,7 @@ def test_malformed_packet_closes_the_connection(broker: BrokerHandle, case: str)
         assert other.alive()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(PROFILE))
 def test_packet_outside_the_profile_closes_the_connection_with_one_event(
     embedded_broker: BrokerHandle, case: str
@@ -257,6 +263,7 @@ def test_packet_outside_the_profile_closes_the_connection_with_one_event(
         gw.close()
 
 
+@pytest.mark.integration
 def test_publish_before_connect_is_refused_with_one_event(broker: BrokerHandle) -> None:
     with RawMqtt(broker, "pm-0001") as dev:
         dev.send(publish_packet(TOPIC, b"x"))
@@ -265,6 +272,7 @@ def test_publish_before_connect_is_refused_with_one_event(broker: BrokerHandle) 
         _assert_closed_with_one_event(broker, packets.FIRST_NOT_CONNECT)
 
 
+@pytest.mark.integration
 def test_unknown_puback_flood_closes_the_connection_and_logs_a_bounded_number_of_lines(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -319,6 +327,7 @@ def _mosquitto_client(tool: str, broker: BrokerHandle, identity: str, *args: str
     ]
 
 
+@pytest.mark.integration
 def test_mosquitto_pub_retained_message_reaches_no_later_mosquitto_sub(
     broker: BrokerHandle,
 ) -> None:
@@ -335,6 +344,7 @@ def test_mosquitto_pub_retained_message_reaches_no_later_mosquitto_sub(
         assert any(e.get("reason") == "retain_refused" for e in _security_events(broker))
 
 
+@pytest.mark.integration
 def test_mosquitto_pub_qos2_is_refused_and_its_qos1_reaches_the_gateway(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -355,6 +365,7 @@ def test_mosquitto_pub_qos2_is_refused_and_its_qos1_reaches_the_gateway(
         gw.close()
 
 
+@pytest.mark.integration
 def test_a_peer_that_never_reads_cannot_queue_work_without_bound(
     embedded_broker: BrokerHandle,
 ) -> None:

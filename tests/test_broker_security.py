@@ -56,6 +56,7 @@ def _gateway(broker: BrokerHandle) -> MqttClient:
     return gw
 
 
+@pytest.mark.integration
 def test_enrolled_device_connects_and_its_reading_reaches_the_gateway(
     broker: BrokerHandle,
 ) -> None:
@@ -69,6 +70,7 @@ def test_enrolled_device_connects_and_its_reading_reaches_the_gateway(
         gw.close()
 
 
+@pytest.mark.integration
 def test_client_without_certificate_is_refused(broker: BrokerHandle) -> None:
     outcome, client = try_connect(
         broker.host, broker.port, ca=broker.pki.ca_cert, cert=None, key=None, client_id="pm-0001"
@@ -81,6 +83,7 @@ def test_client_without_certificate_is_refused(broker: BrokerHandle) -> None:
         )
 
 
+@pytest.mark.integration
 def test_certificate_from_another_ca_is_refused(broker: BrokerHandle, tmp_path: Path) -> None:
     rogue = init_pki(tmp_path / "rogue")
     enroll_device(rogue.root, "pm-0001")
@@ -95,6 +98,7 @@ def test_certificate_from_another_ca_is_refused(broker: BrokerHandle, tmp_path: 
     assert not outcome.connected, outcome
 
 
+@pytest.mark.integration
 def test_expired_certificate_is_refused(broker: BrokerHandle) -> None:
     now = datetime.now(UTC)
     enroll_device(
@@ -107,6 +111,7 @@ def test_expired_certificate_is_refused(broker: BrokerHandle) -> None:
     assert not outcome.connected, outcome
 
 
+@pytest.mark.integration
 def test_device_cannot_claim_another_devices_client_id(broker: BrokerHandle) -> None:
     """pm-0001's certificate claiming the client id of a connected pm-0002 or of the
     gateway: the embedded broker refuses the CONNECT; mosquitto (``use_username_as_clientid``)
@@ -138,6 +143,7 @@ def test_device_cannot_claim_another_devices_client_id(broker: BrokerHandle) -> 
         gw.close()
 
 
+@pytest.mark.integration
 def test_claimed_client_id_gives_no_right_of_the_victim(broker: BrokerHandle) -> None:
     """Even where a claimed client id is accepted (mosquitto), rights follow the
     certificate: pm-0001 calling itself pm-0002 cannot publish as pm-0002."""
@@ -156,6 +162,7 @@ def test_claimed_client_id_gives_no_right_of_the_victim(broker: BrokerHandle) ->
         gw.close()
 
 
+@pytest.mark.integration
 def test_refused_client_id_claim_leaves_the_gateway_session_alone(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -179,6 +186,7 @@ def test_refused_client_id_claim_leaves_the_gateway_session_alone(
         gw.close()
 
 
+@pytest.mark.integration
 def test_device_cannot_publish_on_another_devices_topic(broker: BrokerHandle) -> None:
     gw = _gateway(broker)
     dev = _connected(broker, "pm-0001")
@@ -203,6 +211,7 @@ def test_device_cannot_publish_on_another_devices_topic(broker: BrokerHandle) ->
         gw.close()
 
 
+@pytest.mark.integration
 def test_device_cannot_subscribe_to_another_devices_topic(broker: BrokerHandle) -> None:
     gw = _gateway(broker)
     spy = _connected(broker, "pm-0001")
@@ -224,6 +233,7 @@ def test_device_cannot_subscribe_to_another_devices_topic(broker: BrokerHandle) 
             c.close()
 
 
+@pytest.mark.integration
 def test_revoked_device_is_refused(broker: BrokerHandle) -> None:
     assert connect_as(broker, "pm-0002")[0].connected
     revoke_device(broker.pki.root, "pm-0002")
@@ -240,6 +250,7 @@ def test_revoked_device_is_refused(broker: BrokerHandle) -> None:
     still.close()
 
 
+@pytest.mark.integration
 def test_revocation_closes_the_live_session_without_restart(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -260,6 +271,7 @@ def test_revocation_closes_the_live_session_without_restart(
         gw.close()
 
 
+@pytest.mark.integration
 def test_pki_revoke_closes_the_live_session_and_the_device_cannot_reconnect(
     broker: BrokerHandle,
 ) -> None:
@@ -273,7 +285,7 @@ def test_pki_revoke_closes_the_live_session_and_the_device_cannot_reconnect(
             [
                 sys.executable,
                 "-m",
-                "pacegate",
+                "console",
                 "pki",
                 "revoke",
                 "pm-0003",
@@ -305,6 +317,7 @@ def test_pki_revoke_closes_the_live_session_and_the_device_cannot_reconnect(
         gw.close()
 
 
+@pytest.mark.integration
 @pytest.mark.mosquitto
 def test_mosquitto_sighup_alone_leaves_a_revoked_session_open_but_mute(
     mosquitto_broker: BrokerHandle,
@@ -330,6 +343,7 @@ def test_mosquitto_sighup_alone_leaves_a_revoked_session_open_but_mute(
         gw.close()
 
 
+@pytest.mark.integration
 @pytest.mark.mosquitto
 def test_device_cannot_command_mosquittos_dynamic_security_plugin(
     mosquitto_broker: BrokerHandle,
@@ -359,6 +373,7 @@ def test_device_cannot_command_mosquittos_dynamic_security_plugin(
         victim.close()
 
 
+@pytest.mark.integration
 @pytest.mark.mosquitto
 def test_mosquitto_closes_a_device_that_publishes_a_retained_message(
     mosquitto_broker: BrokerHandle,
@@ -379,6 +394,7 @@ def test_mosquitto_closes_a_device_that_publishes_a_retained_message(
         gw.close()
 
 
+@pytest.mark.integration
 def test_oversized_payload_is_dropped_and_the_connection_closed(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -435,6 +451,7 @@ def _persistent_gateway(broker: BrokerHandle) -> MqttClient:
     return gw
 
 
+@pytest.mark.integration
 def test_device_cannot_take_over_the_gateways_persistent_session(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -466,6 +483,7 @@ def test_device_cannot_take_over_the_gateways_persistent_session(
         gw.close()
 
 
+@pytest.mark.integration
 def test_a_will_on_another_devices_topic_never_reaches_the_gateway(broker: BrokerHandle) -> None:
     """amqtt broadcasts a will without the publish ACL; the embedded broker refuses any
     CONNECT with a will, mosquitto checks the will's topic against the ACL."""
@@ -513,6 +531,7 @@ def _still_open(sockets: list[socket.socket]) -> int:
     return n
 
 
+@pytest.mark.integration
 def test_stalled_tls_handshakes_count_against_max_connections(
     pki_dir: Path, tmp_path: Path
 ) -> None:
@@ -555,6 +574,7 @@ def _closed_at_once(broker: BrokerHandle, identity: str) -> bool:
             return True
 
 
+@pytest.mark.integration
 def test_established_sessions_fill_max_connections_and_the_next_is_refused(
     pki_dir: Path, tmp_path: Path
 ) -> None:
@@ -577,6 +597,7 @@ def test_established_sessions_fill_max_connections_and_the_next_is_refused(
             second.close()
 
 
+@pytest.mark.integration
 def test_one_source_holds_at_most_its_cap_of_pending_connections(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -597,6 +618,7 @@ def test_one_source_holds_at_most_its_cap_of_pending_connections(
             s.close()
 
 
+@pytest.mark.integration
 @pytest.mark.mosquitto
 @pytest.mark.parametrize(
     ("owner", "started_as", "runs_as"),

@@ -19,6 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pacegate.layout import PkiLayout
 from tests.support import BrokerHandle, try_connect
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 # sslyze pins cryptography < 47 and pacegate needs >= 48 (ML-KEM): ./dev setup installs it
 # in its own virtualenv from requirements-sslyze.lock and ./dev test exports its path.
 SSLYZE_ENV = "PACEGATE_SSLYZE"

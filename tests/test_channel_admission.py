@@ -197,6 +197,7 @@ async def stalled(source: str, port: int, hello: bytes) -> asyncio.StreamWriter:
     return writer
 
 
+@pytest.mark.integration
 async def test_flood_of_stalled_hellos_from_the_genuine_clients_address_does_not_stop_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -228,6 +229,7 @@ async def test_flood_of_stalled_hellos_from_the_genuine_clients_address_does_not
                 w.close()
 
 
+@pytest.mark.integration
 async def test_flood_of_stalled_hellos_from_32_addresses_renewed_does_not_stop_genuine_ones() -> (
     None
 ):
@@ -293,6 +295,7 @@ async def flood(sources: list[str], per_source: int, port: int, done: asyncio.Ev
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.integration
 async def test_concurrent_flood_from_the_genuine_clients_address_does_not_stop_it() -> None:
     # With a per-source cap on connections that had not sent a hello yet, 16 to 64
     # connections at a time from 127.0.0.1 evicted the gateway's own connection before its

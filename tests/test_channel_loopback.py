@@ -95,6 +95,7 @@ async def gateway_connect(port: int, **opts: object) -> ChannelStream:
     return await connect(HOST, port, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 async def test_round_trip_over_loopback_authenticates_both_peers() -> None:
     async with running_server() as srv:
         stream = await gateway_connect(srv.port)
@@ -232,6 +233,7 @@ def make_reorderer() -> FrameHook:
     return reordered
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("attack", "reason"),
     [
@@ -268,6 +270,7 @@ async def test_record_attack_closes_the_session_and_nothing_is_delivered_twice(
 # ------------------------------------------------------------------ who may talk
 
 
+@pytest.mark.integration
 async def test_unknown_client_is_refused_before_any_application_data() -> None:
     async with running_server() as srv:
         with pytest.raises(ChannelError) as info:
@@ -277,6 +280,7 @@ async def test_unknown_client_is_refused_before_any_application_data() -> None:
         assert srv.recorder.peers == [] and srv.stats.sessions == 0
 
 
+@pytest.mark.integration
 async def test_client_with_a_known_name_but_an_unpinned_key_is_refused() -> None:
     impostor_gateway = ChannelIdentity("gateway", INTRUDER.private_key)
     async with running_server() as srv:
@@ -287,6 +291,7 @@ async def test_client_with_a_known_name_but_an_unpinned_key_is_refused() -> None
         assert srv.recorder.peers == []
 
 
+@pytest.mark.integration
 async def test_impostor_server_with_the_wrong_key_is_refused_by_the_client() -> None:
     recorder = Recorder()
     impostor = ChannelIdentity("hospital", INTRUDER.private_key)
@@ -310,6 +315,7 @@ async def test_impostor_server_with_the_wrong_key_is_refused_by_the_client() -> 
         await server.wait_closed()
 
 
+@pytest.mark.integration
 async def test_server_with_another_pinned_name_is_refused_by_the_client() -> None:
     async with running_server() as srv:
         with pytest.raises(ChannelError) as info:
@@ -338,6 +344,7 @@ def _change_server_random(i: int, f: bytes) -> list[bytes | Cut]:
     return [f[:10] + bytes([f[10] ^ 0xFF]) + f[11:]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "hooks",
     [{"c2s": _add_legacy_version}, {"s2c": _change_server_random}],
@@ -357,6 +364,7 @@ async def test_altered_hello_in_the_transcript_fails_the_handshake(
 # ------------------------------------------------------------------ rekey
 
 
+@pytest.mark.integration
 async def test_rekey_after_n_records_is_transparent_and_traffic_continues() -> None:
     async with running_server() as srv:
         stream = await gateway_connect(srv.port, rekey_after_records=4)
@@ -372,6 +380,7 @@ async def test_rekey_after_n_records_is_transparent_and_traffic_continues() -> N
         assert srv.recorder.messages == [b"m%d" % i for i in range(40)]
 
 
+@pytest.mark.integration
 async def test_rekey_after_t_seconds_is_transparent_and_traffic_continues() -> None:
     now = [1000.0]
     async with running_server() as srv:
@@ -387,6 +396,7 @@ async def test_rekey_after_t_seconds_is_transparent_and_traffic_continues() -> N
         assert srv.recorder.messages == [b"t%d" % i for i in range(6)]
 
 
+@pytest.mark.integration
 async def test_rekey_completes_while_the_client_only_sends() -> None:
     got: list[bytes] = []
     done = asyncio.Event()
@@ -454,6 +464,7 @@ async def _valid_client_hello() -> bytes:
     ).initiate()
 
 
+@pytest.mark.integration
 async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -490,6 +501,7 @@ async def test_garbage_never_crashes_the_server_and_each_is_counted_and_logged(
     assert len(refusals) == len(garbage)
 
 
+@pytest.mark.integration
 async def test_half_open_connection_is_closed_at_the_handshake_timeout() -> None:
     async with running_server(handshake_timeout=0.3) as srv:
         reader, writer = await asyncio.open_connection(HOST, srv.port)
@@ -542,6 +554,7 @@ async def _round_trip(port: int, text: bytes) -> None:
         await stream.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spread", [True, False], ids=["40-sources", "same-source"])
 async def test_idle_connections_beyond_the_server_limit_cannot_lock_out_a_genuine_client(
     spread: bool,
@@ -567,6 +580,7 @@ async def test_idle_connections_beyond_the_server_limit_cannot_lock_out_a_genuin
                 w.close()
 
 
+@pytest.mark.integration
 async def test_one_source_cannot_hold_more_than_the_per_source_cap() -> None:
     # Past a verified hello (only a pinned client gets there) one address holds at most
     # max_pending_per_source handshakes; idle sockets do not count against it.
@@ -594,6 +608,7 @@ async def test_one_source_cannot_hold_more_than_the_per_source_cap() -> None:
                 w.close()
 
 
+@pytest.mark.integration
 async def test_full_server_of_stalled_hellos_refuses_the_newcomer_and_recovers() -> None:
     async with running_server(handshake_timeout=WAIT * 3, max_pending_handshakes=4) as srv:
         stalled = [await _stalled_after_hello(f"127.0.0.{2 + i}", srv.port) for i in range(4)]
@@ -612,6 +627,7 @@ async def test_full_server_of_stalled_hellos_refuses_the_newcomer_and_recovers()
                 w.close()
 
 
+@pytest.mark.integration
 async def test_connection_without_its_first_frame_is_closed_at_the_first_frame_timeout() -> None:
     async with running_server(handshake_timeout=WAIT * 3, first_frame_timeout=0.2) as srv:
         # a genuine hello that then stalls is under handshake_timeout, not the first-frame one
@@ -662,6 +678,7 @@ def test_source_key_groups_an_ipv6_host_by_its_64_and_unmaps_ipv4() -> None:
     assert _source_key("not-an-ip") == "not-an-ip"
 
 
+@pytest.mark.integration
 async def test_client_connect_to_a_silent_server_times_out_with_a_channel_error() -> None:
     accepted: list[asyncio.StreamWriter] = []
 
@@ -681,6 +698,7 @@ async def test_client_connect_to_a_silent_server_times_out_with_a_channel_error(
         await server.wait_closed()
 
 
+@pytest.mark.integration
 async def test_unreachable_server_raises_oserror_for_the_caller_to_spool() -> None:
     probe = await asyncio.start_server(lambda r, w: None, HOST, 0)
     port = probe.sockets[0].getsockname()[1]
@@ -690,6 +708,7 @@ async def test_unreachable_server_raises_oserror_for_the_caller_to_spool() -> No
         await gateway_connect(port)
 
 
+@pytest.mark.integration
 async def test_failing_application_handler_closes_only_its_session() -> None:
     calls = 0
 
@@ -734,6 +753,7 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     gc.collect()
 
 
+@pytest.mark.integration
 async def test_a_receiver_that_does_not_read_pushes_back_on_the_sender(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -785,6 +805,7 @@ async def test_a_receiver_that_does_not_read_pushes_back_on_the_sender(
         await server.wait_closed()
 
 
+@pytest.mark.integration
 async def test_an_idle_client_rekeys_on_time_without_traffic() -> None:
     async with running_server() as srv:
         stream = await gateway_connect(srv.port, rekey_after_seconds=0.1)
@@ -801,6 +822,7 @@ async def test_an_idle_client_rekeys_on_time_without_traffic() -> None:
         assert await srv.recorder.next_end() is None
 
 
+@pytest.mark.integration
 async def test_clients_enrolled_or_removed_in_the_live_mapping_apply_to_new_sessions() -> None:
     allowed = {"gateway": GATEWAY.public_key}
     async with running_server(allowed_clients=allowed) as srv:
@@ -818,6 +840,7 @@ async def test_clients_enrolled_or_removed_in_the_live_mapping_apply_to_new_sess
 # ------------------------------------------------------------------ trust changes end sessions
 
 
+@pytest.mark.integration
 async def test_removing_a_pinned_client_closes_its_live_session_within_seconds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -841,6 +864,7 @@ async def test_removing_a_pinned_client_closes_its_live_session_within_seconds(
     assert "client_unpinned" in reasons
 
 
+@pytest.mark.integration
 async def test_a_session_past_its_maximum_lifetime_is_closed_and_the_client_reconnects() -> None:
     async with running_server(max_session_lifetime=0.5) as srv:
         stream = await gateway_connect(srv.port)  # the client's own lifetime is the default
@@ -856,6 +880,7 @@ async def test_a_session_past_its_maximum_lifetime_is_closed_and_the_client_reco
         assert srv.stats.sessions == 2
 
 
+@pytest.mark.integration
 async def test_server_enforces_its_own_rekey_limits_against_a_lax_client() -> None:
     # Issue 14: a server configured for 10 records / 1 s sent 101 records over 10,000 s in
     # epoch 0, because only the client counted. Here the client would never rekey on its own.

@@ -47,6 +47,7 @@ def assert_one_clear_error(proc: subprocess.CompletedProcess[str], *needles: str
 
 
 # -- flags, checked before anything starts ---------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "flag", "said"),
     [
@@ -71,6 +72,7 @@ def test_bad_flag_is_refused_before_anything_starts(
     assert not work.exists(), "a refused demo built nothing (no PKI, no services)"
 
 
+@pytest.mark.integration
 def test_analyze_on_an_empty_work_directory_names_it_and_not_a_flag_never_given(
     tmp_path: Path,
 ) -> None:
@@ -79,6 +81,7 @@ def test_analyze_on_an_empty_work_directory_names_it_and_not_a_flag_never_given(
     assert "-c" not in err.replace("--workdir", "")
 
 
+@pytest.mark.integration
 def test_broker_without_a_config_here_points_at_the_work_directory(tmp_path: Path) -> None:
     proc = pacegate("broker", cwd=tmp_path, timeout=60)
     assert_one_clear_error(proc, "broker.yaml", "--workdir W", "-c FILE")
@@ -86,6 +89,7 @@ def test_broker_without_a_config_here_points_at_the_work_directory(tmp_path: Pat
     assert_one_clear_error(proc, "-c/--config is required")
 
 
+@pytest.mark.integration
 def test_yaml_missing_colon_points_at_the_line_of_the_mistake(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text("mqtt:\n  host: 127.0.0.1\n  port 8883\n  client_id: gateway\n")
@@ -97,6 +101,7 @@ def test_yaml_missing_colon_points_at_the_line_of_the_mistake(tmp_path: Path) ->
     assert_one_clear_error(proc, f"{cfg}:3:", "fix:")
 
 
+@pytest.mark.integration
 def test_unclosed_quote_points_at_where_the_quote_opened(tmp_path: Path) -> None:
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text('mqtt:\n  host: "127.0.0.1\n  port: 8883\n')
@@ -104,6 +109,7 @@ def test_unclosed_quote_points_at_where_the_quote_opened(tmp_path: Path) -> None
     assert_one_clear_error(proc, f"{cfg}:2:", "YAML syntax error")
 
 
+@pytest.mark.integration
 def test_port_held_by_another_program_is_named_with_its_holder(tmp_path: Path) -> None:
     from console.stack import choose_endpoints, write_configs
     from pacegate.pki import init_pki
@@ -170,6 +176,7 @@ def running_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkL
         out.close()
 
 
+@pytest.mark.integration
 def test_second_up_on_the_same_work_directory_is_refused_with_the_holders_pid(
     running_up: tuple[WorkLayout, int],
 ) -> None:
@@ -181,6 +188,7 @@ def test_second_up_on_the_same_work_directory_is_refused_with_the_holders_pid(
     assert broker_log.read_text() == before, "the refused up wrote nothing into the stack's logs"
 
 
+@pytest.mark.integration
 def test_service_started_on_a_port_the_stack_holds_names_the_pacegate_holder(
     running_up: tuple[WorkLayout, int],
 ) -> None:
@@ -197,6 +205,7 @@ def test_service_started_on_a_port_the_stack_holds_names_the_pacegate_holder(
     assert_one_clear_error(proc, "metrics.port", f"pid {state['gateway']['pid']}")
 
 
+@pytest.mark.integration
 def test_analyze_json_into_a_reader_that_left_ends_quietly(
     running_up: tuple[WorkLayout, int],
 ) -> None:
@@ -214,6 +223,7 @@ def test_analyze_json_into_a_reader_that_left_ends_quietly(
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.integration
 def test_devices_final_table_shows_who_connected_and_the_average_rate(
     running_up: tuple[WorkLayout, int],
 ) -> None:
@@ -227,6 +237,7 @@ def test_devices_final_table_shows_who_connected_and_the_average_rate(
     assert float(cells[6].replace(",", "")) > 0, "acks/s of the whole run, not of its last instant"
 
 
+@pytest.mark.integration
 def test_logs_and_replay_windows_are_owner_only(running_up: tuple[WorkLayout, int]) -> None:
     work, _ = running_up
     paths = [*work.logs_dir.glob("*.log"), work.gateway_dir / "replay.db"]
@@ -235,6 +246,7 @@ def test_logs_and_replay_windows_are_owner_only(running_up: tuple[WorkLayout, in
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+@pytest.mark.integration
 def test_status_reports_each_service_pid_port_uptime_and_counters(
     running_up: tuple[WorkLayout, int],
 ) -> None:
@@ -278,6 +290,7 @@ def test_status_reports_each_service_pid_port_uptime_and_counters(
     assert human.returncode == 0 and f"{h['stored']} stored" in human.stdout, human.stdout
 
 
+@pytest.mark.integration
 def test_corrupt_database_is_named_as_corruption_with_integrity_checks_answer(
     running_up: tuple[WorkLayout, int], tmp_path: Path
 ) -> None:
@@ -299,6 +312,7 @@ def test_corrupt_database_is_named_as_corruption_with_integrity_checks_answer(
     assert "keyring does not belong" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_status_of_a_stopped_stack_says_down_and_exits_1(tmp_path: Path) -> None:
     from console.stack import choose_endpoints
     from pacegate.pki import init_pki
@@ -313,6 +327,7 @@ def test_status_of_a_stopped_stack_says_down_and_exits_1(tmp_path: Path) -> None
     assert not any(s["up"] for s in status["services"].values())
 
 
+@pytest.mark.integration
 def test_bad_time_flag_names_the_flag_not_a_placeholder_file(
     running_up: tuple[WorkLayout, int],
 ) -> None:

@@ -83,6 +83,7 @@ def test_server_context_with_a_crl_checks_the_leaf_certificate(pki: PkiLayout) -
     assert with_crl.verify_mode == ssl.CERT_REQUIRED
 
 
+@pytest.mark.integration
 def test_revoked_certificate_fails_the_tls_handshake_itself_once_the_crl_is_reloaded(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -115,6 +116,7 @@ def test_revoked_certificate_fails_the_tls_handshake_itself_once_the_crl_is_relo
 
 
 # -- layer 2: the CONNECT-time revocation check -----------------------------------------------
+@pytest.mark.integration
 def test_connect_time_check_refuses_a_certificate_revoked_after_its_tls_handshake(
     embedded_broker: BrokerHandle,
 ) -> None:
@@ -218,6 +220,7 @@ async def _connect_through_the_server_seam(
         await server.wait_closed()
 
 
+@pytest.mark.integration
 def test_server_refuses_a_client_id_that_is_not_the_certificate_cn_before_any_session(
     broker_cfg: BrokerConfig, pki: PkiLayout
 ) -> None:
@@ -246,6 +249,7 @@ def test_server_refuses_a_client_id_that_is_not_the_certificate_cn_before_any_se
     asyncio.run(run())
 
 
+@pytest.mark.integration
 def test_server_seam_accepts_the_certificates_own_client_id(
     broker_cfg: BrokerConfig, pki: PkiLayout
 ) -> None:

@@ -67,6 +67,7 @@ def stored_readings(work: WorkLayout) -> list[Reading]:
         store.close()
 
 
+@pytest.mark.integration
 def test_demo_stores_every_sent_reading_exactly_once(
     demo_run: tuple[WorkLayout, dict[str, Any]],
 ) -> None:
@@ -82,6 +83,7 @@ def test_demo_stores_every_sent_reading_exactly_once(
     assert len({(r.sensor_id, r.timestamp) for r in readings}) == len(readings)
 
 
+@pytest.mark.integration
 def test_demo_report_includes_the_validated_blind_analysis(
     demo_run: tuple[WorkLayout, dict[str, Any]],
 ) -> None:
@@ -93,6 +95,7 @@ def test_demo_report_includes_the_validated_blind_analysis(
     assert mean["abs_error"] <= 1e-3 * abs(mean["plaintext"])
 
 
+@pytest.mark.integration
 def test_no_file_in_the_work_directory_holds_a_reading_in_clear(
     demo_run: tuple[WorkLayout, dict[str, Any]],
 ) -> None:
@@ -112,6 +115,7 @@ def test_no_file_in_the_work_directory_holds_a_reading_in_clear(
     assert offenders == []
 
 
+@pytest.mark.integration
 def test_service_logs_are_json_lines_and_hold_no_secret(
     demo_run: tuple[WorkLayout, dict[str, Any]],
 ) -> None:
@@ -131,6 +135,7 @@ def test_service_logs_are_json_lines_and_hold_no_secret(
                 assert {"event", "component", "reason"} <= record.keys()
 
 
+@pytest.mark.integration
 def test_demo_secrets_are_private_files(demo_run: tuple[WorkLayout, dict[str, Any]]) -> None:
     work, _ = demo_run
     secrets = [
@@ -146,6 +151,7 @@ def test_demo_secrets_are_private_files(demo_run: tuple[WorkLayout, dict[str, An
         assert path.stat().st_mode & 0o077 == 0, path
 
 
+@pytest.mark.integration
 def test_demo_rerun_in_the_same_workdir_keeps_counting_without_nonce_reuse(
     demo_run: tuple[WorkLayout, dict[str, Any]],
 ) -> None:
@@ -165,6 +171,7 @@ def test_demo_rerun_in_the_same_workdir_keeps_counting_without_nonce_reuse(
     )
 
 
+@pytest.mark.integration
 def test_up_serves_until_sigterm_and_stops_every_service_it_started(tmp_path: Path) -> None:
     from pacegate.pki import init_pki
 
@@ -198,6 +205,7 @@ def test_up_serves_until_sigterm_and_stops_every_service_it_started(tmp_path: Pa
         log.close()
 
 
+@pytest.mark.integration
 def test_up_without_a_pki_says_how_to_create_one(tmp_path: Path) -> None:
     proc = pacegate("up", "--workdir", str(tmp_path), timeout=60)
     assert proc.returncode == 2
@@ -210,6 +218,7 @@ needs_capture = pytest.mark.skipif(
 )
 
 
+@pytest.mark.integration
 @pytest.mark.tshark
 @needs_capture
 def test_capture_around_a_demo_shows_tls_client_certs_and_sealed_payloads(tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ while True:
 """
 
 
+@pytest.mark.integration
 def test_process_killed_mid_block_never_reuses_a_counter(tmp_path: Path) -> None:
     path = _enrolled(tmp_path)
     seen: list[int] = []

@@ -62,6 +62,7 @@ def _endpoints(work: WorkLayout, broker: BrokerHandle) -> None:
     work.endpoints.write_text(json.dumps({"mqtt": {"host": broker.host, "port": broker.port}}))
 
 
+@pytest.mark.integration
 async def test_devices_publish_sealed_readings_that_open_with_their_psk(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -92,6 +93,7 @@ async def test_devices_publish_sealed_readings_that_open_with_their_psk(
     assert reading.plausible
 
 
+@pytest.mark.integration
 def test_cli_prints_one_json_summary_and_reads_endpoints_json(
     embedded_broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -117,6 +119,7 @@ def test_cli_prints_one_json_summary_and_reads_endpoints_json(
     assert summary["acknowledged"] > 0
 
 
+@pytest.mark.integration
 def test_cli_exits_nonzero_when_nothing_is_acknowledged(pki_dir: Path, tmp_path: Path) -> None:
     from tests.support import free_port
 
@@ -129,6 +132,7 @@ def test_cli_exits_nonzero_when_nothing_is_acknowledged(pki_dir: Path, tmp_path:
     assert "no reading was acknowledged" in proc.stderr
 
 
+@pytest.mark.integration
 def test_too_few_enrolled_devices_fails_naming_the_enroll_command(
     pki_dir: Path, tmp_path: Path
 ) -> None:
@@ -138,6 +142,7 @@ def test_too_few_enrolled_devices_fails_naming_the_enroll_command(
     assert f"pacegate pki enroll DEVICE_ID --dir {pki_dir}" in proc.stderr
 
 
+@pytest.mark.integration
 def test_device_without_its_counter_file_stops_the_run_naming_the_rekey_command(
     pki: PkiLayout, tmp_path: Path
 ) -> None:
@@ -164,6 +169,7 @@ def _ceilings(pki: PkiLayout, ids: list[str]) -> dict[str, int]:
     return {d: CounterStore(pki.device_counter(d), d).ceiling for d in ids}
 
 
+@pytest.mark.integration
 def test_simulator_killed_mid_run_and_restarted_never_reuses_a_nonce(
     embedded_broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -215,6 +221,7 @@ def test_simulator_killed_mid_run_and_restarted_never_reuses_a_nonce(
         assert ceilings_at_kill[device_id] > 16  # several blocks were reserved before the kill
 
 
+@pytest.mark.integration
 async def test_devices_reconnect_after_the_broker_restarts_and_deliver_their_buffer(
     pki_dir: Path, tmp_path: Path
 ) -> None:
@@ -269,6 +276,7 @@ async def test_devices_reconnect_after_the_broker_restarts_and_deliver_their_buf
     assert any(outage_from < ts < outage_to for ts in taken)
 
 
+@pytest.mark.integration
 async def test_two_hundred_devices_connect_and_publish_through_the_embedded_broker(
     pki_dir: Path, tmp_path: Path
 ) -> None:
@@ -294,6 +302,7 @@ async def test_two_hundred_devices_connect_and_publish_through_the_embedded_brok
     assert summary.produced == summary.acknowledged + summary.failed + summary.dropped
 
 
+@pytest.mark.integration
 async def test_revoked_device_is_refused_promptly_and_does_not_hang(
     embedded_broker: BrokerHandle, pki: PkiLayout
 ) -> None:

@@ -33,6 +33,9 @@ from tests.test_gateway_service import (
     write_gateway_yaml,
 )
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 DRAIN_WAIT = 60.0
 
 

@@ -148,6 +148,7 @@ PARSER_ONLY: dict[str, Callable[[Doc], None]] = {
 }
 
 
+@pytest.mark.integration
 def test_shipped_schema_files_are_the_generated_schema() -> None:
     generated = render_json_schema()
     assert (REPO / SCHEMA_FILE_NAME).read_text() == generated, (

@@ -159,6 +159,7 @@ def spooled(cfg_path: Path) -> list[IngestItem]:
         spool.close()
 
 
+@pytest.mark.integration
 def test_readings_from_devices_are_opened_by_the_gateway(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -181,6 +182,7 @@ def test_readings_from_devices_are_opened_by_the_gateway(
     assert got == want
 
 
+@pytest.mark.integration
 def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
     broker: BrokerHandle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -243,6 +245,7 @@ def test_attacks_are_rejected_and_counted_while_the_gateway_stays_up(
         assert not any(s in text for s in secrets), text
 
 
+@pytest.mark.integration
 def test_replay_state_survives_a_gateway_restart(
     embedded_broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -263,6 +266,7 @@ def test_replay_state_survives_a_gateway_restart(
     assert [i.counter for i in spooled(config)] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_invalid_edit_keeps_the_old_config_and_a_valid_one_applies(
     embedded_broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -287,6 +291,7 @@ def test_invalid_edit_keeps_the_old_config_and_a_valid_one_applies(
         assert wait_until(lambda: gw.rejected("oversized") == 1, WAIT)
 
 
+@pytest.mark.integration
 def test_newly_enrolled_device_is_accepted_without_a_restart(
     embedded_broker: BrokerHandle, tmp_path: Path
 ) -> None:

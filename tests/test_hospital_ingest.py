@@ -125,6 +125,7 @@ def test_garbage_either_parses_or_raises_ingest_wire_error(
     assert isinstance(ack, IngestAck)
 
 
+@pytest.mark.integration
 def test_metrics_are_served_over_http_on_loopback(handler: IngestHandler, tmp_path: Path) -> None:
     work = WorkLayout(tmp_path / "work")
     work.root.mkdir()

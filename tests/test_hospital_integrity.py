@@ -400,6 +400,7 @@ async def test_analysis_refuses_a_store_that_verify_fails(
         )
 
 
+@pytest.mark.integration
 async def test_analysis_in_decrypting_processes_refuses_a_damaged_slice_boundary(
     tmp_path: Path,
 ) -> None:

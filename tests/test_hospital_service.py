@@ -39,6 +39,9 @@ from pacegate.channel import (
 from pacegate.ingest import IngestAck, IngestBatch, IngestItem, decode, encode_batch
 from pacegate.reading import Reading
 
+# every test here starts or reaches a process or a server
+pytestmark = pytest.mark.integration
+
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 
 

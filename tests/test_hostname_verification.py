@@ -102,6 +102,7 @@ def test_client_context_checks_the_host_name_and_requires_a_certificate(pki: Pki
     assert named.check_hostname and named.verify_mode == ssl.CERT_REQUIRED
 
 
+@pytest.mark.integration
 def test_client_context_refuses_a_server_certificate_for_another_host(
     misnamed_pki: PkiLayout,
 ) -> None:
@@ -117,6 +118,7 @@ def test_client_context_refuses_a_server_certificate_for_another_host(
         assert _handshake(ctx, port, OTHER_NAME) == b"ok"
 
 
+@pytest.mark.integration
 def test_client_context_with_a_server_name_verifies_that_name_not_the_address(
     misnamed_pki: PkiLayout,
 ) -> None:
@@ -131,6 +133,7 @@ def test_client_context_with_a_server_name_verifies_that_name_not_the_address(
 
 
 # -- the device's MQTT client ---------------------------------------------------------------
+@pytest.mark.integration
 def test_device_refuses_a_broker_whose_certificate_names_another_host(
     misnamed_broker: BrokerHandle,
 ) -> None:
@@ -182,6 +185,7 @@ def _close_what_paho_drops(client: object) -> list[ssl.SSLSocket]:
     return wrapped
 
 
+@pytest.mark.integration
 def test_gateway_refuses_a_broker_whose_certificate_names_another_host(
     misnamed_broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -200,6 +204,7 @@ def test_gateway_refuses_a_broker_whose_certificate_names_another_host(
             gw.replay.close()
 
 
+@pytest.mark.integration
 def test_gateway_with_the_brokers_certificate_name_as_server_name_connects(
     misnamed_broker: BrokerHandle, tmp_path: Path
 ) -> None:

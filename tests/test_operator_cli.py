@@ -23,6 +23,7 @@ def registry(root: Path) -> dict[str, dict[str, str]]:
     return devices
 
 
+@pytest.mark.integration
 def test_enroll_count_issues_a_hundred_bundles_in_one_call(tmp_path: Path) -> None:
     from pacegate.keystore import PskStore
     from pacegate.pki import init_pki
@@ -46,6 +47,7 @@ def test_enroll_count_issues_a_hundred_bundles_in_one_call(tmp_path: Path) -> No
     assert {"ward-a", "ward-b", "pm-0101", "pm-0102"} <= set(registry(root))
 
 
+@pytest.mark.integration
 def test_enroll_refuses_the_whole_batch_when_one_id_is_bad(tmp_path: Path) -> None:
     from pacegate.pki import init_pki
 
@@ -103,6 +105,7 @@ def test_children_are_started_so_a_local_pacegate_folder_cannot_shadow_the_packa
     assert argv[:4] == [sys.executable, "-P", "-m", "console"]
 
 
+@pytest.mark.integration
 def test_child_pacegate_started_beside_a_pacegate_folder_imports_the_package(
     tmp_path: Path,
 ) -> None:

@@ -205,6 +205,7 @@ def test_cli_enrolls_and_revokes_without_printing_secrets(
     assert "already enrolled" in out.err
 
 
+@pytest.mark.integration
 def test_concurrent_enrolments_lose_no_device(tmp_path: Path) -> None:
     import multiprocessing
 

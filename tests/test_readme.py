@@ -57,6 +57,7 @@ def test_readme_names_the_blocks_it_promises() -> None:
     assert "/work/" not in README.read_text(), "no developer's path in the README"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(3 * BLOCK_TIMEOUT_S)
 def test_readme_operating_section_runs_as_written(tmp_path: Path) -> None:
     # a pacegate/ folder in the current directory must not shadow the installed package

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SBOM_TIMEOUT = 600  # cyclonedx-py imports and validates; tens of seconds on a busy machine
 
 
+@pytest.mark.integration
 def test_dev_sbom_writes_valid_cyclonedx_naming_the_crypto_broker_and_he_libraries(
     tmp_path: Path,
 ) -> None:

@@ -111,6 +111,7 @@ def _stored_pairs(work: WorkLayout) -> list[tuple[str, int]]:
         store.close()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_broker_are_killed(
     tmp_path: Path,
@@ -133,7 +134,7 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
             [
                 sys.executable,
                 "-m",
-                "pacegate",
+                "console",
                 "devices",
                 "--workdir",
                 str(work.root),
@@ -194,6 +195,7 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
                 proc.wait()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_a_crash_looping_service_is_reported_and_up_gives_up(tmp_path: Path) -> None:
     """A hospital whose configuration is broken dies at every start: ``up`` restarts it a few
@@ -228,6 +230,7 @@ def test_a_crash_looping_service_is_reported_and_up_gives_up(tmp_path: Path) -> 
             up.wait()
 
 
+@pytest.mark.integration
 @pytest.mark.mosquitto
 @pytest.mark.timeout(420)
 def test_on_mosquitto_acknowledged_readings_are_stored_once_while_gateway_and_hospital_die(

@@ -157,6 +157,7 @@ def test_channel_dissector_constants_are_the_channel_wire_formats() -> None:
 
 
 # -- install ------------------------------------------------------------------------------
+@pytest.mark.integration
 @needs_tshark
 def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path: Path) -> None:
     home = tmp_path / "home"
@@ -232,6 +233,7 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
 
 
 # -- a real demo ----------------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.tshark
 @needs_capture
 def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_counters(
@@ -243,7 +245,7 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
         [
             sys.executable,
             "-m",
-            "pacegate",
+            "console",
             "capture",
             "--workdir",
             str(work.root),
@@ -453,6 +455,7 @@ async def _session_with_rekeys(
     return port, rekeys
 
 
+@pytest.mark.integration
 @pytest.mark.tshark
 @needs_capture
 def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -> None:
@@ -490,6 +493,7 @@ def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -
     assert len(done) >= 2 * rekeys  # the server's and the client's switch to the new keys
 
 
+@pytest.mark.integration
 @pytest.mark.tshark
 @needs_capture
 def test_dissector_shows_the_servers_key_update_requests_of_a_real_session(
@@ -565,6 +569,7 @@ def _v2(epoch: bytes, counter: int, body: bytes = bytes(range(31))) -> bytes:
     return bytes([2]) + epoch + counter.to_bytes(8, "big") + body
 
 
+@pytest.mark.integration
 @needs_tshark
 def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_path: Path) -> None:
     v1 = _v1(7)
@@ -637,6 +642,7 @@ def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_pat
     assert [r[0] for r in other] == ["pm-0004"]
 
 
+@pytest.mark.integration
 @needs_tshark
 def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per_epoch(
     tmp_path: Path,
@@ -696,6 +702,7 @@ def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per
     assert len(report.findings) == 3
 
 
+@pytest.mark.integration
 def test_capture_checks_count_any_dissector_tree_as_a_finding_never_raise() -> None:
     """Whatever a dissector (a newer, an older, a broken one) puts in its tree, the checks
     count it and go on."""
@@ -724,6 +731,7 @@ def test_capture_checks_count_any_dissector_tree_as_a_finding_never_raise() -> N
     assert not any("disagree" in f for f in report.findings)
 
 
+@pytest.mark.integration
 @needs_tshark
 def test_channel_dissector_skips_unknown_frame_types_and_flags_oversized_ones(
     tmp_path: Path,
@@ -770,6 +778,7 @@ def _client_hello(versions: tuple[int, ...], time_ms: int) -> bytes:
     return wire.frame(wire.FrameType.CLIENT_HELLO, hello.encode())
 
 
+@pytest.mark.integration
 @needs_tshark
 def test_channel_dissector_shows_v2_hello_fields_alerts_and_unknown_versions(
     tmp_path: Path,
