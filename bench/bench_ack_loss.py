@@ -232,6 +232,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacegate-ackloss-") as tmp:
+        # run as root, mosquitto drops to its own account, which must enter this directory
+        os.chmod(tmp, 0o711)  # noqa: S103 (search only, no listing)
         result = run(
             Path(tmp),
             broker=args.broker,

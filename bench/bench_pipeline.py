@@ -514,14 +514,13 @@ def write_plain_mosquitto_config(work: WorkLayout, ep: Endpoints) -> Path:
     ACL file; Mosquitto's ACL check is a C string match, not what the ratio measures).
     Persistence as in the secured run."""
     path = work.root / "mosquitto-plain.conf"
-    head = ["user root"] if os.geteuid() == 0 else []
     secured = write_mosquitto_config(work, ep, overwrite=True).read_text().splitlines()
     keep = [
         line
         for line in secured[: secured.index(next(x for x in secured if x.startswith("listener")))]
-        if not line.startswith(("acl_file", "allow_anonymous", "user "))
+        if not line.startswith(("acl_file", "allow_anonymous"))
     ]
-    lines = [*head, *keep, "allow_anonymous true", f"listener {ep.mqtt[1]} {ep.mqtt[0]}"]
+    lines = [*keep, "allow_anonymous true", f"listener {ep.mqtt[1]} {ep.mqtt[0]}"]
     path.write_text("\n".join([*lines, "protocol mqtt", "max_connections 10000", ""]))
     return path
 
@@ -953,6 +952,8 @@ def _cpu_per_k(results: list[RepeatResult]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     per_device = max(1, args.readings // args.devices)
     with tempfile.TemporaryDirectory(prefix="pacegate-bench-pipeline-") as tmp:
+        # search only, no listing: mosquitto, started as root, drops to its own account
+        os.chmod(tmp, 0o711)  # noqa: S103
         base = Path(tmp)
         t_start = time.perf_counter()
         secured, ids, latency = run_secured(

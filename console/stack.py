@@ -144,14 +144,20 @@ def mosquitto_binary() -> str:
 
 def write_mosquitto_config(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> Path:
     """``WORKDIR/mosquitto.conf`` for ``pacegate up --broker mosquitto`` (kept if edited)."""
-    from pacegate.pki import mosquitto_conf
+    from pacegate.pki import mosquitto_cannot_reach, mosquitto_conf, mosquitto_run_user
 
+    blocked = mosquitto_cannot_reach(work.pki)
+    if blocked is not None:
+        # started as root, mosquitto drops to its own account before opening a certificate
+        raise StackError(
+            f"mosquitto runs as {mosquitto_run_user(work.pki)!r}, which cannot enter "
+            f"{blocked} to reach the PKI in {work.pki.root} (fix: chmod o+x {blocked}, or "
+            "use a work directory it can reach, e.g. under /srv, or --broker embedded)"
+        )
     path = work.root / MOSQUITTO_CONFIG
     if overwrite or not path.exists():
-        # as root, mosquitto would drop to the 'mosquitto' user, who cannot read the 0600
-        # broker key written by root; it logs to stderr, i.e. WORKDIR/logs/broker.log
-        head = ["user root"] if os.geteuid() == 0 else []
-        head += ["log_dest stderr", "log_type error warning notice information"]
+        # it logs to stderr, i.e. WORKDIR/logs/broker.log
+        head = ["log_dest stderr", "log_type error warning notice information"]
         body = mosquitto_conf(work.pki, host=ep.mqtt[0], port=ep.mqtt[1])
         path.write_text("\n".join([*head, body]))
     return path

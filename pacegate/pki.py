@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import grp
 import json
 import os
 import pwd
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -357,6 +359,33 @@ def mosquitto_run_user(layout: PkiLayout) -> str | None:
     except KeyError:
         return None
     return MOSQUITTO_ACCOUNT
+
+
+def mosquitto_cannot_reach(layout: PkiLayout) -> Path | None:
+    """The first directory above the PKI that the account of :func:`mosquitto_run_user`
+    may not search, when mosquitto is started as root (so drops to it); else None.
+
+    Mosquitto drops root before it opens a single certificate, so such a directory (a 0700
+    home, pytest's base temporary directory) makes it fail with "Unable to load CA
+    certificates", naming neither the account nor the directory."""
+    if os.geteuid() != 0:
+        return None
+    user = mosquitto_run_user(layout)
+    if user is None or user == "root":
+        return None
+    account = pwd.getpwnam(user)
+    groups = {account.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    for directory in (layout.root.resolve(), *layout.root.resolve().parents):
+        st = directory.stat()
+        if st.st_uid == account.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return directory
+    return None
 
 
 def _grant_mosquitto_access(layout: PkiLayout) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,21 @@ def broker(request: pytest.FixtureRequest) -> BrokerHandle:
 # without the marker that does any of these fails, naming what it did (set
 # PACEGATE_INTEGRATION_REPORT=FILE to list such tests in FILE instead of failing them).
 _activity: list[str] | None = None
+# Threads alive when the test began: a thread an earlier (integration) test left behind,
+# e.g. a client still reconnecting to a server that is gone, is not this test's doing.
+_threads_before: frozenset[int] = frozenset()
 
 
 def _record(what: str) -> None:
-    if _activity is not None and len(_activity) < 3:
-        _activity.append(what)
+    if _activity is None or len(_activity) >= 3:
+        return
+    if threading.get_ident() in _threads_before:
+        leaked = os.environ.get("PACEGATE_LEAKED_THREAD_REPORT")
+        if leaked:
+            with open(leaked, "a") as f:
+                f.write(f"{threading.current_thread().name}\t{what}\n")
+        return
+    _activity.append(what)
 
 
 def _install_activity_probes() -> None:
@@ -120,8 +131,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    global _activity
+    global _activity, _threads_before
     _activity = [] if item.get_closest_marker("integration") is None else None
+    _threads_before = frozenset(
+        t.ident for t in threading.enumerate() if t is not threading.main_thread() and t.ident
+    )
     try:
         return (yield)
     finally:

@@ -240,10 +240,11 @@ def test_on_mosquitto_acknowledged_readings_are_stored_once_while_gateway_and_ho
     PUBACK means Mosquitto owns the message, and its loss under kill -9 is measured
     (bench/bench_ack_loss.py, docs/pki-and-broker.md), not promised."""
     from bench.bench_ack_loss import run
-    from tests.support import have_mosquitto
+    from tests.support import have_mosquitto, let_others_through
 
     if not have_mosquitto():
         pytest.skip("Debian's mosquitto is not installed (./dev setup installs it)")
+    let_others_through(tmp_path)  # as root, mosquitto drops to its own account
     result = run(tmp_path, broker="mosquitto", kills=("gateway", "hospital"), duration=30.0)
     assert result["acknowledged"] > DEVICES * RATE_HZ * 30 // 2, result["fleet_summary"]
     assert result["lost"] == []
@@ -251,3 +252,41 @@ def test_on_mosquitto_acknowledged_readings_are_stored_once_while_gateway_and_ho
     assert result["restarts"]["gateway"] == result["restarts"]["hospital"] == 1
     assert result["restarts"]["broker"] == 0
     assert result["up_exit_code"] == 0 and not result["up_log_killed_after_grace"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mosquitto drops privileges only as root")
+def test_up_with_mosquitto_refuses_a_work_directory_its_account_cannot_enter(
+    tmp_path: Path,
+) -> None:
+    """Started as root, mosquitto drops to its own account before it opens a certificate;
+    behind a 0700 directory it would die with "Unable to load CA certificates". The stack
+    names the directory and the fix instead, and passes once the directory lets it through."""
+    from console.stack import StackError, choose_endpoints, write_mosquitto_config
+    from console.workdir import WorkLayout
+    from pacegate.pki import init_pki, mosquitto_cannot_reach
+
+    if not have_mosquitto_account():
+        pytest.skip("no 'mosquitto' account (./dev setup installs Debian's mosquitto)")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    work = WorkLayout(home / "work")
+    init_pki(work.pki.root)
+    ep = choose_endpoints(prefer_defaults=False)
+    assert mosquitto_cannot_reach(work.pki) is not None
+    with pytest.raises(StackError, match=r"cannot enter .*\(fix: chmod o\+x"):
+        write_mosquitto_config(work, ep, overwrite=True)
+    from tests.support import let_others_through
+
+    let_others_through(work.root)
+    assert mosquitto_cannot_reach(work.pki) is None
+    assert "user mosquitto" in write_mosquitto_config(work, ep, overwrite=True).read_text()
+
+
+def have_mosquitto_account() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return False
+    return True
