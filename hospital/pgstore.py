@@ -50,6 +50,7 @@ from hospital.store import (
     ROTATE_BATCH,
     CheckedRow,
     Head,
+    ReadingStore,
     RecordedHead,
     RotationReport,
     StoredReading,
@@ -70,6 +71,7 @@ from hospital.store import (
 from pacegate.errors import ConfigError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE
+from pacegate.reading import Reading
 
 SCHEMA_VERSION = 1
 # A writer id names an ingest node in every row: short, and printable in reports.
@@ -489,7 +491,10 @@ class PostgresReadingStore:
 
     def _db_mac_version(self) -> int:
         with self._lock:
-            row = self._conn.execute("SELECT value FROM meta WHERE name = 'keyring'").fetchone()
+            return self._db_mac_version_locked()
+
+    def _db_mac_version_locked(self) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE name = 'keyring'").fetchone()
         version = self.keyring.mac_version_of(bytes(row[0])) if row is not None else None
         if version is None:
             self.keyring.refresh()
@@ -499,15 +504,29 @@ class PostgresReadingStore:
         return version
 
     def _own_head(self) -> Head:
+        """This writer's head, locked for the transaction; refuses to go on with a keyring
+        older than the newest Fernet key any node's rotate-key recorded in the database."""
         row = self._conn.execute(
-            "SELECT head FROM heads WHERE writer = %s FOR UPDATE", (self.writer,)
+            "SELECT h.head, (SELECT value FROM meta WHERE name = 'fernet_version') "
+            "FROM heads h WHERE h.writer = %s FOR UPDATE OF h",
+            (self.writer,),
         ).fetchone()
         head = _decode_head(bytes(row[0])) if row is not None else None
-        if head is None:
+        if row is None or head is None:
             raise StoreError(
                 f"{self.name}: writer {self.writer}: the chain head is missing or damaged "
                 "(run verify)"
             )
+        wanted = int.from_bytes(bytes(row[1]), "big") if row[1] is not None else 0
+        if self.keyring.current_version < wanted:
+            self.keyring.refresh()
+            if self.keyring.current_version < wanted:
+                raise StoreError(
+                    f"{self.name}: writer {self.writer}: the database's readings are under "
+                    f"Fernet key version {wanted}, but {self.keyring.path} holds up to "
+                    f"{self.keyring.current_version}: copy the rotated keyring to this node; "
+                    "nothing stored (the gateway sends the batch again)"
+                )
         return head
 
     # -- ingest ---------------------------------------------------------------------------------
@@ -704,7 +723,7 @@ class PostgresReadingStore:
         batch_size: int = DEFAULT_ITER_BATCH,
         *,
         seq_range: tuple[int, int] | None = None,
-    ) -> Iterator[list[Any]]:
+    ) -> Iterator[list[Reading]]:
         for batch in self.iter_records(since, until, batch_size, seq_range=seq_range):
             yield [r.reading for r in batch]
 
@@ -828,19 +847,16 @@ class PostgresReadingStore:
         self, *, batch_size: int = ROTATE_BATCH, retire_old: bool = True, integrity: bool = False
     ) -> RotationReport:
         """Add a Fernet key, re-encrypt every row under it in short transactions while every
-        writer goes on ingesting, then check every row once more with all writers' heads
-        locked (ingest waits for that pass only) before the older keys are retired: a writer
-        on another node still using the old keyring makes the check fail, and nothing is
-        retired. Every node must hold the new keyring before ``retire_old``."""
-        if integrity:
-            raise StoreError(
-                f"{self.name}: 'rotate-key --integrity' is not implemented for the PostgreSQL "
-                "store yet; nothing changed"
-            )
+        writer goes on ingesting, then look at every row once more with all writers' heads
+        locked (ingest waits for that pass only), re-encrypting the rows stored meanwhile,
+        before the older keys are retired. The new version is recorded in the database
+        first: from then on a node whose keyring lacks it is refused (no ACK) instead of
+        storing rows under a key about to be retired. Copy the keyring to every node."""
         with self._lock:
             self.keyring.refresh()
             new_version = self.keyring.add_key()
             self.keyring.save()
+            self._set_meta("fernet_version", new_version.to_bytes(4, "big"))
         reencrypted, last = 0, 0
         while True:
             with self._lock, self._conn.transaction():
@@ -864,7 +880,124 @@ class PostgresReadingStore:
             if retire_old:
                 retired = self.keyring.retire_older_than(new_version)
                 self.keyring.save()
-        return RotationReport(new_version, reencrypted, retired)
+        report = RotationReport(new_version, reencrypted, retired)
+        if integrity:
+            report.new_mac_version, report.retired_mac = self._rekey(batch_size, retire_old)
+        return report
+
+    def _rekey(self, batch_size: int, retire_old: bool) -> tuple[int, list[int]]:
+        """Re-key every writer's row keys and chain under a new integrity key in **one**
+        transaction holding every writer's head (ingest on every node waits for it; past
+        :data:`LOCK_TIMEOUT_MS` its batch fails without ACK and is sent again). Refused, with
+        nothing changed, when any chain, head or this writer's anchor does not verify:
+        re-keying a damaged chain would make the damage verify. Other nodes' anchors are
+        under the old key until their next batch (compared by row number only)."""
+        kr = self.keyring
+        with self._lock:
+            kr.refresh()
+            new_version = kr.add_mac_key()
+            kr.save()  # both keys held: every node's ingest can follow the switch
+        new = kr.integrity(new_version)
+        records = self.anchor.records() if self.anchor is not None else None
+        c = self._conn
+        with self._lock:
+            with c.transaction():
+                heads = {
+                    w: _decode_head(bytes(h))
+                    for w, h in c.execute(
+                        "SELECT writer, head FROM heads ORDER BY writer FOR UPDATE"
+                    ).fetchall()
+                }
+                old_version = self._db_mac_version_locked()
+                old = self._chain_keys(old_version)
+                writers = sorted(
+                    set(heads)
+                    | {w for (w,) in c.execute("SELECT DISTINCT writer FROM readings").fetchall()}
+                )
+                own_last, own_new_chain = 0, writer_genesis(new, self.writer)
+                best = _best_anchor(records or [], kr, old_version)
+                for writer in writers:
+                    last, prev_old, prev_new, at = self._rekey_writer(
+                        writer, old, new, batch_size, best.seq if best is not None else -1
+                    )
+                    head = heads.get(writer)
+                    damage = _head_problems(head, old, last, prev_old)
+                    if head is not None and head.version != old.version:
+                        damage.append(VerifyProblem(None, "head_mismatch", "head key version"))
+                    if damage:
+                        raise self._not_rekeyed(writer, damage[0].seq, damage[0].kind)
+                    if writer == self.writer:
+                        if self.anchor is not None:
+                            anchored = _anchor_problems(
+                                self.anchor, records, best, old_version, last, at
+                            )
+                            if anchored:
+                                raise self._not_rekeyed(writer, anchored[0].seq, anchored[0].kind)
+                        own_last, own_new_chain = last, prev_new
+                    c.execute(
+                        "UPDATE heads SET head = %s WHERE writer = %s",
+                        (self._head(new, last, prev_new).encode(), writer),
+                    )
+                self._set_meta("keyring", new.fingerprint())
+            # committed: this writer's anchor follows
+            if self.anchor is not None:
+                with self.anchor.locked(LOCK_TIMEOUT_MS / 1000):
+                    self.anchor.replace(self._anchor_record(new, own_last, own_new_chain))
+                self._anchored = (own_last, own_new_chain)
+            retired: list[int] = []
+            if retire_old:
+                kr.refresh()
+                retired = kr.retire_mac_older_than(new_version)
+                kr.save()
+        return new_version, retired
+
+    def _rekey_writer(
+        self, writer: str, old: ChainKeys, new: ChainKeys, batch_size: int, anchor_wseq: int
+    ) -> tuple[int, bytes, bytes, bytes | None]:
+        """One writer's rows, checked under ``old`` and re-keyed under ``new`` (inside the
+        caller's transaction): ``(last wseq, last old chain, last new chain, old chain at
+        the anchored row)``."""
+        c, kr = self._conn, self.keyring
+        prev_old, prev_new = writer_genesis(old, writer), writer_genesis(new, writer)
+        at = prev_old if anchor_wseq == 0 else None
+        last = 0
+        while rows := c.execute(
+            "SELECT seq, wseq, row_key, token, chain FROM readings WHERE writer = %s "
+            "AND wseq > %s ORDER BY wseq LIMIT %s",
+            (writer, last, batch_size),
+        ).fetchall():
+            updates = []
+            for seq, wseq, row_key, token, chain in rows:
+                row_key, chain = bytes(row_key), bytes(chain)
+                try:
+                    plaintext = kr.decrypt(bytes(token))
+                    record = decode_plaintext(plaintext)
+                except (InvalidToken, ValueError, KeyError, TypeError):
+                    raise self._not_rekeyed(writer, seq, "undecryptable") from None
+                if wseq != last + 1:
+                    raise self._not_rekeyed(writer, seq, "missing_rows")
+                bad = _row_problems(old, prev_old, wseq, row_key, chain, plaintext, record)
+                if bad:
+                    raise self._not_rekeyed(writer, seq, bad[0].kind)
+                fresh_key = new.row_key(record.device_id, record.counter)
+                fresh_chain = new.chain_link(prev_new, wseq, fresh_key, plaintext)
+                updates.append((fresh_key, fresh_chain, seq))
+                if wseq == anchor_wseq and writer == self.writer:
+                    at = chain
+                prev_old, prev_new, last = chain, fresh_chain, wseq
+            with c.cursor() as cur:
+                cur.executemany(
+                    "UPDATE readings SET row_key = %s, chain = %s WHERE seq = %s", updates
+                )
+        return last, prev_old, prev_new, at
+
+    def _not_rekeyed(self, writer: str, seq: int | None, kind: str) -> StoreError:
+        where = f"row {seq}" if seq is not None else "the head"
+        return StoreError(
+            f"{self.name}: writer {writer}: {where}: {kind}: the chain does not verify, so it "
+            "was not re-keyed under a new integrity key (that would make the damage verify); "
+            "nothing changed. Run 'pacegate hospital verify'"
+        )
 
     def _reencrypt(self, rows: list[tuple[int, int, bytes]], new_version: int) -> int:
         n = 0
@@ -899,3 +1032,7 @@ class PostgresReadingStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _conforms(store: PostgresReadingStore) -> ReadingStore:
+    return store  # mypy checks here that the whole ReadingStore protocol is implemented

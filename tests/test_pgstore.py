@@ -460,3 +460,61 @@ def test_rotation_while_two_writers_ingest_leaves_every_row_under_the_new_key(
     assert all(ring.decrypts_under_newest(t) for t in tokens)
     with _open(pg_dsn, hdir, "node-1") as s:
         assert s.verify().ok
+
+
+def test_node_with_a_keyring_older_than_the_databases_newest_key_is_refused_not_stored(
+    pg_dsn: str, hdir: Path, tmp_path: Path
+) -> None:
+    """Node 2 got no copy of the rotated keyring: it must not store rows under the key
+    that node 1's rotation retires."""
+    with _open(pg_dsn, hdir, "node-1") as first:
+        first.store_batch(make_items(10))
+    stale_dir = tmp_path / "node2"
+    stale_dir.mkdir()
+    (stale_dir / "keyring.json").write_bytes((hdir / "keyring.json").read_bytes())
+    (stale_dir / "keyring.json").chmod(0o600)
+    stale = PostgresReadingStore.open(pg_dsn, stale_dir / "keyring.json", "node-2")
+    with _open(pg_dsn, hdir, "node-1") as first:
+        first.rotate_key()
+    with pytest.raises(StoreError, match="Fernet key version 2"):
+        stale.store_batch(make_items(5, start=10))
+    stale.close()
+    with _open(pg_dsn, hdir, "node-1") as first:
+        assert first.count() == 10 and first.verify().ok
+
+
+def test_integrity_rotation_rekeys_every_writers_chain_and_still_catches_deletion(
+    pg_dsn: str, hdir: Path
+) -> None:
+    with _open(pg_dsn, hdir, "node-2") as other:
+        other.store_batch(make_items(40, start=500))
+    with _open(pg_dsn, hdir, "node-1") as store:
+        store.store_batch(make_items(40))
+        report = store.rotate_key(integrity=True, batch_size=16)
+        assert (report.new_mac_version, report.retired_mac) == (2, [1])
+        checked = store.verify()
+        assert checked.ok, checked.problems
+        assert {h.split(":")[0] for h in checked.writers.values()} == {"2"}
+        # ingest on both writers goes on under the new key; duplicates still found
+        assert store.store_batch(make_items(45)).stored == 5
+    with _open(pg_dsn, hdir, "node-2") as other:
+        assert other.store_batch(make_items(41, start=500)).duplicates == 40
+        assert other.verify().ok
+    _sql(pg_dsn, "DELETE FROM readings WHERE writer = 'node-2' AND wseq = 3")
+    with _open(pg_dsn, hdir, "node-1") as store:
+        assert "missing_rows" in _kinds(store.verify())
+
+
+def test_integrity_rotation_of_a_tampered_store_is_refused_and_changes_nothing(
+    two_writers: tuple[PostgresReadingStore, str], hdir: Path
+) -> None:
+    store, dsn = two_writers
+    _sql(dsn, "DELETE FROM readings WHERE writer = 'node-2' AND wseq = 5")
+    with psycopg.connect(dsn) as c:
+        before = c.execute("SELECT seq, row_key, chain FROM readings ORDER BY seq").fetchall()
+    with pytest.raises(StoreError, match="not re-keyed"):
+        store.rotate_key(integrity=True)
+    with psycopg.connect(dsn) as c:
+        after = c.execute("SELECT seq, row_key, chain FROM readings ORDER BY seq").fetchall()
+    assert after == before
+    assert "missing_rows" in _kinds(store.verify())
