@@ -209,6 +209,7 @@ class PostgresChainScan:
                     "SELECT seq, wseq, row_key, token, chain FROM readings WHERE writer = %s "
                     "ORDER BY wseq",
                     (writer,),
+                    binary=True,
                 )
                 while rows := cur.fetchmany(self._batch_size):
                     out = []
@@ -589,7 +590,7 @@ class PostgresReadingStore:
             stored_tokens = dict(
                 (bytes(k), bytes(t))
                 for k, t in c.execute(
-                    "SELECT row_key, token FROM readings WHERE row_key = ANY(%s)",
+                    "SELECT row_key, token FROM readings WHERE row_key = ANY(%b)",
                     ([k for k, *_ in keyed],),
                 )
             )
@@ -601,11 +602,17 @@ class PostgresReadingStore:
                 chain = keys.chain_link(chain, wseq, row_key, plaintext)
                 rows.append((wseq, row_key, token, chain))
             if rows:
-                inserted = c.execute(
-                    "INSERT INTO readings(writer, wseq, row_key, key_version, token, chain) "
-                    "SELECT %s, w, k, %s, t, ch FROM unnest("
-                    "%s::bigint[], %s::bytea[], %s::bytea[], %s::bytea[]) AS u(w, k, t, ch) "
-                    "ORDER BY w ON CONFLICT (row_key) DO NOTHING RETURNING 1",
+                # one round trip: the rows, and the head only if every row went in (%b: the
+                # binary format, which spares escaping every byte of every token)
+                done = c.execute(
+                    "WITH ins AS ("
+                    " INSERT INTO readings(writer, wseq, row_key, key_version, token, chain)"
+                    " SELECT %s, w, k, %s, t, ch FROM unnest("
+                    " %b::bigint[], %b::bytea[], %b::bytea[], %b::bytea[]) AS u(w, k, t, ch)"
+                    " ORDER BY w ON CONFLICT (row_key) DO NOTHING RETURNING 1),"
+                    " n AS (SELECT count(*) AS n FROM ins)"
+                    " UPDATE heads SET head = %b FROM n WHERE writer = %s AND n.n = %s"
+                    " RETURNING n.n",
                     (
                         self.writer,
                         version,
@@ -613,14 +620,13 @@ class PostgresReadingStore:
                         [r[1] for r in rows],
                         [r[2] for r in rows],
                         [r[3] for r in rows],
+                        self._head(keys, wseq, chain).encode(),
+                        self.writer,
+                        len(rows),
                     ),
-                ).fetchall()
-                if len(inserted) != len(rows):
+                ).fetchone()
+                if done is None:
                     raise _Raced  # leaves the transaction: rolled back, nothing half-chained
-                c.execute(
-                    "UPDATE heads SET head = %s WHERE writer = %s",
-                    (self._head(keys, wseq, chain).encode(), self.writer),
-                )
             conflicts = 0
             plain_of = {(i.device_id, i.counter): pt for _, i, pt, _ in keyed}
             for row_key, _item, plaintext, _ in keyed:
@@ -674,6 +680,7 @@ class PostgresReadingStore:
                     "SELECT seq, token, row_key, chain, writer, wseq FROM readings "
                     "WHERE seq > %s AND seq < %s ORDER BY seq LIMIT %s",
                     (last, stop, batch_size),
+                    binary=True,  # bytea as is, not hex to decode
                 ).fetchall()
                 self.keyring.refresh()
             if not rows:
