@@ -7,6 +7,7 @@ console/postgres.py), real SQLite files and real Fernet keys.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -518,3 +519,34 @@ def test_integrity_rotation_of_a_tampered_store_is_refused_and_changes_nothing(
         after = c.execute("SELECT seq, row_key, chain FROM readings ORDER BY seq").fetchall()
     assert after == before
     assert "missing_rows" in _kinds(store.verify())
+
+
+def test_analytics_slices_check_every_writers_chain_and_refuse_a_tampered_row(
+    pg_dsn: str, hdir: Path
+) -> None:
+    """As the parallel analysis reads it: check_head, then seq slices with check_chain."""
+    a, b = _open(pg_dsn, hdir, "node-a"), _open(pg_dsn, hdir, "node-b")
+    try:
+        for i in range(0, 300, 30):  # interleaved batches: the slices cut both chains
+            a.store_batch(make_items(30, start=i))
+            b.store_batch(make_items(30, start=10_000 + i))
+        last = a.check_head()
+        lo, hi = a.seq_bounds()
+        assert hi == last
+        cuts = [lo, lo + (hi - lo) // 3, lo + 2 * (hi - lo) // 3, hi + 1]
+        total = 0
+        for start, stop in itertools.pairwise(cuts):
+            for ages, _ in a.iter_reading_values(seq_range=(start, stop), check_chain=True):
+                total += len(ages)
+        assert total == 600
+        _sql(
+            pg_dsn,
+            "UPDATE readings SET chain = sha256(chain) WHERE writer = 'node-b' AND wseq = 200",
+        )
+        with pytest.raises(StoreError, match="chain_mismatch"):
+            for start, stop in itertools.pairwise(cuts):
+                for _ in a.iter_reading_values(seq_range=(start, stop), check_chain=True):
+                    pass
+    finally:
+        a.close()
+        b.close()
