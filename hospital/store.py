@@ -146,7 +146,7 @@ class ReadingStore(Protocol):
 
     def scan(
         self, batch_size: int = DEFAULT_ITER_BATCH, *, expect: RecordedHead | None = None
-    ) -> ChainScan:
+    ) -> RowScan:
         """:meth:`verify` row by row, each row with its reading and its problems."""
         ...
 
@@ -256,6 +256,15 @@ class CheckedRow:
     seq: int
     record: StoredReading | None
     problems: tuple[VerifyProblem, ...] = ()
+
+
+class RowScan(Protocol):
+    """What :meth:`ReadingStore.scan` returns: batches of checked rows, then the report."""
+
+    @property
+    def report(self) -> VerifyReport: ...
+
+    def __iter__(self) -> Iterator[list[CheckedRow]]: ...
 
 
 class ChainScan:

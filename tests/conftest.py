@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 from pacegate.layout import PkiLayout
+
+# the throwaway PostgreSQL (pg_server for the session, pg_dsn a database per test)
+from tests.pg_support import pg_dsn, pg_server  # noqa: F401
 from tests.support import BrokerHandle, embedded_broker, have_mosquitto, mosquitto_broker
 
 DEVICE_IDS = ("pm-0001", "pm-0002", "pm-0003")
