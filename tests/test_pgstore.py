@@ -127,7 +127,11 @@ def test_time_filter_is_since_inclusive_until_exclusive_on_both_backends(
     since, until = items[5].reading.timestamp, items[10].reading.timestamp
     got = [r for b in store.iter_readings(since, until) for r in b]
     assert sorted(r.timestamp for r in got) == [i.reading.timestamp for i in items[5:10]]
-    ages = [a for a, _ in store.iter_reading_values(since, until, check_chain=True) for a in a]
+    ages = [
+        age
+        for batch_ages, _ in store.iter_reading_values(since, until, check_chain=True)
+        for age in batch_ages
+    ]
     assert sorted(ages) == sorted(i.reading.age for i in items[5:10])
     with pytest.raises(ValueError, match="timezone"):
         next(iter(store.iter_readings(since=datetime(2025, 1, 1))))
@@ -253,7 +257,9 @@ def test_two_writers_storing_overlapping_batches_store_every_reading_exactly_onc
         t.join(timeout=240)
     assert not errors, errors
     with psycopg.connect(pg_dsn) as c:
-        per_writer = dict(c.execute("SELECT writer, count(*) FROM readings GROUP BY writer"))
+        per_writer: dict[str, int] = dict(
+            c.execute("SELECT writer, count(*) FROM readings GROUP BY writer").fetchall()
+        )
         assert c.execute("SELECT count(DISTINCT row_key) FROM readings").fetchone() == (1200,)
     assert sum(per_writer.values()) == 1200
     assert set(per_writer) == {"node-1", "node-2"}  # both really wrote
