@@ -122,9 +122,10 @@ def bench_broker_sealed(work: Path, broker: object, n: int) -> float:
     payloads = {d: [] for d in DEVICES}  # type: dict[str, list[bytes]]
     for i in range(n):
         d = DEVICES[i % len(DEVICES)]
-        payloads[d].append(
-            seal_reading(keys.get(d).psk, d, len(payloads[d]) + 1, _reading(i), epoch=EPOCH)
-        )  # type: ignore[union-attr]
+        key = keys.get(d)
+        if key is None:
+            raise SystemExit(f"{d} is not in the PSK store")
+        payloads[d].append(seal_reading(key.psk, d, len(payloads[d]) + 1, _reading(i), epoch=EPOCH))
     t0 = time.perf_counter()
 
     def accepted() -> bool:
@@ -156,7 +157,10 @@ def bench_broker_plaintext(broker: object, pki: PkiLayout, n: int) -> float:
     got = 0
     done = threading.Event()
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id="gateway", clean_session=False, manual_ack=True
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        client_id="gateway",
+        clean_session=False,
+        manual_ack=True,
     )
     client.tls_set_context(client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key))
     subscribed = threading.Event()
@@ -166,7 +170,7 @@ def bench_broker_plaintext(broker: object, pki: PkiLayout, n: int) -> float:
 
     def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         nonlocal got
-        Reading.from_bytes(msg.payload)
+        Reading.from_bytes(bytes(msg.payload))
         c.ack(msg.mid, msg.qos)
         got += 1
         if got >= n:

@@ -64,7 +64,7 @@ def _client(pki: PkiLayout, identity: str, port: int, *, clean: bool) -> mqtt.Cl
     else:
         ctx.load_cert_chain(str(pki.device_cert(identity)), str(pki.device_key(identity)))
     c = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
         client_id=identity,
         protocol=mqtt.MQTTv311,
         clean_session=clean,

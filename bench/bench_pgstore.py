@@ -93,10 +93,9 @@ def run(root: Path, total: int, batch: int, writers: int) -> dict[str, object]:
                 out["postgresql_rows"] = p.count()
     finally:
         shutil.rmtree(pgroot, ignore_errors=True)
-    sqlite_rate = float(out["sqlite_readings_per_s"])  # type: ignore[arg-type]
+    sqlite_rate = float(str(out["sqlite_readings_per_s"]))
     out["ratio_postgresql_to_sqlite"] = round(
-        float(out["postgresql_readings_per_s"]) / sqlite_rate,
-        2,  # type: ignore[arg-type]
+        float(str(out["postgresql_readings_per_s"])) / sqlite_rate, 2
     )
     return out
 
