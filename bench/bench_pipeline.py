@@ -13,10 +13,12 @@ once (a saturating burst). Time runs from the first reading queued until the hos
 One uncounted warm-up round of a fifth of the readings, then ``--repeats`` rounds; the
 median is reported (the devices reconnect for each round; connecting is not timed).
 
-**Plaintext run**: the same topology (three processes plus the devices in this process), the
-same code, each cryptographic layer replaced by its identity, and *only* that. The plaintext
-wiring lives in this file only (bench-local subclasses and a bench-local ``--serve`` mode);
-no production code path has a security-off switch. What differs:
+**Plaintext run**: the same topology (the same :class:`console.stack.Stack`, started through
+its ``service_argv`` seam, plus the devices in this process), the same code, each
+cryptographic layer replaced by its identity, and *only* that. The plaintext wiring lives in
+this file only (bench-local subclasses of production classes, overriding the seams they
+expose, and a bench-local ``--serve`` mode); nothing is monkeypatched, and no production code
+path has a security-off switch. What differs:
 
 - device -> broker: plain TCP instead of TLS (a pass-through stream in place of
   ``device_sim.mqtt.TlsStream``); the payload is the *null seal*: the same 9-byte header
@@ -27,9 +29,9 @@ no production code path has a security-off switch. What differs:
   CN (same ``device_may`` ACL function), no CRL check;
 - gateway: the real ``gateway.service.Gateway`` and ``gateway.pipeline.process`` (routes,
   PSK lookup, limits, header parse, replay window, checks, batching, manual MQTT acks), with
-  ``open_reading`` (ChaCha20-Poly1305) replaced by the null open in that process, the MQTT
-  client without TLS, and the PQ channel replaced by 4-byte length-prefixed frames over TCP
-  (no handshake, no AES-GCM records);
+  the ``_open_sealed`` seam (ChaCha20-Poly1305) returning the null open, the ``_secure`` seam
+  leaving the MQTT client without TLS, and the PQ channel replaced by 4-byte length-prefixed
+  frames over TCP (no handshake, no AES-GCM records);
 - hospital: the real ``HospitalService`` and ``SqliteReadingStore`` (same batches, same
   transaction per batch, WAL + ``synchronous=FULL``, same padded JSON rows) with a keyring
   whose Fernet encryption, row-key HMAC, chain HMAC and head MAC are identities/constants.
@@ -66,12 +68,11 @@ import signal
 import ssl
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -82,16 +83,15 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
+from broker.plugins import CertIdentityAuthPlugin, TopicAclPlugin, device_may  # noqa: E402
 from console.endpoints import Endpoints  # noqa: E402
 from console.stack import (  # noqa: E402
+    Stack,
     StackError,
-    choose_endpoints,
     mosquitto_binary,
     prepare_workdir,
     running_stack,
     scrape,
-    wait_for_listen,
-    write_configs,
     write_mosquitto_config,
 )
 from console.workdir import WorkLayout  # noqa: E402
@@ -106,6 +106,7 @@ from device_sim.mqtt import (  # noqa: E402
     await_connack,
 )
 from hospital.keyring import ChainKeys, Keyring  # noqa: E402
+from pacegate.identity import is_valid_device_id  # noqa: E402
 from pacegate.layout import DEFAULT_HOST  # noqa: E402
 from pacegate.reading import READING_SIZE, Reading  # noqa: E402
 from pacegate.sealed import (  # noqa: E402
@@ -282,13 +283,31 @@ class NullChainKeys(ChainKeys):
 
 
 # == the plaintext services (run as `bench_pipeline.py --serve NAME -c FILE`) ==============
-def serve_plain_broker(config: Path) -> None:
-    from amqtt.adapters import StreamWriterAdapter
-    from amqtt.broker import Broker
+class ClientIdAuth(CertIdentityAuthPlugin):  # type: ignore[misc]
+    """The plaintext broker's authentication: no TLS, so the claimed client id stands in for
+    the certificate's CN (amqtt loads plugins by dotted path: they live at module level)."""
 
+    async def authenticate(self, *, session: Any) -> bool | None:
+        cid = session.client_id
+        return bool(cid == "gateway" or is_valid_device_id(cid))
+
+
+class ClientIdAcl(TopicAclPlugin):  # type: ignore[misc]
+    """The production topic ACL (``device_may``) keyed on the client id."""
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Any = None
+    ) -> bool | None:
+        if session is None or topic is None or action is None:
+            return False
+        gw: str = self.config.gateway_identity
+        return device_may(session.client_id, topic, action, gw)
+
+
+def serve_plain_broker(config: Path) -> None:
+    from broker.amqtt_api import Broker, StreamWriterAdapter
     from broker.config import BrokerConfig, load_broker_config
     from broker.delivery import GatewayAcks
-    from broker.plugins import CertIdentityAuthPlugin, TopicAclPlugin, device_may
     from broker.server import (
         PACKET_OVERHEAD,
         PacegateBroker,
@@ -296,26 +315,6 @@ def serve_plain_broker(config: Path) -> None:
         _BoundedReader,
         amqtt_config,
     )
-    from pacegate.identity import is_valid_device_id
-
-    class ClientIdAuth(CertIdentityAuthPlugin):  # type: ignore[misc]
-        async def authenticate(self, *, session: Any) -> bool | None:
-            cid = session.client_id
-            return bool(cid == "gateway" or is_valid_device_id(cid))
-
-    class ClientIdAcl(TopicAclPlugin):  # type: ignore[misc]
-        async def topic_filtering(
-            self, *, session: Any = None, topic: str | None = None, action: Any = None
-        ) -> bool | None:
-            if session is None or topic is None or action is None:
-                return False
-            gw: str = self.config.gateway_identity
-            return device_may(session.client_id, topic, action, gw)
-
-    # amqtt loads plugins by dotted path: publish the two classes on this module
-    module = sys.modules[__name__]
-    module.ClientIdAuth = ClientIdAuth  # type: ignore[attr-defined]
-    module.ClientIdAcl = ClientIdAcl  # type: ignore[attr-defined]
 
     class PlainBroker(PacegateBroker):  # type: ignore[misc]
         def __init__(self, cfg: BrokerConfig) -> None:
@@ -404,15 +403,14 @@ def serve_plain_hospital(config: Path) -> None:
 def serve_plain_gateway(config: Path) -> None:
     import paho.mqtt.client as mqtt
 
-    import gateway.pipeline
     from gateway.config import load_gateway_config
     from gateway.forwarder import ChannelStream
     from gateway.service import Gateway
 
-    # the one crypto call of the gateway's per-message decision, as its identity
-    setattr(gateway.pipeline, "open_reading", null_open)  # noqa: B010
-
     class PlainGateway(Gateway):
+        # the one crypto call of the gateway's per-message decision, as its identity
+        _open_sealed = staticmethod(null_open)
+
         def _secure(self, client: mqtt.Client) -> None:
             pass  # MQTT over plain TCP: the TLS layer as an identity
 
@@ -441,71 +439,26 @@ SERVERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-@dataclass
-class PlainStack:
-    """The plaintext broker, hospital and gateway, each its own process, stopped by PID."""
+class PlainStack(Stack):
+    """``pacegate up``'s own :class:`~console.stack.Stack` (start order, readiness, logs,
+    stop by PID) with the broker, hospital and gateway started as this file's plaintext
+    services; the cloud worker is the real one (the analysis is not measured here)."""
 
-    work: WorkLayout
-    endpoints: Endpoints
-    broker: str = "embedded"
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: list[Any] = field(default_factory=list)
-
-    def _argv(self, name: str, config: Path) -> list[str]:
+    def service_argv(self, name: str) -> list[str]:
         if name == "broker" and self.broker == "mosquitto":
             return [
                 mosquitto_binary(),
                 "-c",
                 str(write_plain_mosquitto_config(self.work, self.endpoints)),
             ]
-        return [sys.executable, str(Path(__file__).resolve()), "--serve", name, str(config)]
-
-    def start(self) -> None:
-        ep = self.endpoints
-        plan = (
-            ("broker", self.work.broker_config, ep.mqtt[1]),
-            ("hospital", self.work.hospital_config, ep.hospital[1]),
-            ("gateway", self.work.gateway_config, ep.gateway_metrics[1]),
-        )
-        self.work.logs_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for name, config, port in plan:
-                log_file = open(self.work.logs_dir / f"plain-{name}.log", "a")  # noqa: SIM115
-                self.logs.append(log_file)
-                proc = subprocess.Popen(
-                    self._argv(name, config),
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=self.work.root,
-                    start_new_session=True,
-                )
-                self.procs[name] = proc
-                try:
-                    wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
-                except StackError as exc:
-                    raise StackError(f"plaintext {name}: {exc} (see {log_file.name})") from None
-        except BaseException:
-            self.stop()
-            raise
-
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items()}
-
-    def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
-        for f in self.logs:
-            f.close()
-        self.logs.clear()
+        if name in SERVERS:
+            config = {
+                "broker": self.work.broker_config,
+                "hospital": self.work.hospital_config,
+                "gateway": self.work.gateway_config,
+            }[name]
+            return [sys.executable, str(Path(__file__).resolve()), "--serve", name, str(config)]
+        return super().service_argv(name)
 
 
 def write_plain_mosquitto_config(work: WorkLayout, ep: Endpoints) -> Path:
@@ -525,16 +478,12 @@ def write_plain_mosquitto_config(work: WorkLayout, ep: Endpoints) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def running_plain_stack(work: WorkLayout, broker: str = "embedded") -> Iterator[PlainStack]:
-    ep = choose_endpoints(prefer_defaults=False)
-    write_configs(work, ep, overwrite=True)
-    stack = PlainStack(work, ep, broker=broker)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
+def running_plain_stack(
+    work: WorkLayout, broker: str = "embedded"
+) -> contextlib.AbstractContextManager[Stack]:
+    return running_stack(
+        work, overwrite_configs=True, log_level="WARNING", broker=broker, stack_type=PlainStack
+    )
 
 
 # == the load: N devices, a fixed burst of readings, timed until stored ====================
@@ -581,7 +530,7 @@ def _devices(
                 device_id=did,
                 psk=bundle.psk,
                 ssl_context=client_context(pki.ca_cert, bundle.cert, bundle.key),
-                endpoint=Endpoint(*ep.mqtt),
+                endpoints=[Endpoint(*ep.mqtt)],
                 counter=counter,
                 model=HeartModel(did, seed=1),
                 connect_gate=gate,
@@ -734,7 +683,7 @@ async def drive(
     )
 
 
-def pids_of_secured(stack: Any) -> dict[str, int]:
+def pids_of_secured(stack: Stack) -> dict[str, int]:
     pids = {s.name: s.proc.pid for s in stack.services if s.name != "cloud"}
     return pids | {"devices": os.getpid()}
 
@@ -784,7 +733,7 @@ def run_plain(
     if not work.pki.root.exists():
         work.pki.root.symlink_to(pki_root, target_is_directory=True)
     with running_plain_stack(work, broker) as stack:
-        pids = stack.pids() | {"devices": os.getpid()}
+        pids = pids_of_secured(stack)
         asyncio.run(drive(work, stack.endpoints, ids, max(1, per_device // 5), pids, plain=True))
         results = [
             asyncio.run(drive(work, stack.endpoints, ids, per_device, pids, plain=True))
@@ -797,9 +746,7 @@ def run_plain(
                     work, stack.endpoints, ids, rate=LATENCY_RATE, seconds=latency_s, plain=True
                 )
             )
-        for name, proc in stack.procs.items():
-            if proc.poll() is not None:
-                raise StackError(f"plaintext {name} exited with {proc.returncode}")
+        stack.check_alive()
     return results, latency
 
 

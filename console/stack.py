@@ -313,6 +313,19 @@ class Stack:
             "gateway": ep.gateway_metrics,
         }[name]
 
+    def service_argv(self, name: str) -> list[str]:
+        """The command line of service ``name`` (a seam: bench/bench_pipeline.py starts the
+        same stack with its plaintext services through it)."""
+        if name == "broker" and self.broker == "mosquitto":
+            return [mosquitto_binary(), "-c", str(self.work.root / MOSQUITTO_CONFIG)]
+        return pacegate_argv(
+            name,
+            "-c",
+            str(self._config_of(name)),
+            log_level=self.log_level,
+            log_json=self.log_json,
+        )
+
     def start(self) -> None:
         self._preflight()
         self.work.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -327,18 +340,8 @@ class Stack:
         self.services = [s for s in self.services if s.name != name]
         log_path = self.work.logs_dir / f"{name}.log"
         log_file = open(log_path, "a")  # noqa: SIM115 - closed in stop()
-        if name == "broker" and self.broker == "mosquitto":
-            argv = [mosquitto_binary(), "-c", str(self.work.root / MOSQUITTO_CONFIG)]
-        else:
-            argv = pacegate_argv(
-                name,
-                "-c",
-                str(self._config_of(name)),
-                log_level=self.log_level,
-                log_json=self.log_json,
-            )
         proc = subprocess.Popen(
-            argv,
+            self.service_argv(name),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -569,7 +572,10 @@ def running_stack(
     log_level: str = "INFO",
     log_json: bool = False,
     broker: str = "embedded",
+    stack_type: type[Stack] = Stack,
 ) -> Iterator[Stack]:
+    """The stack of ``work`` started on its endpoints, stopped on exit (``stack_type``: a
+    subclass that starts other commands, as bench/bench_pipeline.py's plaintext stack)."""
     if broker not in BROKERS:
         raise ConfigError(None, "--broker", f"unknown broker {broker!r}", fix="embedded|mosquitto")
     ep = read_endpoints(work) if not overwrite_configs else None
@@ -578,7 +584,7 @@ def running_stack(
     write_configs(work, ep, overwrite=overwrite_configs)
     if broker == "mosquitto":
         write_mosquitto_config(work, ep, overwrite=overwrite_configs)
-    stack = Stack(work, ep, log_level=log_level, log_json=log_json, broker=broker)
+    stack = stack_type(work, ep, log_level=log_level, log_json=log_json, broker=broker)
     stack.start()
     try:
         yield stack

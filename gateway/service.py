@@ -37,8 +37,9 @@ from gateway.spool import Spool
 from pacegate.errors import ConfigError, InvariantError
 from pacegate.keystore import PskStore
 from pacegate.log import security_event
+from pacegate.reading import Reading
 from pacegate.replay import ReplayRejected, ReplayWindow
-from pacegate.sealed import SealedReadingError, parse_header
+from pacegate.sealed import SealedReadingError, open_reading, parse_header
 from pacegate.tlsconf import client_context
 
 log = logging.getLogger("pacegate.gateway")
@@ -118,7 +119,9 @@ class Gateway:
         self.keys = PskStore.load(cfg.psk_store.path, cfg.psk_store.key)
         self._keys_stamp = _stamp(cfg.psk_store.path)
         self._cfg_mtime = _mtime(cfg.path)
-        self.state = PipelineState(routes=cfg.routes, keys=self.keys, windows=self.replay)
+        self.state = PipelineState(
+            routes=cfg.routes, keys=self.keys, windows=self.replay, open_sealed=self._open_sealed
+        )
         _warn_about_legacy_routes(cfg)
         self.spool = Spool(cfg.spool.path, cfg.spool.key, max_readings=cfg.spool.max_readings)
         if connector is None and use_channel:
@@ -201,6 +204,12 @@ class Gateway:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
+
+    @staticmethod
+    def _open_sealed(psk: bytes, device_id: str, payload: bytes) -> tuple[int, Reading]:
+        """The seal check of every message (a seam, as :meth:`_secure` is, for the
+        plaintext baseline of bench/bench_pipeline.py)."""
+        return open_reading(psk, device_id, payload)
 
     def _secure(self, client: mqtt.Client) -> None:
         """Mutual TLS with the gateway identity (the seam the plaintext benchmark replaces)."""

@@ -115,3 +115,47 @@ def test_latency_is_read_from_the_published_and_stored_curves_in_order() -> None
     lat = latency_percentiles(published, stored)
     assert lat == pytest.approx([0.15, 0.05, 0.3, 0.2])  # k-th reading: first sample >= k
     assert latency_percentiles(published, [(0.15, 2)]) == pytest.approx([0.15, 0.05])
+
+
+def test_plaintext_doubles_sit_behind_production_seams_without_monkeypatching() -> None:
+    """The plaintext run is the production stack with seams overridden: the stack is
+    ``pacegate up``'s own ``Stack`` (no second copy of start, readiness and stop), the gateway
+    overrides ``_open_sealed`` and ``_secure`` only, and nothing reassigns another module's
+    names at run time."""
+    import ast
+
+    from bench.bench_pipeline import PlainStack
+    from console.stack import Stack
+    from gateway.service import Gateway
+
+    assert issubclass(PlainStack, Stack)
+    assert set(vars(PlainStack)) - {"__module__", "__doc__", "__qualname__"} == {"service_argv"}
+    tree = ast.parse(BENCH.read_text())
+    imported = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    # an attribute assigned on an imported module or class, or through sys.modules
+    rebinds = [
+        ast.unparse(target)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Attribute)
+        and isinstance(target.value, ast.Name)
+        and (target.value.id in imported or target.value.id == "module")
+    ]
+    setattrs = [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in {"setattr", "delattr"}
+    ]
+    assert not setattrs
+    assert not rebinds
+    assert "sys.modules" not in BENCH.read_text()
+    gateway_seams = {"_open_sealed", "_secure"}
+    assert gateway_seams <= set(vars(Gateway))
