@@ -58,21 +58,21 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from amqtt.mqtt.constants import QOS_0, QOS_1
-from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.protocol.handler import ProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.publish import PublishPacket
-from amqtt.plugins.manager import PluginManager
-from amqtt.session import (
+from broker.amqtt_api import (
     OUTGOING,
+    QOS_0,
+    QOS_1,
     ApplicationMessage,
+    BrokerProtocolHandler,
+    DisconnectPacket,
     IncomingApplicationMessage,
     OutgoingApplicationMessage,
+    PluginManager,
+    ProtocolHandler,
+    PubackPacket,
+    PublishPacket,
     Session,
 )
-
 from pacegate.log import security_event
 
 

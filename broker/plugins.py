@@ -22,10 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
-
+from broker.amqtt_api import Action, BaseAuthPlugin, BaseTopicPlugin, Session
 from pacegate.identity import is_valid_device_id, telemetry_topic
 from pacegate.log import security_event
 from pacegate.tlsconf import peer_identity

@@ -33,20 +33,26 @@ import ssl
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import (
+from cryptography import x509
+
+from broker import packets
+from broker.amqtt_api import (
+    Action,
+    AMQTTError,
+    Broker,
+    BrokerProtocolHandler,
     BufferReader,
+    IncomingApplicationMessage,
+    ListenerType,
+    MQTTError,
+    NoDataError,
     ReaderAdapter,
+    Server,
+    Session,
     StreamReaderAdapter,
     StreamWriterAdapter,
     WriterAdapter,
 )
-from amqtt.broker import Broker, BrokerProtocolHandler, Server
-from amqtt.contexts import Action, ListenerType
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.session import IncomingApplicationMessage, Session
-from cryptography import x509
-
-from broker import packets
 from broker.config import BrokerConfig
 from broker.delivery import (
     MAX_AWAITING_GATEWAY,

@@ -31,15 +31,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from amqtt.adapters import BufferReader, ReaderAdapter
-from amqtt.mqtt import packet_class
-from amqtt.mqtt.packet import MQTTFixedHeader
-from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.publish import PublishPacket
-from amqtt.plugins.manager import PluginManager
-
 from broker import packets
+from broker.amqtt_api import (
+    BufferReader,
+    MQTTFixedHeader,
+    PluginManager,
+    PubackPacket,
+    PublishPacket,
+    ReaderAdapter,
+    Subscription,
+    UnSubscription,
+    packet_class,
+)
 from broker.delivery import DeliveringHandler, GatewayAcks
 from pacegate.errors import InvariantError
 from pacegate.log import security_event

@@ -91,3 +91,29 @@ def test_every_amqtt_method_pacegate_overrides_is_in_the_table() -> None:
                         missing.append(f"{cls.__name__}.{name} (from {base.__qualname__})")
                     break
     assert not missing, missing
+
+
+def test_only_the_amqtt_api_module_imports_amqtt() -> None:
+    """All contact with amqtt goes through ``broker/amqtt_api.py``: an upgrade is read
+    there and in the hooks table, not discovered in four modules."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    allowed = root / "broker" / "amqtt_api.py"
+    offenders = []
+    for package in ("pacegate", "console", "device_sim", "broker", "gateway", "hospital", "cloud"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path == allowed:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                if any(n == "amqtt" or n.startswith("amqtt.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}")
+    assert offenders == []

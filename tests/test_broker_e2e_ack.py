@@ -199,8 +199,7 @@ def test_parked_publishes_are_handed_over_oldest_first_and_only_if_still_awaited
 
 
 def test_copies_whose_device_left_are_dropped_from_an_offline_queue_and_no_other() -> None:
-    from amqtt.session import ApplicationMessage
-
+    from broker.amqtt_api import ApplicationMessage
     from broker.delivery import abandoned, compact
 
     async def run() -> None:

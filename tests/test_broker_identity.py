@@ -437,8 +437,7 @@ async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
 ) -> None:
     """The relay-time check: whatever the CRL watcher's timing, once the broker's revoked
     set holds the connection's serial, its PUBLISH is neither relayed nor acknowledged."""
-    from amqtt.session import Session
-
+    from broker.amqtt_api import Session
     from broker.delivery import GatewayAcks
     from broker.strict import StrictHandler
 

@@ -22,13 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.errors import AMQTTError
-from amqtt.session import Session
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker import plugins
+from broker.amqtt_api import AMQTTError, Session, StreamReaderAdapter, StreamWriterAdapter
 from broker.config import BrokerConfig, load_broker_config, render_default_config
 from broker.plugins import CertIdentityAuthPlugin
 from broker.server import PacegateBroker
