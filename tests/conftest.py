@@ -14,7 +14,13 @@ from pacegate.layout import PkiLayout
 
 # the throwaway PostgreSQL (pg_server for the session, pg_dsn a database per test)
 from tests.pg_support import pg_dsn, pg_server  # noqa: F401
-from tests.support import BrokerHandle, embedded_broker, have_mosquitto, mosquitto_broker
+from tests.support import (
+    BrokerHandle,
+    close_leftover_clients,
+    embedded_broker,
+    have_mosquitto,
+    mosquitto_broker,
+)
 
 DEVICE_IDS = ("pm-0001", "pm-0002", "pm-0003")
 
@@ -43,6 +49,13 @@ def pki_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def pki(pki_dir: Path) -> PkiLayout:
     return PkiLayout(pki_dir)
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_mqtt_clients() -> Iterator[None]:
+    """A paho client a test left open reconnects for ever in its thread: close it here."""
+    yield
+    close_leftover_clients()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 
@@ -257,9 +257,16 @@ class ConnectOutcome:
 
 
 class MqttClient:
-    """A paho client running its network loop in a thread, recording what happens."""
+    """A paho client running its network loop in a thread, recording what happens.
+
+    Every one made is closed at the end of its test (:func:`close_leftover_clients`, from
+    conftest) if the test did not: paho's thread reconnects for ever otherwise, and its
+    connects would be charged to whichever test runs next."""
+
+    open_clients: ClassVar[set[MqttClient]] = set()
 
     def __init__(self, client: mqtt.Client, tls: ClosingTlsContext | None = None) -> None:
+        MqttClient.open_clients.add(self)
         self.client = client
         self.tls = tls  # closed with the client: paho may drop a socket it wrapped
         self.messages: list[tuple[str, bytes]] = []
@@ -307,11 +314,20 @@ class MqttClient:
             info.wait_for_publish(timeout)
 
     def close(self) -> None:
+        MqttClient.open_clients.discard(self)
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()
         if self.tls is not None:
             self.tls.close_sockets()
+
+
+def close_leftover_clients() -> int:
+    """Close every :class:`MqttClient` a test left open; how many there were."""
+    left = list(MqttClient.open_clients)
+    for client in left:
+        client.close()
+    return len(left)
 
 
 def try_connect(

@@ -130,35 +130,37 @@ def test_every_acknowledged_reading_is_stored_once_while_gateway_hospital_and_br
     devices: subprocess.Popen[str] | None = None
     try:
         assert wait_until(lambda: UP_READY in up_log.read_text(), WAIT), up_log.read_text()
-        devices = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "console",
-                "devices",
-                "--workdir",
-                str(work.root),
-                "--count",
-                str(DEVICES),
-                "--rate",
-                str(RATE_HZ),
-                "--duration",
-                str(DURATION_S),
-                "--drain",
-                "60",
-                "--acked-log",
-                str(acked_log),
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        with open(tmp_path / "devices.err", "w") as devices_err:
+            devices = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "console",
+                    "devices",
+                    "--workdir",
+                    str(work.root),
+                    "--count",
+                    str(DEVICES),
+                    "--rate",
+                    str(RATE_HZ),
+                    "--duration",
+                    str(DURATION_S),
+                    "--drain",
+                    "60",
+                    "--acked-log",
+                    str(acked_log),
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=devices_err,
+                text=True,
+            )
         time.sleep(6)  # pacing, not an assertion: let readings flow before each kill
         for name in ("gateway", "hospital", "broker"):
             _kill_and_wait_for_restart(work, name, up_log)
             time.sleep(4)
         summary_text, _ = devices.communicate(timeout=DURATION_S + 180)
+        assert summary_text.strip(), (tmp_path / "devices.err").read_text()[-3000:]
         summary = json.loads(summary_text)
         acked = read_acked_log(acked_log)
         assert len(acked) == summary["acknowledged"]
