@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 count=args.count,
                 rate=args.rate,
                 duration=args.duration,
-                endpoint=Endpoint(broker.host, broker.port),
+                endpoints=[Endpoint(broker.host, broker.port)],
                 progress=progress,
             )
         )

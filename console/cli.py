@@ -446,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--seed", type=int, default=0, help="physiological model seed (default 0)")
     p.add_argument(
+        "--broker",
+        action="append",
+        metavar="HOST:PORT",
+        help="a broker or edge node to connect to; repeat it for several: each device starts "
+        "at its home node (by device id) and fails over to the next (default: WORKDIR's broker)",
+    )
+    p.add_argument(
         "--counter-block",
         type=int,
         default=1024,

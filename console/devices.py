@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from console.endpoints import Endpoints, read_endpoints
+from console.endpoints import Endpoints, parse_host_port, read_endpoints
 from console.workdir import WorkLayout
 from device_sim.counter import DEFAULT_BLOCK
 from device_sim.device import Endpoint
@@ -21,6 +21,14 @@ def read_endpoint(work: WorkLayout) -> Endpoint:
     """The broker endpoint from ``endpoints.json`` (written by ``pacegate up``), or the default."""
     host, port = (read_endpoints(work) or Endpoints()).mqtt
     return Endpoint(host, port)
+
+
+def broker_endpoints(work: WorkLayout, given: list[str] | None) -> list[Endpoint]:
+    """``--broker HOST:PORT`` (repeatable: edge nodes, tried from each device's home node
+    on), or else the work directory's broker."""
+    if given:
+        return [Endpoint(*parse_host_port(text, "--broker")) for text in given]
+    return [read_endpoint(work)]
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -47,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     work = WorkLayout(Path(args.workdir))
-    endpoint = read_endpoint(work)
+    endpoints = broker_endpoints(work, getattr(args, "broker", None))
     console = Console(stderr=True)
     with Live(console=console, refresh_per_second=4, transient=False) as live:
 
@@ -57,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         summary = asyncio.run(
             run_fleet(
                 work.pki,
-                endpoint=endpoint,
+                endpoints=endpoints,
                 count=args.count,
                 rate=args.rate,
                 duration=args.duration,
@@ -83,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(
             "pacegate devices: no reading was acknowledged; is the broker running "
             f"(pacegate up --workdir {work.root}) and reachable at "
-            f"{endpoint.host}:{endpoint.port}?"
+            f"{', '.join(f'{e.host}:{e.port}' for e in endpoints)}?"
         )
         return 1
     return 0

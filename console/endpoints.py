@@ -77,3 +77,11 @@ def read_endpoints(work: WorkLayout) -> Endpoints | None:
             )
         values[name] = (host, port)
     return Endpoints(**values)
+
+
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8883`` for IPv6) as given to ``flag``, or a ConfigError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(None, flag, f"{text!r} is not HOST:PORT", fix="e.g. 127.0.0.1:8883")
+    return host.strip("[]"), int(port)

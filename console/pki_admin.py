@@ -103,7 +103,6 @@ def cli_revoke(args: argparse.Namespace) -> int:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise PkiError(f"--mosquitto {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8883")
-    return host.strip("[]"), int(port)
+    from console.endpoints import parse_host_port
+
+    return parse_host_port(text, "--mosquitto")

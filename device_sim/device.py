@@ -20,8 +20,9 @@ import asyncio
 import logging
 import random
 import ssl
+import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -54,6 +55,9 @@ BACKOFF_CAP_S = 30.0
 STABLE_CONNECTION_S = 10.0
 KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 20.0
+# Moving to another edge node after a failed connect waits U(0, this): enough to spread a
+# fleet that lost its node over a second, far below the backoff's 30 s ceiling.
+FAILOVER_JITTER_S = 1.0
 
 
 class Backoff:
@@ -88,11 +92,49 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
+    def rng_uniform(self, ceiling: float) -> float:
+        """A jittered pause in [0, ceiling) that does not grow the backoff."""
+        return self._rng.uniform(0.0, ceiling)
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
     port: int
+
+
+class EndpointList:
+    """Where a device connects next (sans-IO): one broker, or several edge nodes.
+
+    A device starts at its home endpoint (``start``, e.g. spread over the nodes by device id)
+    and stays there while it can. A connection that cannot be opened moves it to the next
+    endpoint; a connection that was open and was lost is first retried where it was (a node
+    restarted by its supervisor is back in about a second), and moves on if that retry fails.
+    ``round_failed()`` says every endpoint has failed in a row: only then does the device wait
+    out its full backoff, so a dead node costs a failover of one connect attempt, not 30 s.
+    """
+
+    def __init__(self, endpoints: Sequence[Endpoint], *, start: int = 0) -> None:
+        if not endpoints:
+            raise ValueError("a device needs at least one broker endpoint")
+        self.endpoints = tuple(endpoints)
+        self._index = start % len(self.endpoints)
+        self._failures_in_row = 0
+
+    @property
+    def current(self) -> Endpoint:
+        return self.endpoints[self._index]
+
+    def connected(self) -> None:
+        self._failures_in_row = 0
+
+    def connect_failed(self) -> None:
+        self._failures_in_row += 1
+        self._index = (self._index + 1) % len(self.endpoints)
+
+    def round_failed(self) -> bool:
+        """True when the last ``len(endpoints)`` attempts all failed (or there is one)."""
+        return self._failures_in_row >= len(self.endpoints) or len(self.endpoints) == 1
 
 
 @dataclass(slots=True)
@@ -119,7 +161,8 @@ class SimulatedDevice:
     device_id: str
     psk: bytes = field(repr=False)
     ssl_context: ssl.SSLContext = field(repr=False)
-    endpoint: Endpoint
+    # the broker, or the edge nodes in the order this device tries them (EndpointList)
+    endpoints: Sequence[Endpoint]
     counter: CounterStore
     model: HeartModel
     connect_gate: asyncio.Semaphore = field(repr=False)
@@ -141,6 +184,13 @@ class SimulatedDevice:
         self._pending: deque[_Outgoing] = deque()
         self._in_flight: dict[int, _Outgoing] = {}
         self._conn: MqttConnection | None = None
+        # home node by device id: a fleet spreads over the edge nodes, each device stably
+        self.route = EndpointList(self.endpoints, start=zlib.crc32(self.device_id.encode()))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint the device is connected to, or tries next."""
+        return self.route.current
 
     # -- what the fleet reads --------------------------------------------------------------
     @property
@@ -237,15 +287,16 @@ class SimulatedDevice:
                 conn = await self._connect()
             except (OSError, ssl.SSLError, TimeoutError, ConnectionLost, ConnectionRefused) as exc:
                 self.stats.connect_failures += 1
-                log.debug("%s: connect failed: %s", self.device_id, exc)
-                await asyncio.sleep(self.backoff.next_delay())
+                log.debug("%s: connect to %s failed: %s", self.device_id, self.endpoint, exc)
+                await self._after_connect_failure()
                 continue
             except MqttProtocolError as exc:
                 self.stats.connect_failures += 1
                 self._report_protocol_error(exc)
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._after_connect_failure()
                 continue
             self.stats.connects += 1
+            self.route.connected()
             connected_at = loop.time()
             self._conn = conn
             try:
@@ -272,6 +323,15 @@ class SimulatedDevice:
             if loop.time() - connected_at >= STABLE_CONNECTION_S:
                 self.backoff.reset()
             await asyncio.sleep(self.backoff.next_delay())
+
+    async def _after_connect_failure(self) -> None:
+        """Move to the next endpoint; wait the backoff only once every endpoint has failed
+        (a short jittered pause otherwise, so a fleet failing over does not stampede)."""
+        self.route.connect_failed()
+        if self.route.round_failed():
+            await asyncio.sleep(self.backoff.next_delay())
+        else:
+            await asyncio.sleep(self.backoff.rng_uniform(FAILOVER_JITTER_S))
 
     def _report_protocol_error(self, exc: MqttProtocolError) -> None:
         security_event(

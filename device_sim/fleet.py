@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ def _totals(devices: list[SimulatedDevice]) -> dict[str, int]:
 async def run_fleet(
     pki: PkiLayout,
     *,
-    endpoint: Endpoint,
+    endpoints: Sequence[Endpoint],
     count: int,
     rate: float,
     duration: float,
@@ -203,15 +203,18 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     acked_log: Path | None = None,
 ) -> FleetSummary:
-    """Run ``count`` enrolled devices of the PKI ``pki`` against the broker at ``endpoint`` for
+    """Run ``count`` enrolled devices of the PKI ``pki`` against the broker at ``endpoints``
+    (one, or several edge nodes: each device has a home node and fails over to the next) for
     ``duration`` seconds at ``rate`` Hz each (or until ``stop`` is set), then drain and
     disconnect."""
     if not rate > 0:
         raise ConfigError(None, "--rate", f"must be > 0 readings/s, got {rate}")
     if not duration > 0:
         raise ConfigError(None, "--duration", f"must be > 0 s, got {duration}")
+    if not endpoints:
+        raise ConfigError(None, "--broker", "no broker endpoint given")
     ids = select_devices(pki, count)
-    target = endpoint
+    targets = tuple(endpoints)
     prepared = await asyncio.to_thread(_prepare, pki, ids, counter_block)
     gate = asyncio.Semaphore(connect_concurrency)
     rng = random.Random(seed)
@@ -221,7 +224,7 @@ async def run_fleet(
             device_id=bundle.device_id,
             psk=bundle.psk,
             ssl_context=ctx,
-            endpoint=target,
+            endpoints=targets,
             counter=store,
             model=HeartModel(bundle.device_id, seed=seed),
             connect_gate=gate,
@@ -232,10 +235,9 @@ async def run_fleet(
         for bundle, ctx, store in prepared
     ]
     log.info(
-        "starting %d devices against %s:%d at %.3g Hz for %.1f s",
+        "starting %d devices against %s at %.3g Hz for %.1f s",
         len(devices),
-        target.host,
-        target.port,
+        ", ".join(f"{t.host}:{t.port}" for t in targets),
         rate,
         duration,
     )

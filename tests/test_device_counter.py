@@ -148,7 +148,7 @@ def _boot_and_seal(pki_dir: Path, device_id: str, readings: int) -> list[bytes]:
         device_id=device_id,
         psk=bundle.psk,
         ssl_context=client_context(pki.ca_cert, bundle.cert, bundle.key),
-        endpoint=Endpoint("127.0.0.1", 1),
+        endpoints=[Endpoint("127.0.0.1", 1)],
         counter=store,
         model=HeartModel(device_id, seed=1),
         connect_gate=asyncio.Semaphore(1),

@@ -70,7 +70,11 @@ async def test_devices_publish_sealed_readings_that_open_with_their_psk(
     subscriber = _gateway_subscriber(broker)
     try:
         summary = await run_fleet(
-            work.pki, count=3, rate=10.0, duration=1.0, endpoint=Endpoint(broker.host, broker.port)
+            work.pki,
+            count=3,
+            rate=10.0,
+            duration=1.0,
+            endpoints=[Endpoint(broker.host, broker.port)],
         )
         assert summary.connected == 3
         assert summary.acknowledged > 0
@@ -231,7 +235,7 @@ async def test_devices_reconnect_after_the_broker_restarts_and_deliver_their_buf
     endpoint = Endpoint(broker.host, broker.port)
     stop = asyncio.Event()
     fleet = asyncio.create_task(
-        run_fleet(work.pki, count=3, rate=10.0, duration=60.0, endpoint=endpoint, stop=stop)
+        run_fleet(work.pki, count=3, rate=10.0, duration=60.0, endpoints=[endpoint], stop=stop)
     )
     second = None
     subscriber = None
@@ -292,7 +296,7 @@ async def test_two_hundred_devices_connect_and_publish_through_the_embedded_brok
                 count=count,
                 rate=1.0,
                 duration=4.0,
-                endpoint=Endpoint(broker.host, broker.port),
+                endpoints=[Endpoint(broker.host, broker.port)],
             )
         finally:
             gateway.close()
@@ -338,3 +342,91 @@ async def test_revoked_device_is_refused_promptly_and_does_not_hang(
         conn.close()
         await asyncio.sleep(0.1)
     assert refused is not None, "a revoked device still connects"
+
+
+def test_endpoint_list_stays_home_and_fails_over_on_a_failed_connect() -> None:
+    from device_sim.device import EndpointList
+
+    a, b, c = Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2), Endpoint("127.0.0.1", 3)
+    route = EndpointList([a, b, c], start=4)  # home: 4 mod 3 = b
+    assert route.current == b
+    route.connect_failed()
+    assert route.current == c and not route.round_failed()
+    route.connect_failed()
+    assert route.current == a and not route.round_failed()
+    route.connect_failed()
+    assert route.current == b and route.round_failed()  # all three refused: back off now
+    route.connected()
+    assert not route.round_failed()
+    single = EndpointList([a])
+    single.connect_failed()
+    assert single.current == a and single.round_failed()  # one broker: plain backoff
+    with pytest.raises(ValueError, match="at least one"):
+        EndpointList([])
+
+
+@pytest.mark.integration
+async def test_device_fails_over_to_another_edge_node_when_its_node_dies(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """Two edge brokers on one PKI, each with a gateway subscriber. A device with both in its
+    endpoint list publishes to its home node; that node is killed; the device's next readings
+    reach the other node within seconds, and every reading it produced is acknowledged by one
+    of them (none left buffered)."""
+    import random
+
+    from device_sim.counter import CounterStore
+    from device_sim.device import Backoff, SimulatedDevice
+    from device_sim.fleet import load_bundle
+    from pacegate.tlsconf import client_context
+
+    pki = PkiLayout(pki_dir)
+    device_id = "pm-0001"
+    first = embedded_broker(pki_dir, tmp_path / "edge-1")
+    second = embedded_broker(pki_dir, tmp_path / "edge-2")
+    edge1 = await asyncio.to_thread(first.__enter__)
+    edge2 = await asyncio.to_thread(second.__enter__)
+    subscribers = [await asyncio.to_thread(_gateway_subscriber, b) for b in (edge1, edge2)]
+    bundle = load_bundle(pki, device_id)
+    endpoints = [Endpoint(edge1.host, edge1.port), Endpoint(edge2.host, edge2.port)]
+    device = SimulatedDevice(
+        device_id=device_id,
+        psk=bundle.psk,
+        ssl_context=client_context(pki.ca_cert, bundle.cert, bundle.key),
+        endpoints=endpoints,
+        counter=CounterStore(pki.device_counter(device_id), device_id, block=64),
+        model=HeartModel(device_id, seed=1),
+        connect_gate=asyncio.Semaphore(1),
+        backoff=Backoff(random.Random(1)),
+    )
+    home = device.endpoint
+    home_index = endpoints.index(home)
+    other_index = 1 - home_index
+    radio = asyncio.create_task(device.stay_connected())
+    sensor = asyncio.create_task(device.sample_forever(10.0))
+    closed = [False, False]
+    try:
+
+        def seen(i: int) -> int:
+            with subscribers[i].lock:
+                return len(subscribers[i].messages)
+
+        assert await asyncio.to_thread(wait_until, lambda: seen(home_index) >= 5, 30.0)
+        assert seen(other_index) == 0  # it stays on its home node while that one lives
+        subscribers[home_index].close()
+        await asyncio.to_thread((first, second)[home_index].__exit__, None, None, None)
+        closed[home_index] = True
+        assert await asyncio.to_thread(wait_until, lambda: seen(other_index) >= 5, 30.0)
+        assert device.endpoint == endpoints[other_index]
+        sensor.cancel()
+        assert await asyncio.to_thread(wait_until, lambda: device.unacknowledged == 0, 30.0)
+        assert device.stats.acknowledged == device.stats.produced
+    finally:
+        sensor.cancel()
+        radio.cancel()
+        await asyncio.gather(sensor, radio, return_exceptions=True)
+        device.disconnect()
+        for i, (ctx, sub) in enumerate(zip((first, second), subscribers, strict=True)):
+            sub.close()
+            if not closed[i]:
+                await asyncio.to_thread(ctx.__exit__, None, None, None)
