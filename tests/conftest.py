@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,14 +36,35 @@ def _fresh_security_event_limiter() -> Iterator[None]:
     yield
 
 
-@pytest.fixture
-def pki_dir(tmp_path: Path) -> Path:
-    """A fresh PKI directory (CA, broker, gateway, PQ identities) with pm-0001..pm-0003."""
+@pytest.fixture(scope="session")
+def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One PKI made for the session (a CA, ML-DSA and EC keys: about 0.3 s), never used
+    directly: each test gets its own copy from :func:`pki_dir`."""
     from pacegate.pki import enroll_devices, init_pki
 
-    root = tmp_path / "pki"
+    root = tmp_path_factory.mktemp("pki-template") / "pki"
     init_pki(root)
     enroll_devices(root, DEVICE_IDS)
+    return root
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path, pki_template: Path) -> Path:
+    """The test's own PKI directory (CA, broker, gateway, PQ identities) with
+    pm-0001..pm-0003: a copy of the session's, with its owners and modes (the mosquitto
+    account owns what 'pki init' gave it), and the Mosquitto configuration, the one file
+    that names absolute paths, written again for the copy."""
+    from pacegate.pki import mosquitto_conf
+
+    root = tmp_path / "pki"
+    shutil.copytree(pki_template, root, symlinks=True)
+    for path in (root, *root.rglob("*")):
+        original = pki_template / path.relative_to(root)
+        st = original.lstat()
+        if (path.lstat().st_uid, path.lstat().st_gid) != (st.st_uid, st.st_gid):
+            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    conf = PkiLayout(root).mosquitto_dir / "pacegate.conf"
+    conf.write_text(mosquitto_conf(PkiLayout(root)))
     return root
 
 
@@ -143,6 +165,26 @@ def _install_activity_probes() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     _install_activity_probes()
+    if "not integration" in (config.getoption("markexpr", "") or ""):
+        _configure_inner_loop()
+
+
+def _configure_inner_loop() -> None:
+    """``-m "not integration"``, the loop run after each edit: the property tests run
+    :data:`tests.support.INNER_LOOP_EXAMPLES` examples each (the whole suite, CI's, runs the
+    full counts), and jsonschema goes without the optional IRI grammar, whose import costs
+    about 3 s (rfc3987_syntax builds a Lark parser; only the "iri" formats use it, which
+    pacegate's gateway schema does not, and the SBOM test that does is an integration test)."""
+    import sys
+
+    from hypothesis import settings
+
+    from tests import support
+
+    support.INNER_LOOP = True
+    settings.register_profile("inner-loop", max_examples=support.INNER_LOOP_EXAMPLES)
+    settings.load_profile("inner-loop")
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[assignment]
 
 
 @pytest.hookimpl(wrapper=True)

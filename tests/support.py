@@ -147,6 +147,17 @@ def embedded_broker(
         _stop(proc)
 
 
+# Set by conftest for ``-m "not integration"`` (the inner loop): property tests then run
+# this many examples each instead of their full count (see :func:`examples`).
+INNER_LOOP = False
+INNER_LOOP_EXAMPLES = 25
+
+
+def examples(full: int) -> int:
+    """A property test's example count: ``full`` in the whole suite, fewer in the inner loop."""
+    return min(full, INNER_LOOP_EXAMPLES) if INNER_LOOP else full
+
+
 def let_others_through(directory: Path) -> None:
     """Give ``directory`` and its parents the search bit for others (not the read bit), so
     an unprivileged broker account can reach files below whose names it knows."""

@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 from pacegate.channel import ChannelError, ChannelIdentity
 from pacegate.channel.session import NEED_DATA, ChannelSession, PeerClosed
 from pacegate.channel.wire import FRAME_HEADER, FrameType
+from tests.support import examples
 
 HOSPITAL = ChannelIdentity.generate("hospital")
 GATEWAY = ChannelIdentity.generate("gateway")
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 # Both sides read this one instant: the real handshake bytes below are made once at import and
 # replayed for minutes on a slow machine, which the server's hello clock window would (rightly)
 # refuse as stale before the fuzzer reached the layers behind it.

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from cloud.worker import CloudSession, SessionState, WorkerStats
 from pacegate import analytics_wire as wire
 from pacegate import ckks
+from tests.support import examples
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_refused_session_does_not_stop_the_next_one(
     assert stats.refused["malformed"] == 1 and stats.sessions == 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_decode_parses_or_raises_analytics_protocol_error(data: bytes) -> None:
     try:
@@ -201,7 +202,7 @@ def test_decode_parses_or_raises_analytics_protocol_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 255), st.binary(max_size=64), st.data())
 def test_ciphertext_message_round_trips_and_truncation_is_refused(
     batch: int, lane: int, body: bytes, data: st.DataObject

@@ -18,6 +18,7 @@ from pacegate.ingest import FLAG_IMPLAUSIBLE
 from pacegate.keystore import ACTIVE, REVOKED, DeviceKey
 from pacegate.reading import Reading
 from pacegate.sealed import seal_reading
+from tests.support import examples
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 PSK_A = bytes(range(32))
@@ -225,7 +226,7 @@ def test_replay_store_keeps_counters_above_two_to_the_63(tmp_path: Path) -> None
     s2.close()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(payload=st.binary(max_size=120), topic_device=st.sampled_from(["pm-a", "pm-b", "x"]))
 def test_arbitrary_bytes_are_accepted_only_if_sealed_and_never_raise(
     tmp_path_factory: pytest.TempPathFactory, payload: bytes, topic_device: str

@@ -30,6 +30,7 @@ from pacegate.ingest import (
     encode_batch,
 )
 from pacegate.reading import Reading
+from tests.support import examples
 
 T0 = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -112,7 +113,9 @@ def test_conflicting_duplicate_is_counted_as_rejected(handler: IngestHandler) ->
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(300),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.binary(max_size=300))
 def test_garbage_either_parses_or_raises_ingest_wire_error(
