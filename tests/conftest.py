@@ -184,7 +184,7 @@ def _configure_inner_loop() -> None:
     support.INNER_LOOP = True
     settings.register_profile("inner-loop", max_examples=support.INNER_LOOP_EXAMPLES)
     settings.load_profile("inner-loop")
-    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[assignment]
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
 
 @pytest.hookimpl(wrapper=True)
