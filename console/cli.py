@@ -227,6 +227,24 @@ def _analyze(args: argparse.Namespace) -> int:
     return analyze.main(args)
 
 
+def _trust_serve(args: argparse.Namespace) -> int:
+    from console import trust
+
+    return trust.cli_serve(args)
+
+
+def _trust_provision(args: argparse.Namespace) -> int:
+    from console import trust
+
+    return trust.cli_provision(args)
+
+
+def _trust_follow(args: argparse.Namespace) -> int:
+    from console import trust
+
+    return trust.cli_follow(args)
+
+
 def _add(
     sub: argparse._SubParsersAction[_Parser], name: str, target: Command, help_: str
 ) -> argparse.ArgumentParser:
@@ -313,6 +331,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mosquitto whose live session of the device to close (default: the one "
         "running with this PKI's generated configuration, found by its pid_file)",
     )
+
+    # --- trust material between nodes ----------------------------------------------------
+    trust = sub.add_parser(
+        "trust", help="the CRL and PSK store, from the CA's node to every edge node"
+    )
+    trust_sub = trust.add_subparsers(dest="trust_command", required=True, metavar="ACTION")
+    p = _add(
+        trust_sub,
+        "serve",
+        _trust_serve,
+        "offer this PKI's CRL and PSK store over HTTP (/crl.pem, /psk.store)",
+    )
+    p.add_argument("--dir", required=True, type=Path, help="the PKI that holds the CA")
+    p.add_argument("--listen", default="127.0.0.1:8890", metavar="HOST:PORT")
+    p = _add(
+        trust_sub,
+        "provision",
+        _trust_provision,
+        "copy what an edge node needs of the PKI (never the CA key) into its own directory",
+    )
+    p.add_argument("--dir", required=True, type=Path, help="the PKI that holds the CA")
+    p.add_argument("--to", required=True, type=Path, help="the edge node's directory")
+    p = _add(
+        trust_sub,
+        "follow",
+        _trust_follow,
+        "keep an edge node's CRL and PSK store up with a trust server (newer, genuine only)",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="URL")
+    p.add_argument("--dir", required=True, type=Path, help="the edge node's PKI copy")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    p.add_argument("--once", action="store_true", help="poll once; exit 1 if it failed")
 
     # --- services ------------------------------------------------------------------------
     p = _add(sub, "broker", _broker, "run the embedded amqtt MQTTS broker")
