@@ -264,7 +264,7 @@ async def run_fleet(
             t.cancel()
         await asyncio.gather(*sensors, return_exceptions=True)
         drain_until = loop.time() + drain_s
-        while loop.time() < drain_until and any(d.unacknowledged and d.connected for d in devices):
+        while loop.time() < drain_until and any(d.unacknowledged and d.connected for d in devices):  # noqa: ASYNC110 - polls state that has no event (a counter, a flag)
             await asyncio.sleep(0.05)
     finally:
         for t in sensors:

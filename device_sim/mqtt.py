@@ -549,7 +549,7 @@ class MqttConnection:
         client_id: str,
         *,
         keepalive: int = 60,
-        timeout: float = 15.0,
+        timeout: float = 15.0,  # noqa: ASYNC109 - the connect deadline is the caller's contract
     ) -> MqttConnection:
         """TCP + TLS + CONNECT/CONNACK within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()

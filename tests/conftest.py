@@ -27,13 +27,12 @@ DEVICE_IDS = ("pm-0001", "pm-0002", "pm-0003")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_security_event_limiter() -> Iterator[None]:
+def _fresh_security_event_limiter() -> None:
     """Each test starts with an empty rate limiter: the security events of earlier tests in
     this process must not suppress the ones a test counts."""
     from pacegate.log import event_limiter
 
     event_limiter().reset()
-    yield
 
 
 @pytest.fixture(scope="session")

@@ -126,12 +126,16 @@ async def test_unpinned_client_cannot_open_an_analysis_session(
     work, port, stats = stack
     intruder = load_identity(work.pki.channel_key("intruder"), "intruder")
     server_key = load_public_key(work.pki.channel_pub("cloud"))
-    with pytest.raises((ChannelError, ChannelClosed)):
+
+    async def open_a_session() -> None:
         stream = await connect(
             "127.0.0.1", port, identity=intruder, server_name="cloud", server_key=server_key
         )
         await stream.send(wire.encode(wire.Open(1, b"x")))
         await stream.recv()
+
+    with pytest.raises((ChannelError, ChannelClosed)):
+        await open_a_session()
     assert stats.sessions == 0
 
 

@@ -172,9 +172,8 @@ def test_device_retained_publish_is_refused_and_reaches_no_later_client(
         assert suback is not None and suback[0] == 0x90
         later_dev.connect("pm-0002")
         for client in (later_gw, later_dev):
-            with pytest.raises(TimeoutError):
-                got = client.recv_packet(timeout=1.5)
-                raise AssertionError(f"a later client received {got!r}")
+            with pytest.raises(TimeoutError):  # nothing comes: the retained bytes were refused
+                client.recv_packet(timeout=1.5)
     if broker.kind == "embedded":
         refused = [e for e in _security_events(broker) if e.get("reason") == "retain_refused"]
         assert len(refused) == 1 and refused[0]["peer"] == "pm-0001"

@@ -104,11 +104,12 @@ def test_tampered_ciphertext_gives_a_different_secret_implicit_rejection() -> No
 def test_malformed_public_key_or_ciphertext_is_a_value_error() -> None:
     kem = CryptographyKem()
     sk, _ = kem.generate()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="public key must be 1184 bytes"):
         kem.encapsulate(bytes(100))
-    with pytest.raises(ValueError):
-        kem.encapsulate(b"\xff" * 1184)  # coefficients not reduced mod q (FIPS 203 check)
-    with pytest.raises(ValueError):
+    # coefficients not reduced mod q (FIPS 203 check; the library words it as a length)
+    with pytest.raises(ValueError, match="ML-KEM-768 public key"):
+        kem.encapsulate(b"\xff" * 1184)
+    with pytest.raises(ValueError, match="ciphertext must be 1088 bytes"):
         kem.decapsulate(sk, bytes(10))
 
 

@@ -156,10 +156,14 @@ def test_damaged_state_database_is_a_config_error_naming_the_file_and_the_fix(
 
     db = tmp_path / f"{which}.db"
     db.write_bytes(b"this is not an SQLite database, it was overwritten " * 200)
-    with pytest.raises(ConfigError) as err:
+
+    def open_it() -> None:
         if which == "spool":
             Spool(db, tmp_path / "spool.key", max_readings=1000).close()
         else:
             ReplayStore(db).close()
+
+    with pytest.raises(ConfigError) as err:
+        open_it()
     text = str(err.value)
     assert str(db) in text and "unreadable" in text and "fix: restore it from backup" in text

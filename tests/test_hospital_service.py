@@ -150,10 +150,14 @@ async def test_unpinned_gateway_is_refused_and_stores_nothing(hospital: Running)
     impostor = ChannelIdentity.generate("gateway")  # right name, wrong key
     stranger = ChannelIdentity.generate("rogue")  # a name nobody enrolled
     for ident in (impostor, stranger):
-        with pytest.raises((ChannelError, ChannelClosed, ConnectionError)):
+
+        async def send_a_batch(ident: ChannelIdentity = ident) -> None:
             gw = await hospital.gateway(ident)
             await gw.send(batch(1, 5))
             await gw.recv()
+
+        with pytest.raises((ChannelError, ChannelClosed, ConnectionError)):
+            await send_a_batch()
     assert hospital.service.store.count() == 0
     rejected = hospital.service.metrics.rejected_by_reason()
     assert sum(rejected.values()) == 2
@@ -250,7 +254,8 @@ async def test_pacegate_hospital_command_serves_and_stops_cleanly_on_sigterm(
         assert decode(await gw.recv()) == IngestAck(1, 25, 0)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 20) == 0
-    verify = subprocess.run(
+    verify = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "console", "hospital", "verify", "-c", str(work.hospital_config)],
         capture_output=True,
         timeout=60,

@@ -549,10 +549,14 @@ def test_analytics_slices_check_every_writers_chain_and_refuse_a_tampered_row(
             pg_dsn,
             "UPDATE readings SET chain = sha256(chain) WHERE writer = 'node-b' AND wseq = 200",
         )
-        with pytest.raises(StoreError, match="chain_mismatch"):
+
+        def read_every_slice() -> None:
             for start, stop in itertools.pairwise(cuts):
                 for _ in a.iter_reading_values(seq_range=(start, stop), check_chain=True):
                     pass
+
+        with pytest.raises(StoreError, match="chain_mismatch"):
+            read_every_slice()
     finally:
         a.close()
         b.close()

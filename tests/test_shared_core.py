@@ -86,7 +86,7 @@ def test_duplicate_device_in_psk_store_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["", "PM-1", "a/b", "a+b", "#", "..", "a.b", "x" * 65, "gateway"])
 def test_unsafe_device_ids_are_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="device id"):
         validate_device_id(bad)
 
 

@@ -397,6 +397,22 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
 
 
 # -- a real channel session with rekeys -----------------------------------------------------
+
+
+def _start_dumpcap(port: int, pcap: Path, errors: Path) -> subprocess.Popen[bytes]:
+    """dumpcap on loopback for ``port``, writing ``pcap`` (its complaints to ``errors``)."""
+    with errors.open("wb") as err:
+        return subprocess.Popen(
+            ["dumpcap", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def _has_header(pcap: Path) -> bool:
+    return pcap.exists() and pcap.stat().st_size > 0
+
+
 async def _session_with_rekeys(
     pcap: Path, messages: int, *, server_asks: bool = False
 ) -> tuple[int, int]:
@@ -420,15 +436,10 @@ async def _session_with_rekeys(
     )
     port = server.sockets[0].getsockname()[1]
     errors = pcap.with_suffix(".dumpcap.log")
-    with errors.open("wb") as err:
-        dumpcap = subprocess.Popen(
-            ["dumpcap", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    dumpcap = await asyncio.to_thread(_start_dumpcap, port, pcap, errors)
     try:
         for _ in range(200):  # dumpcap writes the file header once it captures
-            if pcap.exists() and pcap.stat().st_size > 0:
+            if await asyncio.to_thread(_has_header, pcap):
                 break
             assert dumpcap.poll() is None, errors.read_text()
             await asyncio.sleep(0.05)
