@@ -66,6 +66,7 @@ from broker.plugins import (
 )
 from broker.strict import StrictHandler, packet_type_name, read_frame
 from pacegate.admission import AdmissionPolicy, Admitted, Limit, Ticket, WhenFull, source_key
+from pacegate.filewatch import FileWatch, ticks
 from pacegate.log import flush_security_events, security_event
 from pacegate.tlsconf import allows_client_auth, peer_identity, server_context
 
@@ -158,32 +159,25 @@ class RevocationGuard:
 
     def __init__(self, cfg: BrokerConfig) -> None:
         self.cfg = cfg
-        self._stamp: tuple[int, int, int] | None = None
+        self._watch = FileWatch(cfg.tls.crl)
         self.revoked: frozenset[int] = frozenset()
         self.context = self._build()
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        st = self.cfg.tls.crl.stat()
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _build(self) -> ssl.SSLContext:
         from pacegate.pki import revoked_serials
 
         t = self.cfg.tls
-        self._stamp = self._file_stamp()
-        self.revoked = revoked_serials(t.crl)
-        return server_context(t.cert, t.key, t.ca, crl=t.crl)
+        revoked = revoked_serials(t.crl)
+        context = server_context(t.cert, t.key, t.ca, crl=t.crl)
+        self.revoked = revoked
+        return context
 
     def is_revoked_der(self, der: bytes) -> bool:
         return _serial_of(der) in self.revoked
 
     def reload_if_changed(self) -> frozenset[int] | None:
         """Rebuild when crl.pem changed; return the serials revoked since the last load."""
-        try:
-            stamp = self._file_stamp()
-        except FileNotFoundError:
-            return None
-        if stamp == self._stamp:
+        if not self._watch.changed():
             return None
         before = self.revoked
         try:
@@ -723,8 +717,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
 
     # -- live revocation ---------------------------------------------------------------
     async def watch_crl(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.crl_reload_interval)
+        async for _ in ticks(self.cfg.crl_reload_interval):
             newly = self.guard.reload_if_changed()
             if newly:
                 await self.close_revoked_sessions(newly)
