@@ -614,7 +614,7 @@ async def serve(
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         source = source_key(str(peer[0])) if isinstance(peer, tuple) else "?"
         me = _Pending(address, writer)
-        # makes room by evicting the oldest connection without a verified hello: it has
+        # add() makes room by evicting the oldest connection without a verified hello: it has
         # cost nothing but a socket, and a newcomer is never refused for it
         for victim in pending.add(source, me):
             _refuse(
