@@ -90,3 +90,19 @@ def test_the_docs_table_of_default_endpoints_is_the_table() -> None:
         [f"`{e.name}`", e.service, f"{e.host}:{e.port}", e.clients, e.why]
         for e in DEFAULT_ENDPOINTS
     ]
+
+
+def test_the_shipped_example_configs_listen_on_the_tables_ports() -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe")
+    broker = yaml.load((ROOT / "broker.yaml").read_text())
+    assert (broker["listener"]["host"], broker["listener"]["port"]) == MQTT.address
+    gateway = yaml.load((ROOT / "gateway.example.yaml").read_text())
+    assert (gateway["mqtt"]["host"], gateway["mqtt"]["port"]) == MQTT.address
+    assert (gateway["hospital"]["host"], gateway["hospital"]["port"]) == HOSPITAL.address
+    assert (gateway["metrics"]["host"], gateway["metrics"]["port"]) == GATEWAY_METRICS.address
+    mosquitto = (ROOT / "mosquitto" / "pacegate.conf").read_text()
+    assert re.findall(r"^listener (\d+) (\S+)$", mosquitto, re.MULTILINE) == [
+        (str(MQTT.port), MQTT.host)
+    ]
