@@ -117,6 +117,7 @@ class Gateway:
         self.replay = ReplayStore(cfg.replay_db)
         # each watch looks before its file is read: a write in between is seen next time
         self._keys_watch = FileWatch(cfg.psk_store.path)
+        self._keys_missing_reported = False
         self.keys = PskStore.load(cfg.psk_store.path, cfg.psk_store.key)
         self._cfg_watch = FileWatch(cfg.path)
         self.state = PipelineState(routes=cfg.routes, keys=self.keys, windows=self.replay)
@@ -425,9 +426,22 @@ class Gateway:
 
     def refresh_keys(self) -> bool:
         """Reload the PSK store if its file changed since it was read; True if reloaded."""
-        if not self._keys_watch.changed():  # a bad file is reported once, not per message
-            return False
-        return self.reload_keys()
+        watch = self._keys_watch
+        if watch.changed():  # a bad file is reported once per change, not per message
+            return self.reload_keys()
+        if watch.missing and not self._keys_missing_reported:
+            # a deleted store is no change (the keys held stay in force, a revocation is not
+            # undone) but the operator hears of it once: the next start would fail
+            self._keys_missing_reported = True
+            log.error(
+                "PSK store %s is missing, previous keys kept; restore it (or enrol again "
+                "with 'pacegate pki') before the gateway restarts",
+                watch.path,
+            )
+            self.metrics.key_reloads.labels(result="refused").inc()
+        elif not watch.missing:
+            self._keys_missing_reported = False
+        return False
 
     def reload_keys(self) -> bool:
         try:
