@@ -112,3 +112,44 @@ def test_an_ipv6_64_is_one_source_and_a_mapped_ipv4_is_its_address() -> None:
     _admit(policy, source_key("2001:db8:1:3::1"), "c")
     assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
     assert source_key("not-an-ip") == "not-an-ip"
+
+
+class _Writer:
+    """Stands in for a StreamWriter in the pure bookkeeping below: records close()."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_channel_pools_evict_unverified_refuse_verified_and_mirror_the_stats() -> None:
+    from typing import Any, cast
+
+    from pacegate.channel.aio import ChannelServerStats, _Pending, _PendingHandshakes
+
+    stats = ChannelServerStats()
+    pools = _PendingHandshakes(
+        stats,
+        unverified=Limit(2, EVICT, "handshake_evicted"),
+        verified_per_source=Limit(1, REFUSE, "handshake_source_limit"),
+        verified=Limit(2, REFUSE, "handshake_limit"),
+    )
+    writers = [_Writer() for _ in range(4)]
+    conns = [_Pending(f"10.0.0.1:{1000 + i}", cast(Any, w)) for i, w in enumerate(writers)]
+    assert pools.add("10.0.0.1", conns[0]) == []
+    assert pools.add("10.0.0.1", conns[1]) == []
+    assert pools.add("10.0.0.2", conns[2]) == [conns[0]]  # the oldest unverified, closed
+    assert writers[0].closed and conns[0].evicted
+    # a hello verified on the connection just evicted spends no KEM
+    assert pools.verify(conns[0]) == "handshake_evicted"
+    assert pools.verify(conns[1]) is None
+    assert stats.unverified_connections == 1 and stats.pending_handshakes == 2
+    assert pools.add("10.0.0.1", conns[3]) == []  # verified ones are not in the evicting pool
+    assert pools.verify(conns[3]) == "handshake_source_limit"  # one per source past the hello
+    assert stats.pending_by_source == {"10.0.0.1": 2, "10.0.0.2": 1}
+    for conn in conns:
+        pools.remove(conn)
+    assert (stats.pending_handshakes, stats.unverified_connections) == (0, 0)
+    assert stats.pending_by_source == {}
