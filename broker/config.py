@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacegate.configfile import ConfigSection, load_config
-from pacegate.layout import DEFAULT_HOST, DEFAULT_MQTTS_PORT, PkiLayout
+from pacegate.layout import PkiLayout
+from pacegate.ports import DEFAULT_HOST, DEFAULT_MQTTS_PORT
 
 # A sealed reading is ~100 bytes; 4 KiB leaves room for growth and bounds memory per
 # message (2,000 devices x a few messages in flight).

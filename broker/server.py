@@ -71,8 +71,9 @@ from broker.plugins import (
     session_cert,
 )
 from broker.strict import StrictHandler, packet_type_name, read_frame
+from pacegate.admission import AdmissionPolicy, Admitted, Limit, Ticket, WhenFull, source_key
+from pacegate.filewatch import FileWatch, ticks
 from pacegate.log import flush_security_events, security_event
-from pacegate.peers import source_key
 from pacegate.tlsconf import allows_client_auth, peer_identity, server_context
 
 log = logging.getLogger("pacegate.broker")
@@ -102,13 +103,15 @@ _CONN_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 class _Conn:
     """One accepted TCP connection, counted from the accept until it closes."""
 
-    __slots__ = ("done", "evicted", "identity", "remote", "serial", "source", "writer")
+    __slots__ = ("done", "evicted", "identity", "remote", "serial", "source", "ticket", "writer")
 
     def __init__(self, source: str, remote: str, writer: asyncio.StreamWriter) -> None:
         self.source = source
         self.remote = remote
         self.writer = writer
         self.evicted = False  # closed by us to admit a newer connection (already logged)
+        # its slot in the broker's admission policy: pending until its CONNECT is read
+        self.ticket: Ticket[_Conn] | None = None
         # set once its CONNECT is admitted: the certificate identity and serial it holds
         self.identity: str | None = None
         self.serial: int | None = None
@@ -162,32 +165,25 @@ class RevocationGuard:
 
     def __init__(self, cfg: BrokerConfig) -> None:
         self.cfg = cfg
-        self._stamp: tuple[int, int, int] | None = None
+        self._watch = FileWatch(cfg.tls.crl)
         self.revoked: frozenset[int] = frozenset()
         self.context = self._build()
-
-    def _file_stamp(self) -> tuple[int, int, int]:
-        st = self.cfg.tls.crl.stat()
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _build(self) -> ssl.SSLContext:
         from pacegate.pki import revoked_serials
 
         t = self.cfg.tls
-        self._stamp = self._file_stamp()
-        self.revoked = revoked_serials(t.crl)
-        return server_context(t.cert, t.key, t.ca, crl=t.crl)
+        revoked = revoked_serials(t.crl)
+        context = server_context(t.cert, t.key, t.ca, crl=t.crl)
+        self.revoked = revoked
+        return context
 
     def is_revoked_der(self, der: bytes) -> bool:
         return _serial_of(der) in self.revoked
 
     def reload_if_changed(self) -> frozenset[int] | None:
         """Rebuild when crl.pem changed; return the serials revoked since the last load."""
-        try:
-            stamp = self._file_stamp()
-        except FileNotFoundError:
-            return None
-        if stamp == self._stamp:
+        if not self._watch.changed():
             return None
         before = self.revoked
         try:
@@ -252,10 +248,12 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         self.guard = RevocationGuard(cfg)
         super().__init__(amqtt_config(cfg), plugin_namespace="pacegate.broker.plugins")
         self._watch_task: asyncio.Task[None] | None = None
-        self.open_connections = 0  # from the TCP accept until the socket is closed
-        # connections without a CONNECT read yet, oldest first
-        self._pending: dict[_Conn, None] = {}
-        self._pending_by_source: dict[str, int] = {}
+        # every connection from the TCP accept until it is closed or evicted, counted
+        # against max_connections; pending (evictable) until its CONNECT is read
+        self.admission: AdmissionPolicy[_Conn] = AdmissionPolicy(
+            total=Limit(cfg.max_connections, WhenFull.EVICT_OLDEST, "max_connections"),
+            per_source=Limit(MAX_PENDING_PER_SOURCE, WhenFull.EVICT_OLDEST, "pending_per_source"),
+        )
         # device publishes whose PUBACK waits for the gateway's (end-to-end acknowledgement)
         self.acks = GatewayAcks(self._is_gateway)
         self._init_registry()
@@ -304,35 +302,15 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         return self.cfg.port
 
     # -- connection accounting -----------------------------------------------------------
-    def _add_pending(self, conn: _Conn) -> None:
-        self._pending[conn] = None
-        self._pending_by_source[conn.source] = self._pending_by_source.get(conn.source, 0) + 1
+    @property
+    def open_connections(self) -> int:
+        """Connections from the TCP accept until closed (or evicted), sessions included."""
+        return len(self.admission)
 
-    def _drop_pending(self, conn: _Conn) -> None:
-        if self._pending.pop(conn, 0) is None:
-            n = self._pending_by_source[conn.source] - 1
-            if n:
-                self._pending_by_source[conn.source] = n
-            else:
-                del self._pending_by_source[conn.source]
-
-    def _evict_oldest_pending(self, source: str | None, reason: str, limit: int) -> bool:
-        """Close the oldest pending connection (of ``source``, or of anyone); False if none."""
-        victim = next((c for c in self._pending if source is None or c.source == source), None)
-        if victim is None:
-            return False
-        self._drop_pending(victim)
-        victim.evicted = True
-        security_event(
-            "connection_evicted",
-            component=COMPONENT,
-            reason=reason,
-            peer=victim.remote,
-            source=victim.source,
-            limit=limit,
-        )
-        victim.writer.transport.abort()
-        return True
+    def _settle(self, conn: _Conn) -> None:
+        """Its CONNECT is here: no longer pending (never evicted), still counted."""
+        if conn.ticket is not None:
+            self.admission.settle(conn.ticket)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -342,29 +320,36 @@ class PacegateBroker(Broker):  # type: ignore[misc]
         conn = _Conn(source_key(str(peer[0])) if peer else "?", remote, writer)
         # Make room: a source at its cap of pending connections loses its oldest; a full
         # broker loses its oldest pending connection; refused if every slot is a session.
-        if self._pending_by_source.get(conn.source, 0) >= MAX_PENDING_PER_SOURCE:
-            self._evict_oldest_pending(conn.source, "pending_per_source", MAX_PENDING_PER_SOURCE)
-        if self.open_connections >= self.cfg.max_connections and not self._evict_oldest_pending(
-            None, "max_connections", self.cfg.max_connections
-        ):
+        decision = self.admission.admit(conn.source, conn)
+        if not isinstance(decision, Admitted):
             security_event(
                 "connect_refused",
                 component=COMPONENT,
-                reason="max_connections",
+                reason=decision.limit.reason,
                 peer=remote,
                 source=conn.source,
-                limit=self.cfg.max_connections,
+                limit=decision.limit.count,
             )
             writer.transport.abort()
             return
-        self.open_connections += 1
-        self._add_pending(conn)
+        for eviction in decision.evicted:
+            victim = eviction.ticket.item
+            victim.evicted = True
+            security_event(
+                "connection_evicted",
+                component=COMPONENT,
+                reason=eviction.limit.reason,
+                peer=victim.remote,
+                source=victim.source,
+                limit=eviction.limit.count,
+            )
+            victim.writer.transport.abort()
+        conn.ticket = decision.ticket
         _CONN.set(conn)
         try:
             await self._serve_connection(reader, writer, listener_name, conn)
         finally:
-            self.open_connections -= 1
-            self._drop_pending(conn)
+            self.admission.release(decision.ticket)
             self.live.pop(conn, None)
             writer.close()
             conn.done.set()
@@ -491,7 +476,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             await _quiet_close(writer)
             raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}") from exc
         if conn is not None:
-            self._drop_pending(conn)  # no longer pending: its CONNECT is here
+            self._settle(conn)  # no longer pending: its CONNECT is here
         identity, der = self._connection_identity(incoming)
         refusal = None
         if identity is None or incoming.client_id != identity:
@@ -738,8 +723,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
 
     # -- live revocation ---------------------------------------------------------------
     async def watch_crl(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.crl_reload_interval)
+        async for _ in ticks(self.cfg.crl_reload_interval):
             newly = self.guard.reload_if_changed()
             if newly:
                 await self.close_revoked_sessions(newly)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from cloud.worker import DEFAULT_MAX_BATCHES
 from pacegate.configfile import load_config
-from pacegate.layout import DEFAULT_CLOUD_PORT, DEFAULT_HOST, PkiLayout
+from pacegate.layout import PkiLayout
+from pacegate.ports import DEFAULT_CLOUD_PORT, DEFAULT_HOST
 
 _IDENTITY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 

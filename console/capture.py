@@ -47,12 +47,8 @@ from console.endpoints import Endpoints, read_endpoints
 from console.wireshark import tshark_lua_args
 from console.workdir import WorkLayout
 from pacegate.errors import InvariantError, PacegateError, RemoteProtocolError
-from pacegate.layout import (
-    DEFAULT_CLOUD_PORT,
-    DEFAULT_HOSPITAL_PORT,
-    DEFAULT_MQTTS_PORT,
-    SECRET_FILE_MODE,
-)
+from pacegate.layout import SECRET_FILE_MODE
+from pacegate.ports import DEFAULT_CLOUD_PORT, DEFAULT_HOSPITAL_PORT, DEFAULT_MQTTS_PORT
 from pacegate.sealed import VERSION_2, open_reading, parse_header
 from pacegate.tlsconf import KEYLOG_ENV
 

@@ -15,24 +15,20 @@ from typing import Any
 
 from console.workdir import WorkLayout
 from pacegate.errors import ConfigError
-from pacegate.layout import (
-    DEFAULT_CLOUD_PORT,
-    DEFAULT_GATEWAY_METRICS_PORT,
-    DEFAULT_HOSPITAL_PORT,
-    DEFAULT_HOST,
-    DEFAULT_MQTTS_PORT,
-)
-
-DEFAULT_HOSPITAL_METRICS_PORT = 9109
+from pacegate.ports import CLOUD, GATEWAY_METRICS, HOSPITAL, HOSPITAL_METRICS, MQTT
 
 
 @dataclass(frozen=True)
 class Endpoints:
-    mqtt: tuple[str, int] = (DEFAULT_HOST, DEFAULT_MQTTS_PORT)
-    hospital: tuple[str, int] = (DEFAULT_HOST, DEFAULT_HOSPITAL_PORT)
-    cloud: tuple[str, int] = (DEFAULT_HOST, DEFAULT_CLOUD_PORT)
-    gateway_metrics: tuple[str, int] = (DEFAULT_HOST, DEFAULT_GATEWAY_METRICS_PORT)
-    hospital_metrics: tuple[str, int] = (DEFAULT_HOST, DEFAULT_HOSPITAL_METRICS_PORT)
+    """Where each service of one stack listens; the defaults (and the field names, the
+    names in the file) are the core's endpoint table, :data:`pacegate.ports.DEFAULT_ENDPOINTS`
+    (``tests/test_endpoint_table.py`` keeps the two in step)."""
+
+    mqtt: tuple[str, int] = MQTT.address
+    hospital: tuple[str, int] = HOSPITAL.address
+    cloud: tuple[str, int] = CLOUD.address
+    gateway_metrics: tuple[str, int] = GATEWAY_METRICS.address
+    hospital_metrics: tuple[str, int] = HOSPITAL_METRICS.address
 
     def to_json(self) -> dict[str, dict[str, Any]]:
         return {name: {"host": h, "port": p} for name, (h, p) in vars(self).items()}

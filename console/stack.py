@@ -41,18 +41,12 @@ from typing import TextIO
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from console.endpoints import DEFAULT_HOSPITAL_METRICS_PORT, Endpoints, read_endpoints
+from console.endpoints import Endpoints, read_endpoints
 from console.runstate import ServiceState, ensure_port_free, hold_workdir, write_state
 from console.workdir import WorkLayout
 from pacegate.errors import ConfigError, PacegateError
-from pacegate.layout import (
-    DEFAULT_CLOUD_PORT,
-    DEFAULT_GATEWAY_METRICS_PORT,
-    DEFAULT_HOSPITAL_PORT,
-    DEFAULT_HOST,
-    DEFAULT_MQTTS_PORT,
-    create_private,
-)
+from pacegate.layout import create_private
+from pacegate.ports import DEFAULT_ENDPOINTS, DEFAULT_HOST
 
 log = logging.getLogger("pacegate.stack")
 
@@ -121,13 +115,7 @@ def choose_endpoints(*, prefer_defaults: bool = True) -> Endpoints:
         taken.add(port)
         return DEFAULT_HOST, port
 
-    return Endpoints(
-        mqtt=pick(DEFAULT_MQTTS_PORT),
-        hospital=pick(DEFAULT_HOSPITAL_PORT),
-        cloud=pick(DEFAULT_CLOUD_PORT),
-        gateway_metrics=pick(DEFAULT_GATEWAY_METRICS_PORT),
-        hospital_metrics=pick(DEFAULT_HOSPITAL_METRICS_PORT),
-    )
+    return Endpoints(**{e.name: pick(e.port) for e in DEFAULT_ENDPOINTS})
 
 
 def mosquitto_binary() -> str:

@@ -14,9 +14,14 @@ from pathlib import Path
 
 from cloud.config import render_default_config as _cloud_config
 from gateway.config import render_default_config as _gateway_config
-from hospital.config import DEFAULT_HOSPITAL_METRICS_PORT
 from hospital.config import render_default_config as _hospital_config
-from pacegate.layout import DEFAULT_CLOUD_PORT, DEFAULT_HOSPITAL_PORT, DEFAULT_HOST, PkiLayout
+from pacegate.layout import PkiLayout
+from pacegate.ports import (
+    DEFAULT_CLOUD_PORT,
+    DEFAULT_HOSPITAL_METRICS_PORT,
+    DEFAULT_HOSPITAL_PORT,
+    DEFAULT_HOST,
+)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pacegate.errors import ConfigError
 from pacegate.identity import TELEMETRY_FILTER
 from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.layout import PkiLayout
+from pacegate.ports import GATEWAY_METRICS, HOSPITAL, MQTT
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
 
 T = TypeVar("T")
@@ -83,8 +84,8 @@ _LOOPBACK_PATTERN = r"^(?:localhost|127(?:\.[0-9]{1,3}){3}|::1)$"
 MQTT_SECTION = Section(
     "the broker, over TLS with the gateway's own certificate (mTLS)",
     {
-        "host": Key("str", "broker address", "127.0.0.1"),
-        "port": Key("int", "MQTT over TLS (IANA secure-mqtt)", 8883, lo=1, hi=65535),
+        "host": Key("str", "broker address", MQTT.host),
+        "port": Key("int", "MQTT over TLS (IANA secure-mqtt)", MQTT.port, lo=1, hi=65535),
         "client_id": Key(
             "str", "must equal the certificate CN; the session is persistent", "gateway"
         ),
@@ -107,8 +108,8 @@ PSK_STORE_SECTION = Section(
 HOSPITAL_SECTION = Section(
     "the post-quantum channel to the hospital (ML-KEM-768 + X25519, AES-256-GCM)",
     {
-        "host": Key("str", "hospital ingest address", "127.0.0.1"),
-        "port": Key("int", "hospital ingest port", 8884, lo=1, hi=65535),
+        "host": Key("str", "hospital ingest address", HOSPITAL.host),
+        "port": Key("int", "hospital ingest port", HOSPITAL.port, lo=1, hi=65535),
         "server_name": Key("str", "the identity expected at the other end", "hospital"),
         "server_key": Key("path", "pinned ML-DSA-65 public key of the hospital", required=True),
         "identity": Key("path", "the gateway's ML-DSA-65 identity (private key)", required=True),
@@ -151,10 +152,10 @@ METRICS_SECTION = Section(
         "host": Key(
             "str",
             "loopback only: the endpoint has no authentication",
-            "127.0.0.1",
+            GATEWAY_METRICS.host,
             pattern=_LOOPBACK_PATTERN,
         ),
-        "port": Key("int", "0: an ephemeral port", 9108, lo=0, hi=65535),
+        "port": Key("int", "0: an ephemeral port", GATEWAY_METRICS.port, lo=0, hi=65535),
     },
 )
 RELOAD_SECTION = Section(

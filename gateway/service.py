@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from gateway.pipeline import REPLAY, UNKNOWN_DEVICE, Accepted, PipelineState, Re
 from gateway.replay_store import ReplayStore
 from gateway.spool import Spool
 from pacegate.errors import ConfigError, InvariantError
+from pacegate.filewatch import FileWatch, ticks
 from pacegate.keystore import PskStore
 from pacegate.log import security_event
 from pacegate.reading import Reading
@@ -116,9 +116,11 @@ class Gateway:
         self.metrics_port: int | None = None
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.replay = ReplayStore(cfg.replay_db)
+        # each watch looks before its file is read: a write in between is seen next time
+        self._keys_watch = FileWatch(cfg.psk_store.path)
+        self._keys_missing_reported = False
         self.keys = PskStore.load(cfg.psk_store.path, cfg.psk_store.key)
-        self._keys_stamp = _stamp(cfg.psk_store.path)
-        self._cfg_mtime = _mtime(cfg.path)
+        self._cfg_watch = FileWatch(cfg.path)
         self.state = PipelineState(
             routes=cfg.routes, keys=self.keys, windows=self.replay, open_sealed=self._open_sealed
         )
@@ -387,14 +389,13 @@ class Gateway:
 
     # -- reloads ---------------------------------------------------------------------------
     async def _watch(self, stop: asyncio.Event) -> None:
-        poll = self.cfg.reload.poll_s or 1.0
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(poll, 0.5))
-            mt = _mtime(self.cfg.path)
-            if self._reload_requested or (self.cfg.reload.poll_s and mt != self._cfg_mtime):
+        # at least every 0.5 s, so that a SIGHUP (request_reload) is acted on promptly
+        async for _ in ticks(min(self.cfg.reload.poll_s or 1.0, 0.5), stop):
+            # the file is looked at on every tick, so a SIGHUP does not leave its edit
+            # to be "seen" (and applied a second time) at the next tick
+            edited = self._cfg_watch.changed()
+            if self._reload_requested or (self.cfg.reload.poll_s and edited):
                 self._reload_requested = False
-                self._cfg_mtime = mt
                 self.reload_config()
             self.refresh_keys()
 
@@ -434,11 +435,22 @@ class Gateway:
 
     def refresh_keys(self) -> bool:
         """Reload the PSK store if its file changed since it was read; True if reloaded."""
-        stamp = _stamp(self.cfg.psk_store.path)
-        if stamp == self._keys_stamp:
-            return False
-        self._keys_stamp = stamp  # a bad file is reported once, not on every message
-        return self.reload_keys()
+        watch = self._keys_watch
+        if watch.changed():  # a bad file is reported once per change, not per message
+            return self.reload_keys()
+        if watch.missing and not self._keys_missing_reported:
+            # a deleted store is no change (the keys held stay in force, a revocation is not
+            # undone) but the operator hears of it once: the next start would fail
+            self._keys_missing_reported = True
+            log.error(
+                "PSK store %s is missing, previous keys kept; restore it (or enrol again "
+                "with 'pacegate pki') before the gateway restarts",
+                watch.path,
+            )
+            self.metrics.key_reloads.labels(result="refused").inc()
+        elif not watch.missing:
+            self._keys_missing_reported = False
+        return False
 
     def reload_keys(self) -> bool:
         try:
@@ -486,19 +498,3 @@ def _warn_about_legacy_routes(cfg: GatewayConfig) -> None:
                 cfg.path,
                 route.name,
             )
-
-
-def _stamp(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten (in place or by atomic replace)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _mtime(path: os.PathLike[str] | str) -> float:
-    try:
-        return os.stat(path).st_mtime_ns / 1e9
-    except OSError:
-        return 0.0

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacegate.configfile import ConfigSection, load_config
-from pacegate.layout import (
+from pacegate.layout import PkiLayout
+from pacegate.ports import (
     DEFAULT_CLOUD_PORT,
+    DEFAULT_HOSPITAL_METRICS_PORT,
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_HOST,
-    PkiLayout,
 )
 
-DEFAULT_HOSPITAL_METRICS_PORT = 9109  # beside the gateway's 9108
 _PEER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TOP_KEYS = {"listen", "identity", "allowed_gateways", "store", "metrics", "cloud", "analysis"}
 

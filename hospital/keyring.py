@@ -41,6 +41,7 @@ from typing import Any
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from pacegate.errors import ConfigError
+from pacegate.filewatch import FileWatch
 from pacegate.layout import write_secret
 
 FORMAT = "pacegate-keyring"
@@ -120,7 +121,7 @@ class Keyring:
         self.path = path
         self._mac_keys = sorted(mac_keys, key=lambda k: k.version)
         self._keys = sorted(keys, key=lambda k: k.version)
-        self._stamp: tuple[int, int, int] | None = None
+        self._watch: FileWatch | None = None  # set once the file has been read or written
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -146,6 +147,8 @@ class Keyring:
 
     @classmethod
     def load(cls, path: Path) -> Keyring:
+        # looked at before the file is read: a write in between is seen by the next refresh
+        watch = FileWatch(path)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -170,7 +173,7 @@ class Keyring:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(path, "", f"keyring is not valid JSON: {exc}") from None
         ring = cls(path, *_parse(path, data))
-        ring._stamp = _stamp(st)
+        ring._watch = watch
         return ring
 
     def save(self) -> None:
@@ -191,30 +194,36 @@ class Keyring:
             ],
         }
         write_secret(self.path, json.dumps(data, indent=2).encode() + b"\n")
-        self._stamp = _stamp(self.path.stat())
+        if self._watch is None:
+            self._watch = FileWatch(self.path)
+        else:
+            self._watch.reset()  # our own write is not a change to reload
 
     def refresh(self) -> bool:
         """Reload the file if it changed since it was read; True when it did."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return False  # mid-replace or removed: keep the keys we hold
-        if _stamp(st) == self._stamp:
+        if self._watch is None:  # built in memory, never read nor written: any file is new
+            self._watch = FileWatch(self.path)
+            if self._watch.stamp is None:
+                return False
+        elif not self._watch.changed():  # mid-replace or removed: keep the keys we hold
             return False
-        fresh = Keyring.load(self.path)
-        held = {k.version: k.key for k in self._mac_keys}
-        for k in fresh._mac_keys:
-            if held.get(k.version, k.key) != k.key:
-                raise ConfigError(
-                    self.path,
-                    f"mac_keys (version {k.version})",
-                    "changed while the store is open: row keys and the hash chain depend on it",
-                    fix="restore the previous keyring; an integrity key version never changes "
-                    "(rotate with 'pacegate hospital rotate-key --integrity')",
-                )
+        try:
+            fresh = Keyring.load(self.path)
+            held = {k.version: k.key for k in self._mac_keys}
+            for k in fresh._mac_keys:
+                if held.get(k.version, k.key) != k.key:
+                    raise ConfigError(
+                        self.path,
+                        f"mac_keys (version {k.version})",
+                        "changed while the store is open: row keys and the hash chain depend on it",
+                        fix="restore the previous keyring; an integrity key version never "
+                        "changes (rotate with 'pacegate hospital rotate-key --integrity')",
+                    )
+        except ConfigError:
+            self._watch.retry()  # refused again at every refresh until the file is fixed
+            raise
         self._mac_keys = fresh._mac_keys
         self._keys = fresh._keys
-        self._stamp = fresh._stamp
         self._rebuild()
         return True
 
@@ -326,10 +335,6 @@ def _new_mac_key(version: int) -> KeyVersion:
     return KeyVersion(
         version, os.urandom(MAC_KEY_SIZE), datetime.now(UTC).isoformat(timespec="seconds")
     )
-
-
-def _stamp(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _parse(path: Path, data: Any) -> tuple[list[KeyVersion], list[KeyVersion]]:

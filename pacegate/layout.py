@@ -35,12 +35,13 @@ from typing import TextIO
 
 from pacegate.identity import validate_device_id
 
-# Default endpoints (all loopback). Tests never use these: they pick free ports.
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_MQTTS_PORT = 8883  # IANA "secure-mqtt"
-DEFAULT_HOSPITAL_PORT = 8884  # gateway -> hospital PQ channel
-DEFAULT_CLOUD_PORT = 8885  # hospital -> cloud PQ channel
-DEFAULT_GATEWAY_METRICS_PORT = 9108  # Prometheus text, loopback only
+# The default endpoints live in pacegate.ports (the one endpoint table); these names stay
+# importable from here, as explicit re-exports, for the modules that take them from the layout.
+from pacegate.ports import DEFAULT_CLOUD_PORT as DEFAULT_CLOUD_PORT
+from pacegate.ports import DEFAULT_GATEWAY_METRICS_PORT as DEFAULT_GATEWAY_METRICS_PORT
+from pacegate.ports import DEFAULT_HOSPITAL_PORT as DEFAULT_HOSPITAL_PORT
+from pacegate.ports import DEFAULT_HOST as DEFAULT_HOST
+from pacegate.ports import DEFAULT_MQTTS_PORT as DEFAULT_MQTTS_PORT
 
 # Private keys, PSKs, keyrings: owner read/write only.
 SECRET_FILE_MODE = 0o600

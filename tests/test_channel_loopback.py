@@ -673,7 +673,7 @@ def test_server_options_are_checked_when_it_starts() -> None:
 
 
 def test_source_key_groups_an_ipv6_host_by_its_64_and_unmaps_ipv4() -> None:
-    from pacegate.peers import source_key as _source_key
+    from pacegate.admission import source_key as _source_key
 
     assert _source_key("127.0.0.1") == "127.0.0.1"
     assert _source_key("::ffff:192.0.2.7") == "192.0.2.7"

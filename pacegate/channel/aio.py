@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacegate.admission import AdmissionPolicy, Admitted, Limit, Ticket, WhenFull, source_key
 from pacegate.channel.admission import HelloReplayCache
 from pacegate.channel.errors import ChannelClosed, ChannelError
 from pacegate.channel.identity import ChannelIdentity, ChannelPublicKey
@@ -37,7 +38,6 @@ from pacegate.channel.states import State
 from pacegate.channel.wire import CloseReason
 from pacegate.errors import InvariantError, LocalProtocolError
 from pacegate.log import security_event
-from pacegate.peers import source_key
 
 log = logging.getLogger("pacegate.channel")
 
@@ -574,7 +574,14 @@ async def serve(
             raise ValueError(f"serve(): {name} must be at least 1, got {count!r}")
     allowed = allowed_clients  # consulted at each handshake: callers may enrol/revoke live
     counters = stats if stats is not None else ChannelServerStats()
-    pending = _PendingHandshakes(counters)
+    pending = _PendingHandshakes(
+        counters,
+        unverified=Limit(max_unverified_connections, WhenFull.EVICT_OLDEST, "handshake_evicted"),
+        verified_per_source=Limit(
+            max_pending_per_source, WhenFull.REFUSE, "handshake_source_limit"
+        ),
+        verified=Limit(max_pending_handshakes, WhenFull.REFUSE, "handshake_limit"),
+    )
     options = _session_options(
         kem_provider,
         rekey_after_records,
@@ -599,33 +606,25 @@ async def serve(
 
     def admit(me: _Pending, client: str) -> str | None:
         """Called by the session once ``client``'s hello is verified, before its KEM."""
-        if pending.verified_from_source(me.source) >= max_pending_per_source:
-            return "handshake_source_limit"
-        if pending.verified >= max_pending_handshakes:
-            return "handshake_limit"
-        pending.mark_verified(me)
-        return None
+        return pending.verify(me)
 
     async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counters.connections += 1
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-        source = source_key(peer[0]) if isinstance(peer, tuple) else "?"
-        me = _Pending(source, address, writer)
-        # make room by evicting the oldest connection without a verified hello: it has
+        source = source_key(str(peer[0])) if isinstance(peer, tuple) else "?"
+        me = _Pending(address, writer)
+        # add() makes room by evicting the oldest connection without a verified hello: it has
         # cost nothing but a socket, and a newcomer is never refused for it
-        if pending.unverified >= max_unverified_connections:
-            victim = pending.evict_oldest_unverified()
-            if victim is not None:
-                _refuse(
-                    counters,
-                    component,
-                    "handshake_evicted",
-                    victim.address,
-                    f"{max_unverified_connections} connections without a verified hello: "
-                    "closed to admit a newer connection",
-                )
-        pending.add(me)
+        for victim in pending.add(source, me):
+            _refuse(
+                counters,
+                component,
+                "handshake_evicted",
+                victim.address,
+                f"{max_unverified_connections} connections without a verified hello: "
+                "closed to admit a newer connection",
+            )
         session = ChannelSession.server(
             identity,
             allowed_clients=allowed,
@@ -689,86 +688,80 @@ async def serve(
 class _Pending:
     """One connection whose handshake is in flight."""
 
-    __slots__ = ("address", "evicted", "rescheduled", "source", "verified", "writer")
+    __slots__ = ("address", "evicted", "rescheduled", "ticket", "verified", "writer")
 
-    def __init__(self, source: str, address: str, writer: asyncio.StreamWriter) -> None:
-        self.source = source
+    def __init__(self, address: str, writer: asyncio.StreamWriter) -> None:
         self.address = address
         self.writer = writer
+        self.ticket: Ticket[_Pending] | None = None  # in the pool it is counted in now
         self.verified = False  # its hello is signed by a pinned client (it now holds state)
         self.rescheduled = False  # its deadline moved from the first frame to the handshake
         self.evicted = False  # closed by us to make room (already counted and logged)
 
 
 class _PendingHandshakes:
-    """The handshakes in flight, oldest first, overall and by source, and how many of them
-    are past a verified hello; mirrors its counts into the server's stats."""
+    """The handshakes in flight, in two pools of one :class:`AdmissionPolicy` each: those
+    without a verified hello (evicted oldest first for a newcomer: they cost a socket) and
+    those past it (refused beyond their caps, before the KEM: they hold state). Mirrors its
+    counts into the server's stats."""
 
-    def __init__(self, counters: ChannelServerStats) -> None:
+    def __init__(
+        self,
+        counters: ChannelServerStats,
+        *,
+        unverified: Limit,
+        verified_per_source: Limit,
+        verified: Limit,
+    ) -> None:
         self._counters = counters
-        self._all: dict[_Pending, None] = {}  # insertion-ordered: oldest first
-        self._by_source: dict[str, dict[_Pending, None]] = {}
-        self.verified = 0
-        self._verified_by_source: dict[str, int] = {}
+        self._unverified: AdmissionPolicy[_Pending] = AdmissionPolicy(total=unverified)
+        self._verified: AdmissionPolicy[_Pending] = AdmissionPolicy(
+            total=verified, per_source=verified_per_source
+        )
 
-    def __len__(self) -> int:
-        return len(self._all)
+    def add(self, source: str, entry: _Pending) -> list[_Pending]:
+        """Count a new connection; close and return those evicted for it."""
+        decision = self._unverified.admit(source, entry)
+        victims: list[_Pending] = []
+        if isinstance(decision, Admitted):  # always: this pool evicts, it never refuses
+            entry.ticket = decision.ticket
+            for eviction in decision.evicted:
+                victim = eviction.ticket.item
+                victim.evicted = True
+                victim.writer.close()  # its read sees EOF and its handshake task ends quietly
+                victims.append(victim)
+                self._sync(eviction.ticket.source)
+        self._sync(source)
+        return victims
 
-    @property
-    def unverified(self) -> int:
-        return len(self._all) - self.verified
-
-    def from_source(self, source: str) -> int:
-        return len(self._by_source.get(source, ()))
-
-    def verified_from_source(self, source: str) -> int:
-        return self._verified_by_source.get(source, 0)
-
-    def add(self, entry: _Pending) -> None:
-        self._all[entry] = None
-        self._by_source.setdefault(entry.source, {})[entry] = None
-        self._sync(entry.source)
-
-    def mark_verified(self, entry: _Pending) -> None:
-        if entry.verified or entry not in self._all:
-            return
+    def verify(self, entry: _Pending) -> str | None:
+        """Move a connection whose hello is verified to the verified pool; the reason it
+        is refused instead (it stays where it was until it closes), or None."""
+        ticket = entry.ticket
+        if entry.verified or ticket is None:
+            return None
+        if ticket.released:
+            return "handshake_evicted"  # closed a moment ago to make room: spend no KEM
+        decision = self._verified.admit(ticket.source, entry)
+        if not isinstance(decision, Admitted):
+            return decision.limit.reason
+        self._unverified.release(ticket)
+        entry.ticket = decision.ticket
         entry.verified = True
-        self.verified += 1
-        self._verified_by_source[entry.source] = self.verified_from_source(entry.source) + 1
-        self._sync(entry.source)
+        self._sync(ticket.source)
+        return None
 
     def remove(self, entry: _Pending) -> None:
-        if entry not in self._all:
-            return  # already removed (evicted)
-        del self._all[entry]
-        group = self._by_source.get(entry.source)
-        if group is not None:
-            group.pop(entry, None)
-            if not group:
-                del self._by_source[entry.source]
-        if entry.verified:
-            self.verified -= 1
-            left = self.verified_from_source(entry.source) - 1
-            if left:
-                self._verified_by_source[entry.source] = left
-            else:
-                self._verified_by_source.pop(entry.source, None)
-        self._sync(entry.source)
-
-    def evict_oldest_unverified(self) -> _Pending | None:
-        """Close and return the oldest connection without a verified hello, or None."""
-        victim = next((e for e in self._all if not e.verified), None)
-        if victim is None:
-            return None
-        victim.evicted = True
-        self.remove(victim)
-        victim.writer.close()  # its read sees EOF and its handshake task ends quietly
-        return victim
+        ticket = entry.ticket
+        if ticket is not None:
+            (self._verified if entry.verified else self._unverified).release(ticket)
+            self._sync(ticket.source)
 
     def _sync(self, source: str) -> None:
-        self._counters.pending_handshakes = len(self._all)
-        self._counters.unverified_connections = self.unverified
-        n = self.from_source(source)
+        unverified, verified = self._unverified, self._verified
+        self._counters.pending_handshakes = len(unverified) + len(verified)
+        self._counters.unverified_connections = len(unverified)
+        n = unverified.pending_from(source) + verified.pending_from(source)
         if n:
             self._counters.pending_by_source[source] = n
         else:
