@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
-from hospital.analysis import AnalysisSettings, run_analysis_async
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
 from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore
 from pacegate.channel import ChannelIdentity, write_identity

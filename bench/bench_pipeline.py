@@ -888,7 +888,7 @@ def _per_op(fn: Callable[[], object], n: int) -> float:
 
 def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
     """Seconds per operation, crypto minus its null replacement, same inputs."""
-    from hospital.store import encode_plaintext
+    from hospital.rowcodec import encode_plaintext
     from pacegate.channel import ChannelIdentity, ChannelSession
     from pacegate.channel.session import NEED_DATA, Message
     from pacegate.ingest import IngestItem

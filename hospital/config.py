@@ -57,7 +57,7 @@ class HospitalConfig:
     metrics_host: str
     metrics_port: int
     cloud: CloudEndpoint
-    # the analysis job's own section, parsed by hospital.analysis (not validated here)
+    # the analysis job's own section, parsed by hospital.analysis.settings (not validated here)
     analysis: ConfigSection = field(repr=False, compare=False)
 
 

@@ -13,7 +13,9 @@ import pytest
 from cloud.config import load_cloud_config
 from cloud.worker import WorkerStats, start_worker
 from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
-from hospital.analysis import AnalysisError, AnalysisSettings, run_analysis_async
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
 from hospital.store import SqliteReadingStore
 from pacegate import analytics_wire as wire
 from pacegate import ckks

@@ -14,12 +14,10 @@ import pytest
 
 from cloud.worker import CloudSession
 from console.workdir import WorkLayout, hospital_config_text
-from hospital.analysis import (
-    AnalysisError,
-    AnalysisSettings,
-    LocalTransport,
-    run_analysis_async,
-)
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
+from hospital.analysis.transport import LocalTransport
 from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore, StoreError
 from pacegate.ingest import IngestItem
@@ -142,7 +140,7 @@ def test_value_scan_names_a_row_that_does_not_decrypt(tmp_path: Path) -> None:
 def test_workers_is_read_from_hospital_yaml_and_a_negative_count_names_the_key(
     tmp_path: Path,
 ) -> None:
-    from hospital.analysis import parse_analysis_settings
+    from hospital.analysis.settings import parse_analysis_settings
     from pacegate.errors import ConfigError
 
     work = WorkLayout(tmp_path)

@@ -21,11 +21,15 @@ import pytest
 from cloud.worker import CloudSession
 from console.cli import main as pacegate_main
 from console.workdir import WorkLayout, hospital_config_text
-from hospital.analysis import AnalysisError, AnalysisSettings, LocalTransport, run_analysis_async
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
+from hospital.analysis.transport import LocalTransport
 from hospital.anchor import RECORD_SIZE, AnchorError
+from hospital.chain import Head
 from hospital.config import load_hospital_config
 from hospital.keyring import Keyring
-from hospital.store import Head, SqliteReadingStore, StoreError
+from hospital.store import SqliteReadingStore, StoreError
 from pacegate.ingest import IngestItem
 from pacegate.reading import Reading
 

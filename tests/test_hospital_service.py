@@ -313,6 +313,7 @@ async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in
     assert reencrypted >= 500
     assert sum(a.stored for a in acks) == 1500
     store = hospital.service.store
+    assert isinstance(store, SqliteReadingStore)  # the default backend
     assert store.count() == 2000 and store.keyring.versions == [2]
     report = store.verify()
     assert report.ok, report.problems
@@ -355,6 +356,7 @@ async def test_integrity_key_rotation_during_live_ingest_loses_nothing_and_absor
     resent = await send_all(0, 30)
     assert (sum(a.stored for a in resent), sum(a.duplicates for a in resent)) == (0, 1500)
     store = hospital.service.store
+    assert isinstance(store, SqliteReadingStore)  # the default backend
     assert store.count() == 1500 and store.keyring.mac_versions == [2]
     report = store.verify()
     assert report.ok, report.problems
