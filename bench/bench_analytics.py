@@ -67,7 +67,7 @@ def setup(work: WorkLayout, n: int, port: int) -> float:
         hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
     )
     cfg = load_hospital_config(work.hospital_config)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     started = time.perf_counter()
     try:
         have = store.count()

@@ -371,9 +371,9 @@ def serve_plain_hospital(config: Path) -> None:
     from hospital.store import SqliteReadingStore
 
     cfg = load_hospital_config(config)
-    cfg.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.sqlite_database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     keyring = NullKeyring.create(cfg.keyring)
-    store = SqliteReadingStore(cfg.database, keyring)
+    store = SqliteReadingStore(cfg.sqlite_database, keyring)
     service = HospitalService(cfg, store)
 
     async def run() -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from hospital.chain import (
     recorded_problems,
     row_problems,
 )
+from hospital.config import WRITER_ID
 from hospital.keyring import ChainKeys, InvalidToken, Keyring
 from hospital.rowcodec import StoredReading, decode_plaintext, encode_plaintext, in_period
 from hospital.store import (
@@ -73,8 +73,6 @@ from pacegate.layout import SECRET_DIR_MODE
 from pacegate.reading import Reading
 
 SCHEMA_VERSION = 1
-# A writer id names an ingest node in every row: short, and printable in reports.
-WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A batch whose row keys another writer inserted between our duplicate check and our insert
 # is retried from the start (it then sees those rows as duplicates). Each retry means another
 # writer committed overlapping readings, so a handful always ends it.
@@ -427,8 +425,8 @@ class PostgresReadingStore:
             conn = psycopg.connect(self.dsn, autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreError(
-                f"{self.name}: cannot connect: {str(exc).strip()}; check 'store.dsn' and "
-                "that the server runs"
+                f"{self.name}: cannot connect: {str(exc).strip()}; check the DSN in "
+                "'store.dsn_file' and that the server runs"
             ) from None
         conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
         return conn

@@ -989,9 +989,18 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def open_store(cfg: HospitalConfig) -> ReadingStore:
-    """The store that hospital.yaml's ``store:`` section names, with its keyring and
-    anchor: what the service, analytics, verify, rotate-key and export open."""
-    return SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
+    """The store that hospital.yaml's ``store:`` section names (``backend: sqlite``, the
+    default, or ``postgresql``), with its keyring and anchor: what the service, analytics,
+    verify, rotate-key and export open."""
+    if cfg.postgres is not None:
+        # imported here: psycopg is loaded only by nodes that use it (and pgstore imports
+        # this module)
+        from hospital.pgstore import PostgresReadingStore
+
+        return PostgresReadingStore.open(
+            cfg.postgres.read_dsn(), cfg.keyring, cfg.postgres.writer, cfg.anchor
+        )
+    return SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring, cfg.anchor)
 
 
 def _conforms(store: SqliteReadingStore) -> ReadingStore:

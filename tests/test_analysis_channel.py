@@ -51,7 +51,7 @@ def fill_store(work: WorkLayout, n: int) -> None:
     from hospital.config import load_hospital_config
 
     cfg = load_hospital_config(work.hospital_config)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     rng = random.Random(11)
     try:
         items = []

@@ -272,7 +272,7 @@ def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to
     """Ingesting on would anchor the current head afresh and hide a rollback for good."""
     work, _ = make_work(tmp_path / "work", port=free_port(), metrics_port=free_port())
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor) as store:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring, cfg.anchor) as store:
         store.store_batch(decode_batch_items(batch(1, 5)))
     cfg.anchor.unlink()
     proc = subprocess.run(
