@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from console.cli import main as pacegate_main
 from hospital.config import load_hospital_config
 from hospital.pgstore import PostgresReadingStore
 from hospital.service import HospitalService, RunningMetrics, run
@@ -81,6 +82,13 @@ async def test_hospital_service_on_postgresql_stores_a_batch_and_acknowledges_it
         assert store.count() == 30
         report = store.verify()
         assert report.ok, report.problems
+    # the operator's commands open the same backend from the same file
+    config = str(work.hospital_config)
+    assert pacegate_main(["hospital", "verify", "-c", config]) == 0
+    assert pacegate_main(["hospital", "rotate-key", "-c", config]) == 0
+    out = tmp_path / "export.jsonl"
+    assert pacegate_main(["hospital", "export", "-c", config, "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 30
     password = re.search(r"password=(\S+)", pg_dsn)
     assert password is not None
     assert password.group(1) not in caplog.text  # the DSN's secret never reaches a log
