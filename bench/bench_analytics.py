@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
-from hospital.analysis import AnalysisSettings, run_analysis_async
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
 from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore
 from pacegate.channel import ChannelIdentity, write_identity
@@ -66,7 +67,7 @@ def setup(work: WorkLayout, n: int, port: int) -> float:
         hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
     )
     cfg = load_hospital_config(work.hospital_config)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     started = time.perf_counter()
     try:
         have = store.count()

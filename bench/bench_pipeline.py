@@ -370,9 +370,9 @@ def serve_plain_hospital(config: Path) -> None:
     from hospital.store import SqliteReadingStore
 
     cfg = load_hospital_config(config)
-    cfg.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.sqlite_database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     keyring = NullKeyring.create(cfg.keyring)
-    store = SqliteReadingStore(cfg.database, keyring)
+    store = SqliteReadingStore(cfg.sqlite_database, keyring)
     service = HospitalService(cfg, store)
 
     async def run() -> None:
@@ -835,7 +835,7 @@ def _per_op(fn: Callable[[], object], n: int) -> float:
 
 def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
     """Seconds per operation, crypto minus its null replacement, same inputs."""
-    from hospital.store import encode_plaintext
+    from hospital.rowcodec import encode_plaintext
     from pacegate.channel import ChannelIdentity, ChannelSession
     from pacegate.channel.session import NEED_DATA, Message
     from pacegate.ingest import IngestItem

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from console.workdir import WorkLayout
-from hospital.analysis import run_analysis
+from hospital.analysis.job import run_analysis
 from pacegate.reading import parse_time_option
 
 

@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from hospital.chain import RecordedHead, format_report
+from hospital.config import load_hospital_config
 from hospital.export import ExportRefused, export_rows
-from hospital.store import RecordedHead, SqliteReadingStore, format_report, open_from_config
+from hospital.store import ReadingStore, open_store
 from pacegate.layout import SECRET_FILE_MODE
 from pacegate.reading import parse_time_option
 
 
 def cli_rotate_key(args: argparse.Namespace) -> int:
     """``pacegate hospital rotate-key -c FILE``: new key, every row re-encrypted, online."""
-    with open_from_config(args.config) as store:
+    with open_store(load_hospital_config(args.config)) as store:
         report = store.rotate_key(
             retire_old=not getattr(args, "keep_old", False),
             integrity=getattr(args, "integrity", False),
@@ -42,7 +44,7 @@ def cli_rotate_key(args: argparse.Namespace) -> int:
 
 def cli_verify(args: argparse.Namespace) -> int:
     """``pacegate hospital verify -c FILE``: exit 0 if the chain is whole, 1 otherwise."""
-    with open_from_config(args.config) as store:
+    with open_store(load_hospital_config(args.config)) as store:
         if getattr(args, "reanchor", False):
             return _reanchor(store)
         recorded = getattr(args, "expect_head", None)
@@ -50,7 +52,7 @@ def cli_verify(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(report.to_json()))
     else:
-        print(format_report(report, store.db_path), file=sys.stderr)
+        print(format_report(report, store.name), file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -60,7 +62,7 @@ def cli_export(args: argparse.Namespace) -> int:
     since = parse_time_option(args.since, "--since")
     until = parse_time_option(args.until, "--until")
     out_path: Path | None = args.out
-    with open_from_config(args.config) as store:
+    with open_store(load_hospital_config(args.config)) as store:
         try:
             if out_path is None:
                 summary = export_rows(
@@ -94,7 +96,7 @@ def cli_export(args: argparse.Namespace) -> int:
     report = summary.report
     if report is not None and not report.ok:
         store_level = [p for p in report.problems if p.seq is None or p.seq > report.last_seq]
-        print(format_report(report, store.db_path), file=sys.stderr)
+        print(format_report(report, store.name), file=sys.stderr)
         if store_level:
             print(
                 "export: damage of the store as a whole (not on any exported row): "
@@ -104,12 +106,13 @@ def cli_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reanchor(store: SqliteReadingStore) -> int:
+def _reanchor(store: ReadingStore) -> int:
     report, before = store.reanchor()
+    anchor = store.anchor.path if store.anchor is not None else "its anchor"
     was = max((r.seq for r in before or []), default=None)
     print(
-        f"verify --reanchor: the chain inside {store.db_path} is whole up to row "
-        f"{report.last_seq}; {store.anchor.path} now anchors that head"
+        f"verify --reanchor: the chain inside {store.name} is whole up to row "
+        f"{report.last_seq}; {anchor} now anchors that head"
         + (f" (it named row {was} before)" if was is not None else " (there was no anchor)"),
         file=sys.stderr,
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 from pacegate.errors import ConfigError
 from pacegate.layout import create_private
 from pacegate.replay import DEFAULT_WINDOW_SIZE, ReplayRejected, ReplayWindow
+from pacegate.sqlite import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay_window (
@@ -38,17 +39,28 @@ CREATE TABLE IF NOT EXISTS replay_window (
 """
 
 
+def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:
+    return ConfigError(
+        path,
+        "state_dir",
+        f"replay state database is unreadable: {exc}",
+        fix="restore it from backup; deleting it re-opens a replay window for every "
+        "device's old readings",
+    )
+
+
 class ReplayStore:
     def __init__(self, path: Path, *, size: int = DEFAULT_WINDOW_SIZE) -> None:
         self.path = path
         self.size = size
         # replay windows tell which devices spoke and how much: owner-only, like the spool
         create_private(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
             # the window is committed before an MQTT ack: it must reach the disk
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = open_database(path, synchronous_full=True)
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(path, exc) from None
+        try:
             self._db.execute(_SCHEMA)
             rows = self._db.execute("SELECT device_id, highest, bitmap FROM replay_window")
             self._durable = {
@@ -59,13 +71,7 @@ class ReplayStore:
             }
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise ConfigError(
-                path,
-                "state_dir",
-                f"replay state database is unreadable: {exc}",
-                fix="restore it from backup; deleting it re-opens a replay window for "
-                "every device's old readings",
-            ) from None
+            raise _unreadable(path, exc) from None
         self._live: dict[str, ReplayWindow] = {}
 
     def live(self, device_id: str) -> ReplayWindow:

@@ -23,7 +23,8 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from pacegate.errors import ConfigError, InvariantError
 from pacegate.ingest import IngestBatch, IngestItem, IngestWireError, decode, encode_batch
-from pacegate.layout import SECRET_DIR_MODE, write_secret
+from pacegate.layout import SECRET_DIR_MODE, create_private, write_secret
+from pacegate.sqlite import open_database
 
 SPOOL_KEY_SIZE = 32
 
@@ -62,31 +63,37 @@ def _load_or_create_key(path: Path) -> bytes:
     return key
 
 
+def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:
+    return ConfigError(
+        path,
+        "spool.path",
+        f"spool database is unreadable: {exc}",
+        fix="restore it from backup; moving it aside starts an empty spool, and the "
+        "readings it held are lost (the broker already had their acknowledgements)",
+    )
+
+
 class Spool:
     def __init__(self, path: Path, key_path: Path, *, max_readings: int) -> None:
         self.path = path
         self.max_readings = max_readings
         path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         self._fernet = Fernet(base64.urlsafe_b64encode(_load_or_create_key(key_path)))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # owner-only before SQLite makes its -wal and -shm files (also an older spool's)
+        create_private(path)
         try:
-            os.chmod(path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
             # a spooled reading is acknowledged to the broker: it must be on disk first
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = open_database(path, synchronous_full=True)
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(path, exc) from None
+        try:
             self._db.execute(_SCHEMA)
             row = self._db.execute(
                 "SELECT COALESCE(SUM(readings), 0), COUNT(*) FROM spool"
             ).fetchone()
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise ConfigError(
-                path,
-                "spool.path",
-                f"spool database is unreadable: {exc}",
-                fix="restore it from backup; moving it aside starts an empty spool, and the "
-                "readings it held are lost (the broker already had their acknowledgements)",
-            ) from None
+            raise _unreadable(path, exc) from None
         self._readings = int(row[0])
         self._batches = int(row[1])
 

@@ -7,6 +7,9 @@
     allowed_gateways:                                 # name -> pinned ML-DSA-65 public key
       gateway: pki/channel/gateway.mldsa.pub
     store:    {database: hospital/readings.db, keyring: hospital/keyring.json}
+              # or, several ingest nodes on one PostgreSQL database (docs/scaling.md):
+              # {backend: postgresql, dsn_file: hospital/pg.dsn, writer: hospital-1,
+              #  keyring: hospital/keyring.json}
     metrics:  {host: 127.0.0.1, port: 9109}           # Prometheus text; port 0 picks one
     cloud:    {host: 127.0.0.1, port: 8885, server_name: cloud,
                server_key: pki/channel/cloud.mldsa.pub}
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacegate.configfile import ConfigSection, load_config
+from pacegate.errors import ConfigError
 from pacegate.layout import PkiLayout
 from pacegate.ports import (
     DEFAULT_CLOUD_PORT,
@@ -33,6 +38,55 @@ from pacegate.ports import (
 
 _PEER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TOP_KEYS = {"listen", "identity", "allowed_gateways", "store", "metrics", "cloud", "analysis"}
+STORE_BACKENDS = ("sqlite", "postgresql")
+# A writer id names an ingest node in every PostgreSQL row: short, and printable in reports.
+WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A DSN is one line; anything longer is not the file that was meant.
+MAX_DSN_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class PostgresStoreConfig:
+    """``store:`` with ``backend: postgresql``: where the DSN is, and this node's writer."""
+
+    config: Path  # hospital.yaml, for messages
+    dsn_file: Path  # owner-only (0600): a libpq DSN, password included; never logged
+    writer: str
+
+    def read_dsn(self) -> str:
+        """The DSN in :attr:`dsn_file`, refused unless the file is owner-only. Errors name
+        the file and the fix, never the file's content."""
+        path = self.dsn_file
+        key = "store.dsn_file"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(
+                path,
+                key,
+                f"DSN file not found (named in {self.config})",
+                fix="write the libpq DSN (host=... dbname=... user=... password=...) into "
+                f"it, mode 0600: install -m 600 /dev/null {path}",
+            ) from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                path,
+                key,
+                f"the DSN file is accessible by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):o}); it holds the database password",
+                fix=f"chmod 600 {path}",
+            )
+        if st.st_size > MAX_DSN_BYTES:
+            raise ConfigError(path, key, f"larger than {MAX_DSN_BYTES} bytes: not a DSN")
+        try:
+            dsn = path.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(path, key, "not UTF-8 text", fix="one line: the DSN") from None
+        except OSError as exc:
+            raise ConfigError(path, key, f"cannot read: {exc.strerror}") from None
+        if not dsn or "\n" in dsn:
+            raise ConfigError(path, key, "must hold exactly one line, the DSN", fix="one line")
+        return dsn
 
 
 @dataclass(frozen=True)
@@ -51,14 +105,29 @@ class HospitalConfig:
     identity_name: str
     identity_key: Path
     allowed_gateways: dict[str, Path]
-    database: Path
+    database: Path | None  # the SQLite file; None with backend: postgresql
     keyring: Path
+    # the chain head's anchor; with PostgreSQL, this node's writer's
     anchor: Path
     metrics_host: str
     metrics_port: int
     cloud: CloudEndpoint
-    # the analysis job's own section, parsed by hospital.analysis (not validated here)
+    # the analysis job's own section, parsed by hospital.analysis.settings (not validated here)
     analysis: ConfigSection = field(repr=False, compare=False)
+    # set with backend: postgresql (then the readings are not in ``database``)
+    postgres: PostgresStoreConfig | None = None
+
+    @property
+    def sqlite_database(self) -> Path:
+        """The SQLite file, for code that works on that backend only."""
+        if self.database is None:
+            raise ConfigError(
+                self.path,
+                "store.backend",
+                "this hospital keeps its readings in PostgreSQL, not in an SQLite file",
+                fix="use a hospital.yaml whose store is 'backend: sqlite'",
+            )
+        return self.database
 
 
 def _port(section: ConfigSection, key: str, default: int, *, lo: int = 1) -> int:
@@ -73,6 +142,59 @@ def _peer_name(section: ConfigSection, key: str, value: str) -> str:
             fix="use 1-64 characters from a-z, 0-9, '-' and '_'",
         )
     return value
+
+
+def _store(store: ConfigSection) -> tuple[Path | None, Path, Path, PostgresStoreConfig | None]:
+    """``store:``: the backend, its location, the keyring and the anchor."""
+    store.check_keys({"backend", "database", "keyring", "anchor", "dsn_file", "writer"})
+    backend = str(store.get("backend", str, "sqlite"))
+    if backend not in STORE_BACKENDS:
+        raise store.error(
+            "backend",
+            f"{backend!r} is not a store backend",
+            fix="'sqlite' (the default: one node, one file) or 'postgresql' (several nodes)",
+        )
+    keyring = store.get_path("keyring", required=True)
+    # the chain head's anchor (hospital/anchor.py): unless placed elsewhere, beside the
+    # database (SQLite) or the keyring (PostgreSQL: a node's own file), ideally on a volume
+    # that a restore of the database does not touch
+    anchor = store.get_path("anchor") if "anchor" in store.data else None
+    if backend == "postgresql":
+        if "database" in store.data:
+            raise store.error(
+                "database",
+                "names an SQLite file, but backend is postgresql: the readings are in the "
+                "server that dsn_file names",
+                fix="remove 'database', or set 'backend: sqlite'",
+            )
+        dsn_file = store.get_path("dsn_file", required=True)
+        writer = str(store.get("writer", str, required=True))
+        if not WRITER_ID.fullmatch(writer):
+            raise store.error(
+                "writer",
+                f"{writer!r} is not a writer id",
+                fix="1-64 characters of letters, digits, '.', '_' or '-', one per ingest node",
+            )
+        if anchor is None:
+            anchor = keyring.with_name(f"{writer}-anchor")
+        if anchor.resolve() in (dsn_file.resolve(), keyring.resolve()):
+            raise store.error("anchor", "is the DSN or keyring file", fix="use its own file")
+        if dsn_file.resolve() == keyring.resolve():
+            raise store.error("dsn_file", "is the keyring file", fix="use a file of its own")
+        return None, keyring, anchor, PostgresStoreConfig(store.path, dsn_file, writer)
+    for key in ("dsn_file", "writer"):
+        if key in store.data:
+            raise store.error(
+                key, "is for 'backend: postgresql' only", fix=f"remove '{key}' (SQLite store)"
+            )
+    database = store.get_path("database", required=True)
+    if keyring.resolve() == database.resolve():
+        raise store.error("keyring", "is the database file", fix="use a separate keyring.json")
+    if anchor is None:
+        anchor = database.with_name(database.name + "-anchor")
+    if anchor.resolve() in (database.resolve(), keyring.resolve()):
+        raise store.error("anchor", "is the database or keyring file", fix="use its own file")
+    return database, keyring, anchor, None
 
 
 def load_hospital_config(
@@ -104,18 +226,7 @@ def load_hospital_config(
         )
 
     store = root.section("store", required=True)
-    store.check_keys({"database", "keyring", "anchor"})
-    database = store.get_path("database", required=True)
-    keyring = store.get_path("keyring", required=True)
-    if keyring.resolve() == database.resolve():
-        raise store.error("keyring", "is the database file", fix="use a separate keyring.json")
-    # the chain head's anchor (hospital/anchor.py): beside the database unless placed
-    # elsewhere, ideally on a volume that a restore of the database does not touch
-    anchor = store.get_path("anchor") if "anchor" in store.data else None
-    if anchor is None:
-        anchor = database.with_name(database.name + "-anchor")
-    if anchor.resolve() in (database.resolve(), keyring.resolve()):
-        raise store.error("anchor", "is the database or keyring file", fix="use its own file")
+    database, keyring, anchor, postgres = _store(store)
 
     metrics = root.section("metrics")
     metrics.check_keys({"host", "port"})
@@ -143,6 +254,7 @@ def load_hospital_config(
         metrics_port=_port(metrics, "port", DEFAULT_HOSPITAL_METRICS_PORT, lo=0),
         cloud=cloud_ep,
         analysis=root.section("analysis"),
+        postgres=postgres,
     )
 
 

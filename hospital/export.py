@@ -10,7 +10,7 @@ the kinds joined by ``;``). ``damage`` is empty for a row the chain vouches for.
 
 The export refuses a store whose chain does not verify: its rows can no longer be trusted
 as the readings that arrived. ``--allow-damaged`` exports it anyway and marks each damaged
-row with what :meth:`~hospital.store.SqliteReadingStore.verify` found (a row that does not
+row with what :meth:`~hospital.store.ReadingStore.verify` found (a row that does not
 decrypt is a line with its ``seq``, its damage and empty fields). Damage of the store as a
 whole (a removed tail, a rollback) is reported on stderr.
 
@@ -25,15 +25,10 @@ import csv
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import IO, Any
 
-from hospital.store import (
-    CheckedRow,
-    SqliteReadingStore,
-    VerifyReport,
-    format_report,
-)
+from hospital.chain import CheckedRow, VerifyReport, format_report
+from hospital.store import ReadingStore
 from pacegate.errors import PacegateError
 from pacegate.ingest import FLAG_IMPLAUSIBLE
 
@@ -108,7 +103,7 @@ class ExportSummary:
 
 
 def export_rows(
-    store: SqliteReadingStore,
+    store: ReadingStore,
     out: IO[str],
     *,
     fmt: str = "jsonl",
@@ -124,7 +119,7 @@ def export_rows(
         # a first pass, so that nothing is written from a store that does not verify
         checked = store.verify()
         if not checked.ok:
-            raise ExportRefused(_refusal(checked, store.db_path))
+            raise ExportRefused(_refusal(checked, store.name))
     summary = ExportSummary()
     writer = _Writer(out, fmt)
     scan = store.scan()
@@ -142,11 +137,11 @@ def export_rows(
                 summary.damaged += bool(row.problems)
     summary.report = scan.report
     if not allow_damaged and not scan.report.ok:
-        raise ExportRefused(_refusal(scan.report, store.db_path))
+        raise ExportRefused(_refusal(scan.report, store.name))
     return summary
 
 
-def _refusal(report: VerifyReport, db_path: Path) -> str:
+def _refusal(report: VerifyReport, db_path: str) -> str:
     return (
         f"export refused: the chain of {db_path} does not verify.\n"
         + format_report(report, db_path)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,31 +41,31 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
 from hospital.anchor import AnchorRecord, HeadAnchor
-from hospital.keyring import ChainKeys, InvalidToken, Keyring
-from hospital.store import (
+from hospital.chain import (
     ANCHOR_PROBLEMS,
-    DEFAULT_ITER_BATCH,
     GENESIS,
-    ROTATE_BATCH,
     CheckedRow,
     Head,
-    ReadingStore,
     RecordedHead,
-    RotationReport,
-    StoredReading,
-    StoreError,
-    StoreResult,
     VerifyProblem,
     VerifyReport,
-    _anchor_problems,
-    _best_anchor,
-    _describe,
-    _head_problems,
-    _in_period,
-    _recorded_problems,
-    _row_problems,
-    decode_plaintext,
-    encode_plaintext,
+    anchor_problems,
+    best_anchor,
+    describe_problem,
+    head_problems,
+    recorded_problems,
+    row_problems,
+)
+from hospital.config import WRITER_ID
+from hospital.keyring import ChainKeys, InvalidToken, Keyring
+from hospital.rowcodec import StoredReading, decode_plaintext, encode_plaintext, in_period
+from hospital.store import (
+    DEFAULT_ITER_BATCH,
+    ROTATE_BATCH,
+    ReadingStore,
+    RotationReport,
+    StoreError,
+    StoreResult,
 )
 from pacegate.errors import ConfigError
 from pacegate.ingest import IngestItem
@@ -74,8 +73,6 @@ from pacegate.layout import SECRET_DIR_MODE
 from pacegate.reading import Reading
 
 SCHEMA_VERSION = 1
-# A writer id names an ingest node in every row: short, and printable in reports.
-WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A batch whose row keys another writer inserted between our duplicate check and our insert
 # is retried from the start (it then sees those rows as duplicates). Each retry means another
 # writer committed overlapping readings, so a handful always ends it.
@@ -198,7 +195,7 @@ class PostgresChainScan:
                 genesis = writer_genesis(keys, writer) if keys is not None else GENESIS
                 prev_wseq, prev_chain = 0, genesis
                 own = writer == store.writer
-                best = _best_anchor(records or [], kr, version) if own else None
+                best = best_anchor(records or [], kr, version) if own else None
                 anchor_wseq = best.seq if best is not None else -1
                 chain_at_anchor = genesis if anchor_wseq == 0 else None
                 expect_wseq = self._expect.seq if own and self._expect is not None else -1
@@ -258,7 +255,7 @@ class PostgresChainScan:
                     else:
                         report.problems += [
                             dataclasses.replace(p, detail=f"writer {writer}: {p.detail}")
-                            for p in _head_problems(head, keys, prev_wseq, prev_chain)
+                            for p in head_problems(head, keys, prev_wseq, prev_chain)
                         ]
                     report.writers[writer] = f"{head.version}:{head.seq}:{head.chain.hex()}"
                 if own:
@@ -267,11 +264,11 @@ class PostgresChainScan:
             conn.execute("COMMIT")
         report.head_version = version or 0
         if store.anchor is not None:
-            report.problems += _anchor_problems(
+            report.problems += anchor_problems(
                 store.anchor, records, own_best, version, report.last_seq, own_chain_at_anchor
             )
         if self._expect is not None:
-            report.problems += _recorded_problems(
+            report.problems += recorded_problems(
                 self._expect, version, report.last_seq, chain_at_expect
             )
 
@@ -309,7 +306,7 @@ class PostgresChainScan:
         if keys is not None:
             problems += [
                 dataclasses.replace(p, seq=seq, detail=f"writer {writer} row {wseq}: {p.detail}")
-                for p in _row_problems(keys, prev_chain, wseq, row_key, chain, plaintext, record)
+                for p in row_problems(keys, prev_chain, wseq, row_key, chain, plaintext, record)
             ]
         self.report.problems += problems
         return CheckedRow(seq, record, tuple(problems))
@@ -364,7 +361,7 @@ class _PgChainCursor:
 
     def _damaged(self, problem: VerifyProblem) -> StoreError:
         return StoreError(
-            f"{self._store.name}: {_describe(problem)}: the chain does not verify; "
+            f"{self._store.name}: {describe_problem(problem)}: the chain does not verify; "
             "run 'pacegate hospital verify'"
         )
 
@@ -428,8 +425,8 @@ class PostgresReadingStore:
             conn = psycopg.connect(self.dsn, autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreError(
-                f"{self.name}: cannot connect: {str(exc).strip()}; check 'store.dsn' and "
-                "that the server runs"
+                f"{self.name}: cannot connect: {str(exc).strip()}; check the DSN in "
+                "'store.dsn_file' and that the server runs"
             ) from None
         conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
         return conn
@@ -709,7 +706,7 @@ class PostgresReadingStore:
         *,
         seq_range: tuple[int, int] | None = None,
     ) -> Iterator[list[StoredReading]]:
-        """As :meth:`hospital.store.SqliteReadingStore.iter_records`."""
+        """As :meth:`hospital.store.ReadingStore.iter_records`."""
         for page in self._pages(since, until, batch_size, seq_range):
             out = []
             for seq, plaintext, *_ in page:
@@ -743,7 +740,7 @@ class PostgresReadingStore:
         seq_range: tuple[int, int] | None = None,
         check_chain: bool = False,
     ) -> Iterator[tuple[list[int], list[int]]]:
-        """As :meth:`hospital.store.SqliteReadingStore.iter_reading_values`; ``check_chain``
+        """As :meth:`hospital.store.ReadingStore.iter_reading_values`; ``check_chain``
         checks each row against its own writer's chain."""
         cursor = _PgChainCursor(self) if check_chain else None
         for page in self._pages(since, until, batch_size, seq_range):
@@ -755,7 +752,7 @@ class PostgresReadingStore:
                 if cursor is not None:
                     cursor.check(page, objs)
                 if since is not None or until is not None:
-                    keep = [_in_period(r["timestamp"], since, until) for r in readings]
+                    keep = [in_period(r["timestamp"], since, until) for r in readings]
                     ages = [a for a, k in zip(ages, keep, strict=True) if k]
                     rates = [h for h, k in zip(rates, keep, strict=True) if k]
             except (ValueError, KeyError, TypeError):
@@ -804,7 +801,7 @@ class PostgresReadingStore:
                     "ORDER BY writer, wseq DESC"
                 )
             }
-            best = _best_anchor(records or [], self.keyring, version)
+            best = best_anchor(records or [], self.keyring, version)
             at = None
             if best is not None:
                 if best.seq == 0:
@@ -820,14 +817,14 @@ class PostgresReadingStore:
             _, wseq, chain = lasts.get(writer, (0, 0, writer_genesis(keys, writer)))
             problems += [
                 dataclasses.replace(p, detail=f"writer {writer}: {p.detail}")
-                for p in _head_problems(heads.get(writer), keys, wseq, chain)
+                for p in head_problems(heads.get(writer), keys, wseq, chain)
             ]
         if self.anchor is not None:
             own = lasts.get(self.writer, (0, 0, writer_genesis(keys, self.writer)))
-            problems += _anchor_problems(self.anchor, records, best, version, own[1], at)
+            problems += anchor_problems(self.anchor, records, best, version, own[1], at)
         if problems:
             raise StoreError(
-                f"{self.name}: {_describe(problems[0])}; run 'pacegate hospital verify'"
+                f"{self.name}: {describe_problem(problems[0])}; run 'pacegate hospital verify'"
             )
         return max((s for s, _, _ in lasts.values()), default=0)
 
@@ -842,7 +839,7 @@ class PostgresReadingStore:
         if inside:
             raise StoreError(
                 f"{self.name}: the chains inside the database do not verify "
-                f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
+                f"({len(inside)} problem(s), first: {describe_problem(inside[0])}); not re-anchored"
             )
         keys = self._chain_keys(report.head_version)
         with self.anchor.locked(LOCK_TIMEOUT_MS / 1000):
@@ -922,20 +919,20 @@ class PostgresReadingStore:
                     | {w for (w,) in c.execute("SELECT DISTINCT writer FROM readings").fetchall()}
                 )
                 own_last, own_new_chain = 0, writer_genesis(new, self.writer)
-                best = _best_anchor(records or [], kr, old_version)
+                best = best_anchor(records or [], kr, old_version)
                 for writer in writers:
                     last, prev_old, prev_new, at = self._rekey_writer(
                         writer, old, new, batch_size, best.seq if best is not None else -1
                     )
                     head = heads.get(writer)
-                    damage = _head_problems(head, old, last, prev_old)
+                    damage = head_problems(head, old, last, prev_old)
                     if head is not None and head.version != old.version:
                         damage.append(VerifyProblem(None, "head_mismatch", "head key version"))
                     if damage:
                         raise self._not_rekeyed(writer, damage[0].seq, damage[0].kind)
                     if writer == self.writer:
                         if self.anchor is not None:
-                            anchored = _anchor_problems(
+                            anchored = anchor_problems(
                                 self.anchor, records, best, old_version, last, at
                             )
                             if anchored:
@@ -983,7 +980,7 @@ class PostgresReadingStore:
                     raise self._not_rekeyed(writer, seq, "undecryptable") from None
                 if wseq != last + 1:
                     raise self._not_rekeyed(writer, seq, "missing_rows")
-                bad = _row_problems(old, prev_old, wseq, row_key, chain, plaintext, record)
+                bad = row_problems(old, prev_old, wseq, row_key, chain, plaintext, record)
                 if bad:
                     raise self._not_rekeyed(writer, seq, bad[0].kind)
                 fresh_key = new.row_key(record.device_id, record.counter)

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from hospital.config import HospitalConfig
-from hospital.store import ReadingStore, SqliteReadingStore, StoreError
+from hospital.store import ReadingStore, StoreError, open_store
 from pacegate.channel import (
     ChannelClosed,
     ChannelServerStats,
@@ -178,7 +178,7 @@ def start_metrics(cfg: HospitalConfig, metrics: HospitalMetrics) -> RunningMetri
 class HospitalService:
     """The ingest service: the channel server, the store, the metrics."""
 
-    def __init__(self, cfg: HospitalConfig, store: SqliteReadingStore) -> None:
+    def __init__(self, cfg: HospitalConfig, store: ReadingStore) -> None:
         self.cfg = cfg
         self.store = store
         self.metrics = HospitalMetrics()
@@ -232,11 +232,11 @@ async def run(
     """Ingest over the PQ channel until ``stop`` is set."""
     identity = load_identity(cfg.identity_key, cfg.identity_name)
     allowed = {name: load_public_key(path) for name, path in cfg.allowed_gateways.items()}
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
-    if not store.anchor.exists():
+    store = open_store(cfg)
+    if store.anchor is not None and not store.anchor.exists():
         store.close()
         raise StoreError(
-            f"{store.anchor.path}: the chain-head anchor of {cfg.database} is missing: the "
+            f"{store.anchor.path}: the chain-head anchor of {store.name} is missing: the "
             "database may have been replaced or rolled back, and ingest would hide it. Run "
             f"'pacegate hospital verify -c {cfg.path}'; once the store is known good, "
             f"'pacegate hospital verify -c {cfg.path} --reanchor'"

@@ -19,14 +19,16 @@ the database is detected. Re-encryption (``rotate-key``) changes ``token`` and
 ``key_version`` only; ``rotate-key --integrity`` re-keys ``row_key`` and ``chain`` of every
 row in one transaction.
 
-Storage sits behind :class:`ReadingStore` so that a PostgreSQL backend can take over.
+This module owns the :class:`ReadingStore` protocol, the one store type the rest of the
+hospital sees, and its embedded SQLite implementation. What every backend shares lives beside
+it, pure: the plaintext codec in :mod:`hospital.rowcodec`, the chain's rules and the verify
+reports in :mod:`hospital.chain`. The PostgreSQL backend is :mod:`hospital.pgstore`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hmac
 import json
 import logging
 import os
@@ -34,23 +36,41 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from hospital.anchor import AnchorRecord, HeadAnchor
+from hospital.chain import (
+    ANCHOR_PROBLEMS,
+    GENESIS,
+    CheckedRow,
+    Head,
+    RecordedHead,
+    RowScan,
+    VerifyProblem,
+    VerifyReport,
+    anchor_problems,
+    best_anchor,
+    describe_problem,
+    head_problems,
+    recorded_problems,
+    row_problems,
+)
 from hospital.keyring import ChainKeys, InvalidToken, Keyring
+from hospital.rowcodec import StoredReading, decode_plaintext, encode_plaintext, in_period
+from pacegate.dbcheck import check_integrity
 from pacegate.errors import ConfigError, PacegateError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE, SECRET_FILE_MODE
 from pacegate.reading import Reading
+from pacegate.sqlite import open_database
+
+if TYPE_CHECKING:
+    from hospital.config import HospitalConfig
 
 # 2: the head names its integrity-key version, and is anchored outside the database
 SCHEMA_VERSION = 2
-GENESIS = bytes(32)
-# Plaintext is padded to a multiple of this, so token length does not reveal the length of
-# a device id or of a timestamp's fraction. 256 covers every device id (<= 64 characters).
-PLAINTEXT_BLOCK = 256
 # Rows re-encrypted per transaction during rotation: short transactions let ingest
 # interleave, so rotation never stalls it for long.
 ROTATE_BATCH = 200
@@ -81,16 +101,6 @@ def default_anchor(db_path: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredReading:
-    """A reading as stored: the reading plus who sent it and its flags."""
-
-    device_id: str
-    counter: int
-    flags: int
-    reading: Reading
-
-
-@dataclass(frozen=True, slots=True)
 class StoreResult:
     stored: int
     duplicates: int
@@ -99,8 +109,21 @@ class StoreResult:
     conflicts: int = 0
 
 
+@runtime_checkable
 class ReadingStore(Protocol):
-    """What ingest and analytics need from storage; SQLite today, PostgreSQL tomorrow."""
+    """Everything the hospital does with its store: ingest (the service), analytics, verify,
+    rotation, export. The only store type outside this module: callers get one from
+    :func:`open_store` and never name a backend (SQLite here, :mod:`hospital.pgstore`)."""
+
+    @property
+    def name(self) -> str:
+        """What messages call the store: the database file, or the redacted DSN."""
+        ...
+
+    @property
+    def anchor(self) -> HeadAnchor | None:
+        """The chain-head anchor outside the database (None: this node keeps none)."""
+        ...
 
     def store_batch(self, items: Sequence[IngestItem]) -> StoreResult:
         """Store new readings and absorb duplicates, durably, in one transaction."""
@@ -162,72 +185,9 @@ class ReadingStore(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> ReadingStore: ...
 
-# -- the plaintext inside a token -------------------------------------------------------
-def encode_plaintext(item: IngestItem) -> bytes:
-    body = json.dumps(
-        {
-            "v": 1,
-            "device_id": item.device_id,
-            "counter": item.counter,
-            "flags": item.flags,
-            "reading": item.reading.to_json(),
-        },
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode()
-    padded = -(-len(body) // PLAINTEXT_BLOCK) * PLAINTEXT_BLOCK
-    return body + b" " * (padded - len(body))  # JSON ignores trailing whitespace
-
-
-def decode_plaintext(plaintext: bytes) -> StoredReading:
-    obj: Any = json.loads(plaintext)
-    return StoredReading(
-        device_id=str(obj["device_id"]),
-        counter=int(obj["counter"]),
-        flags=int(obj["flags"]),
-        reading=Reading.from_json(obj["reading"]),
-    )
-
-
-# -- reports ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VerifyProblem:
-    seq: int | None
-    # missing_rows | undecryptable | row_key_mismatch | chain_mismatch | head_mismatch |
-    # unknown_integrity_key | anchor_missing | anchor_damaged | rolled_back | anchor_mismatch |
-    # behind_recorded_head | recorded_head_mismatch (verify --expect-head)
-    kind: str
-    detail: str
-
-
-@dataclass
-class VerifyReport:
-    rows: int = 0
-    last_seq: int = 0
-    head_chain: bytes = GENESIS
-    head_version: int = 0  # the integrity-key version the chain is under
-    problems: list[VerifyProblem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def head_token(self) -> str:
-        """``VERSION:SEQ:CHAIN`` (hex): what to record off the host, and give back to
-        ``verify --expect-head`` later."""
-        return f"{self.head_version}:{self.last_seq}:{self.head_chain.hex()}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "rows": self.rows,
-            "last_seq": self.last_seq,
-            "head_chain": self.head_chain.hex(),
-            "head": self.head_token,
-            "problems": [{"seq": p.seq, "kind": p.kind, "detail": p.detail} for p in self.problems],
-        }
+    def __exit__(self, *exc: object) -> None: ...
 
 
 @dataclass
@@ -237,34 +197,6 @@ class RotationReport:
     retired: list[int]
     new_mac_version: int | None = None  # set when the integrity key was rotated too
     retired_mac: list[int] = field(default_factory=list)
-
-
-# the kinds that compare the database with its anchor outside it
-ANCHOR_PROBLEMS = frozenset({"anchor_missing", "anchor_damaged", "rolled_back", "anchor_mismatch"})
-
-
-def _describe(p: VerifyProblem) -> str:
-    where = f"row {p.seq}" if p.seq is not None else "head"
-    return f"{where}: {p.kind}: {p.detail}"
-
-
-@dataclass(frozen=True, slots=True)
-class CheckedRow:
-    """One row of a :class:`ChainScan`: the reading (None when the token does not decrypt
-    or parse) and what is wrong with the row (empty when it is whole)."""
-
-    seq: int
-    record: StoredReading | None
-    problems: tuple[VerifyProblem, ...] = ()
-
-
-class RowScan(Protocol):
-    """What :meth:`ReadingStore.scan` returns: batches of checked rows, then the report."""
-
-    @property
-    def report(self) -> VerifyReport: ...
-
-    def __iter__(self) -> Iterator[list[CheckedRow]]: ...
 
 
 class ChainScan:
@@ -311,7 +243,7 @@ class ChainScan:
                         "be checked against the chain",
                     )
                 )
-            best = _best_anchor(records or [], store.keyring, version)
+            best = best_anchor(records or [], store.keyring, version)
             anchor_seq = best.seq if best is not None else -1
             chain_at_anchor = GENESIS if anchor_seq == 0 else None
             expect_seq = self._expect.seq if self._expect is not None else -1
@@ -333,12 +265,12 @@ class ChainScan:
         finally:
             conn.close()
         self._check_head(head, prev_seq, prev_chain)
-        self.report.problems += _anchor_problems(
+        self.report.problems += anchor_problems(
             store.anchor, records, best, version, prev_seq, chain_at_anchor
         )
         self.report.head_version = version or 0
         if self._expect is not None:
-            self.report.problems += _recorded_problems(
+            self.report.problems += recorded_problems(
                 self._expect, version, prev_seq, chain_at_expect
             )
 
@@ -362,186 +294,18 @@ class ChainScan:
             self.report.problems += problems
             return CheckedRow(seq, None, tuple(problems))
         if keys is not None:
-            problems += _row_problems(keys, prev_chain, seq, row_key, chain, plaintext, record)
+            problems += row_problems(keys, prev_chain, seq, row_key, chain, plaintext, record)
         self.report.problems += problems
         return CheckedRow(seq, record, tuple(problems))
 
     def _check_head(self, head: Head | None, last_seq: int, last_chain: bytes) -> None:
         report = self.report
         report.last_seq, report.head_chain = last_seq, last_chain
-        report.problems += _head_problems(head, self._keys, last_seq, last_chain)
-
-
-def _row_problems(
-    keys: ChainKeys,
-    prev_chain: bytes,
-    seq: int,
-    row_key: bytes,
-    chain: bytes,
-    plaintext: bytes,
-    record: StoredReading,
-) -> list[VerifyProblem]:
-    """What is wrong with one decrypted row against its predecessor's chain value."""
-    problems = []
-    if keys.row_key(record.device_id, record.counter) != row_key:
-        problems.append(VerifyProblem(seq, "row_key_mismatch", "token moved here from another row"))
-    if keys.chain_link(prev_chain, seq, row_key, plaintext) != chain:
-        problems.append(
-            VerifyProblem(
-                seq,
-                "chain_mismatch",
-                "this row or its predecessor was modified, reordered or deleted",
-            )
-        )
-    return problems
-
-
-def _head_problems(
-    head: Head | None, keys: ChainKeys | None, last_seq: int, last_chain: bytes
-) -> list[VerifyProblem]:
-    if head is None:
-        return [VerifyProblem(None, "head_mismatch", "the chain head is missing or damaged")]
-    if keys is None:
-        return []  # already reported as unknown_integrity_key
-    if not hmac.compare_digest(head.mac, keys.head_mac(head.seq, head.chain)):
-        return [VerifyProblem(None, "head_mismatch", "the chain head was altered")]
-    if (head.seq, head.chain) != (last_seq, last_chain):
-        return [
-            VerifyProblem(
-                head.seq,
-                "head_mismatch",
-                f"the head names row {head.seq} but the last row is {last_seq}: "
-                "rows were removed from the end, or the chain rewritten",
-            )
-        ]
-    return []
-
-
-def _best_anchor(
-    records: list[AnchorRecord], keyring: Keyring, db_version: int | None
-) -> AnchorRecord | None:
-    """The anchor: the valid record with the highest seq (on a tie, the one under the
-    database's integrity key). Records that fail their MAC (a torn append, garbage, a
-    record under a retired key) are ignored."""
-    valid = [
-        r
-        for r in records
-        if keyring.has_mac_version(r.version)
-        and hmac.compare_digest(r.mac, keyring.integrity(r.version).anchor_mac(r.seq, r.chain))
-    ]
-    if not valid:
-        return None
-    return max(valid, key=lambda r: (r.seq, r.version == db_version))
-
-
-def _anchor_problems(
-    anchor: HeadAnchor,
-    records: list[AnchorRecord] | None,
-    best: AnchorRecord | None,
-    db_version: int | None,
-    last_seq: int,
-    chain_at_anchor: bytes | None,
-) -> list[VerifyProblem]:
-    """The database against its anchor. A database *ahead* of the anchor is fine (a crash
-    between commit and anchor leaves at most that batch unanchored, and unacknowledged)."""
-    fix = (
-        "restore the database from a backup at least as recent as the anchor, or, if this "
-        "state is known and wanted, accept it with 'pacegate hospital verify --reanchor'"
-    )
-    if records is None:
-        return [
-            VerifyProblem(
-                None,
-                "anchor_missing",
-                f"the chain-head anchor {anchor.path} is missing: the database cannot be "
-                f"checked for a rollback ({fix})",
-            )
-        ]
-    if best is None:
-        return [
-            VerifyProblem(
-                None, "anchor_damaged", f"{anchor.path} holds no valid head record ({fix})"
-            )
-        ]
-    if best.seq > last_seq:
-        span = f"row {best.seq}" if best.seq == last_seq + 1 else f"rows {last_seq + 1}-{best.seq}"
-        return [
-            VerifyProblem(
-                best.seq,
-                "rolled_back",
-                f"the anchor {anchor.path} names row {best.seq} but the database ends at row "
-                f"{last_seq}: the database or its WAL was truncated, or an older copy put "
-                f"back; {span} lost ({fix})",
-            )
-        ]
-    if best.version == db_version and chain_at_anchor != best.chain:
-        return [
-            VerifyProblem(
-                best.seq,
-                "anchor_mismatch",
-                f"row {best.seq} is not the one anchored in {anchor.path}: the chain up to "
-                f"it was rewritten ({fix})",
-            )
-        ]
-    return []
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedHead:
-    """A head recorded off the host (``VERSION:SEQ:CHAIN`` from an earlier verify): the one
-    anchor that a rollback of the database *and* its anchor file together cannot move."""
-
-    version: int
-    seq: int
-    chain: bytes
-
-    @classmethod
-    def parse(cls, text: str) -> RecordedHead:
-        parts = text.strip().split(":")
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            version, seq, chain = int(parts[0]), int(parts[1]), bytes.fromhex(parts[2])
-            if version < 1 or seq < 0 or len(chain) != 32:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                None,
-                "--expect-head",
-                f"{text!r} is not VERSION:SEQ:CHAIN",
-                fix="give the 'head' that an earlier 'pacegate hospital verify' printed",
-            ) from None
-        return cls(version, seq, chain)
-
-
-def _recorded_problems(
-    expect: RecordedHead, version: int | None, last_seq: int, chain_at: bytes | None
-) -> list[VerifyProblem]:
-    if expect.seq > last_seq:
-        return [
-            VerifyProblem(
-                expect.seq,
-                "behind_recorded_head",
-                f"the recorded head names row {expect.seq} but the database ends at row "
-                f"{last_seq}: it was rolled back (with its anchor, if that verifies)",
-            )
-        ]
-    # a head recorded before an integrity-key rotation can only be compared by row number
-    if expect.version == version and chain_at != expect.chain:
-        return [
-            VerifyProblem(
-                expect.seq,
-                "recorded_head_mismatch",
-                f"row {expect.seq} is not the one recorded: the chain up to it was rewritten",
-            )
-        ]
-    return []
+        report.problems += head_problems(head, self._keys, last_seq, last_chain)
 
 
 def _read_only(db_path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(
-        f"file:{db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-    )
+    return open_database(db_path, mode="ro")
 
 
 def _db_mac_version(conn: sqlite3.Connection, keyring: Keyring) -> int | None:
@@ -549,37 +313,10 @@ def _db_mac_version(conn: sqlite3.Connection, keyring: Keyring) -> int | None:
     return keyring.mac_version_of(row[0]) if row is not None else None
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """The chain head in ``meta``: the integrity-key version the whole chain is under, the
-    last row and its chain value, and the MAC over them."""
-
-    version: int
-    seq: int
-    chain: bytes
-    mac: bytes
-
-    def encode(self) -> bytes:
-        return self.version.to_bytes(4, "big") + self.seq.to_bytes(8, "big") + self.chain + self.mac
-
-
-_LEGACY_HEAD_SIZE = 8 + 32 + 32  # schema 1: no version (integrity key version 1)
-_HEAD_SIZE = 4 + _LEGACY_HEAD_SIZE
-
-
 def _head_of(conn: sqlite3.Connection) -> Head | None:
     """The head in ``meta``; None when missing or malformed."""
     row = conn.execute("SELECT value FROM meta WHERE name = 'head'").fetchone()
-    raw = row[0] if row is not None else None
-    if not isinstance(raw, bytes):
-        return None
-    if len(raw) == _LEGACY_HEAD_SIZE:
-        raw = (1).to_bytes(4, "big") + raw
-    if len(raw) != _HEAD_SIZE:
-        return None
-    return Head(
-        int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:12], "big"), raw[12:44], raw[44:]
-    )
+    return Head.decode(row[0] if row is not None else None)
 
 
 class _ChainCursor:
@@ -623,7 +360,7 @@ class _ChainCursor:
 
     def _damaged(self, problem: VerifyProblem) -> StoreError:
         return StoreError(
-            f"{self._store.db_path}: {_describe(problem)}: the chain does not verify; "
+            f"{self._store.db_path}: {describe_problem(problem)}: the chain does not verify; "
             "run 'pacegate hospital verify'"
         )
 
@@ -633,6 +370,7 @@ class SqliteReadingStore:
 
     def __init__(self, db_path: Path, keyring: Keyring, anchor_path: Path | None = None) -> None:
         self.db_path = db_path
+        self.name = str(db_path)
         self.keyring = keyring
         self.anchor = HeadAnchor(
             anchor_path if anchor_path is not None else default_anchor(db_path)
@@ -642,20 +380,22 @@ class SqliteReadingStore:
         self._anchored: tuple[int, bytes] | None = None
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         self.anchor.path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
-        if not db_path.exists():
-            # SQLite gives -wal and -shm the database file's mode: make it 0600 first
-            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, SECRET_FILE_MODE))
-        self._conn = sqlite3.connect(
-            db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-        )
-        from pacegate.dbcheck import check_integrity
-
         try:
-            self._configure()
+            self._conn = open_database(
+                db_path,
+                synchronous_full=True,  # an ACK means the batch survives a power cut
+                secure_delete=True,  # no token under a retired key lingers in free pages
+                temp_in_memory=True,
+                busy_timeout_ms=BUSY_TIMEOUT_MS,
+            )
+        except sqlite3.DatabaseError as exc:
+            check_integrity(db_path)  # a damaged file is named as corruption, not as "error"
+            raise StoreError(f"{db_path}: cannot open the reading database: {exc}") from None
+        try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
-            check_integrity(db_path)  # a damaged file is named as corruption, not as "error"
+            check_integrity(db_path)
             raise StoreError(f"{db_path}: cannot open the reading database: {exc}") from None
         except ConfigError:
             self._conn.close()
@@ -686,19 +426,6 @@ class SqliteReadingStore:
         else:
             keyring = Keyring.create(keyring_path)
         return cls(db_path, keyring, anchor_path)
-
-    def _configure(self) -> None:
-        c = self._conn
-        mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{self.db_path}: SQLite refused WAL mode ({mode})")
-        # FULL: the WAL is fsynced at every commit, so an ACK means the batch survives a
-        # power cut (NORMAL could lose the last transactions).
-        c.execute("PRAGMA synchronous=FULL")
-        # Overwrite freed content, so tokens under a retired key do not linger in free pages.
-        c.execute("PRAGMA secure_delete=ON")
-        c.execute("PRAGMA temp_store=MEMORY")
-        c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _init_schema(self) -> None:
         with self.anchor.locked(BUSY_TIMEOUT_MS / 1000), self._write():
@@ -922,7 +649,7 @@ class SqliteReadingStore:
                 if chain is not None:
                     chain.check(page, objs)
                 if since is not None or until is not None:
-                    keep = [_in_period(r["timestamp"], since, until) for r in readings]
+                    keep = [in_period(r["timestamp"], since, until) for r in readings]
                     ages = [a for a, k in zip(ages, keep, strict=True) if k]
                     rates = [h for h, k in zip(rates, keep, strict=True) if k]
             except (ValueError, KeyError, TypeError):
@@ -1062,7 +789,7 @@ class SqliteReadingStore:
             with self._write():
                 head = self._read_head()
                 old = self._chain_keys(head.version)
-                best = _best_anchor(records or [], kr, head.version)
+                best = best_anchor(records or [], kr, head.version)
                 anchor_seq = best.seq if best is not None else -1
                 chain_at_anchor = GENESIS if anchor_seq == 0 else None
                 prev_old = prev_new = GENESIS
@@ -1081,7 +808,7 @@ class SqliteReadingStore:
                             raise self._not_rekeyed(seq, "undecryptable") from None
                         if seq != last + 1:
                             raise self._not_rekeyed(seq, "missing_rows")
-                        bad = _row_problems(old, prev_old, seq, row_key, chain, plaintext, record)
+                        bad = row_problems(old, prev_old, seq, row_key, chain, plaintext, record)
                         if bad:
                             raise self._not_rekeyed(seq, bad[0].kind)
                         fresh_key = new.row_key(record.device_id, record.counter)
@@ -1093,7 +820,7 @@ class SqliteReadingStore:
                     self._conn.executemany(
                         "UPDATE readings SET row_key = ?, chain = ? WHERE seq = ?", updates
                     )
-                damage = _head_problems(head, old, last, prev_old) + _anchor_problems(
+                damage = head_problems(head, old, last, prev_old) + anchor_problems(
                     self.anchor, records, best, head.version, last, chain_at_anchor
                 )
                 if damage:
@@ -1132,7 +859,7 @@ class SqliteReadingStore:
         if inside:
             raise StoreError(
                 f"{self.db_path}: the chain inside the database does not verify "
-                f"({len(inside)} problem(s), first: {_describe(inside[0])}); not re-anchored"
+                f"({len(inside)} problem(s), first: {describe_problem(inside[0])}); not re-anchored"
             )
         with self._lock, self.anchor.locked(BUSY_TIMEOUT_MS / 1000):
             head = self._read_head()
@@ -1166,7 +893,7 @@ class SqliteReadingStore:
                     "SELECT seq, chain FROM readings ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
                 version = head.version if head is not None else None
-                best = _best_anchor(records or [], self.keyring, version)
+                best = best_anchor(records or [], self.keyring, version)
                 at = None
                 if best is not None:
                     row = self._conn.execute(
@@ -1177,12 +904,12 @@ class SqliteReadingStore:
                 self._conn.execute("COMMIT")
         last_seq, last_chain = (int(last[0]), last[1]) if last is not None else (0, GENESIS)
         keys = self._chain_keys(version) if version is not None else None
-        problems = _head_problems(head, keys, last_seq, last_chain) + _anchor_problems(
+        problems = head_problems(head, keys, last_seq, last_chain) + anchor_problems(
             self.anchor, records, best, version, last_seq, at
         )
         if problems:
             raise StoreError(
-                f"{self.db_path}: {_describe(problems[0])}; run 'pacegate hospital verify'"
+                f"{self.db_path}: {describe_problem(problems[0])}; run 'pacegate hospital verify'"
             )
         return last_seq
 
@@ -1235,18 +962,11 @@ class SqliteReadingStore:
         self.close()
 
 
-def _in_period(timestamp: str, since: datetime | None, until: datetime | None) -> bool:
-    ts = datetime.fromisoformat(timestamp)
-    if ts.tzinfo is None:  # as Reading.from_json
-        ts = ts.replace(tzinfo=UTC)
-    return (since is None or ts >= since) and (until is None or ts < until)
-
-
 def _has_readings(db_path: Path) -> bool:
     if not db_path.exists():
         return False
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(open_database(db_path, mode="ro")) as conn:
             row = conn.execute("SELECT count(*) FROM readings").fetchone()
     except sqlite3.DatabaseError:
         return db_path.stat().st_size > 0
@@ -1268,28 +988,20 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# -- command line ---------------------------------------------------------------------------------
-def open_from_config(config_path: Path) -> SqliteReadingStore:
-    from hospital.config import load_hospital_config
+def open_store(cfg: HospitalConfig) -> ReadingStore:
+    """The store that hospital.yaml's ``store:`` section names (``backend: sqlite``, the
+    default, or ``postgresql``), with its keyring and anchor: what the service, analytics,
+    verify, rotate-key and export open."""
+    if cfg.postgres is not None:
+        # imported here: psycopg is loaded only by nodes that use it (and pgstore imports
+        # this module)
+        from hospital.pgstore import PostgresReadingStore
 
-    cfg = load_hospital_config(config_path)
-    return SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor)
-
-
-def format_report(report: VerifyReport, db_path: Path) -> str:
-    if report.ok:
-        return (
-            f"verify: OK: {report.rows} rows in {db_path}, chain whole up to row "
-            f"{report.last_seq} and not behind its anchor; head {report.head_token} (record "
-            "it off this host: a rollback of the database *and* its anchor together shows "
-            "only with 'verify --expect-head' against such a copy)"
+        return PostgresReadingStore.open(
+            cfg.postgres.read_dsn(), cfg.keyring, cfg.postgres.writer, cfg.anchor
         )
-    lines = [f"verify: FAILED: {len(report.problems)} problem(s) in {db_path}:"]
-    for p in report.problems:
-        where = f"row {p.seq}" if p.seq is not None else "head"
-        lines.append(f"  {where}: {p.kind}: {p.detail}")
-    lines.append(
-        "The store was altered outside pacegate: restore it from a backup and compare; "
-        "do not trust readings near the reported rows."
-    )
-    return "\n".join(lines)
+    return SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring, cfg.anchor)
+
+
+def _conforms(store: SqliteReadingStore) -> ReadingStore:
+    return store  # mypy checks here that the whole ReadingStore protocol is implemented

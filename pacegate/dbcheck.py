@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pacegate.errors import PacegateError
+from pacegate.sqlite import open_database
 
 # integrity_check lists every damaged page; the first few name the damage, the rest repeat.
 MAX_PROBLEMS_SHOWN = 3
@@ -40,7 +41,7 @@ def integrity_problems(path: Path) -> list[str]:
     if not path.exists():
         return []
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(open_database(path, mode="ro")) as conn:
             rows = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.DatabaseError as exc:
         return [str(exc)]

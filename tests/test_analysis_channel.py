@@ -13,7 +13,9 @@ import pytest
 from cloud.config import load_cloud_config
 from cloud.worker import WorkerStats, start_worker
 from console.workdir import WorkLayout, cloud_config_text, hospital_config_text
-from hospital.analysis import AnalysisError, AnalysisSettings, run_analysis_async
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
 from hospital.store import SqliteReadingStore
 from pacegate import analytics_wire as wire
 from pacegate import ckks
@@ -49,7 +51,7 @@ def fill_store(work: WorkLayout, n: int) -> None:
     from hospital.config import load_hospital_config
 
     cfg = load_hospital_config(work.hospital_config)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     rng = random.Random(11)
     try:
         items = []

@@ -10,13 +10,11 @@ import pytest
 import tenseal as ts
 
 from cloud.worker import CloudSession
-from hospital.analysis import (
-    AnalysisError,
-    AnalysisSettings,
-    LocalTransport,
-    analyze,
-    statistics_from_sums,
-)
+from hospital.analysis.conversation import analyze
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.lanes import statistics_from_sums
+from hospital.analysis.settings import AnalysisSettings
+from hospital.analysis.transport import LocalTransport
 from pacegate import ckks
 from pacegate.reading import Reading
 
@@ -116,7 +114,8 @@ def test_a_result_off_by_more_than_the_tolerance_is_reported_as_a_failure() -> N
     }
     good = statistics_from_sums(sums, settings)
     bad = statistics_from_sums({**sums, "hr": 700.0 * 1.01}, settings)
-    from hospital.analysis import AnalysisReport, PlainSums, Timings
+    from hospital.analysis.lanes import PlainSums
+    from hospital.analysis.report import AnalysisReport, Timings
 
     report = AnalysisReport(settings, PlainSums(1), bad, good, 1, 0, 0, 0, Timings())
     failures = report.failures()

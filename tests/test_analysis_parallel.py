@@ -14,12 +14,10 @@ import pytest
 
 from cloud.worker import CloudSession
 from console.workdir import WorkLayout, hospital_config_text
-from hospital.analysis import (
-    AnalysisError,
-    AnalysisSettings,
-    LocalTransport,
-    run_analysis_async,
-)
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
+from hospital.analysis.transport import LocalTransport
 from hospital.config import load_hospital_config
 from hospital.store import SqliteReadingStore, StoreError
 from pacegate.ingest import IngestItem
@@ -42,13 +40,13 @@ def make_work(root: Path, n: int) -> tuple[WorkLayout, Path]:
         hr = 900 if i % 97 == 0 else rng.randint(40, 150)  # glitches: left out
         reading = Reading(rng.randint(18, 95), hr, 3, T0 + timedelta(minutes=i))
         items.append(IngestItem(f"pm-{i % 7:04d}", i, reading))
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     try:
         for i in range(0, n, 500):
             store.store_batch(items[i : i + 500])
     finally:
         store.close()
-    return work, cfg.database
+    return work, cfg.sqlite_database
 
 
 @pytest.mark.integration
@@ -100,7 +98,7 @@ async def test_a_row_failing_in_a_decrypting_process_fails_the_analysis_naming_i
 def test_seq_range_reads_exactly_its_slice_and_bounds_are_cheap(tmp_path: Path) -> None:
     work, _ = make_work(tmp_path / "w", 1000)
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as store:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as store:
         assert store.seq_bounds() == (1, 1000)
         every = [r for b in store.iter_readings(batch_size=64) for r in b]
         sliced = [r for b in store.iter_readings(batch_size=64, seq_range=(101, 351)) for r in b]
@@ -114,7 +112,7 @@ def test_value_scan_yields_the_ages_and_heart_rates_of_iter_readings(tmp_path: P
     work, _ = make_work(tmp_path, 900)
     cfg = load_hospital_config(work.hospital_config)
     since, until = T0 + timedelta(minutes=10), T0 + timedelta(minutes=800)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as store:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as store:
         for kwargs in ({}, {"since": since, "until": until}, {"seq_range": (200, 640)}):
             want = [
                 (r.age, r.heart_rate_bpm)
@@ -134,7 +132,7 @@ def test_value_scan_names_a_row_that_does_not_decrypt(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE readings SET token = ? WHERE seq = 123", (b"gAAAAAgarbage",))
     cfg = load_hospital_config(work.hospital_config)
-    store = SqliteReadingStore.open(cfg.database, cfg.keyring)
+    store = SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring)
     with store, pytest.raises(StoreError, match="row 123 does not decrypt"):
         list(store.iter_reading_values())
 
@@ -142,7 +140,7 @@ def test_value_scan_names_a_row_that_does_not_decrypt(tmp_path: Path) -> None:
 def test_workers_is_read_from_hospital_yaml_and_a_negative_count_names_the_key(
     tmp_path: Path,
 ) -> None:
-    from hospital.analysis import parse_analysis_settings
+    from hospital.analysis.settings import parse_analysis_settings
     from pacegate.errors import ConfigError
 
     work = WorkLayout(tmp_path)

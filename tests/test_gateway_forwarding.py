@@ -76,9 +76,10 @@ class Hospital:
             return -1
 
     def records(self) -> list[tuple[str, int]]:
-        from hospital.store import open_from_config
+        from hospital.config import load_hospital_config
+        from hospital.store import open_store
 
-        store = open_from_config(self.config)
+        store = open_store(load_hospital_config(self.config))
         try:
             return [(r.device_id, r.counter) for b in store.iter_records() for r in b]
         finally:

@@ -45,7 +45,7 @@ def test_default_config_parses_with_paths_relative_to_the_file(work: WorkLayout)
     assert (cfg.listen_host, cfg.listen_port, cfg.metrics_port) == ("127.0.0.1", 18884, 0)
     assert cfg.identity_key == work.pki.channel_key("hospital")
     assert cfg.allowed_gateways == {"gateway": work.pki.channel_pub("gateway")}
-    assert cfg.database == work.hospital_dir / "readings.db"
+    assert cfg.sqlite_database == work.hospital_dir / "readings.db"
     assert cfg.keyring == work.hospital_dir / "keyring.json"
     assert (cfg.cloud.host, cfg.cloud.port, cfg.cloud.server_name) == ("127.0.0.1", 18885, "cloud")
     assert cfg.cloud.server_key == work.pki.channel_pub("cloud")
@@ -98,7 +98,7 @@ def test_keyring_inside_the_database_file_is_refused(work: WorkLayout) -> None:
 def fill(work: WorkLayout, n: int) -> None:
     cfg = load_hospital_config(work.hospital_config)
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         s.store_batch([IngestItem("pm-0001", i, Reading(60, 72, 1, t0)) for i in range(1, n + 1)])
 
 
@@ -160,3 +160,81 @@ def test_rotate_key_keep_old_leaves_both_keys(work: WorkLayout) -> None:
     argv = ["hospital", "rotate-key", "--keep-old", "-c", str(work.hospital_config)]
     assert pacegate_main(argv) == 0
     assert Keyring.load(work.hospital_dir / "keyring.json").versions == [1, 2]
+
+
+def _with_store(work: WorkLayout, section: str) -> Path:
+    import re
+
+    text = re.sub(
+        r"^store:\n(?:[ #].*\n)*", section, work.hospital_config.read_text(), count=1, flags=re.M
+    )
+    return write(work, text)
+
+
+def test_store_backend_postgresql_names_its_dsn_file_writer_and_anchor(work: WorkLayout) -> None:
+    path = _with_store(
+        work,
+        "store:\n  backend: postgresql\n  dsn_file: hospital/pg.dsn\n"
+        "  writer: hospital-1\n  keyring: hospital/keyring.json\n",
+    )
+    cfg = load_hospital_config(path)
+    assert cfg.postgres is not None and cfg.database is None
+    assert cfg.postgres.dsn_file == work.hospital_dir / "pg.dsn"
+    assert cfg.postgres.writer == "hospital-1"
+    assert cfg.anchor == work.hospital_dir / "hospital-1-anchor"  # the node's own, by default
+    with pytest.raises(ConfigError, match=r"store\.backend.*PostgreSQL"):
+        _ = cfg.sqlite_database
+    assert load_hospital_config(work.hospital_config).postgres is not None
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "fix"),
+    [
+        ("  backend: mysql\n", "store.backend", "'postgresql'"),
+        ("  backend: postgresql\n  writer: n1\n", "store.dsn_file", "add 'dsn_file:'"),
+        ("  backend: postgresql\n  dsn_file: pg.dsn\n", "store.writer", "add 'writer:'"),
+        (
+            "  backend: postgresql\n  dsn_file: pg.dsn\n  writer: 'node 1'\n",
+            "store.writer",
+            "one per ingest node",
+        ),
+        (
+            "  backend: postgresql\n  dsn_file: pg.dsn\n  writer: n1\n  database: r.db\n",
+            "store.database",
+            "remove 'database'",
+        ),
+        ("  database: r.db\n  writer: n1\n", "store.writer", "remove 'writer'"),
+        ("  database: r.db\n  dsn_file: pg.dsn\n", "store.dsn_file", "remove 'dsn_file'"),
+    ],
+)
+def test_store_backend_mistakes_name_the_file_line_key_and_fix(
+    work: WorkLayout, store: str, key: str, fix: str
+) -> None:
+    path = _with_store(work, "store:\n  keyring: k.json\n" + store)
+    with pytest.raises(ConfigError) as info:
+        load_hospital_config(path)
+    message = str(info.value)
+    assert "hospital.yaml:" in message and key in message and fix in message, message
+
+
+def test_dsn_file_missing_or_shared_is_refused_without_showing_its_content(
+    work: WorkLayout,
+) -> None:
+    from hospital.store import open_store
+    from pacegate.layout import write_secret
+
+    path = _with_store(
+        work,
+        "store:\n  backend: postgresql\n  dsn_file: pg.dsn\n  writer: n1\n  keyring: k.json\n",
+    )
+    cfg = load_hospital_config(path)
+    assert cfg.postgres is not None
+    with pytest.raises(ConfigError, match=r"pg\.dsn: store\.dsn_file: DSN file not found"):
+        open_store(cfg)
+    write_secret(cfg.postgres.dsn_file, b"host=127.0.0.1 password=hunter2\n")
+    cfg.postgres.dsn_file.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        cfg.postgres.read_dsn()
+    assert "hunter2" not in str(info.value)
+    cfg.postgres.dsn_file.chmod(0o600)
+    assert cfg.postgres.read_dsn() == "host=127.0.0.1 password=hunter2"

@@ -54,9 +54,9 @@ def items(n: int, devices: int = 3) -> list[IngestItem]:
 
 def fill(work: WorkLayout, data: list[IngestItem]) -> Path:
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         s.store_batch(data)
-    return cfg.database
+    return cfg.sqlite_database
 
 
 def export(

@@ -21,11 +21,15 @@ import pytest
 from cloud.worker import CloudSession
 from console.cli import main as pacegate_main
 from console.workdir import WorkLayout, hospital_config_text
-from hospital.analysis import AnalysisError, AnalysisSettings, LocalTransport, run_analysis_async
+from hospital.analysis.errors import AnalysisError
+from hospital.analysis.job import run_analysis_async
+from hospital.analysis.settings import AnalysisSettings
+from hospital.analysis.transport import LocalTransport
 from hospital.anchor import RECORD_SIZE, AnchorError
+from hospital.chain import Head
 from hospital.config import load_hospital_config
 from hospital.keyring import Keyring
-from hospital.store import Head, SqliteReadingStore, StoreError
+from hospital.store import SqliteReadingStore, StoreError
 from pacegate.ingest import IngestItem
 from pacegate.reading import Reading
 
@@ -200,9 +204,9 @@ def test_reanchor_accepts_a_deliberate_restore_but_not_a_damaged_chain(
     work.root.mkdir()
     work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         s.store_batch(make_items(30))
-        with sqlite3.connect(cfg.database, isolation_level=None) as c:
+        with sqlite3.connect(cfg.sqlite_database, isolation_level=None) as c:
             c.execute("DELETE FROM readings WHERE seq > 20")
             keys = s.keyring.integrity(1)
             (chain,) = c.execute("SELECT chain FROM readings WHERE seq = 20").fetchone()
@@ -215,7 +219,7 @@ def test_reanchor_accepts_a_deliberate_restore_but_not_a_damaged_chain(
     assert pacegate_main([*verify, "--reanchor"]) == 0
     assert "it named row 30 before" in capsys.readouterr().err
     assert pacegate_main(verify) == 0
-    with sqlite3.connect(cfg.database, isolation_level=None) as c:
+    with sqlite3.connect(cfg.sqlite_database, isolation_level=None) as c:
         c.execute("DELETE FROM readings WHERE seq = 5")
     assert pacegate_main([*verify, "--reanchor"]) == 1
     assert "does not verify" in capsys.readouterr().err
@@ -347,10 +351,10 @@ def analysis_work(root: Path, n: int) -> tuple[WorkLayout, Path]:
     root.mkdir(parents=True)
     work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         for i in range(0, n, 200):
             s.store_batch(make_items(200, start=i))
-    return work, cfg.database
+    return work, cfg.sqlite_database
 
 
 def _delete(c: sqlite3.Connection) -> None:
@@ -390,7 +394,7 @@ async def test_analysis_refuses_a_store_that_verify_fails(
     with sqlite3.connect(db, isolation_level=None) as c:
         damage(c)  # type: ignore[operator]
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         assert not s.verify().ok
     with pytest.raises(AnalysisError, match=expected):
         await run_analysis_async(
@@ -446,18 +450,18 @@ def test_a_rollback_of_database_and_anchor_together_shows_only_against_a_recorde
     work.hospital_config.write_text(hospital_config_text(work, port=0, metrics_port=0))
     cfg = load_hospital_config(work.hospital_config)
     verify = ["hospital", "verify", "--json", "-c", str(work.hospital_config)]
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         s.store_batch(make_items(30))
         s.checkpoint()
-    backup = crash_image(cfg.database.parent, tmp_path / "backup")
-    with SqliteReadingStore.open(cfg.database, cfg.keyring) as s:
+    backup = crash_image(cfg.sqlite_database.parent, tmp_path / "backup")
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring) as s:
         s.store_batch(make_items(20, start=30))
     assert pacegate_main(verify) == 0
     recorded = json.loads(capsys.readouterr().out)["head"]
     assert recorded.startswith("1:50:")
     for name in ("readings.db", "readings.db-anchor"):  # both files, from the same backup
-        shutil.copy2(backup / name, cfg.database.parent / name)
-    (cfg.database.parent / "readings.db-wal").unlink(missing_ok=True)
+        shutil.copy2(backup / name, cfg.sqlite_database.parent / name)
+    (cfg.sqlite_database.parent / "readings.db-wal").unlink(missing_ok=True)
     assert pacegate_main(verify) == 0  # the limit of an anchor beside the database
     capsys.readouterr()
     assert pacegate_main([*verify, "--expect-head", recorded]) == 1

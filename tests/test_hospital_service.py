@@ -277,7 +277,7 @@ def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to
     """Ingesting on would anchor the current head afresh and hide a rollback for good."""
     work, _ = make_work(tmp_path / "work", port=free_port(), metrics_port=free_port())
     cfg = load_hospital_config(work.hospital_config)
-    with SqliteReadingStore.open(cfg.database, cfg.keyring, cfg.anchor) as store:
+    with SqliteReadingStore.open(cfg.sqlite_database, cfg.keyring, cfg.anchor) as store:
         store.store_batch(decode_batch_items(batch(1, 5)))
     cfg.anchor.unlink()
     proc = subprocess.run(
@@ -318,6 +318,7 @@ async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in
     assert reencrypted >= 500
     assert sum(a.stored for a in acks) == 1500
     store = hospital.service.store
+    assert isinstance(store, SqliteReadingStore)  # the default backend
     assert store.count() == 2000 and store.keyring.versions == [2]
     report = store.verify()
     assert report.ok, report.problems
@@ -360,6 +361,7 @@ async def test_integrity_key_rotation_during_live_ingest_loses_nothing_and_absor
     resent = await send_all(0, 30)
     assert (sum(a.stored for a in resent), sum(a.duplicates for a in resent)) == (0, 1500)
     store = hospital.service.store
+    assert isinstance(store, SqliteReadingStore)  # the default backend
     assert store.count() == 1500 and store.keyring.mac_versions == [2]
     report = store.verify()
     assert report.ok, report.problems

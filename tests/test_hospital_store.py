@@ -17,12 +17,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from hospital.keyring import Keyring
-from hospital.store import (
-    PLAINTEXT_BLOCK,
-    SqliteReadingStore,
-    StoreError,
-    decode_plaintext,
-)
+from hospital.rowcodec import PLAINTEXT_BLOCK, decode_plaintext
+from hospital.store import SqliteReadingStore, StoreError
 from pacegate.errors import ConfigError
 from pacegate.ingest import FLAG_IMPLAUSIBLE, IngestItem
 from pacegate.reading import Reading
@@ -195,7 +191,7 @@ def _token_time(token: bytes) -> int:
 
 
 def test_plaintext_round_trips(store: SqliteReadingStore) -> None:
-    from hospital.store import encode_plaintext
+    from hospital.rowcodec import encode_plaintext
 
     item = make_items(1)[0]
     rec = decode_plaintext(encode_plaintext(item))

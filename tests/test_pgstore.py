@@ -21,7 +21,8 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from hospital.keyring import Keyring
 from hospital.pgstore import PostgresReadingStore, redact_dsn
-from hospital.store import SqliteReadingStore, StoreError, decode_plaintext
+from hospital.rowcodec import decode_plaintext
+from hospital.store import SqliteReadingStore, StoreError
 from pacegate.errors import ConfigError
 from pacegate.ingest import IngestItem
 from pacegate.reading import Reading
