@@ -233,20 +233,25 @@ def test_two_writers_storing_overlapping_batches_store_every_reading_exactly_onc
     items = make_items(1200, devices=7)
     results: dict[str, list[tuple[int, int]]] = {"node-1": [], "node-2": []}
     errors: list[BaseException] = []
-    start = threading.Barrier(2)
+    # Both nodes take their k-th batch together (a barrier per round): node-1 stores
+    # [50k, 50k+50) while node-2 stores [50k+25, 50k+75), so the overlap [50k+25, 50k+50) is
+    # raced for every round, and node-2 always has 25 readings node-1 reaches only next
+    # round (without the rounds, one thread could run all its batches before the other
+    # started, and the test would prove nothing about two writers).
+    rounds = threading.Barrier(2)
 
     def ingest(writer: str, offset: int) -> None:
         try:
             with _open(pg_dsn, hdir, writer) as store:
-                start.wait(timeout=60)
-                # overlapping windows: node-2's batches start 25 readings into node-1's
                 for i in range(offset, len(items), 50):
+                    rounds.wait(timeout=60)
                     r = store.store_batch(items[i : i + 50])
                     results[writer].append((r.stored, r.duplicates))
                 if offset:
                     store.store_batch(items[:offset])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
+            rounds.abort()  # the other node stops waiting for this one
 
     threads = [
         threading.Thread(target=ingest, args=("node-1", 0)),
