@@ -165,7 +165,7 @@ class RevocationGuard:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _build(self) -> ssl.SSLContext:
-        from pacegate.pki import revoked_serials
+        from pacegate.pki.crl import revoked_serials
 
         t = self.cfg.tls
         self._stamp = self._file_stamp()

@@ -107,7 +107,7 @@ def test_shipped_mosquitto_conf_requires_certificates() -> None:
 def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Path) -> None:
     """The repository's mosquitto/pacegate.conf binds the client id to the CN and limits
     TLS 1.2 to the embedded broker's suites, exactly as the generated one does."""
-    from pacegate.pki import mosquitto_conf
+    from pacegate.pki.mosquitto import mosquitto_conf
     from pacegate.tlsconf import TLS12_CIPHERS
 
     shipped = set((REPO / "mosquitto" / "pacegate.conf").read_text().splitlines())

@@ -26,8 +26,8 @@ from pacegate.pki import (
     enroll_devices,
     init_pki,
     revoke_device,
-    revoked_serials,
 )
+from pacegate.pki.crl import revoked_serials
 
 
 def _mode(p: Path) -> int:
