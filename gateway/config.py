@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.topics import TOPIC_FILTER_PATTERN, device_id_in, topic_filter_problem
+from gateway.topics import device_id_in
 from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
 from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
+from pacegate.topics import TOPIC_FILTER_PATTERN, topic_filter_problem
 
 T = TypeVar("T")
 
@@ -295,11 +296,10 @@ class Route:
     destination: str
     qos: int
     limits: RouteLimits
-    levels: tuple[str, ...] = field(repr=False, default=())
 
     def device_id_from(self, topic: str) -> str | None:
         """The device id in ``topic`` if ``topic`` matches this route's filter, else None."""
-        return device_id_in(self.levels, self.device_id_level, topic)
+        return device_id_in(self.topic, self.device_id_level, topic)
 
 
 @dataclass(frozen=True)
@@ -462,7 +462,6 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
         destination=dest,
         qos=qos,
         limits=limits,
-        levels=levels,
     )
 
 

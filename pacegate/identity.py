@@ -16,11 +16,13 @@ DEVICE_ID_MAX_LEN = (
 )
 _DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
+# The gateway's certificate CN, the only identity that reads the telemetry tree (pacegate.acl).
+GATEWAY_ID = "gateway"
 # The certificate 'pacegate pki revoke' uses to give mosquitto's dynamic-security plugin
 # its commands (the only identity the ACL lets publish on $CONTROL/dynamic-security/#).
 MOSQUITTO_ADMIN_ID = "mosquitto-admin"
 # Identities that are not devices; a device may not take one of these names.
-RESERVED_IDS = frozenset({"gateway", "broker", "hospital", "cloud", "ca", MOSQUITTO_ADMIN_ID})
+RESERVED_IDS = frozenset({GATEWAY_ID, "broker", "hospital", "cloud", "ca", MOSQUITTO_ADMIN_ID})
 
 SAN_URI_PREFIX = "urn:pacegate:device:"
 TELEMETRY_TOPIC = "pacemakers/{device_id}/telemetry"

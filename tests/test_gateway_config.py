@@ -10,7 +10,7 @@ import pytest
 from console.config_admin import cli_check
 from console.workdir import WorkLayout, gateway_config_text
 from gateway.config import GatewayConfigError, load_gateway_config
-from gateway.topics import topic_filter_problem
+from pacegate.topics import topic_filter_problem
 
 REPO = Path(__file__).resolve().parent.parent
 

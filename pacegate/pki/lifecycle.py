@@ -31,7 +31,12 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pacegate import counterfile
-from pacegate.identity import MOSQUITTO_ADMIN_ID, device_san_uri, validate_device_id
+from pacegate.identity import (
+    GATEWAY_ID,
+    MOSQUITTO_ADMIN_ID,
+    device_san_uri,
+    validate_device_id,
+)
 from pacegate.keystore import PskStore
 from pacegate.layout import (
     SECRET_DIR_MODE,
@@ -56,7 +61,7 @@ from pacegate.pki.issue import (
     new_key,
     utc_now,
 )
-from pacegate.pki.mosquitto import GATEWAY_ID, write_mosquitto_files
+from pacegate.pki.mosquitto import write_mosquitto_files
 from pacegate.pki.registry import REGISTRY_VERSION, load_registry, locked, save_registry
 from pacegate.sealed import PSK_SIZE
 

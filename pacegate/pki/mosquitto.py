@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pacegate.identity import MOSQUITTO_ADMIN_ID
+from pacegate.acl import mosquitto_acl_lines, mosquitto_pattern_lines
 from pacegate.layout import (
     DEFAULT_HOST,
     DEFAULT_MQTTS_PORT,
@@ -23,24 +23,16 @@ from pacegate.layout import (
 from pacegate.pki.mosquitto_admin import find_plugin, initial_dynsec_config
 from pacegate.tlsconf import TLS12_CIPHERS
 
-GATEWAY_ID = "gateway"
-
 
 def mosquitto_acl(registry: dict[str, Any]) -> str:
-    """The ACL for Debian's mosquitto, with ``use_identity_as_username`` (username = CN)."""
+    """The ACL for Debian's mosquitto, with ``use_identity_as_username`` (username = CN):
+    the rules of :mod:`pacegate.acl`, and a denial of everything for each revoked device."""
     lines = [
-        "# pacegate ACL for mosquitto (written by 'pacegate pki'; do not edit by hand).",
-        "# The username is the client certificate's CN (use_identity_as_username true).",
+        "# pacegate ACL for mosquitto (written by 'pacegate pki' from pacegate/acl.py; do not",
+        "# edit by hand). The username is the client certificate's CN",
+        "# (use_identity_as_username true).",
         "",
-        "# Only the gateway identity may subscribe to the telemetry tree.",
-        f"user {GATEWAY_ID}",
-        "topic read pacemakers/#",
-        "",
-        "# Only 'pacegate pki revoke' (its mosquitto-admin certificate) commands the",
-        "# dynamic-security plugin, which closes a revoked device's live session.",
-        f"user {MOSQUITTO_ADMIN_ID}",
-        "topic readwrite $CONTROL/dynamic-security/#",
-        "",
+        *mosquitto_acl_lines(),
     ]
     revoked = sorted(d for d, e in registry["devices"].items() if e["status"] == "revoked")
     for did in revoked:
@@ -52,11 +44,7 @@ def mosquitto_acl(registry: dict[str, Any]) -> str:
             "topic deny #",
             "",
         ]
-    lines += [
-        "# Every device publishes on its own topic only and subscribes to nothing.",
-        "pattern write pacemakers/%u/telemetry",
-        "",
-    ]
+    lines += mosquitto_pattern_lines()
     return "\n".join(lines)
 
 
