@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from gateway.topics import device_id_in
 from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
+from pacegate.identity import IDENTITY_NAME_PATTERN, IDENTITY_NAME_RULE, is_identity_name
 from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
 from pacegate.topics import TOPIC_FILTER_PATTERN, topic_filter_problem
@@ -82,7 +83,10 @@ MQTT_SECTION = Section(
         "host": Key("str", "broker address", "127.0.0.1"),
         "port": Key("int", "MQTT over TLS (IANA secure-mqtt)", 8883, lo=1, hi=65535),
         "client_id": Key(
-            "str", "must equal the certificate CN; the session is persistent", "gateway"
+            "str",
+            "must equal the certificate CN; the session is persistent",
+            "gateway",
+            pattern=IDENTITY_NAME_PATTERN,
         ),
         "ca": Key("path", "CA certificate that verifies the broker", required=True),
         "cert": Key("path", "the gateway's certificate (pacegate pki init)", required=True),
@@ -105,7 +109,12 @@ HOSPITAL_SECTION = Section(
     {
         "host": Key("str", "hospital ingest address", "127.0.0.1"),
         "port": Key("int", "hospital ingest port", 8884, lo=1, hi=65535),
-        "server_name": Key("str", "the identity expected at the other end", "hospital"),
+        "server_name": Key(
+            "str",
+            "the identity expected at the other end",
+            "hospital",
+            pattern=IDENTITY_NAME_PATTERN,
+        ),
         "server_key": Key("path", "pinned ML-DSA-65 public key of the hospital", required=True),
         "identity": Key("path", "the gateway's ML-DSA-65 identity (private key)", required=True),
         "batch_max_readings": Key(
@@ -497,6 +506,17 @@ def _loopback(sec: ConfigSection, key: str, default: str, out: _Collector) -> st
     return host
 
 
+def _identity_name(sec: ConfigSection, value: str, key: str, out: _Collector) -> str:
+    """``value`` if it is an identity name (pacegate.identity), else the error is collected."""
+    if not is_identity_name(value):
+        out.errors.append(
+            sec.error(
+                key, f"{value!r} is not a valid identity name", fix=f"use {IDENTITY_NAME_RULE}"
+            )
+        )
+    return value
+
+
 def _file(sec: ConfigSection, key: str, default: str | None, check: bool, out: _Collector) -> Path:
     return out.take(
         lambda: sec.get_path(key, default, required=default is None, must_exist=check),
@@ -519,7 +539,9 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         mqtt = MqttSettings(
             host=_read(m, ms, "host", out, ""),
             port=_read(m, ms, "port", out, 0),
-            client_id=_read(m, ms, "client_id", out, "gateway"),
+            client_id=_identity_name(
+                m, _read(m, ms, "client_id", out, "gateway"), "client_id", out
+            ),
             ca=files["ca"],
             cert=files["cert"],
             key=files["key"],
@@ -548,7 +570,9 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         hospital = HospitalSettings(
             host=_read(h, hs, "host", out, ""),
             port=_read(h, hs, "port", out, 0),
-            server_name=_read(h, hs, "server_name", out, "hospital"),
+            server_name=_identity_name(
+                h, _read(h, hs, "server_name", out, "hospital"), "server_name", out
+            ),
             server_key=_read(
                 h, hs, "server_key", out, Path("/nonexistent"), check_files=check_files
             ),

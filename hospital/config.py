@@ -18,11 +18,11 @@ Relative paths resolve against the directory of ``hospital.yaml``.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacegate.configfile import ConfigSection, load_config
+from pacegate.identity import IDENTITY_NAME_RULE, is_identity_name
 from pacegate.layout import (
     DEFAULT_CLOUD_PORT,
     DEFAULT_HOSPITAL_PORT,
@@ -31,7 +31,6 @@ from pacegate.layout import (
 )
 
 DEFAULT_HOSPITAL_METRICS_PORT = 9109  # beside the gateway's 9108
-_PEER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TOP_KEYS = {"listen", "identity", "allowed_gateways", "store", "metrics", "cloud", "analysis"}
 
 
@@ -66,11 +65,9 @@ def _port(section: ConfigSection, key: str, default: int, *, lo: int = 1) -> int
 
 
 def _peer_name(section: ConfigSection, key: str, value: str) -> str:
-    if not _PEER_NAME.fullmatch(value):
+    if not is_identity_name(value):
         raise section.error(
-            key,
-            f"{value!r} is not a valid identity name",
-            fix="use 1-64 characters from a-z, 0-9, '-' and '_'",
+            key, f"{value!r} is not a valid identity name", fix=f"use {IDENTITY_NAME_RULE}"
         )
     return value
 

@@ -116,6 +116,8 @@ INVALID: dict[str, Callable[[Doc], None]] = {
     "batch larger than the ingest format allows": _set("hospital.batch_max_readings", 501),
     "ack timeout below the floor": _set("hospital.ack_timeout_s", 0.05),
     "unknown spool policy": _set("spool.when_full", "drop-oldest"),
+    "hospital name outside the identity-name rule": _set("hospital.server_name", "hosp.ital"),
+    "client id outside the identity-name rule": _set("mqtt.client_id", "Gateway"),
     "metrics on every interface": _set("metrics.host", "0.0.0.0"),
     "metrics on a LAN address": _set("metrics.host", "10.0.0.5"),
     "yes is not a boolean": _set("metrics.enabled", "yes"),

@@ -36,6 +36,7 @@ from pacegate.identity import (
     MOSQUITTO_ADMIN_ID,
     device_san_uri,
     validate_device_id,
+    validate_identity_name,
 )
 from pacegate.keystore import PskStore
 from pacegate.layout import (
@@ -95,8 +96,10 @@ def ensure_mosquitto_admin(layout: PkiLayout, ca: Ca) -> None:
 def add_channel_identity(root: Path, name: str) -> tuple[Path, Path]:
     """Create an ML-DSA-65 identity ``channel/<name>.mldsa.{key,pub}`` (key 0600)."""
     layout = PkiLayout(Path(root))
-    if not name or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
-        raise PkiError(f"channel identity name {name!r}: use lower-case letters, digits, - and _")
+    try:
+        validate_identity_name(name, "channel identity name")
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
     key = mldsa.MLDSA65PrivateKey.generate()
     write_secret(
         layout.channel_key(name),
