@@ -8,7 +8,6 @@ keys of the clients it accepts; a client pins the name and key of the server it 
 
 from __future__ import annotations
 
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, M
 from pacegate.errors import ConfigError, LocalProtocolError
 from pacegate.identity import IDENTITY_NAME_MAX_LEN, validate_identity_name
 from pacegate.layout import write_public, write_secret
+from pacegate.secretfile import read_secret
 
 ChannelPublicKey = MLDSA65PublicKey
 ChannelPrivateKey = MLDSA65PrivateKey
@@ -96,15 +96,7 @@ def load_identity(key_path: str | Path, name: str) -> ChannelIdentity:
     """Load ``<name>.mldsa.key`` (PEM PKCS#8, unencrypted, not readable by group/others)."""
     path = Path(key_path)
     validate_peer_name(name)
-    data = _read(path, "channel private key")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            path,
-            "channel private key",
-            f"mode {mode:04o} lets other users read or change the key",
-            fix=f"chmod 600 {path}",
-        )
+    data = read_secret(path, "channel private key", key="channel private key", missing_fix=_FIX_PKI)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

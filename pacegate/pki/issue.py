@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from pacegate.layout import PkiLayout
 from pacegate.pki.errors import PkiError
+from pacegate.secretfile import read_secret
 
 CA_VALIDITY = timedelta(days=3650)
 
@@ -108,7 +109,12 @@ def load_ca(layout: PkiLayout) -> Ca:
             f"{layout.root}: no CA here (missing {layout.ca_cert.name} or {layout.ca_key.name}); "
             f"run 'pacegate pki init --dir {layout.root}' first"
         )
-    key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    pem = read_secret(
+        layout.ca_key,
+        "CA private key",
+        missing_fix=f"run 'pacegate pki init --dir {layout.root}' first",
+    )
+    key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{layout.ca_key}: not an ECDSA private key")
     cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
