@@ -19,6 +19,7 @@ from pacegate.keystore import PskStore
 from pacegate.layout import PkiLayout, write_secret
 from pacegate.pki import enroll_device
 from pacegate.secretfile import read_secret
+from pacegate.tlsconf import client_context
 
 FIX = "restore it from the backup"
 
@@ -100,11 +101,17 @@ def _ca_key(pki: PkiLayout) -> object:
     return enroll_device(pki.root, "pm-0100")
 
 
+def _tls_key(pki: PkiLayout) -> object:
+    _chmod_644(pki.gateway_key)
+    return client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key)
+
+
 LOADERS: dict[str, tuple[Callable[[PkiLayout], object], Callable[[PkiLayout], Path]]] = {
     "PSK store key": (_psk_store, lambda pki: pki.psk_store_key),
     "channel private key": (_channel, lambda pki: pki.channel_key("gateway")),
     "device PSK": (_device_psk, lambda pki: pki.device_psk("pm-0001")),
     "CA private key": (_ca_key, lambda pki: pki.ca_key),
+    "TLS private key": (_tls_key, lambda pki: pki.gateway_key),
 }
 
 
