@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pacegate.layout import PkiLayout  # noqa: E402
-from pacegate.pki import enroll_devices, init_pki, mosquitto_conf  # noqa: E402
+from pacegate.pki import enroll_devices, init_pki  # noqa: E402
+from pacegate.pki.mosquitto import mosquitto_conf  # noqa: E402
 
 SETTINGS = {
     "autosave_interval 10 (shipped before)": ["autosave_interval 10"],

@@ -109,16 +109,32 @@ def _tls_file(section: ConfigSection, key: str) -> Path:
     return section.get_path(key, required=True, must_exist=True)
 
 
-def render_default_config(pki_dir: Path, *, host: str, port: int, config_dir: Path) -> str:
-    """The default ``broker.yaml`` for a PKI directory, paths relative to ``config_dir``."""
+EXAMPLE_FILE_NAME = "broker.yaml"  # at the repository root, for a PKI in certs/
+_WRITTEN_INTRO = """\
+# pacegate embedded broker (amqtt). MQTT over TLS only; client certificates required.
+# Relative paths resolve against this file's directory. Docs: docs/pki-and-broker.md"""
+_EXAMPLE_INTRO = """\
+# pacegate embedded broker (amqtt): `pacegate broker -c broker.yaml`.
+# MQTT over TLS only, client certificates required (there is no plaintext listener).
+# Relative paths resolve against this file's directory: create the PKI with
+#   pacegate pki init --dir certs && pacegate pki enroll pm-0001 --dir certs
+# Docs: docs/pki-and-broker.md"""
+
+
+def render_default_config(
+    pki_dir: Path, *, host: str, port: int, config_dir: Path, intro: str = _WRITTEN_INTRO
+) -> str:
+    """The default ``broker.yaml`` for a PKI directory, paths relative to ``config_dir``.
+
+    The one broker template: the committed example (:func:`render_example_config`) is this
+    with the repository's ``certs/``."""
     pki = PkiLayout(Path(pki_dir))
 
     def rel(p: Path) -> str:
         return os.path.relpath(p.absolute(), Path(config_dir).absolute())
 
     return f"""\
-# pacegate embedded broker (amqtt). MQTT over TLS only; client certificates required.
-# Relative paths resolve against this file's directory. Docs: docs/pki-and-broker.md
+{intro}
 listener:
   host: {host}
   port: {port}
@@ -126,13 +142,24 @@ tls:
   ca: {rel(pki.ca_cert)}
   cert: {rel(pki.broker_cert)}
   key: {rel(pki.broker_key)}
-  crl: {rel(pki.crl)}
+  crl: {rel(pki.crl):<22} # watched: a revocation applies within crl_reload_interval s
   crl_reload_interval: {DEFAULT_CRL_RELOAD_INTERVAL}
 limits:
-  max_connections: {DEFAULT_MAX_CONNECTIONS}
-  max_payload: {DEFAULT_MAX_PAYLOAD}
-  handshake_timeout: {DEFAULT_HANDSHAKE_TIMEOUT}
-  connect_timeout: {DEFAULT_CONNECT_TIMEOUT}
+  max_connections: {DEFAULT_MAX_CONNECTIONS:<10} # refused (not queued) beyond this
+  max_payload: {DEFAULT_MAX_PAYLOAD:<14} # bytes; a sealed reading is ~100
+  handshake_timeout: {DEFAULT_HANDSHAKE_TIMEOUT:<8} # seconds for the TLS handshake
+  connect_timeout: {DEFAULT_CONNECT_TIMEOUT:<10} # seconds from handshake to MQTT CONNECT
 acl:
-  gateway_identity: gateway
+  gateway_identity: gateway   # the only identity that may subscribe to pacemakers/#
 """
+
+
+def render_example_config() -> str:
+    """The committed ``broker.yaml``: the default template for a PKI in ``certs/`` beside it."""
+    return render_default_config(
+        Path("certs"),
+        host=DEFAULT_HOST,
+        port=DEFAULT_MQTTS_PORT,
+        config_dir=Path("."),
+        intro=_EXAMPLE_INTRO,
+    )

@@ -10,9 +10,8 @@ and publishes the certificate of the connection being handled in :data:`CONN_CER
 
 Rules (ARCHITECTURE.md):
 - the MQTT client id must equal the identity in the client certificate (its CN);
-- a device publishes only on ``pacemakers/<its id>/telemetry`` and subscribes to nothing;
-- only the gateway identity subscribes, and only to ``pacemakers/#`` or narrower filters
-  under ``pacemakers/``; it publishes nothing;
+- what each identity may publish, subscribe to and receive is :mod:`pacegate.acl` (a device
+  publishes on its own telemetry topic only; only the gateway reads ``pacemakers/#``);
 - anything else is refused and logged as a security event (never with a payload).
 """
 
@@ -23,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.amqtt_api import Action, BaseAuthPlugin, BaseTopicPlugin, Session
-from pacegate.identity import is_valid_device_id, telemetry_topic
+from pacegate import acl
 from pacegate.log import security_event
 from pacegate.tlsconf import peer_identity
 
 COMPONENT = "broker"
-TELEMETRY_ROOT = "pacemakers/"
 
 
 # ``session.attributes`` keys: the identity and certificate (DER) of the connection that
@@ -107,21 +105,14 @@ class CertIdentityAuthPlugin(_GuardMixin, BaseAuthPlugin):  # type: ignore[misc]
         return True
 
 
+# amqtt's actions are the ACL's, by value
+_ACTIONS = {action: acl.Action(action.value) for action in Action}
+
+
 def device_may(identity: str, topic: str, action: Action, gateway_identity: str) -> bool:
-    """The topic ACL as a pure function (``topic`` is a topic name or a filter)."""
-    if identity == gateway_identity:
-        if action is Action.SUBSCRIBE:
-            return topic == "pacemakers/#" or (
-                topic.startswith(TELEMETRY_ROOT) and topic.endswith("/telemetry")
-            )
-        if action is Action.RECEIVE:
-            return topic.startswith(TELEMETRY_ROOT)
-        return False
-    if not is_valid_device_id(identity):
-        return False
-    if action is Action.PUBLISH:
-        return topic == telemetry_topic(identity)
-    return False  # devices subscribe to (and so receive) nothing
+    """The topic ACL (:func:`pacegate.acl.allowed`, the one definition mosquitto's ACL file
+    is written from too) for an amqtt action; ``topic`` is a topic name or a filter."""
+    return acl.allowed(identity, _ACTIONS[action], topic, gateway_identity=gateway_identity)
 
 
 class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]

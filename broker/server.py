@@ -170,7 +170,7 @@ class RevocationGuard:
         self.context = self._build()
 
     def _build(self) -> ssl.SSLContext:
-        from pacegate.pki import revoked_serials
+        from pacegate.pki.crl import revoked_serials
 
         t = self.cfg.tls
         revoked = revoked_serials(t.crl)

@@ -18,16 +18,14 @@ the public context arrives with each session and is dropped when the session end
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.worker import DEFAULT_MAX_BATCHES
 from pacegate.configfile import load_config
+from pacegate.identity import IDENTITY_NAME_RULE, is_identity_name
 from pacegate.layout import PkiLayout
 from pacegate.ports import DEFAULT_CLOUD_PORT, DEFAULT_HOST
-
-_IDENTITY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -57,16 +55,25 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         )
     allowed: dict[str, Path] = {}
     for name in clients.data:
-        if not isinstance(name, str) or not _IDENTITY_NAME.fullmatch(name):
-            raise clients.error(str(name), "is not a valid identity name")
+        if not is_identity_name(name):
+            raise clients.error(
+                str(name), "is not a valid identity name", fix=f"use {IDENTITY_NAME_RULE}"
+            )
         allowed[name] = clients.get_path(name, must_exist=True)
+    identity_name = identity.get("name", str, "cloud")
+    if not is_identity_name(identity_name):
+        raise identity.error(
+            "name",
+            f"{identity_name!r} is not a valid identity name",
+            fix=f"use {IDENTITY_NAME_RULE}",
+        )
     limits = cfg.section("limits")
     limits.check_keys({"max_batches"})
     return CloudConfig(
         path=cfg.path,
         host=listen.get("host", str, DEFAULT_HOST),
         port=listen.get_int("port", DEFAULT_CLOUD_PORT, lo=0, hi=65535),
-        identity_name=identity.get("name", str, "cloud"),
+        identity_name=identity_name,
         identity_key=identity.get_path("key", required=True, must_exist=True),
         allowed_clients=allowed,
         max_batches=limits.get_int(

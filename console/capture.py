@@ -46,10 +46,11 @@ from typing import Any
 from console.endpoints import Endpoints, read_endpoints
 from console.wireshark import tshark_lua_args
 from console.workdir import WorkLayout
-from pacegate.errors import InvariantError, PacegateError, RemoteProtocolError
+from pacegate.errors import ConfigError, InvariantError, PacegateError, RemoteProtocolError
 from pacegate.layout import SECRET_FILE_MODE
 from pacegate.ports import DEFAULT_CLOUD_PORT, DEFAULT_HOSPITAL_PORT, DEFAULT_MQTTS_PORT
 from pacegate.sealed import VERSION_2, open_reading, parse_header
+from pacegate.secretfile import read_secret
 from pacegate.tlsconf import KEYLOG_ENV
 
 log = logging.getLogger("pacegate.capture")
@@ -212,8 +213,8 @@ def _load_psks(work: WorkLayout | None) -> dict[str, bytes]:
     out = {}
     for d in work.pki.devices_dir.iterdir():
         psk = d / "device.psk"
-        with contextlib.suppress(OSError):
-            out[d.name] = psk.read_bytes()
+        with contextlib.suppress(ConfigError):  # a bundle without its PSK has none to find
+            out[d.name] = read_secret(psk, "device PSK", missing_fix="re-enroll the device")
     return out
 
 

@@ -185,6 +185,12 @@ def _config_schema(args: argparse.Namespace) -> int:
     return config_admin.cli_schema(args)
 
 
+def _config_example(args: argparse.Namespace) -> int:
+    from console import config_admin
+
+    return config_admin.cli_example(args)
+
+
 def _status(args: argparse.Namespace) -> int:
     from console import status
 
@@ -455,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
         "schema",
         _config_schema,
         "write the JSON Schema of gateway.yaml (for editors), generated from gateway/config.py",
+    )
+    p.add_argument("--out", type=Path, help="write it here (default: standard output)")
+    p = _add(
+        cfg_sub,
+        "example",
+        _config_example,
+        "write the commented gateway.example.yaml, rendered from gateway/config_template.py",
     )
     p.add_argument("--out", type=Path, help="write it here (default: standard output)")
 

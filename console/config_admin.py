@@ -1,16 +1,27 @@
-"""``pacegate config check FILE`` and ``pacegate config schema``: gateway.yaml for operators."""
+"""``pacegate config check FILE``, ``config schema`` and ``config example``: gateway.yaml for
+operators."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gateway.config import GatewayConfigError, load_gateway_config, render_json_schema
+from gateway.config import GatewayConfigError, load_gateway_config
+from gateway.config_schema import render_json_schema
+from gateway.config_template import render_example_config
 
 
 def cli_schema(args: argparse.Namespace) -> int:
     """``pacegate config schema [--out FILE]``: write the JSON Schema of gateway.yaml."""
-    text = render_json_schema()
+    return _emit(render_json_schema(), args)
+
+
+def cli_example(args: argparse.Namespace) -> int:
+    """``pacegate config example [--out FILE]``: write the commented gateway.example.yaml."""
+    return _emit(render_example_config(), args)
+
+
+def _emit(text: str, args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0

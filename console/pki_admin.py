@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from pacegate.layout import PkiLayout
-from pacegate.mosquitto_admin import MosquittoAdminError, close_revoked_session, running_mosquitto
 from pacegate.pki import (
     PkiError,
     device_ids,
@@ -17,6 +16,11 @@ from pacegate.pki import (
     next_device_ids,
     rekey_device,
     revoke_device,
+)
+from pacegate.pki.mosquitto_admin import (
+    MosquittoAdminError,
+    close_revoked_session,
+    running_mosquitto,
 )
 
 

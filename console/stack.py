@@ -132,7 +132,7 @@ def mosquitto_binary() -> str:
 
 def write_mosquitto_config(work: WorkLayout, ep: Endpoints, *, overwrite: bool) -> Path:
     """``WORKDIR/mosquitto.conf`` for ``pacegate up --broker mosquitto`` (kept if edited)."""
-    from pacegate.pki import mosquitto_cannot_reach, mosquitto_conf, mosquitto_run_user
+    from pacegate.pki.mosquitto import mosquitto_cannot_reach, mosquitto_conf, mosquitto_run_user
 
     blocked = mosquitto_cannot_reach(work.pki)
     if blocked is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.config import render_default_config as _cloud_config
-from gateway.config import render_default_config as _gateway_config
+from gateway.config_template import render_default_config as _gateway_config
 from hospital.config import render_default_config as _hospital_config
 from pacegate.layout import PkiLayout
 from pacegate.ports import (

@@ -35,6 +35,7 @@ from device_sim.model import HeartModel, derive_seed
 from pacegate.errors import ConfigError
 from pacegate.layout import PkiLayout
 from pacegate.sealed import PSK_SIZE
+from pacegate.secretfile import read_secret
 from pacegate.tlsconf import client_context
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,7 @@ def load_bundle(pki: PkiLayout, device_id: str) -> DeviceBundle:
     """What is flashed on a device: certificate, key and PSK (checked, not logged)."""
     psk_path = pki.device_psk(device_id)
     fix = f"re-enroll it: pacegate pki enroll <new id> --dir {pki.root}"
-    try:
-        psk = psk_path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(psk_path, "", "device PSK not found", fix=fix) from None
+    psk = read_secret(psk_path, "device PSK", missing_fix=fix)
     if len(psk) != PSK_SIZE:
         raise ConfigError(psk_path, "", f"a PSK is {PSK_SIZE} raw bytes, got {len(psk)}", fix=fix)
     return DeviceBundle(device_id, pki.device_cert(device_id), pki.device_key(device_id), psk)

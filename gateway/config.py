@@ -12,19 +12,19 @@ so that ``pacegate config check`` can list them all in one run.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.topics import device_id_in
 from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
-from pacegate.identity import TELEMETRY_FILTER
+from pacegate.identity import IDENTITY_NAME_PATTERN, IDENTITY_NAME_RULE, is_identity_name
 from pacegate.ingest import MAX_BATCH_ITEMS
-from pacegate.layout import PkiLayout
 from pacegate.ports import GATEWAY_METRICS, HOSPITAL, MQTT
 from pacegate.sealed import MAX_SEALED_SIZE, SEALED_SIZE_V2
+from pacegate.topics import TOPIC_FILTER_PATTERN, topic_filter_problem
 
 T = TypeVar("T")
 
@@ -36,7 +36,6 @@ DESTINATIONS = frozenset({"hospital"})
 # one that loses nothing: stop acknowledging and disconnect from MQTT, so that the broker holds
 # the messages in the gateway's persistent session until the hospital is back.
 SPOOL_FULL_POLICIES = frozenset({"pause-mqtt"})
-MQTT_TOPIC_MAX_BYTES = 65535  # MQTT 3.1.1 §1.5.3: a UTF-8 string with a 16-bit length
 DEFAULT_MAX_PAYLOAD = SEALED_SIZE_V2 * 2  # room for a slightly larger v3, nothing more
 DEFAULT_CLOCK_SKEW_S = 86_400.0  # a pacemaker clock a day off is broken, not skewed
 DEFAULT_SPOOL_READINGS = 1_000_000  # ~100 MB of spool; about 14 h of a 20-device ward at 1 Hz
@@ -77,8 +76,6 @@ class Section:
         return set(self.keys) | set(self.sections)
 
 
-# A valid MQTT filter: '+' fills a level, '#' only at the end (topic_filter_problem has the why).
-_TOPIC_FILTER_PATTERN = r"^(?:(?:\+|[^+#/\u0000]*)/)*(?:\+|#|[^+#/\u0000]*)$"
 _LOOPBACK_PATTERN = r"^(?:localhost|127(?:\.[0-9]{1,3}){3}|::1)$"
 
 MQTT_SECTION = Section(
@@ -87,7 +84,10 @@ MQTT_SECTION = Section(
         "host": Key("str", "broker address", MQTT.host),
         "port": Key("int", "MQTT over TLS (IANA secure-mqtt)", MQTT.port, lo=1, hi=65535),
         "client_id": Key(
-            "str", "must equal the certificate CN; the session is persistent", "gateway"
+            "str",
+            "must equal the certificate CN; the session is persistent",
+            "gateway",
+            pattern=IDENTITY_NAME_PATTERN,
         ),
         "ca": Key("path", "CA certificate that verifies the broker", required=True),
         "cert": Key("path", "the gateway's certificate (pacegate pki init)", required=True),
@@ -110,7 +110,12 @@ HOSPITAL_SECTION = Section(
     {
         "host": Key("str", "hospital ingest address", HOSPITAL.host),
         "port": Key("int", "hospital ingest port", HOSPITAL.port, lo=1, hi=65535),
-        "server_name": Key("str", "the identity expected at the other end", "hospital"),
+        "server_name": Key(
+            "str",
+            "the identity expected at the other end",
+            "hospital",
+            pattern=IDENTITY_NAME_PATTERN,
+        ),
         "server_key": Key("path", "pinned ML-DSA-65 public key of the hospital", required=True),
         "identity": Key("path", "the gateway's ML-DSA-65 identity (private key)", required=True),
         "batch_max_readings": Key(
@@ -195,7 +200,7 @@ ROUTE_SECTION = Section(
             "str",
             "MQTT filter: '+' one whole level, '#' the rest",
             required=True,
-            pattern=_TOPIC_FILTER_PATTERN,
+            pattern=TOPIC_FILTER_PATTERN,
         ),
         "device_id_level": Key(
             "int",
@@ -301,27 +306,10 @@ class Route:
     destination: str
     qos: int
     limits: RouteLimits
-    levels: tuple[str, ...] = field(repr=False, default=())
 
     def device_id_from(self, topic: str) -> str | None:
         """The device id in ``topic`` if ``topic`` matches this route's filter, else None."""
-        parts = topic.split("/")
-        levels = self.levels
-        if levels and levels[-1] == "#":
-            if len(parts) < len(levels) - 1:
-                return None
-            fixed = levels[:-1]
-        else:
-            if len(parts) != len(levels):
-                return None
-            fixed = levels
-        for want, got in zip(fixed, parts, strict=False):
-            if want != "+" and want != got:
-                return None
-        # MQTT 3.1.1 §4.7.2: wildcards at the first level do not match '$' topics
-        if parts[0].startswith("$") and levels[0] in ("+", "#"):
-            return None
-        return parts[self.device_id_level]
+        return device_id_in(self.topic, self.device_id_level, topic)
 
 
 @dataclass(frozen=True)
@@ -407,32 +395,6 @@ def _read(
     return out.take(read, fallback)
 
 
-# -- topic filters -------------------------------------------------------------------------
-def topic_filter_problem(topic: str) -> tuple[str, str] | None:
-    """Why ``topic`` is not a valid MQTT subscription filter, as (problem, fix), or None."""
-    if not topic:
-        return "a topic filter cannot be empty", "write e.g. 'pacemakers/+/telemetry'"
-    if len(topic.encode("utf-8")) > MQTT_TOPIC_MAX_BYTES:
-        return f"longer than {MQTT_TOPIC_MAX_BYTES} bytes", "shorten the filter"
-    if "\x00" in topic:
-        return "contains a NUL character", "remove it"
-    levels = topic.split("/")
-    for i, level in enumerate(levels):
-        if "+" in level and level != "+":
-            return (
-                f"'+' must fill a whole topic level (level {i} is {level!r})",
-                "write '/+/' between slashes, e.g. 'pacemakers/+/telemetry'",
-            )
-        if "#" in level and level != "#":
-            return (
-                f"'#' must fill a whole topic level (level {i} is {level!r})",
-                "write '#' alone after the last '/', e.g. 'pacemakers/#'",
-            )
-        if level == "#" and i != len(levels) - 1:
-            return "'#' must be the last level", "move '#' to the end or use '+' for one level"
-    return None
-
-
 def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
     spec = ROUTE_SECTION
     out.take(lambda: sec.check_keys(spec.names), None)
@@ -510,7 +472,6 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
         destination=dest,
         qos=qos,
         limits=limits,
-        levels=levels,
     )
 
 
@@ -546,6 +507,17 @@ def _loopback(sec: ConfigSection, key: str, default: str, out: _Collector) -> st
     return host
 
 
+def _identity_name(sec: ConfigSection, value: str, key: str, out: _Collector) -> str:
+    """``value`` if it is an identity name (pacegate.identity), else the error is collected."""
+    if not is_identity_name(value):
+        out.errors.append(
+            sec.error(
+                key, f"{value!r} is not a valid identity name", fix=f"use {IDENTITY_NAME_RULE}"
+            )
+        )
+    return value
+
+
 def _file(sec: ConfigSection, key: str, default: str | None, check: bool, out: _Collector) -> Path:
     return out.take(
         lambda: sec.get_path(key, default, required=default is None, must_exist=check),
@@ -568,7 +540,9 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         mqtt = MqttSettings(
             host=_read(m, ms, "host", out, ""),
             port=_read(m, ms, "port", out, 0),
-            client_id=_read(m, ms, "client_id", out, "gateway"),
+            client_id=_identity_name(
+                m, _read(m, ms, "client_id", out, "gateway"), "client_id", out
+            ),
             ca=files["ca"],
             cert=files["cert"],
             key=files["key"],
@@ -597,7 +571,9 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         hospital = HospitalSettings(
             host=_read(h, hs, "host", out, ""),
             port=_read(h, hs, "port", out, 0),
-            server_name=_read(h, hs, "server_name", out, "hospital"),
+            server_name=_identity_name(
+                h, _read(h, hs, "server_name", out, "hospital"), "server_name", out
+            ),
             server_key=_read(
                 h, hs, "server_key", out, Path("/nonexistent"), check_files=check_files
             ),
@@ -713,164 +689,3 @@ def load_gateway_config(path: str | Path, *, check_files: bool = True) -> Gatewa
     except ConfigError as exc:
         raise GatewayConfigError([exc]) from None
     return parse_gateway_config(root, check_files=check_files)
-
-
-# -- the JSON Schema for editors -------------------------------------------------------------
-SCHEMA_FILE_NAME = "gateway.schema.json"  # at the repository root and in this package
-_JSON_TYPES = {
-    "str": "string",
-    "path": "string",
-    "int": "integer",
-    "float": "number",
-    "bool": "boolean",
-}
-_PARSER_ONLY = (
-    "Checked by `pacegate config check`, not by this schema: device_id_level must point at a "
-    "'+' level (and is required unless the filter has exactly one '+'); "
-    "hospital.reconnect_max_s >= reconnect_min_s; spool.max_readings >= "
-    "hospital.batch_max_readings; route names and topics are unique; the certificate, key "
-    "and key-store files exist; numbers are finite and integers are written without a "
-    "decimal point."
-)
-
-
-def _key_schema(k: Key) -> dict[str, Any]:
-    kind = _JSON_TYPES[k.kind]
-    # An empty value (`port:`) means "the default" to the parser, so it is valid where the
-    # key is optional.
-    out: dict[str, Any] = {"type": kind if k.required else [kind, "null"], "description": k.doc}
-    if k.default is not None:
-        out["default"] = k.default
-    if k.lo is not None:
-        out["minimum"] = k.lo
-    if k.hi is not None:
-        out["maximum"] = k.hi
-    if k.choices:
-        out["enum"] = [*k.choices] if k.required else [*k.choices, None]
-    if k.pattern is not None:
-        out["pattern"] = k.pattern
-        out["minLength"] = 1
-    return out
-
-
-def _section_schema(sec: Section) -> dict[str, Any]:
-    props: dict[str, Any] = {name: _key_schema(k) for name, k in sorted(sec.keys.items())}
-    for name, sub in sorted(sec.sections.items()):
-        if sub.many:
-            props[name] = {
-                "type": "array",
-                "description": sub.doc,
-                "minItems": 1,
-                "items": {**_section_schema(sub), "type": "object"},
-            }
-        else:
-            props[name] = _section_schema(sub)
-    required = [n for n, k in sorted(sec.keys.items()) if k.required]
-    required += [n for n, sub in sorted(sec.sections.items()) if sub.required]
-    out: dict[str, Any] = {
-        "type": "object" if sec.required else ["object", "null"],
-        "description": sec.doc,
-        "properties": props,
-        "additionalProperties": False,  # an unknown key is an error, as in the parser
-    }
-    if required:
-        out["required"] = required
-    return out
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of gateway.yaml, generated from the tables above. Draft-07: the
-    newest draft that every YAML language server reads, and all this schema needs."""
-    root = _section_schema(GATEWAY_SCHEMA)
-    root["type"] = "object"
-    return {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "pacegate gateway.yaml",
-        **root,
-        "description": f"{GATEWAY_SCHEMA.doc}. Generated by `pacegate config schema` from "
-        f"gateway/config.py; do not edit. {_PARSER_ONLY}",
-    }
-
-
-def packaged_schema_path() -> Path:
-    """The schema shipped inside the installed package (editors can point at it)."""
-    return Path(__file__).with_name(SCHEMA_FILE_NAME)
-
-
-def render_json_schema() -> str:
-    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-# -- the default file written by `pacegate up` / `demo` -------------------------------------
-def render_default_config(
-    path: Path,
-    *,
-    pki: PkiLayout,
-    state_dir: Path,
-    mqtt_host: str,
-    mqtt_port: int,
-    hospital_host: str,
-    hospital_port: int,
-    metrics_port: int,
-) -> str:
-    """The gateway.yaml to write at ``path`` (commented), as ``pacegate up``/``demo`` write
-    it into a work directory: file paths relative to ``path``'s directory when under it."""
-
-    def rel(p: Path) -> str:
-        try:
-            return str(p.relative_to(path.parent))
-        except ValueError:
-            return str(p)
-
-    return f"""\
-# yaml-language-server: $schema={packaged_schema_path()}
-# gateway.yaml written by pacegate for {path.parent.name}/ (reference: docs/gateway.md).
-# Relative paths resolve against this file's directory. Check an edit with
-#   pacegate config check {path.name}
-# The running gateway reloads routes on SIGHUP or when this file changes; an invalid edit
-# is refused with the reason in the log and the previous configuration stays in force.
-
-mqtt:                       # the broker, reached with the gateway's own certificate (mTLS)
-  host: {mqtt_host}
-  port: {mqtt_port}
-  client_id: gateway        # must match the certificate CN; the session is persistent
-  ca: {rel(pki.ca_cert)}
-  cert: {rel(pki.gateway_cert)}
-  key: {rel(pki.gateway_key)}
-
-psk_store:                  # device PSKs, encrypted at rest; reloaded when it changes
-  path: {rel(pki.psk_store)}
-  key: {rel(pki.psk_store_key)}
-
-state_dir: {rel(state_dir)}          # replay windows (replay.db) and the spool
-
-hospital:                   # the post-quantum channel to the hospital
-  host: {hospital_host}
-  port: {hospital_port}
-  server_name: hospital
-  server_key: {rel(pki.channel_pub("hospital"))}   # pinned ML-DSA-65 public key
-  identity: {rel(pki.channel_key("gateway"))}     # our ML-DSA-65 identity
-  batch_max_readings: 200
-  batch_max_delay_ms: 50
-
-spool:                      # encrypted store-and-forward while the hospital is away
-  max_readings: {DEFAULT_SPOOL_READINGS}
-  when_full: pause-mqtt     # stop acking and leave MQTT: the broker keeps the messages
-
-metrics:                    # Prometheus text format, loopback only
-  host: 127.0.0.1
-  port: {metrics_port}
-
-routes:
-  - name: telemetry
-    topic: {TELEMETRY_FILTER}
-    device_id_level: 1      # pacemakers/<device_id>/telemetry
-    format: sealed-reading/v2
-    destination: hospital
-    qos: 1
-    limits:
-      max_payload_bytes: {DEFAULT_MAX_PAYLOAD}
-      # max_rate_per_device: 0    # messages/s per device (0 = no limit). Readings over it
-      #                           # are refused and acknowledged, even a legitimate backlog
-      #                           # after an outage: set it far above the devices' rate.
-"""

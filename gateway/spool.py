@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from pacegate.errors import ConfigError, InvariantError
 from pacegate.ingest import IngestBatch, IngestItem, IngestWireError, decode, encode_batch
 from pacegate.layout import SECRET_DIR_MODE, create_private, write_secret
+from pacegate.secretfile import read_secret
 from pacegate.sqlite import open_database
 
 SPOOL_KEY_SIZE = 32
@@ -49,7 +50,12 @@ class SpooledBatch:
 
 def _load_or_create_key(path: Path) -> bytes:
     if path.exists():
-        raw = path.read_bytes()
+        raw = read_secret(
+            path,
+            "spool key",
+            key="spool.key",
+            missing_fix="restore the key file; without it the spooled readings cannot be read",
+        )
         if len(raw) != SPOOL_KEY_SIZE:
             raise ConfigError(
                 path,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pacegate.configfile import ConfigSection, load_config
 from pacegate.errors import ConfigError
+from pacegate.identity import IDENTITY_NAME_RULE, is_identity_name
 from pacegate.layout import PkiLayout
 from pacegate.ports import (
     DEFAULT_CLOUD_PORT,
@@ -36,7 +37,6 @@ from pacegate.ports import (
     DEFAULT_HOST,
 )
 
-_PEER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _TOP_KEYS = {"listen", "identity", "allowed_gateways", "store", "metrics", "cloud", "analysis"}
 STORE_BACKENDS = ("sqlite", "postgresql")
 # A writer id names an ingest node in every PostgreSQL row: short, and printable in reports.
@@ -135,11 +135,9 @@ def _port(section: ConfigSection, key: str, default: int, *, lo: int = 1) -> int
 
 
 def _peer_name(section: ConfigSection, key: str, value: str) -> str:
-    if not _PEER_NAME.fullmatch(value):
+    if not is_identity_name(value):
         raise section.error(
-            key,
-            f"{value!r} is not a valid identity name",
-            fix="use 1-64 characters from a-z, 0-9, '-' and '_'",
+            key, f"{value!r} is not a valid identity name", fix=f"use {IDENTITY_NAME_RULE}"
         )
     return value
 

@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import json
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pacegate.errors import ConfigError
 from pacegate.filewatch import FileWatch
 from pacegate.layout import write_secret
+from pacegate.secretfile import read_secret_and_stat
 
 FORMAT = "pacegate-keyring"
 FORMAT_VERSION = 2
@@ -149,27 +149,15 @@ class Keyring:
     def load(cls, path: Path) -> Keyring:
         # looked at before the file is read: a write in between is seen by the next refresh
         watch = FileWatch(path)
+        raw, _st = read_secret_and_stat(
+            path,
+            "keyring file",
+            missing_fix="start 'pacegate hospital' once on an empty database to create it, "
+            "or restore the keyring from its backup",
+            max_bytes=MAX_KEYRING_BYTES,
+        )
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ConfigError(
-                path,
-                "",
-                "keyring file not found",
-                fix="start 'pacegate hospital' once on an empty database to create it, "
-                "or restore the keyring from its backup",
-            ) from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                path,
-                "",
-                f"keyring is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o})",
-                fix=f"chmod 600 {path}",
-            )
-        if st.st_size > MAX_KEYRING_BYTES:
-            raise ConfigError(path, "", f"keyring is larger than {MAX_KEYRING_BYTES} bytes")
-        try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(path, "", f"keyring is not valid JSON: {exc}") from None
         ring = cls(path, *_parse(path, data))

@@ -36,6 +36,7 @@ from pacegate.errors import ConfigError
 from pacegate.identity import validate_device_id
 from pacegate.layout import write_secret
 from pacegate.sealed import PSK_SIZE
+from pacegate.secretfile import read_secret
 
 _MAGIC = b"PGKS"
 _VERSION_1 = 1  # no generation: loads only while no generation file exists
@@ -278,12 +279,9 @@ def _rolled_back(path: Path, key_path: Path, generation: int, recorded: int) -> 
 
 
 def _read_key(key_path: Path) -> bytes:
-    try:
-        key = key_path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            key_path, "", "PSK store key file not found", fix="run 'pacegate pki init --dir DIR'"
-        ) from None
+    key = read_secret(
+        key_path, "PSK store key file", missing_fix="run 'pacegate pki init --dir DIR'"
+    )
     if len(key) != STORE_KEY_SIZE:
         raise ConfigError(
             key_path,

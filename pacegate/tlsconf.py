@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 
 from pacegate.errors import ConfigError
+from pacegate.secretfile import read_secret
 
 KEYLOG_ENV = "SSLKEYLOGFILE"
 
@@ -53,14 +54,11 @@ def _apply_keylog(ctx: ssl.SSLContext) -> None:
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
-    for p in (cert, key):
-        if not p.exists():
-            raise ConfigError(
-                p,
-                "",
-                "file not found",
-                fix="create it with 'pacegate pki init' / 'pacegate pki enroll'",
-            )
+    fix = "create it with 'pacegate pki init' / 'pacegate pki enroll'"
+    if not cert.exists():
+        raise ConfigError(cert, "", "file not found", fix=fix)
+    # OpenSSL reads the key itself; the one secret-file loader judges it first (mode 0600)
+    read_secret(key, "TLS private key", missing_fix=fix)
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except ssl.SSLError as exc:

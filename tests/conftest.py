@@ -53,7 +53,7 @@ def pki_dir(tmp_path: Path, pki_template: Path) -> Path:
     pm-0001..pm-0003: a copy of the session's, with its owners and modes (the mosquitto
     account owns what 'pki init' gave it), and the Mosquitto configuration, the one file
     that names absolute paths, written again for the copy."""
-    from pacegate.pki import mosquitto_conf
+    from pacegate.pki.mosquitto import mosquitto_conf
 
     root = tmp_path / "pki"
     shutil.copytree(pki_template, root, symlinks=True)

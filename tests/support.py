@@ -178,7 +178,7 @@ def mosquitto_broker(
 ) -> Iterator[BrokerHandle]:
     """Run Debian's mosquitto with pacegate's configuration on a free loopback port
     (``run_as``: start it as that account, through setpriv, instead of as ourselves)."""
-    from pacegate.pki import mosquitto_conf
+    from pacegate.pki.mosquitto import mosquitto_conf
 
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import load_broker_config, render_default_config
+from broker.config import (
+    EXAMPLE_FILE_NAME,
+    load_broker_config,
+    render_default_config,
+    render_example_config,
+)
 from pacegate.errors import ConfigError
 from pacegate.layout import PkiLayout
 
@@ -75,6 +80,13 @@ def test_broker_command_reports_a_malformed_config_and_exits_2(
     assert f"{path}:" in proc.stderr and "limits.handshake_timeout" in proc.stderr
 
 
+def test_shipped_broker_yaml_is_the_rendered_template() -> None:
+    # One template writes both the shipped file and a work directory's broker.yaml.
+    assert (REPO / EXAMPLE_FILE_NAME).read_text() == render_example_config(), (
+        f"{EXAMPLE_FILE_NAME} is stale: write broker.config.render_example_config() into it"
+    )
+
+
 def test_shipped_broker_yaml_points_at_certs_and_has_no_plaintext_listener() -> None:
     text = (REPO / "broker.yaml").read_text()
     assert "ca: certs/ca.crt" in text and "crl: certs/crl.pem" in text
@@ -95,7 +107,7 @@ def test_shipped_mosquitto_conf_requires_certificates() -> None:
 def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Path) -> None:
     """The repository's mosquitto/pacegate.conf binds the client id to the CN and limits
     TLS 1.2 to the embedded broker's suites, exactly as the generated one does."""
-    from pacegate.pki import mosquitto_conf
+    from pacegate.pki.mosquitto import mosquitto_conf
     from pacegate.tlsconf import TLS12_CIPHERS
 
     shipped = set((REPO / "mosquitto" / "pacegate.conf").read_text().splitlines())

@@ -350,7 +350,7 @@ def test_device_cannot_command_mosquittos_dynamic_security_plugin(
 ) -> None:
     """The plugin that kicks revoked devices would kick anyone for whoever may publish on
     its control topic: only the mosquitto-admin certificate may (the ACL)."""
-    from pacegate.mosquitto_admin import CONTROL_TOPIC, disable_commands
+    from pacegate.pki.mosquitto_admin import CONTROL_TOPIC, disable_commands
 
     broker = mosquitto_broker
     victim = _connected(broker, "pm-0002")
@@ -636,7 +636,8 @@ def test_generated_mosquitto_config_serves_as_root_and_as_the_pki_owner(
 
     import psutil
 
-    from pacegate.pki import enroll_devices, mosquitto_conf
+    from pacegate.pki import enroll_devices
+    from pacegate.pki.mosquitto import mosquitto_conf
     from tests.support import let_others_through, mosquitto_broker
 
     if os.geteuid() != 0:

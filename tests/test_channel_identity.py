@@ -87,7 +87,7 @@ def test_garbage_files_are_refused_as_config_errors(tmp_path: Path) -> None:
         load_public_key(bad)
 
 
-@pytest.mark.parametrize("name", ["", "Hospital", "a b", "x" * 65, "-lead", "é"])
+@pytest.mark.parametrize("name", ["", "Hospital", "a b", "x" * 65, "-lead", "é", "gate.way"])
 def test_peer_names_outside_the_alphabet_are_refused(name: str) -> None:
     with pytest.raises(LocalProtocolError):
         ChannelIdentity.generate(name)

@@ -9,7 +9,8 @@ import pytest
 
 from console.config_admin import cli_check
 from console.workdir import WorkLayout, gateway_config_text
-from gateway.config import GatewayConfigError, load_gateway_config, topic_filter_problem
+from gateway.config import GatewayConfigError, load_gateway_config
+from pacegate.topics import topic_filter_problem
 
 REPO = Path(__file__).resolve().parent.parent
 

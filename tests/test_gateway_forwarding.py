@@ -165,7 +165,7 @@ def test_hospital_outage_spools_encrypted_and_drains_exactly_once(
             tmp_path,
             embedded_broker,
             hospital_port=h.port,
-            **{"batch_max_delay_ms: 50": "batch_max_delay_ms: 50\n  reconnect_max_s: 0.5"},
+            **{"reconnect_max_s: 10": "reconnect_max_s: 0.5"},
         )
         cfg = load_gateway_config(config)
         connector = hospital_connector(cfg)
@@ -264,7 +264,8 @@ def test_full_spool_pauses_mqtt_and_loses_nothing(broker: BrokerHandle, tmp_path
             broker,
             hospital_port=h.port,
             **{
-                "batch_max_readings: 200": "batch_max_readings: 5\n  reconnect_max_s: 0.5",
+                "batch_max_readings: 200": "batch_max_readings: 5",
+                "reconnect_max_s: 10": "reconnect_max_s: 0.5",
                 "max_readings: 1000000": "max_readings: 10",
             },
         )

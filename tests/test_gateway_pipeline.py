@@ -37,9 +37,7 @@ def _route(**limits: float) -> Route:
         max_clock_skew_s=86400.0,
     )
     topic = "pacemakers/+/telemetry"
-    return Route(
-        "telemetry", topic, 1, "sealed-reading", 1, "hospital", 1, lim, tuple(topic.split("/"))
-    )
+    return Route("telemetry", topic, 1, "sealed-reading", 1, "hospital", 1, lim)
 
 
 @pytest.fixture

@@ -17,17 +17,17 @@ from jsonschema import Draft7Validator
 from ruamel.yaml import YAML
 
 from console.workdir import WorkLayout, gateway_config_text
-from gateway.config import (
+from gateway.config import GatewayConfigError, load_gateway_config
+from gateway.config_schema import (
     SCHEMA_FILE_NAME,
-    GatewayConfigError,
     json_schema,
-    load_gateway_config,
     packaged_schema_path,
     render_json_schema,
 )
+from gateway.config_template import EXAMPLE_FILE_NAME, render_example_config
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "gateway.example.yaml"
+EXAMPLE = REPO / EXAMPLE_FILE_NAME
 Doc = dict[str, Any]
 
 
@@ -116,6 +116,8 @@ INVALID: dict[str, Callable[[Doc], None]] = {
     "batch larger than the ingest format allows": _set("hospital.batch_max_readings", 501),
     "ack timeout below the floor": _set("hospital.ack_timeout_s", 0.05),
     "unknown spool policy": _set("spool.when_full", "drop-oldest"),
+    "hospital name outside the identity-name rule": _set("hospital.server_name", "hosp.ital"),
+    "client id outside the identity-name rule": _set("mqtt.client_id", "Gateway"),
     "metrics on every interface": _set("metrics.host", "0.0.0.0"),
     "metrics on a LAN address": _set("metrics.host", "10.0.0.5"),
     "yes is not a boolean": _set("metrics.enabled", "yes"),
@@ -164,6 +166,28 @@ def test_shipped_schema_files_are_the_generated_schema() -> None:
         check=False,
     )
     assert proc.returncode == 0 and proc.stdout == generated
+
+
+def test_committed_example_is_the_rendered_template() -> None:
+    # One template writes both the example and a work directory's gateway.yaml, so the
+    # example cannot document a key or default the written file does not have.
+    assert EXAMPLE.read_text() == render_example_config(), (
+        f"{EXAMPLE_FILE_NAME} is stale: run `pacegate config example --out {EXAMPLE_FILE_NAME}`"
+    )
+
+
+@pytest.mark.integration
+def test_config_example_command_writes_the_committed_example(tmp_path: Path) -> None:
+    out = tmp_path / EXAMPLE_FILE_NAME
+    proc = subprocess.run(
+        [sys.executable, "-m", "console", "config", "example", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == EXAMPLE.read_text()
 
 
 def test_example_names_the_schema_on_its_first_line_for_editors() -> None:

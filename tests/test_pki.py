@@ -26,8 +26,8 @@ from pacegate.pki import (
     enroll_devices,
     init_pki,
     revoke_device,
-    revoked_serials,
 )
+from pacegate.pki.crl import revoked_serials
 
 
 def _mode(p: Path) -> int:
@@ -105,7 +105,8 @@ def test_only_the_mosquitto_admin_identity_may_command_the_dynamic_security_plug
     assert control == [
         "# Only 'pacegate pki revoke' (its mosquitto-admin certificate) commands the\n"
         "# dynamic-security plugin, which closes a revoked device's live session.\n"
-        "user mosquitto-admin\ntopic readwrite $CONTROL/dynamic-security/#"
+        "user mosquitto-admin\ntopic readwrite $CONTROL/dynamic-security/#\n"
+        "topic deny pacemakers/mosquitto-admin/telemetry"
     ]
     # a PKI made before this identity existed gets it at its next revocation
     pki.mosquitto_admin_cert.unlink()

@@ -265,7 +265,8 @@ def test_up_with_mosquitto_refuses_a_work_directory_its_account_cannot_enter(
     names the directory and the fix instead, and passes once the directory lets it through."""
     from console.stack import StackError, choose_endpoints, write_mosquitto_config
     from console.workdir import WorkLayout
-    from pacegate.pki import init_pki, mosquitto_cannot_reach
+    from pacegate.pki import init_pki
+    from pacegate.pki.mosquitto import mosquitto_cannot_reach
 
     if not have_mosquitto_account():
         pytest.skip("no 'mosquitto' account (./dev setup installs Debian's mosquitto)")

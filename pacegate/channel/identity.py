@@ -8,8 +8,6 @@ keys of the clients it accepts; a client pins the name and key of the server it 
 
 from __future__ import annotations
 
-import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,23 +15,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 
 from pacegate.errors import ConfigError, LocalProtocolError
+from pacegate.identity import IDENTITY_NAME_MAX_LEN, validate_identity_name
 from pacegate.layout import write_public, write_secret
+from pacegate.secretfile import read_secret
 
 ChannelPublicKey = MLDSA65PublicKey
 ChannelPrivateKey = MLDSA65PrivateKey
 
 # Peer names travel in the handshake (1-byte length) and end up in logs and metrics labels:
-# keep them short, printable and unambiguous (the PKI uses the same alphabet).
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-MAX_NAME_SIZE = 64
+# the identity-name rule of pacegate.identity, as for every other identity.
+MAX_NAME_SIZE = IDENTITY_NAME_MAX_LEN
 
 
 def validate_peer_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise LocalProtocolError(
-            f"channel peer name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'"
-        )
-    return name
+    try:
+        return validate_identity_name(name, "channel peer name")
+    except ValueError as exc:
+        raise LocalProtocolError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -98,15 +96,7 @@ def load_identity(key_path: str | Path, name: str) -> ChannelIdentity:
     """Load ``<name>.mldsa.key`` (PEM PKCS#8, unencrypted, not readable by group/others)."""
     path = Path(key_path)
     validate_peer_name(name)
-    data = _read(path, "channel private key")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            path,
-            "channel private key",
-            f"mode {mode:04o} lets other users read or change the key",
-            fix=f"chmod 600 {path}",
-        )
+    data = read_secret(path, "channel private key", key="channel private key", missing_fix=_FIX_PKI)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
