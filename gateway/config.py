@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +132,17 @@ HOSPITAL_SECTION = Section(
         "reconnect_max_s": Key(
             "float", "reconnect backoff ceiling (>= reconnect_min_s)", 10.0, lo=0.01, hi=3600.0
         ),
+    },
+    sections={
+        "failover": Section(
+            "further hospital ingest nodes (the same pinned identity), tried in order when the "
+            "current one cannot be reached; a batch not acknowledged is resent to the next",
+            {
+                "host": Key("str", "hospital ingest address", required=True),
+                "port": Key("int", "hospital ingest port", required=True, lo=1, hi=65535),
+            },
+            many=True,
+        )
     },
     required=True,
 )
@@ -271,6 +283,12 @@ class HospitalSettings:
     ack_timeout_s: float
     reconnect_min_s: float
     reconnect_max_s: float
+    # further ingest nodes after (host, port), in the order they are tried
+    failover: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.failover)
 
 
 @dataclass(frozen=True)
@@ -525,6 +543,16 @@ def _file(sec: ConfigSection, key: str, default: str | None, check: bool, out: _
     )
 
 
+def _failover(h: ConfigSection, out: _Collector) -> tuple[tuple[str, int], ...]:
+    fs = HOSPITAL_SECTION.sections["failover"]
+    nodes: list[tuple[str, int]] = []
+    empty: list[ConfigSection] = []
+    for node in out.take(lambda: h.sections("failover"), empty):
+        out.take(partial(node.check_keys, fs.names), None)
+        nodes.append((_read(node, fs, "host", out, ""), _read(node, fs, "port", out, 0)))
+    return tuple(nodes)
+
+
 def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> GatewayConfig:
     """Build a :class:`GatewayConfig` from a loaded YAML mapping, or raise every error."""
     out = _Collector()
@@ -583,6 +611,7 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
             ack_timeout_s=_read(h, hs, "ack_timeout_s", out, 10.0),
             reconnect_min_s=rmin,
             reconnect_max_s=_read(h, hs, "reconnect_max_s", out, 10.0, lo=rmin),
+            failover=_failover(h, out),
         )
 
     s = out.take(lambda: root.section("spool"), None)

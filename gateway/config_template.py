@@ -108,6 +108,9 @@ hospital:\t# the post-quantum channel (ML-KEM-768 + X25519, AES-256-GCM)
   ack_timeout_s: {h["ack_timeout_s"]:g}\t# no ACK within this: the hospital is treated as down
   reconnect_min_s: {h["reconnect_min_s"]:g}\t# backoff: doubles from min to max, with jitter
   reconnect_max_s: {h["reconnect_max_s"]:g}
+  # failover:	# further ingest nodes (same identity), tried in order when this one is down
+  #   - host: 127.0.0.1
+  #     port: 8894
 
 spool:\t# while the hospital is unreachable
   max_readings: {DEFAULT_SPOOL_READINGS}\t# bound (~100 bytes each on disk, Fernet-encrypted)

@@ -86,18 +86,53 @@ def hospital_connector(cfg: GatewayConfig) -> Connector | None:
     name = h.identity.name.removesuffix(".mldsa.key")
     identity = channel.load_identity(h.identity, name)
     server_key = channel.load_public_key(h.server_key)
+    route = HospitalRoute(h.endpoints)
 
     async def _connect() -> ChannelStream:
-        stream: ChannelStream = await connect(
-            str(h.host),
-            int(h.port),
-            identity=identity,
-            server_name=h.server_name,
-            server_key=server_key,
-        )
-        return stream
+        last: BaseException | None = None
+        for host, port in route.attempts():
+            try:
+                stream: ChannelStream = await connect(
+                    host,
+                    port,
+                    identity=identity,
+                    server_name=h.server_name,
+                    server_key=server_key,
+                )
+            except (OSError, TimeoutError, channel.ChannelError, channel.ChannelClosed) as exc:
+                log.warning("hospital %s:%d unreachable: %s", host, port, exc)
+                route.failed()
+                last = exc
+                continue
+            route.connected()
+            return stream
+        raise last if last is not None else ConnectionError("no hospital endpoint")
 
     return _connect
+
+
+class HospitalRoute:
+    """Which hospital ingest node the gateway tries (sans-IO): the one that last worked, then
+    the others in the configured order. One connect attempt walks the list once, so a dead
+    node costs one failed connect, and the forwarder's backoff applies only when every node
+    refused; the batches not acknowledged are resent to the node that answers (the
+    hospital's row key makes a resent reading a duplicate, not a second row)."""
+
+    def __init__(self, endpoints: tuple[tuple[str, int], ...]) -> None:
+        if not endpoints:
+            raise InvariantError("a gateway needs at least one hospital endpoint")
+        self.endpoints = endpoints
+        self.current = 0
+
+    def attempts(self) -> list[tuple[str, int]]:
+        n = len(self.endpoints)
+        return [self.endpoints[(self.current + i) % n] for i in range(n)]
+
+    def failed(self) -> None:
+        self.current = (self.current + 1) % len(self.endpoints)
+
+    def connected(self) -> None:
+        pass  # self.current already names the node that answered
 
 
 class Gateway:

@@ -285,3 +285,55 @@ def test_full_spool_pauses_mqtt_and_loses_nothing(broker: BrokerHandle, tmp_path
         h.kill(signal.SIGTERM)
         records = h.records()
     assert sorted(records) == [("pm-0001", c) for c in range(1, 26)]
+
+
+def test_gateway_fails_over_to_a_second_hospital_node_when_the_first_dies(
+    embedded_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Two hospital ingest nodes (each its own process and database, the same pinned
+    identity), the second in ``hospital.failover``. The first is SIGKILLed mid-stream; the
+    gateway's next connect goes to the second, and every acknowledged reading is stored on
+    one node or the other (a batch the first never acknowledged is resent to the second)."""
+    second = tmp_path / "hospital-2"
+    second.mkdir()
+    (second / "pki").symlink_to(WorkLayout(tmp_path).pki.root, target_is_directory=True)
+    with hospital(tmp_path) as h1, hospital(second) as h2:
+        config = write_gateway_yaml(tmp_path, embedded_broker, hospital_port=h1.port)
+        text = config.read_text()
+        anchor = f"  port: {h1.port}\n"
+        assert anchor in text
+        config.write_text(
+            text.replace(
+                anchor, f"{anchor}  failover:\n    - host: 127.0.0.1\n      port: {h2.port}\n"
+            )
+        )
+        from gateway.config import load_gateway_config
+
+        cfg = load_gateway_config(config)
+        assert cfg.hospital.endpoints == (("127.0.0.1", h1.port), ("127.0.0.1", h2.port))
+        connector = hospital_connector(cfg)
+        assert connector is not None
+        with running_gateway(config, connector) as gw, devices(embedded_broker, "pm-0001") as (a,):
+            for _ in range(30):
+                a.publish(a.seal())
+            assert wait_until(lambda: h1.stored() == 30, WAIT)
+            h1.kill(signal.SIGKILL)
+            for _ in range(30):
+                a.publish(a.seal())
+            assert wait_until(lambda: gw.metric("pacegate_gateway_forwarded_total") >= 60, WAIT)
+            assert wait_until(lambda: h2.stored() >= 30, WAIT)
+        h2.kill(signal.SIGTERM)
+        stored = set(h2.records())
+        h1_rows = Hospital(tmp_path, h1.port, h1.metrics_port, h1.config).records()
+    assert {("pm-0001", c) for c in range(31, 61)} <= stored
+    assert set(h1_rows) | stored == {("pm-0001", c) for c in range(1, 61)}
+
+
+def test_hospital_route_tries_the_node_that_worked_then_the_others_in_order() -> None:
+    from gateway.service import HospitalRoute
+
+    route = HospitalRoute((("h1", 1), ("h2", 2), ("h3", 3)))
+    assert route.attempts() == [("h1", 1), ("h2", 2), ("h3", 3)]
+    route.failed()  # h1 down: the walk goes on to h2, which answers
+    route.connected()
+    assert route.attempts() == [("h2", 2), ("h3", 3), ("h1", 1)]  # h2 first next time
