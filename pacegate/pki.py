@@ -125,10 +125,10 @@ class _Ca:
     cert: x509.Certificate
 
 
-def _make_ca() -> _Ca:
+def _make_ca(cn: str = "pacegate device CA") -> _Ca:
     key = _new_key()
     now = _now()
-    name = _name("pacegate device CA")
+    name = _name(cn)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -180,7 +180,7 @@ def _issue(
     key: ec.EllipticCurvePrivateKey,
     cn: str,
     *,
-    eku: x509.ObjectIdentifier,
+    eku: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
     sans: Sequence[x509.GeneralName],
     not_before: datetime,
     not_after: datetime,
@@ -210,7 +210,10 @@ def _issue(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([eku] if isinstance(eku, x509.ObjectIdentifier) else list(eku)),
+            critical=False,
+        )
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -538,6 +541,47 @@ def add_channel_identity(root: Path, name: str) -> tuple[Path, Path]:
         ),
     )
     return layout.channel_key(name), layout.channel_pub(name)
+
+
+def issue_cluster_identities(
+    directory: Path, names: Sequence[str], *, hosts: Sequence[str] = DEFAULT_BROKER_HOSTS
+) -> dict[str, tuple[Path, Path]]:
+    """A compute cluster's own CA (``directory/ca.{crt,key}``, made if missing) and one
+    identity per name (``directory/<name>.{crt,key}``, keys 0600), each ``serverAuth`` and
+    ``clientAuth``: a Dask scheduler and its workers both listen and connect.
+
+    Not the device CA: Dask admits any certificate its CA signed and checks no name
+    (distributed/security.py, ``check_hostname = False``: "We expect a dedicated CA for
+    the cluster"), and a cluster member can run code on the others, so a device
+    certificate must not be one. Returns ``{name: (cert, key)}``."""
+    directory = Path(directory)
+    directory.mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
+    ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
+    if ca_cert.exists() and ca_key.exists():
+        ca = _load_ca(PkiLayout(directory))
+    else:
+        ca = _make_ca("pacegate cluster CA")
+        write_secret(ca_key, _key_pem(ca.key))
+        write_public(ca_cert, _cert_pem(ca.cert))
+    now = _now()
+    out: dict[str, tuple[Path, Path]] = {}
+    for name in names:
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise PkiError(f"cluster identity name {name!r}: use letters, digits, - and _")
+        key = _new_key()
+        cert = _issue(
+            ca,
+            key,
+            name,
+            eku=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+            sans=[*_host_sans(hosts), x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + name)],
+            not_before=now - CLOCK_SKEW,
+            not_after=now + SERVICE_VALIDITY,
+        )
+        out[name] = (directory / f"{name}.crt", directory / f"{name}.key")
+        write_secret(out[name][1], _key_pem(key))
+        write_public(out[name][0], _cert_pem(cert))
+    return out
 
 
 def init_pki(
