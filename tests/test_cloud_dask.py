@@ -1,0 +1,313 @@
+"""The cloud front worker's Dask backend: a real Dask cluster (scheduler and workers as
+separate processes) over TLS on loopback, real TenSEAL, driven through the front worker's
+session protocol exactly as the hospital drives it."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+from distributed import Client
+
+from cloud.aggregator import InProcessAggregator, fold_batch
+from cloud.dask_aggregator import (
+    ChunkRefused,
+    DaskBackend,
+    DaskSettings,
+    aggregate_chunk,
+    cluster_security,
+    held_contexts,
+)
+from cloud.worker import CloudSession, SessionState, WorkerStats
+from console.dask_cluster import DaskCluster, start_cluster, worker_name
+from pacegate import analytics_wire as wire
+from pacegate import ckks
+from pacegate.layout import PkiLayout
+
+BANDS = 1
+LANES = wire.lanes(BANDS)
+FloatArray = ckks.FloatArray
+
+
+@pytest.fixture(scope="module")
+def context() -> ts.Context:
+    return ckks.create_context()
+
+
+@pytest.fixture(scope="module")
+def public_bytes(context: ts.Context) -> bytes:
+    return ckks.public_context_bytes(context)
+
+
+def make_batches(count: int, seed: int) -> list[list[FloatArray]]:
+    """``count`` batches of plaintext lanes: heart rate, age, out-of-range, one band."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        hr = rng.integers(40, 180, ckks.SLOTS).astype(float)
+        age = rng.integers(18, 90, ckks.SLOTS).astype(float)
+        out.append([hr, age, (hr > 120).astype(float), np.ones(ckks.SLOTS)])
+    return out
+
+
+def encrypt(context: ts.Context, batches: list[list[FloatArray]]) -> list[list[bytes]]:
+    return [[ckks.encrypt_vector(context, lane) for lane in batch] for batch in batches]
+
+
+def plaintext_sums(batches: list[list[FloatArray]]) -> dict[str, FloatArray]:
+    sums: dict[str, FloatArray] = {}
+    for spec in wire.accumulator_plan(BANDS):
+        total = np.zeros(ckks.SLOTS)
+        for batch in batches:
+            term = batch[spec.lane]
+            total = total + (term if spec.other is None else term * batch[spec.other])
+        sums[spec.name] = total
+    return sums
+
+
+def send_batches(session: CloudSession, public_bytes: bytes, cts: list[list[bytes]]) -> None:
+    assert isinstance(
+        wire.decode(session.handle(wire.encode(wire.Open(BANDS, public_bytes)))), wire.Ready
+    )
+    for b, batch in enumerate(cts):
+        for lane, data in enumerate(batch):
+            reply = wire.decode(session.handle(wire.encode(wire.Ciphertext(b, lane, data))))
+            assert reply == wire.Ack(b, lane), reply
+
+
+def fetch_all(session: CloudSession, context: ts.Context, batches: int) -> dict[str, FloatArray]:
+    out: dict[str, FloatArray] = {}
+    for spec in wire.accumulator_plan(BANDS):
+        reply = wire.decode(session.handle(wire.encode(wire.Fetch(batches, spec.name))))
+        assert isinstance(reply, wire.Result), reply
+        assert reply.batches == batches
+        out[spec.name] = ckks.decrypt_vector(context, reply.data, degree=spec.degree)
+    return out
+
+
+def assert_matches(got: dict[str, FloatArray], want: dict[str, FloatArray]) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        # CKKS noise is far below 1; one batch counted twice or missed is >= 1 per slot
+        err = float(np.max(np.abs(got[name] - want[name])))
+        assert err < 0.05, f"{name}: off by {err}"
+
+
+# --- pure: the task function is the in-process arithmetic ---------------------------------
+
+
+def test_dask_task_partials_add_up_to_the_in_process_fold(
+    context: ts.Context, public_bytes: bytes
+) -> None:
+    plain = make_batches(4, seed=3)
+    cts = encrypt(context, plain)
+    plan = wire.accumulator_plan(BANDS)
+    halves = [
+        aggregate_chunk(public_bytes, plan, cts[:2]),
+        aggregate_chunk(public_bytes, plan, cts[2:]),
+    ]
+    acc: dict[str, ts.CKKSVector] = {}
+    pub = ckks.load_public_context(public_bytes)
+    for half in halves:
+        assert isinstance(half, dict)
+        for spec in plan:
+            vec = ckks.load_ciphertext(pub, half[spec.name], degree=spec.degree)
+            if spec.name in acc:
+                acc[spec.name].add_(vec)
+            else:
+                acc[spec.name] = vec
+    whole: dict[str, ts.CKKSVector] = {}
+    for batch in cts:
+        fold_batch(whole, plan, [ckks.load_ciphertext(pub, d) for d in batch])
+    for spec in plan:
+        a = ckks.decrypt_vector(context, acc[spec.name].serialize(), degree=spec.degree)
+        b = ckks.decrypt_vector(context, whole[spec.name].serialize(), degree=spec.degree)
+        assert float(np.max(np.abs(a - b))) < 0.05
+
+
+def test_dask_task_refuses_a_context_with_a_secret_key(context: ts.Context) -> None:
+    secret = context.serialize(save_secret_key=True)
+    cts = encrypt(context, make_batches(1, seed=4))
+    got = aggregate_chunk(secret, wire.accumulator_plan(BANDS), cts)
+    assert isinstance(got, ChunkRefused)
+    assert got.reason == "secret_key_in_context"
+
+
+def test_dask_task_refuses_a_mangled_ciphertext(context: ts.Context, public_bytes: bytes) -> None:
+    cts = encrypt(context, make_batches(1, seed=5))
+    bad = bytearray(cts[0][1])
+    bad[10:60] = b"\xff" * 50
+    cts[0][1] = bytes(bad)
+    got = aggregate_chunk(public_bytes, wire.accumulator_plan(BANDS), cts)
+    assert isinstance(got, ChunkRefused)
+    assert got.reason == "bad_ciphertext"
+
+
+def test_dask_settings_refuse_a_plain_tcp_scheduler(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tls://"):
+        DaskSettings(
+            scheduler="tcp://127.0.0.1:8786",
+            ca_file=tmp_path / "ca.crt",
+            cert=tmp_path / "c.crt",
+            key=tmp_path / "c.key",
+        )
+
+
+# --- a real cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
+    running = start_cluster(tmp_path_factory.mktemp("dask"), workers=2)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(cluster: DaskCluster) -> Iterator[DaskBackend]:
+    made = DaskBackend(
+        DaskSettings(
+            scheduler=cluster.address,
+            ca_file=cluster.ca_file,
+            cert=cluster.client_cert,
+            key=cluster.client_key,
+            batches_per_task=2,
+        )
+    )
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def wait_for_scheduler_log(cluster: DaskCluster, text: str) -> None:
+    """The scheduler logged the refusal, with its reason (the log is written as it goes)."""
+    log = cluster.directory / "logs" / "dask-scheduler.log"
+    deadline = time.monotonic() + 60
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{log}: no {text!r}"
+        time.sleep(0.1)
+
+
+@pytest.mark.integration
+def test_cluster_listens_on_loopback_tls_only_and_keys_are_private(cluster: DaskCluster) -> None:
+    assert cluster.address.startswith("tls://127.0.0.1:")
+    for key in (cluster.directory / "pki").glob("*.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+
+
+@pytest.mark.integration
+def test_dask_aggregate_decrypts_to_the_in_process_result_and_the_plaintext(
+    context: ts.Context, public_bytes: bytes, backend: DaskBackend
+) -> None:
+    plain = make_batches(7, seed=1)  # 7 batches, 2 per task: 4 tasks, the last one short
+    cts = encrypt(context, plain)
+    local = CloudSession(aggregator=InProcessAggregator)
+    send_batches(local, public_bytes, cts)
+    local_sums = fetch_all(local, context, len(cts))
+    spread = CloudSession(aggregator=backend)
+    send_batches(spread, public_bytes, cts)
+    dask_sums = fetch_all(spread, context, len(cts))
+    assert_matches(dask_sums, local_sums)
+    assert_matches(dask_sums, plaintext_sums(plain))
+
+
+@pytest.mark.integration
+def test_dask_workers_hold_only_the_public_context(
+    context: ts.Context, public_bytes: bytes, backend: DaskBackend
+) -> None:
+    cts = encrypt(context, make_batches(4, seed=2))
+    session = CloudSession(aggregator=backend)
+    send_batches(session, public_bytes, cts)
+    fetch_all(session, context, len(cts))
+    held = backend.client.run(held_contexts)
+    contexts = [ctx for per_worker in held.values() for ctx in per_worker]
+    assert contexts, "no worker parsed a context"
+    assert all(not c["is_private"] and not c["has_secret_key"] for c in contexts), held
+
+
+@pytest.mark.integration
+def test_secret_context_is_refused_before_any_task_reaches_the_cluster(
+    context: ts.Context, backend: DaskBackend
+) -> None:
+    stats = WorkerStats()
+    session = CloudSession(aggregator=backend, stats=stats)
+    reply = wire.decode(
+        session.handle(wire.encode(wire.Open(BANDS, context.serialize(save_secret_key=True))))
+    )
+    assert isinstance(reply, wire.Error) and reply.code == "secret_key_in_context"
+    assert session.state is SessionState.FAILED
+    assert stats.refused["secret_key_in_context"] == 1
+    # and a task handed a secret context anyway refuses it on the worker
+    refused = backend.client.submit(
+        aggregate_chunk,
+        context.serialize(save_secret_key=True),
+        wire.accumulator_plan(BANDS),
+        encrypt(context, make_batches(1, seed=6)),
+        pure=False,
+    ).result(timeout=120)
+    assert isinstance(refused, ChunkRefused) and refused.reason == "secret_key_in_context"
+
+
+@pytest.mark.integration
+def test_worker_killed_mid_analysis_still_yields_the_plaintext_result(
+    context: ts.Context, public_bytes: bytes, cluster: DaskCluster, backend: DaskBackend
+) -> None:
+    plain = make_batches(16, seed=7)  # 8 tasks of 2 batches
+    cts = encrypt(context, plain)
+    session = CloudSession(aggregator=backend)
+    send_batches(session, public_bytes, cts)  # every task submitted, none folded yet
+    victim = worker_name(1)
+    victim_address = next(
+        addr
+        for addr, info in backend.client.scheduler_info()["workers"].items()
+        if info["name"] == victim
+    )
+    deadline = time.monotonic() + 120
+    while not backend.client.processing().get(victim_address):  # type: ignore[no-untyped-call]
+        assert time.monotonic() < deadline, "the victim never got a task"
+        time.sleep(0.01)
+    cluster.kill_worker(victim)  # SIGKILL while a task runs on it
+    try:
+        sums = fetch_all(session, context, len(cts))
+        assert_matches(sums, plaintext_sums(plain))  # a double count would be >= 1 off
+        assert session.state is SessionState.RECEIVING
+    finally:
+        cluster.add_worker(victim)
+
+
+@pytest.mark.integration
+def test_client_without_a_certificate_is_refused_by_the_scheduler(cluster: DaskCluster) -> None:
+    host, port = cluster.address.removeprefix("tls://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_file))
+    ctx.check_hostname = False
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as raw,
+        pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)),
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"\x00" * 8)
+        # TLS 1.3 checks the client's certificate after the client's side of the
+        # handshake: the refusal is the server's alert on the first read
+        if not tls.recv(1):
+            raise ConnectionResetError("closed by the scheduler")
+    wait_for_scheduler_log(cluster, "peer did not return a certificate")
+
+
+@pytest.mark.integration
+def test_device_certificate_from_the_device_ca_cannot_join_the_cluster(
+    cluster: DaskCluster, pki: PkiLayout
+) -> None:
+    device = "pm-0001"
+    security = cluster_security(cluster.ca_file, pki.device_cert(device), pki.device_key(device))
+    with pytest.raises((OSError, TimeoutError)):
+        Client(cluster.address, security=security, timeout=5, set_as_default=False)  # type: ignore[no-untyped-call]
+    wait_for_scheduler_log(cluster, "certificate verify failed")
