@@ -158,12 +158,21 @@ def held_contexts() -> list[dict[str, bool]]:
 # --- the front worker's side ----------------------------------------------------------
 
 
+@dataclass
+class DaskStats:
+    """Counters of one front worker's Dask backend, over all its sessions."""
+
+    tasks_submitted: int = 0
+    tasks_folded: int = 0
+
+
 class DaskBackend:
     """One Dask client per front worker process; call it to get a session's aggregator
     (it is an :class:`cloud.aggregator.AggregatorFactory`)."""
 
     def __init__(self, settings: DaskSettings) -> None:
         self.settings = settings
+        self.stats = DaskStats()
         self.client = Client(  # type: ignore[no-untyped-call]
             settings.scheduler,
             security=cluster_security(settings.ca_file, settings.cert, settings.key),
@@ -176,7 +185,12 @@ class DaskBackend:
         self, *, context: ts.Context, context_bytes: bytes, plan: tuple[Accumulator, ...]
     ) -> DaskAggregator:
         return DaskAggregator(
-            self.client, self.settings, context=context, context_bytes=context_bytes, plan=plan
+            self.client,
+            self.settings,
+            context=context,
+            context_bytes=context_bytes,
+            plan=plan,
+            stats=self.stats,
         )
 
     def close(self) -> None:
@@ -194,8 +208,10 @@ class DaskAggregator:
         context: ts.Context,
         context_bytes: bytes,
         plan: tuple[Accumulator, ...],
+        stats: DaskStats | None = None,
     ) -> None:
         self._client = client
+        self.stats = stats if stats is not None else DaskStats()
         self._settings = settings
         self._context = context
         self._context_bytes = context_bytes
@@ -204,8 +220,6 @@ class DaskAggregator:
         self._chunk: list[list[bytes]] = []
         self._in_flight: deque[Future[Any]] = deque()
         self._acc: dict[str, ts.CKKSVector] = {}
-        self.tasks_submitted = 0
-        self.tasks_folded = 0
 
     def add_batch(self, batch: Sequence[Lane]) -> None:
         self._chunk.append([lane.data for lane in batch])
@@ -242,7 +256,7 @@ class DaskAggregator:
         )
         self._in_flight.append(future)
         self._chunk = []
-        self.tasks_submitted += 1
+        self.stats.tasks_submitted += 1
 
     def _fold_oldest(self) -> None:
         future = self._in_flight.popleft()
@@ -276,4 +290,4 @@ class DaskAggregator:
             for name, data in partial.items()
         }
         add_partials(self._acc, loaded)
-        self.tasks_folded += 1
+        self.stats.tasks_folded += 1

@@ -222,7 +222,9 @@ async def serve_session(stream: Any, session: CloudSession) -> None:
             request = await stream.recv()
         except ChannelClosed:
             return
-        reply = session.handle(request)
+        # In a thread: CKKS arithmetic, and a Dask aggregator waiting on its cluster, must
+        # not stop the event loop that serves the other sessions and the channel itself.
+        reply = await asyncio.to_thread(session.handle, request)
         await stream.send(reply)
         if session.state is SessionState.FAILED:
             return  # the ERROR reply is sent; serve() closes the stream

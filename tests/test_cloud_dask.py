@@ -8,6 +8,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,41 @@ def test_device_certificate_from_the_device_ca_cannot_join_the_cluster(
     with pytest.raises((OSError, TimeoutError)):
         Client(cluster.address, security=security, timeout=5, set_as_default=False)  # type: ignore[no-untyped-call]
     wait_for_scheduler_log(cluster, "certificate verify failed")
+
+
+@pytest.mark.integration
+async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
+    tmp_path: Path, backend: DaskBackend
+) -> None:
+    from cloud.config import load_cloud_config
+    from cloud.worker import start_worker
+    from console.workdir import hospital_config_text
+    from hospital.analysis import AnalysisSettings, run_analysis_async
+    from tests.test_analysis_channel import T0, fill_store, make_workdir
+
+    work = make_workdir(tmp_path)
+    stats = WorkerStats()
+    server = await start_worker(
+        load_cloud_config(work.cloud_config), stats=stats, aggregator=backend
+    )
+    port = server.sockets[0].getsockname()[1]
+    work.hospital_config.write_text(
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
+    )
+    before = backend.stats.tasks_folded
+    try:
+        fill_store(work, 1500)
+        report = await run_analysis_async(
+            work.hospital_config,
+            since=T0,
+            until=T0 + timedelta(minutes=1500),
+            settings=AnalysisSettings(bands=(0, 50), batch_size=300),
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert report.failures() == []  # the decrypted aggregates match the plaintext ones
+    assert report.plain.n == 1500
+    assert report.encrypted["count"] == pytest.approx(1500, abs=1e-3)
+    assert stats.batches == 5 and not stats.refused
+    assert backend.stats.tasks_folded - before == 3  # 5 batches, 2 per task: the cluster summed
