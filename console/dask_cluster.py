@@ -105,8 +105,12 @@ class DaskCluster:
         old = self.workers.get(name)
         if old is not None and old.poll() is None:
             raise ValueError(f"{name} is still running (pid {old.pid})")
-        self.workers[name] = _start_worker(self.directory, name, self.address, self.host)
-        _wait_for_file_line(self.directory / "logs" / f"{name}.log", "Registered to", timeout)
+        pki = self.directory / "pki"
+        if not (pki / f"{name}.crt").exists():
+            issue_cluster_identities(pki, [name], hosts=[self.host])
+        proc = _start_worker(self.directory, name, self.address, self.host)
+        self.workers[name] = proc
+        _wait_for_log_line(proc, self.directory / "logs" / f"{name}.log", "Registered to", timeout)
 
     def stop(self) -> None:
         for proc in [*self.workers.values(), self.scheduler]:
@@ -196,14 +200,20 @@ def _start_worker(directory: Path, name: str, address: str, host: str) -> subpro
     )
 
 
-def _wait_for_file_line(path: Path, text: str, timeout: float) -> None:
+def _wait_for_log_line(
+    proc: subprocess.Popen[bytes], path: Path, text: str, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         if path.exists() and text in path.read_text(errors="replace"):
             return
         time.sleep(0.1)
     tail = path.read_text(errors="replace")[-2000:] if path.exists() else "(no log)"
-    raise TimeoutError(f"{path}: no {text!r} within {timeout:.0f} s; the log ends:\n{tail}")
+    what = f"exited with {proc.returncode}" if proc.poll() is not None else "timed out"
+    _stop(proc)
+    raise RuntimeError(
+        f"{path}: no {text!r} ({what} after {timeout:.0f} s at most); the log ends:\n{tail}"
+    )
 
 
 def start_cluster(
