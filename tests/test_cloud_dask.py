@@ -262,27 +262,37 @@ def test_secret_context_is_refused_before_any_task_reaches_the_cluster(
 def test_worker_killed_mid_analysis_still_yields_the_plaintext_result(
     context: ts.Context, public_bytes: bytes, cluster: DaskCluster, backend: DaskBackend
 ) -> None:
-    plain = make_batches(16, seed=7)  # 8 tasks of 2 batches
+    plain = make_batches(32, seed=7)  # 16 tasks of 2 batches
     cts = encrypt(context, plain)
-    session = CloudSession(aggregator=backend)
-    send_batches(session, public_bytes, cts)  # every task submitted, none folded yet
     victim = worker_name(1)
     victim_address = next(
         addr
         for addr, info in backend.client.scheduler_info()["workers"].items()
         if info["name"] == victim
     )
-    deadline = time.monotonic() + 120
-    while not backend.client.processing().get(victim_address):  # type: ignore[no-untyped-call]
-        assert time.monotonic() < deadline, "the victim never got a task"
-        time.sleep(0.01)
-    cluster.kill_worker(victim)  # SIGKILL while a task runs on it
+    session = CloudSession(aggregator=backend)
+    opened = wire.decode(session.handle(wire.encode(wire.Open(BANDS, public_bytes))))
+    assert isinstance(opened, wire.Ready)
+    killed_after: int | None = None
     try:
+        for b, batch in enumerate(cts):
+            for lane, data in enumerate(batch):
+                reply = wire.decode(session.handle(wire.encode(wire.Ciphertext(b, lane, data))))
+                assert reply == wire.Ack(b, lane), reply
+            # SIGKILL the victim while the scheduler has a task running on it, with the
+            # session half sent: its running task and the results it holds are lost
+            if killed_after is None and backend.client.processing().get(victim_address):  # type: ignore[no-untyped-call]
+                cluster.kill_worker(victim)
+                killed_after = b + 1
+        assert killed_after is not None, "the victim never ran a task while batches came in"
+        assert killed_after < len(cts), "the kill came after the last batch"
         sums = fetch_all(session, context, len(cts))
         assert_matches(sums, plaintext_sums(plain))  # a double count would be >= 1 off
         assert session.state is SessionState.RECEIVING
+        wait_for_scheduler_log(cluster, f"Remove worker addr: {victim_address}")
     finally:
-        cluster.add_worker(victim)
+        if cluster.workers[victim].poll() is not None:
+            cluster.add_worker(victim)
 
 
 @pytest.mark.integration
