@@ -51,6 +51,10 @@ log = logging.getLogger("pacegate.cloud.dask")
 # 0.4 MB context: big enough that the per-task overhead (~ms) is small beside the
 # arithmetic, and under Dask's 10 MB "large graph" warning for the usual band count.
 DEFAULT_BATCHES_PER_TASK = 8
+# ... and whatever the band count, a task's lanes stay under 9 MB: Dask warns ("Sending
+# large graph") at 10 MB (distributed.admin.large-graph-warning-threshold) and a big task
+# is a big loss when its worker dies.
+MAX_TASK_BYTES = 9_000_000
 # Tasks submitted but not yet folded: each holds its inputs on the scheduler and a worker,
 # so this bounds the cluster's memory per session (16 x ~9 MB), not the session's length.
 DEFAULT_MAX_TASKS_IN_FLIGHT = 16
@@ -218,11 +222,16 @@ class DaskAggregator:
         self._plan = plan
         self._degree = {spec.name: spec.degree for spec in plan}
         self._chunk: list[list[bytes]] = []
+        self._chunk_bytes = 0
         self._in_flight: deque[Future[Any]] = deque()
         self._acc: dict[str, ts.CKKSVector] = {}
 
     def add_batch(self, batch: Sequence[Lane]) -> None:
+        size = sum(len(lane.data) for lane in batch)
+        if self._chunk and self._chunk_bytes + size > MAX_TASK_BYTES:
+            self._submit()
         self._chunk.append([lane.data for lane in batch])
+        self._chunk_bytes += size
         if len(self._chunk) >= self._settings.batches_per_task:
             self._submit()
         while len(self._in_flight) > self._settings.max_tasks_in_flight:
@@ -245,6 +254,7 @@ class DaskAggregator:
             future.cancel()  # type: ignore[no-untyped-call]
         self._in_flight.clear()
         self._chunk.clear()
+        self._chunk_bytes = 0
         self._acc.clear()
 
     def _submit(self) -> None:
@@ -256,6 +266,7 @@ class DaskAggregator:
         )
         self._in_flight.append(future)
         self._chunk = []
+        self._chunk_bytes = 0
         self.stats.tasks_submitted += 1
 
     def _fold_oldest(self) -> None:

@@ -360,3 +360,30 @@ async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
     assert report.encrypted["count"] == pytest.approx(1500, abs=1e-3)
     assert stats.batches == 5 and not stats.refused
     assert backend.stats.tasks_folded - before == 3  # 5 batches, 2 per task: the cluster summed
+
+
+@pytest.mark.integration
+def test_tasks_stay_under_dasks_large_graph_size_whatever_the_band_count(
+    context: ts.Context, public_bytes: bytes, backend: DaskBackend
+) -> None:
+    bands = wire.MAX_BANDS  # 19 lanes: ~5 MB a batch, so one batch per task
+    rng = np.random.default_rng(9)
+    plain = [[rng.integers(0, 2, ckks.SLOTS).astype(float) for _ in range(wire.lanes(bands))]]
+    plain = plain * 3
+    before = backend.stats.tasks_submitted
+    session = CloudSession(aggregator=backend)
+    assert isinstance(
+        wire.decode(session.handle(wire.encode(wire.Open(bands, public_bytes)))), wire.Ready
+    )
+    for b, batch in enumerate(plain):
+        for lane, values in enumerate(batch):
+            data = ckks.encrypt_vector(context, values)
+            reply = wire.decode(session.handle(wire.encode(wire.Ciphertext(b, lane, data))))
+            assert reply == wire.Ack(b, lane)
+    reply = wire.decode(session.handle(wire.encode(wire.Fetch(3, "band15_n"))))
+    assert isinstance(reply, wire.Result), reply
+    got = ckks.decrypt_vector(context, reply.data)
+    assert float(np.max(np.abs(got - 3 * plain[0][wire.LANE_FIRST_BAND + 15]))) < 0.05
+    # 3 tasks of one batch each, not one of 3 (~15 MB, over Dask's 10 MB warning, which
+    # pytest turns into an error here)
+    assert backend.stats.tasks_submitted - before == 3
