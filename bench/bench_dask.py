@@ -1,7 +1,7 @@
 """CKKS aggregation throughput: the front worker's in-process aggregator against a Dask
 cluster of 1 and 2 workers, in one run, real parts only.
 
-    .venv/bin/python bench/bench_dask.py [--batches 32] [--bands 1] [--per-task 4] [--json]
+    .venv/bin/python bench/bench_dask.py [--batches 64] [--bands 1] [--per-task 8] [--json]
 
 The same pre-encrypted session (``--batches`` batches of ``lanes(bands)`` ciphertexts, each
 batch 4,096 readings, one per slot) is driven through :class:`cloud.worker.CloudSession`
@@ -36,7 +36,7 @@ import numpy as np
 import tenseal as ts
 
 from cloud.aggregator import AggregatorFactory, InProcessAggregator
-from cloud.dask_aggregator import DaskBackend, DaskSettings
+from cloud.dask_aggregator import DEFAULT_BATCHES_PER_TASK, DaskBackend, DaskSettings
 from cloud.worker import CloudSession
 from console.dask_cluster import start_cluster, worker_name
 from pacegate import analytics_wire as wire
@@ -117,9 +117,11 @@ def task_compute(public: bytes, bands: int, cts: list[list[bytes]], per_task: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--bands", type=int, default=1)
-    parser.add_argument("--per-task", type=int, default=4, help="batches per Dask task")
+    parser.add_argument(
+        "--per-task", type=int, default=DEFAULT_BATCHES_PER_TASK, help="batches per Dask task"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

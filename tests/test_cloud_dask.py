@@ -132,6 +132,20 @@ def test_dask_task_partials_add_up_to_the_in_process_fold(
         assert float(np.max(np.abs(a - b))) < 0.05
 
 
+def test_fold_keeps_two_sums_of_one_lane_apart(context: ts.Context, public_bytes: bytes) -> None:
+    # the first batch's lanes become the sums themselves (no copy): two sums of the same
+    # lane must still not share one vector, or each add_ would count twice
+    pub = ckks.load_public_context(public_bytes)
+    plan = (wire.Accumulator("a", 0), wire.Accumulator("b", 0), wire.Accumulator("sq", 0, 0))
+    acc: dict[str, ts.CKKSVector] = {}
+    for values in ([1.0, 2.0], [10.0, 20.0], [100.0, 200.0]):
+        fold_batch(acc, plan, [ckks.load_ciphertext(pub, ckks.encrypt_vector(context, values))])
+    for name, want in (("a", [111.0, 222.0]), ("b", [111.0, 222.0]), ("sq", [10101.0, 40404.0])):
+        degree = 2 if name == "sq" else 1
+        got = ckks.decrypt_vector(context, acc[name].serialize(), degree=degree)[:2]
+        assert np.allclose(got, want, atol=0.05), (name, got)
+
+
 def test_dask_task_refuses_a_context_with_a_secret_key(context: ts.Context) -> None:
     secret = context.serialize(save_secret_key=True)
     cts = encrypt(context, make_batches(1, seed=4))
