@@ -44,6 +44,7 @@ from distributed.security import Security
 from cloud.aggregator import Lane, add_partials, fold_batch
 from pacegate import ckks
 from pacegate.analytics_wire import Accumulator, AnalyticsProtocolError
+from pacegate.errors import ConfigError
 
 log = logging.getLogger("pacegate.cloud.dask")
 
@@ -94,11 +95,18 @@ def cluster_security(ca_file: Path, cert: Path, key: Path, *, role: str = "clien
     encryption required. ``role``: client, scheduler or worker."""
     if role not in ("client", "scheduler", "worker"):
         raise ValueError(f"role must be client, scheduler or worker, not {role!r}")
-    for what, path in (("CA", ca_file), ("certificate", cert), ("key", key)):
+    for name, what, path in (
+        ("ca_file", "CA", ca_file),
+        ("cert", "certificate", cert),
+        ("key", "key", key),
+    ):
         if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"{path}: the cluster {what} file is missing; issue the cluster identities "
-                "with console.dask_cluster (pacegate.pki.issue_cluster_identities)"
+            raise ConfigError(
+                path,
+                f"aggregator.{name}",
+                f"the cluster {what} file is missing",
+                fix="issue the cluster identities with console.dask_cluster "
+                "(pacegate.pki.issue_cluster_identities) and name them here",
             )
     return Security(  # type: ignore[no-untyped-call]
         require_encryption=True,
@@ -177,12 +185,23 @@ class DaskBackend:
     def __init__(self, settings: DaskSettings) -> None:
         self.settings = settings
         self.stats = DaskStats()
-        self.client = Client(  # type: ignore[no-untyped-call]
-            settings.scheduler,
-            security=cluster_security(settings.ca_file, settings.cert, settings.key),
-            timeout=settings.connect_timeout_s,
-            set_as_default=False,
-        )
+        security = cluster_security(settings.ca_file, settings.cert, settings.key)
+        try:
+            self.client = Client(  # type: ignore[no-untyped-call]
+                settings.scheduler,
+                security=security,
+                timeout=settings.connect_timeout_s,
+                set_as_default=False,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                None,
+                "aggregator.scheduler",
+                f"cannot reach the Dask scheduler at {settings.scheduler} within "
+                f"{settings.connect_timeout_s:.0f} s ({type(exc).__name__}: {exc})",
+                fix="start the cluster (python -m console.dask_cluster --dir D) and name "
+                "its tls:// address, the cluster CA and a certificate that CA issued",
+            ) from None
         log.info("connected to the Dask scheduler", extra={"fields": {"at": settings.scheduler}})
 
     def __call__(

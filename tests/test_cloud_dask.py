@@ -29,6 +29,7 @@ from cloud.worker import CloudSession, SessionState, WorkerStats
 from console.dask_cluster import DaskCluster, start_cluster, worker_name
 from pacegate import analytics_wire as wire
 from pacegate import ckks
+from pacegate.errors import ConfigError
 from pacegate.layout import PkiLayout
 
 BANDS = 1
@@ -401,3 +402,64 @@ def test_tasks_stay_under_dasks_large_graph_size_whatever_the_band_count(
     # 3 tasks of one batch each, not one of 3 (~15 MB, over Dask's 10 MB warning, which
     # pytest turns into an error here)
     assert backend.stats.tasks_submitted - before == 3
+
+
+@pytest.mark.integration
+def test_unreachable_scheduler_is_an_error_naming_the_address_and_the_fix(
+    cluster: DaskCluster,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once it is closed
+    address = f"tls://127.0.0.1:{port}"
+    settings = DaskSettings(
+        scheduler=address,
+        ca_file=cluster.ca_file,
+        cert=cluster.client_cert,
+        key=cluster.client_key,
+        connect_timeout_s=3,
+    )
+    with pytest.raises(ConfigError, match=r"aggregator\.scheduler") as err:
+        DaskBackend(settings)
+    assert address in str(err.value) and "console.dask_cluster" in str(err.value)
+
+
+def test_missing_cluster_key_file_is_an_error_naming_the_file_and_the_key(
+    tmp_path: Path,
+) -> None:
+    from pacegate.pki import issue_cluster_identities
+
+    made = issue_cluster_identities(tmp_path, ["cloud-front"])
+    cert, key = made["cloud-front"]
+    key.unlink()
+    with pytest.raises(ConfigError, match=r"aggregator\.key") as err:
+        cluster_security(tmp_path / "ca.crt", cert, key)
+    assert str(key) in str(err.value)
+
+
+def test_cluster_identities_come_from_a_ca_of_their_own_with_server_and_client_usage(
+    tmp_path: Path, pki: PkiLayout
+) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from pacegate.pki import issue_cluster_identities
+
+    made = issue_cluster_identities(tmp_path / "cluster", ["dask-scheduler", "dask-worker-1"])
+    cluster_ca = x509.load_pem_x509_certificate((tmp_path / "cluster" / "ca.crt").read_bytes())
+    device_ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    assert cluster_ca.subject != device_ca.subject
+    assert cluster_ca.public_key() != device_ca.public_key()
+    for cert_path, key_path in made.values():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(cluster_ca)
+        with pytest.raises(ValueError):
+            cert.verify_directly_issued_by(device_ca)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        assert key_path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "cluster" / "ca.key").stat().st_mode & 0o777 == 0o600
+    # a second call reuses the CA: an added worker joins the same cluster
+    again = issue_cluster_identities(tmp_path / "cluster", ["dask-worker-2"])
+    cert = x509.load_pem_x509_certificate(again["dask-worker-2"][0].read_bytes())
+    cert.verify_directly_issued_by(cluster_ca)
