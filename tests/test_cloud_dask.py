@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -339,10 +341,11 @@ def test_device_certificate_from_the_device_ca_cannot_join_the_cluster(
     wait_for_scheduler_log(cluster, "certificate verify failed")
 
 
-@pytest.mark.integration
-async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
-    tmp_path: Path, backend: DaskBackend
-) -> None:
+async def analyse_over_the_channel(
+    tmp_path: Path, backend: DaskBackend, readings: int
+) -> tuple[Any, WorkerStats]:
+    """The hospital's real analysis (store, Fernet, CKKS, PQ channel) against a front
+    worker that folds on the Dask cluster; readings in batches of 300."""
     from cloud.config import load_cloud_config
     from cloud.worker import start_worker
     from console.workdir import hospital_config_text
@@ -358,23 +361,77 @@ async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
     work.hospital_config.write_text(
         hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
     )
-    before = backend.stats.tasks_folded
     try:
-        fill_store(work, 1500)
+        fill_store(work, readings)
         report = await run_analysis_async(
             work.hospital_config,
             since=T0,
-            until=T0 + timedelta(minutes=1500),
+            until=T0 + timedelta(minutes=readings),
             settings=AnalysisSettings(bands=(0, 50), batch_size=300),
         )
     finally:
         server.close()
         await server.wait_closed()
+    return report, stats
+
+
+@pytest.mark.integration
+async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
+    tmp_path: Path, backend: DaskBackend
+) -> None:
+    before = backend.stats.tasks_folded
+    report, stats = await analyse_over_the_channel(tmp_path, backend, 1500)
     assert report.failures() == []  # the decrypted aggregates match the plaintext ones
     assert report.plain.n == 1500
     assert report.encrypted["count"] == pytest.approx(1500, abs=1e-3)
     assert stats.batches == 5 and not stats.refused
     assert backend.stats.tasks_folded - before == 3  # 5 batches, 2 per task: the cluster summed
+
+
+@pytest.mark.integration
+async def test_hospital_analysis_with_a_dask_worker_killed_mid_analysis_matches_plaintext(
+    tmp_path: Path, cluster: DaskCluster, backend: DaskBackend
+) -> None:
+    victim = worker_name(2)
+    address = next(
+        addr
+        for addr, info in backend.client.scheduler_info()["workers"].items()
+        if info["name"] == victim
+    )
+    killed = threading.Event()
+    done = threading.Event()
+    folded_before = backend.stats.tasks_folded
+    folded_at_kill: list[int] = []
+
+    def kill_when_it_has_work() -> None:
+        # a task running on it, or a result it holds that the front worker has not yet
+        # collected: either is lost with it
+        while not done.is_set():
+            busy = backend.client.processing().get(address)  # type: ignore[no-untyped-call]
+            held = backend.client.has_what().get(address)  # type: ignore[no-untyped-call]
+            if busy or held:
+                folded_at_kill.append(backend.stats.tasks_folded - folded_before)
+                cluster.kill_worker(victim)
+                killed.set()
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_when_it_has_work, daemon=True)
+    killer.start()
+    try:
+        report, stats = await analyse_over_the_channel(tmp_path, backend, 6000)
+    finally:
+        done.set()
+        killer.join(timeout=30)
+        if cluster.workers[victim].poll() is not None:
+            cluster.add_worker(victim)
+    assert killed.is_set(), "the victim never had work while the analysis ran"
+    # 20 batches, 2 per task: the kill came before the front worker had folded them all
+    assert folded_at_kill[0] < 10 == backend.stats.tasks_folded - folded_before
+    assert report.failures() == []  # every statistic matches the plaintext one
+    assert report.plain.n == 6000
+    assert report.encrypted["count"] == pytest.approx(6000, abs=1e-3)
+    assert stats.batches == 20 and not stats.refused
 
 
 @pytest.mark.integration
