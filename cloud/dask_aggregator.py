@@ -49,8 +49,8 @@ from pacegate.errors import ConfigError
 log = logging.getLogger("pacegate.cloud.dask")
 
 # A task of 8 batches of 4 lanes carries ~8.4 MB of ciphertexts (0.26 MB each) plus the
-# 0.4 MB context: big enough that the per-task overhead (~ms) is small beside the
-# arithmetic, and under Dask's 10 MB "large graph" warning for the usual band count.
+# 0.4 MB context: enough to spread a task's fixed round trip (~25 ms measured on the
+# 2-core VM, docs/scaling.md) over 32,768 readings, and under Dask's 10 MB warning.
 DEFAULT_BATCHES_PER_TASK = 8
 # ... and whatever the band count, a task's lanes stay under 9 MB: Dask warns ("Sending
 # large graph") at 10 MB (distributed.admin.large-graph-warning-threshold) and a big task
