@@ -5,7 +5,9 @@ hospital session (one channel connection). It holds the *public* context only, r
 context that carries a secret key, and executes :func:`pacegate.analytics_wire.accumulator_plan`:
 slot-wise sums of lanes and of lane products (one multiplication, no relinearization, no
 rescaling, so neither relin nor Galois keys are needed). The hospital finishes the slot
-sums after decryption.
+sums after decryption. Where the arithmetic runs is the session's aggregator
+(:mod:`cloud.aggregator`): in this process by default, or on a Dask cluster
+(:mod:`cloud.dask_aggregator`). Either way every ciphertext is checked here first.
 
 :func:`main` (``pacegate cloud -c cloud.yaml``) serves it over the post-quantum channel:
 only the pinned hospital identity may connect. A refusal is answered with an ERROR
@@ -25,6 +27,7 @@ from typing import Any
 
 import tenseal as ts
 
+from cloud.aggregator import Aggregator, AggregatorFactory, InProcessAggregator, Lane
 from pacegate import analytics_wire as wire
 from pacegate import ckks
 from pacegate.analytics_wire import AnalyticsProtocolError
@@ -63,8 +66,10 @@ class CloudSession:
         max_batches: int = DEFAULT_MAX_BATCHES,
         stats: WorkerStats | None = None,
         peer: str | None = None,
+        aggregator: AggregatorFactory = InProcessAggregator,
     ) -> None:
         self.max_batches = max_batches
+        self._make_aggregator = aggregator
         self.stats = stats if stats is not None else WorkerStats()
         self.peer = peer
         self.state = SessionState.AWAIT_OPEN
@@ -73,8 +78,8 @@ class CloudSession:
         self.compute_seconds = 0.0
         self._plan: tuple[wire.Accumulator, ...] = ()
         self._lanes = 0
-        self._acc: dict[str, ts.CKKSVector] = {}
-        self._pending: list[ts.CKKSVector] = []
+        self._aggregator: Aggregator | None = None
+        self._pending: list[Lane] = []
         self._batches = 0  # complete batches folded into the accumulators
 
     @property
@@ -106,9 +111,14 @@ class CloudSession:
             self.error = exc
         self.state = SessionState.FAILED
         # Drop everything the session held: a refused session keeps no ciphertexts.
-        self._acc.clear()
-        self._pending.clear()
+        self.close()
         return wire.encode(wire.Error(exc.reason, str(exc)))
+
+    def close(self) -> None:
+        """Drop the ciphertexts and the aggregator's work (the session is over)."""
+        self._pending.clear()
+        if self._aggregator is not None:
+            self._aggregator.close()
 
     def _dispatch(self, msg: wire.Message) -> wire.Message:
         if isinstance(msg, wire.Open):
@@ -136,6 +146,9 @@ class CloudSession:
         self.context = ctx
         self._plan = wire.accumulator_plan(msg.bands)
         self._lanes = wire.lanes(msg.bands)
+        self._aggregator = self._make_aggregator(
+            context=ctx, context_bytes=msg.context, plan=self._plan
+        )
         self.state = SessionState.RECEIVING
         self.stats.sessions += 1
         return wire.Ready(slots=ckks.SLOTS, max_batches=self.max_batches)
@@ -152,29 +165,18 @@ class CloudSession:
             raise AnalyticsProtocolError(
                 f"session exceeds {self.max_batches} batches", reason="too_many_batches"
             )
-        if self.context is None:
+        if self.context is None or self._aggregator is None:
             raise InvariantError("self.context unset here")
         started = time.perf_counter()
         vec = ckks.load_ciphertext(self.context, msg.data)
-        self._pending.append(vec)
+        self._pending.append(Lane(msg.data, vec))
         if len(self._pending) == self._lanes:
-            self._fold(self._pending)
+            self._aggregator.add_batch(self._pending)
             self._pending = []
             self._batches += 1
             self.stats.batches += 1
         self.compute_seconds += time.perf_counter() - started
         return wire.Ack(msg.batch, msg.lane)
-
-    def _fold(self, batch: list[ts.CKKSVector]) -> None:
-        for acc in self._plan:
-            term = batch[acc.lane]
-            if acc.other is not None:
-                term = term * batch[acc.other]  # size 3, scale 2**80: no relin, no rescale
-            current = self._acc.get(acc.name)
-            if current is None:
-                self._acc[acc.name] = term.copy() if acc.other is None else term
-            else:
-                current.add_(term)
 
     def _fetch(self, msg: wire.Fetch) -> wire.Message:
         if self._pending:
@@ -190,16 +192,20 @@ class CloudSession:
             )
         if self._batches == 0:
             raise AnalyticsProtocolError("FETCH before any batch", reason="no_data")
-        acc = self._acc.get(msg.name)
-        if acc is None:
+        if self._aggregator is None:
+            raise InvariantError("self._aggregator unset here")
+        if msg.name not in {acc.name for acc in self._plan}:
             raise AnalyticsProtocolError(
                 f"no accumulator named {msg.name!r}", reason="unknown_accumulator"
             )
+        started = time.perf_counter()
+        data = self._aggregator.result(msg.name)
+        self.compute_seconds += time.perf_counter() - started
         self.stats.results += 1
         return wire.Result(
             batches=self._batches,
             name=msg.name,
-            data=acc.serialize(),
+            data=data,
             compute_seconds=self.compute_seconds,
         )
 
@@ -216,15 +222,23 @@ async def serve_session(stream: Any, session: CloudSession) -> None:
             request = await stream.recv()
         except ChannelClosed:
             return
-        reply = session.handle(request)
+        # In a thread: CKKS arithmetic, and a Dask aggregator waiting on its cluster, must
+        # not stop the event loop that serves the other sessions and the channel itself.
+        reply = await asyncio.to_thread(session.handle, request)
         await stream.send(reply)
         if session.state is SessionState.FAILED:
             return  # the ERROR reply is sent; serve() closes the stream
 
 
-async def start_worker(config: Any, *, stats: WorkerStats | None = None) -> asyncio.Server:
+async def start_worker(
+    config: Any,
+    *,
+    stats: WorkerStats | None = None,
+    aggregator: AggregatorFactory = InProcessAggregator,
+) -> asyncio.Server:
     """Listen on ``config.host:config.port`` (port 0: the OS picks) for pinned hospitals.
-    ``config`` is a :class:`cloud.config.CloudConfig`."""
+    ``config`` is a :class:`cloud.config.CloudConfig`; ``aggregator`` makes each session's
+    aggregator (in this process unless given, e.g. a ``cloud.dask_aggregator.DaskBackend``)."""
     from pacegate import channel
 
     identity = channel.load_identity(config.identity_key, config.identity_name)
@@ -233,11 +247,14 @@ async def start_worker(config: Any, *, stats: WorkerStats | None = None) -> asyn
 
     async def on_session(stream: Any) -> None:
         peer = getattr(stream, "peer_name", None)
-        session = CloudSession(max_batches=config.max_batches, stats=counters, peer=peer)
+        session = CloudSession(
+            max_batches=config.max_batches, stats=counters, peer=peer, aggregator=aggregator
+        )
         log.info("analysis session opened", extra={"fields": {"peer": peer}})
         try:
             await serve_session(stream, session)
         finally:
+            session.close()
             session.context = None  # drop the public context with the session
             log.info(
                 "analysis session closed",

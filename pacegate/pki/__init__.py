@@ -23,6 +23,7 @@ from pacegate.pki.lifecycle import (
     enroll_device,
     enroll_devices,
     init_pki,
+    issue_cluster_identities,
     rekey_device,
     revoke_device,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "enroll_device",
     "enroll_devices",
     "init_pki",
+    "issue_cluster_identities",
     "next_device_ids",
     "rekey_device",
     "revoke_device",

@@ -66,10 +66,10 @@ class Ca:
     cert: x509.Certificate
 
 
-def make_ca() -> Ca:
+def make_ca(cn: str = "pacegate device CA") -> Ca:
     key = new_key()
     now = utc_now()
-    name = subject_name("pacegate device CA")
+    name = subject_name(cn)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -126,12 +126,13 @@ def issue_certificate(
     key: ec.EllipticCurvePrivateKey,
     cn: str,
     *,
-    eku: x509.ObjectIdentifier,
+    eku: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
     sans: Sequence[x509.GeneralName],
     not_before: datetime,
     not_after: datetime,
     serial: int | None = None,
 ) -> x509.Certificate:
+    usages = [eku] if isinstance(eku, x509.ObjectIdentifier) else list(eku)
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
@@ -156,7 +157,7 @@ def issue_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -118,6 +118,49 @@ def add_channel_identity(root: Path, name: str) -> tuple[Path, Path]:
     return layout.channel_key(name), layout.channel_pub(name)
 
 
+def issue_cluster_identities(
+    directory: Path, names: Sequence[str], *, hosts: Sequence[str] = DEFAULT_BROKER_HOSTS
+) -> dict[str, tuple[Path, Path]]:
+    """A compute cluster's own CA (``directory/ca.{crt,key}``, made if missing) and one
+    identity per name (``directory/<name>.{crt,key}``, keys 0600), each ``serverAuth`` and
+    ``clientAuth``: a Dask scheduler and its workers both listen and connect.
+
+    Not the device CA: Dask admits any certificate its CA signed and checks no name
+    (distributed/security.py, ``check_hostname = False``: "We expect a dedicated CA for
+    the cluster"), and a cluster member can run code on the others, so a device
+    certificate must not be one. Returns ``{name: (cert, key)}``."""
+    directory = Path(directory)
+    directory.mkdir(mode=SECRET_DIR_MODE, parents=True, exist_ok=True)
+    ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
+    if ca_cert.exists() and ca_key.exists():
+        ca = load_ca(PkiLayout(directory))
+    else:
+        ca = make_ca("pacegate cluster CA")
+        write_secret(ca_key, key_pem(ca.key))
+        write_public(ca_cert, cert_pem(ca.cert))
+    now = utc_now()
+    out: dict[str, tuple[Path, Path]] = {}
+    for name in names:
+        try:
+            validate_identity_name(name, "cluster identity name")
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        key = new_key()
+        cert = issue_certificate(
+            ca,
+            key,
+            name,
+            eku=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+            sans=[*host_sans(hosts), x509.UniformResourceIdentifier(SERVICE_SAN_PREFIX + name)],
+            not_before=now - CLOCK_SKEW,
+            not_after=now + SERVICE_VALIDITY,
+        )
+        out[name] = (directory / f"{name}.crt", directory / f"{name}.key")
+        write_secret(out[name][1], key_pem(key))
+        write_public(out[name][0], cert_pem(cert))
+    return out
+
+
 def init_pki(
     root: Path, *, force: bool = False, broker_hosts: Sequence[str] | None = None
 ) -> PkiLayout:
