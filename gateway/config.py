@@ -479,8 +479,11 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
         limits = _limits(lim, out)
     if None in (topic, device_level, dest, qos, limits) or not fmt:
         return None
-    assert topic is not None and device_level is not None and dest is not None
-    assert qos is not None and limits is not None
+    assert topic is not None
+    assert device_level is not None
+    assert dest is not None
+    assert qos is not None
+    assert limits is not None
     return Route(
         name=name,
         topic=topic,
@@ -694,7 +697,11 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
     if out.errors:
         out.errors.sort(key=lambda e: e.line or 0)
         raise GatewayConfigError(out.errors)
-    assert mqtt and psk and hospital and spool and metrics
+    assert mqtt
+    assert psk
+    assert hospital
+    assert spool
+    assert metrics
     return GatewayConfig(
         path=root.path,
         mqtt=mqtt,

@@ -508,7 +508,8 @@ class RawMqtt:
         """Send CONNECT; return the CONNACK (AssertionError if none came)."""
         self.send(connect_packet(client_id, clean_session=clean_session))
         connack = self.recv_packet()
-        assert connack is not None and connack[0] == 0x20, f"no CONNACK: {connack!r}"
+        assert connack is not None, f"no CONNACK: {connack!r}"
+        assert connack[0] == 0x20, f"no CONNACK: {connack!r}"
         return connack
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:

@@ -123,7 +123,8 @@ def test_embedded_plugin_and_generated_mosquitto_acl_agree(
     assert allowed(identity, action, topic, mosquitto=True) == on_mosquitto
     plugin = device_may(identity, topic, AmqttAction(action.value), "gateway")
     if (identity, action, topic) in MOSQUITTO_ONLY:
-        assert on_mosquitto and not plugin
+        assert on_mosquitto
+        assert not plugin
     else:
         assert plugin == on_mosquitto
 
@@ -204,13 +205,15 @@ def test_gateway_cannot_publish_even_on_the_topic_named_after_it(broker: BrokerH
     # pacemakers/%u/telemetry; the gateway (which reads pacemakers/#) would then have
     # received its own forgery as if a device named 'gateway' had sent it.
     outcome, gw = connect_as(broker, "gateway")
-    assert outcome.connected and gw is not None
+    assert outcome.connected
+    assert gw is not None
     dev = None
     try:
         assert gw.subscribe("pacemakers/#") == [1]
         gw.publish(telemetry_topic("pm-0001").replace("pm-0001", "gateway"), b"forged")
         out, dev = connect_as(broker, "pm-0001")
-        assert out.connected and dev is not None
+        assert out.connected
+        assert dev is not None
         dev.publish(telemetry_topic("pm-0001"), b"own")  # the marker, after the forgery
         assert wait_until(lambda: (telemetry_topic("pm-0001"), b"own") in gw.messages)
         time.sleep(0.2)  # room for a wrongly delivered copy

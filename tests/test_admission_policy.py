@@ -32,7 +32,8 @@ def test_a_full_source_loses_its_own_oldest_pending_connection_not_anothers() ->
     third = _admit(policy, "10.0.0.1", "a3")
     assert [e.ticket.item for e in third.evicted] == ["a1"]
     assert third.evicted[0].limit.reason == "per_source"
-    assert first.evicted and first.released
+    assert first.evicted
+    assert first.released
     assert policy.pending_by_source() == {"10.0.0.9": 1, "10.0.0.1": 2}
 
 
@@ -44,7 +45,8 @@ def test_a_full_listener_evicts_the_oldest_pending_of_anyone_and_spares_settled_
     _admit(policy, "10.0.0.3", "young")
     newcomer = _admit(policy, "10.0.0.4", "new")
     assert [e.ticket.item for e in newcomer.evicted] == ["old"]
-    assert len(policy) == 3 and policy.pending == 2
+    assert len(policy) == 3
+    assert policy.pending == 2
     assert not settled.released
 
 
@@ -53,7 +55,8 @@ def test_a_listener_full_of_settled_connections_refuses_the_newcomer() -> None:
     for item in ("s1", "s2"):
         policy.settle(_admit(policy, "10.0.0.1", item).ticket)
     decision = policy.admit("10.0.0.2", "new")
-    assert isinstance(decision, Refused) and decision.limit.reason == "max_connections"
+    assert isinstance(decision, Refused)
+    assert decision.limit.reason == "max_connections"
     assert len(policy) == 2
 
 
@@ -63,10 +66,12 @@ def test_refusing_limits_refuse_the_newcomer_and_keep_the_waiting_ones() -> None
     )
     _admit(policy, "10.0.0.1", "a")
     by_source = policy.admit("10.0.0.1", "a2")
-    assert isinstance(by_source, Refused) and by_source.limit.reason == "source_limit"
+    assert isinstance(by_source, Refused)
+    assert by_source.limit.reason == "source_limit"
     _admit(policy, "10.0.0.2", "b")
     overall = policy.admit("10.0.0.3", "c")
-    assert isinstance(overall, Refused) and overall.limit.reason == "limit"
+    assert isinstance(overall, Refused)
+    assert overall.limit.reason == "limit"
     assert policy.pending_by_source() == {"10.0.0.1": 1, "10.0.0.2": 1}
 
 
@@ -89,7 +94,9 @@ def test_release_is_idempotent_and_an_evicted_ticket_is_already_released() -> No
     policy.release(new)
     policy.release(new)
     policy.settle(new)
-    assert len(policy) == 0 and policy.pending == 0 and policy.pending_by_source() == {}
+    assert len(policy) == 0
+    assert policy.pending == 0
+    assert policy.pending_by_source() == {}
 
 
 def test_a_settled_connection_no_longer_counts_against_its_source() -> None:
@@ -97,7 +104,8 @@ def test_a_settled_connection_no_longer_counts_against_its_source() -> None:
     ticket: Ticket[str] = _admit(policy, "10.0.0.1", "session").ticket
     policy.settle(ticket)
     assert not _admit(policy, "10.0.0.1", "next").evicted
-    assert len(policy) == 2 and policy.pending_from("10.0.0.1") == 1
+    assert len(policy) == 2
+    assert policy.pending_from("10.0.0.1") == 1
 
 
 def test_a_limit_below_one_is_refused_with_its_name() -> None:
@@ -141,11 +149,13 @@ def test_channel_pools_evict_unverified_refuse_verified_and_mirror_the_stats() -
     assert pools.add("10.0.0.1", conns[0]) == []
     assert pools.add("10.0.0.1", conns[1]) == []
     assert pools.add("10.0.0.2", conns[2]) == [conns[0]]  # the oldest unverified, closed
-    assert writers[0].closed and conns[0].evicted
+    assert writers[0].closed
+    assert conns[0].evicted
     # a hello verified on the connection just evicted spends no KEM
     assert pools.verify(conns[0]) == "handshake_evicted"
     assert pools.verify(conns[1]) is None
-    assert stats.unverified_connections == 1 and stats.pending_handshakes == 2
+    assert stats.unverified_connections == 1
+    assert stats.pending_handshakes == 2
     assert pools.add("10.0.0.1", conns[3]) == []  # verified ones are not in the evicting pool
     assert pools.verify(conns[3]) == "handshake_source_limit"  # one per source past the hello
     assert stats.pending_by_source == {"10.0.0.1": 2, "10.0.0.2": 1}

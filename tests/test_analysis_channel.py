@@ -97,7 +97,9 @@ async def test_analysis_over_the_pq_channel_matches_plaintext(
     assert report.plain.n == 1200  # [since, until) selects 1200 of the 1500 rows
     assert report.encrypted["count"] == pytest.approx(1200, abs=1e-3)
     assert report.batches == 2
-    assert stats.sessions == 1 and stats.batches == 2 and not stats.refused
+    assert stats.sessions == 1
+    assert stats.batches == 2
+    assert not stats.refused
 
 
 async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_serving(
@@ -115,11 +117,13 @@ async def test_secret_context_over_the_channel_is_refused_and_worker_keeps_servi
         reply = wire.decode(await stream.recv())
     finally:
         await stream.close()
-    assert isinstance(reply, wire.Error) and reply.code == "secret_key_in_context"
+    assert isinstance(reply, wire.Error)
+    assert reply.code == "secret_key_in_context"
     assert stats.refused["secret_key_in_context"] == 1
     fill_store(work, 300)
     report = await run_analysis_async(work.hospital_config, settings=AnalysisSettings(bands=(0,)))
-    assert report.ok and report.plain.n == 300
+    assert report.ok
+    assert report.plain.n == 300
 
 
 async def test_unpinned_client_cannot_open_an_analysis_session(

@@ -80,7 +80,8 @@ async def test_every_encrypted_statistic_is_within_tolerance_of_plaintext(
         assert report.encrypted[name] == pytest.approx(plain, rel=1e-3, abs=1e-6), name
     assert report.plaintext["age_heart_rate_slope"] > 0.1  # the generated trend is found
     out = report.to_json()
-    assert out["ok"] is True and out["count"] == 6000
+    assert out["ok"] is True
+    assert out["count"] == 6000
     assert set(out["heart_rate_mean"]) >= {"encrypted", "plaintext", "abs_error"}
     assert report.bytes_sent > 2 * 6 * 200_000  # 2 batches x 6 lanes, ~260 KB each
 

@@ -70,8 +70,10 @@ async def test_parallel_decryption_gives_the_batches_and_statistics_of_a_sequent
             )
         )
     sequential, parallel = reports
-    assert sequential.timings.row_workers == 0 and parallel.timings.row_workers == 2
-    assert parallel.failures() == [] and sequential.failures() == []
+    assert sequential.timings.row_workers == 0
+    assert parallel.timings.row_workers == 2
+    assert parallel.failures() == []
+    assert sequential.failures() == []
     assert parallel.plain == sequential.plain  # exact sums: the same readings, once each
     assert parallel.plain.n + parallel.excluded_implausible == 2300
     assert parallel.excluded_implausible == sequential.excluded_implausible > 0
@@ -124,7 +126,8 @@ def test_value_scan_yields_the_ages_and_heart_rates_of_iter_readings(tmp_path: P
                 for ages, rates in store.iter_reading_values(batch_size=100, **kwargs)  # type: ignore[arg-type]
                 for pair in zip(ages, rates, strict=True)
             ]
-            assert got == want and got
+            assert got == want
+            assert got
 
 
 def test_value_scan_names_a_row_that_does_not_decrypt(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def test_default_config_loads_with_paths_relative_to_its_file(
     cfg = load_broker_config(_write(tmp_path, pki))
     assert cfg.tls.crl.resolve() == pki.crl.resolve()
     assert "pki/" in (tmp_path / "broker.yaml").read_text()  # relative, not absolute
-    assert cfg.port == 18883 and cfg.max_payload == 4096
+    assert cfg.port == 18883
+    assert cfg.max_payload == 4096
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,8 @@ def test_broker_command_reports_a_malformed_config_and_exits_2(
         check=False,
     )
     assert proc.returncode == 2
-    assert f"{path}:" in proc.stderr and "limits.handshake_timeout" in proc.stderr
+    assert f"{path}:" in proc.stderr
+    assert "limits.handshake_timeout" in proc.stderr
 
 
 def test_shipped_broker_yaml_is_the_rendered_template() -> None:
@@ -89,7 +91,8 @@ def test_shipped_broker_yaml_is_the_rendered_template() -> None:
 
 def test_shipped_broker_yaml_points_at_certs_and_has_no_plaintext_listener() -> None:
     text = (REPO / "broker.yaml").read_text()
-    assert "ca: certs/ca.crt" in text and "crl: certs/crl.pem" in text
+    assert "ca: certs/ca.crt" in text
+    assert "crl: certs/crl.pem" in text
     assert "1883" not in text
 
 
@@ -121,4 +124,5 @@ def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Pa
         "require_certificate true",
         "retain_available false",
     ):
-        assert line in shipped and line in generated, line
+        assert line in shipped, line
+        assert line in generated, line

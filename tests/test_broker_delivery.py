@@ -337,7 +337,8 @@ def test_a_connect_refused_before_the_tls_handshake_leaves_no_socket_open(
                 warnings.simplefilter("always")
                 outcome, second = connect_as(broker, "pm-0002")
                 gc.collect()
-            assert second is None and not outcome.connected, outcome
+            assert second is None, outcome
+            assert not outcome.connected, outcome
             assert "max_connections" in broker.wait_for_log("max_connections")
             leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
             assert leaked == [], [str(w.message) for w in leaked]

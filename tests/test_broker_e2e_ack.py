@@ -139,7 +139,8 @@ def test_a_connection_over_its_bound_of_unacknowledged_publishes_is_closed_and_l
     n = MAX_AWAITING_GATEWAY_PER_CONNECTION + 20
     with subscriber(broker, ack=False) as sub:
         acked, closed = asyncio.run(_flood(broker, "pm-0001", n))
-        assert closed and acked == 0
+        assert closed
+        assert acked == 0
         broker.wait_for_log("too_many_unacknowledged", WAIT)
         time.sleep(QUIET_S)
         assert 0 < len(sub.received) <= MAX_AWAITING_GATEWAY_PER_CONNECTION  # the rest refused
@@ -192,7 +193,8 @@ def test_parked_publishes_are_handed_over_oldest_first_and_only_if_still_awaited
         out = acks.unpark(lambda topic: topic.startswith("pacemakers/"))
         assert out == [p1, p4]
         assert all(isinstance(p, TrackedPayload) for p in out)
-        assert bytes(out[0]) == b"1" and out[0].ticket is p1.ticket
+        assert bytes(out[0]) == b"1"
+        assert out[0].ticket is p1.ticket
         assert acks.parked == 1  # other/topic still parked
 
     asyncio.run(run())

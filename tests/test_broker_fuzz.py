@@ -89,11 +89,13 @@ def _rss(broker: BrokerHandle) -> int:
 
 def _control_publish_reaches_the_gateway(broker: BrokerHandle, marker: bytes) -> None:
     outcome, gw = connect_as(broker, "gateway")
-    assert outcome.connected and gw is not None, outcome
+    assert outcome.connected, outcome
+    assert gw is not None, outcome
     try:
         assert gw.subscribe("pacemakers/#") == [1]
         outcome, dev = connect_as(broker, "pm-0002")
-        assert outcome.connected and dev is not None, outcome
+        assert outcome.connected, outcome
+        assert dev is not None, outcome
         try:
             dev.publish(telemetry_topic("pm-0002"), marker)
             assert wait_until(lambda: (telemetry_topic("pm-0002"), marker) in gw.messages)
@@ -138,7 +140,8 @@ def test_broker_survives_fuzzed_packets_with_bounded_memory_and_no_traceback(
             rss.append(_rss(broker))
             log = broker.log_text()
             assert "Traceback" not in log, log[-4000:]
-            assert "Unhandled exception" not in log and "never retrieved" not in log
+            assert "Unhandled exception" not in log
+            assert "never retrieved" not in log
         print(f"fuzz: {sent} mutations, broker RSS per round (MB): {[r >> 20 for r in rss]}")
         assert sent >= MUTATIONS_PER_ROUND, f"only {sent} mutations within the time budget"
         assert max(rss) < RSS_CEILING, rss

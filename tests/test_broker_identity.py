@@ -47,7 +47,8 @@ def _security_events(broker: BrokerHandle) -> list[dict[str, object]]:
 
 def _gateway(broker: BrokerHandle) -> MqttClient:
     outcome, gw = connect_as(broker, "gateway")
-    assert outcome.connected and gw is not None, outcome
+    assert outcome.connected, outcome
+    assert gw is not None, outcome
     assert gw.subscribe("pacemakers/#") == [1]
     return gw
 
@@ -82,21 +83,24 @@ def test_takeover_resumes_a_persistent_session_and_a_clean_one_discards_it(
     """MQTT 3.1.1 §3.1.2.4: a persistent takeover keeps the subscription (session present,
     messages still delivered without a new SUBSCRIBE); a clean one starts afresh."""
     outcome, dev = connect_as(broker, "pm-0001")
-    assert outcome.connected and dev is not None
+    assert outcome.connected
+    assert dev is not None
     try:
         with RawMqtt(broker, "gateway") as first:
             _session_present(first.connect("gateway", clean_session=False))
             first.send(subscribe_packet("pacemakers/#"))
             suback = first.recv_packet()
-            assert suback is not None and suback[0] == 0x90 and suback[-1] == 1
+            assert suback is not None
+            assert suback[0] == 0x90
+            assert suback[-1] == 1
             with RawMqtt(broker, "gateway") as second:
                 assert _session_present(second.connect("gateway", clean_session=False))
                 assert first.closed_by_peer()
                 dev.publish(TOPIC, b"to-the-resumed-session")
                 got = second.recv_packet()
-                assert (
-                    got is not None and got[0] >> 4 == 3 and got.endswith(b"to-the-resumed-session")
-                )
+                assert got is not None
+                assert got[0] >> 4 == 3
+                assert got.endswith(b"to-the-resumed-session")
                 with RawMqtt(broker, "gateway") as third:
                     assert not _session_present(third.connect("gateway", clean_session=True))
                     assert second.closed_by_peer()
@@ -169,14 +173,16 @@ def test_device_retained_publish_is_refused_and_reaches_no_later_client(
         later_gw.connect("gateway")
         later_gw.send(subscribe_packet("pacemakers/#"))
         suback = later_gw.recv_packet()
-        assert suback is not None and suback[0] == 0x90
+        assert suback is not None
+        assert suback[0] == 0x90
         later_dev.connect("pm-0002")
         for client in (later_gw, later_dev):
             with pytest.raises(TimeoutError):  # nothing comes: the retained bytes were refused
                 client.recv_packet(timeout=1.5)
     if broker.kind == "embedded":
         refused = [e for e in _security_events(broker) if e.get("reason") == "retain_refused"]
-        assert len(refused) == 1 and refused[0]["peer"] == "pm-0001"
+        assert len(refused) == 1
+        assert refused[0]["peer"] == "pm-0001"
 
 
 # -- malformed packets -----------------------------------------------------------------
@@ -465,8 +471,10 @@ async def test_publish_of_a_certificate_revoked_after_connect_is_never_relayed(
         await asyncio.sleep(0.01)
     await handler.stop()
     if revoked:
-        assert relayed == [] and handler.refused == "certificate_revoked"
+        assert relayed == []
+        assert handler.refused == "certificate_revoked"
         assert b"\x40\x02\x00\x09" not in writer.data  # no PUBACK
     else:
         # relayed; its PUBACK waits for the gateway's (end-to-end acknowledgement)
-        assert relayed == [b"reading"] and handler.refused is None
+        assert relayed == [b"reading"]
+        assert handler.refused is None

@@ -43,7 +43,8 @@ def test_packets_pacegate_clients_send_pass_the_rules() -> None:
     assert _reason(subscribe_packet("pacemakers/#")) is None
     assert _reason(mqtt_packet(0x40, b"\x00\x07")) is None  # PUBACK
     assert _reason(mqtt_packet(0xA2, b"\x00\x02" + mqtt_string("pacemakers/#"))) is None
-    assert _reason(b"\xc0\x00") is None and _reason(b"\xe0\x00") is None
+    assert _reason(b"\xc0\x00") is None
+    assert _reason(b"\xe0\x00") is None
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,8 @@ def test_revocation_closes_the_live_session_without_restart(
     try:
         revoke_device(broker.pki.root, "pm-0003")
         assert dev.disconnected.wait(15.0), "the revoked device's session stayed open"
-        assert broker.proc.poll() is None and broker.proc.pid == pid
+        assert broker.proc.poll() is None
+        assert broker.proc.pid == pid
         events = _security_events(broker)
         assert any(e["event"] == "session_closed" and e["peer"] == "pm-0003" for e in events), (
             events
@@ -478,7 +479,8 @@ def test_device_cannot_take_over_the_gateways_persistent_session(
             for e in _security_events(broker)
             if e["event"] == "connect_refused" and e["reason"] == "client_id_mismatch"
         ]
-        assert len(refused) == 2 and all(e["peer"] == "pm-0001" for e in refused), refused
+        assert len(refused) == 2, refused
+        assert all(e["peer"] == "pm-0001" for e in refused), refused
     finally:
         gw.close()
 
@@ -544,7 +546,8 @@ def test_stalled_tls_handshakes_count_against_max_connections(
     text = render_default_config(pki_dir, host=LOOPBACK, port=port, config_dir=workdir)
     text = text.replace("max_connections: 10000", "max_connections: 3")
     text = text.replace("handshake_timeout: 10.0", "handshake_timeout: 120.0")
-    assert "max_connections: 3" in text and "handshake_timeout: 120.0" in text
+    assert "max_connections: 3" in text
+    assert "handshake_timeout: 120.0" in text
     with embedded_broker(pki_dir, workdir, port=port, config_text=text) as broker:
         idle = [socket.create_connection((broker.host, broker.port)) for _ in range(50)]
         try:
@@ -555,7 +558,8 @@ def test_stalled_tls_handshakes_count_against_max_connections(
             dev.close()
             events = _security_events(broker)
             evicted = [e for e in events if e["event"] == "connection_evicted"]
-            assert len(evicted) >= 48 and {e["reason"] for e in evicted} == {"max_connections"}
+            assert len(evicted) >= 48
+            assert {e["reason"] for e in evicted} == {"max_connections"}
             assert not any(e["event"] == "tls_handshake_refused" for e in events)
         finally:
             for s in idle:
@@ -591,7 +595,8 @@ def test_established_sessions_fill_max_connections_and_the_next_is_refused(
                 e["event"] == "connect_refused" and e["reason"] == "max_connections"
                 for e in _security_events(broker)
             )
-            assert not first.disconnected.is_set() and not second.disconnected.is_set()
+            assert not first.disconnected.is_set()
+            assert not second.disconnected.is_set()
         finally:
             first.close()
             second.close()
@@ -612,7 +617,8 @@ def test_one_source_holds_at_most_its_cap_of_pending_connections(
         dev = _connected(broker, "pm-0001")  # evicts this source's oldest idle socket
         dev.close()
         evicted = [e for e in _security_events(broker) if e["event"] == "connection_evicted"]
-        assert len(evicted) >= 11 and {e["reason"] for e in evicted} == {"pending_per_source"}
+        assert len(evicted) >= 11
+        assert {e["reason"] for e in evicted} == {"pending_per_source"}
     finally:
         for s in idle:
             s.close()
@@ -667,4 +673,5 @@ def test_generated_mosquitto_config_serves_as_root_and_as_the_pki_owner(
             gw.close()
         log = broker.log_text()
         # (the harness's port probe leaves an "OpenSSL Error" line: a TCP connect, no TLS)
-        assert "Error: " not in log and "should not be run as root" not in log, log
+        assert "Error: " not in log, log
+        assert "should not be run as root" not in log, log

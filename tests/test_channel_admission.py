@@ -227,7 +227,8 @@ async def test_flood_of_stalled_hellos_from_the_genuine_clients_address_does_not
                 "replayed_hello",
                 "handshake_timeout",  # the one stalled genuine hello, if its time came
             }
-            assert stats.refused["replayed_hello"] >= 1 and stats.refused["bad_signature"] >= 1
+            assert stats.refused["replayed_hello"] >= 1
+            assert stats.refused["bad_signature"] >= 1
         finally:
             for w in flood:
                 w.close()

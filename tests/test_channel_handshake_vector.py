@@ -135,8 +135,10 @@ def run_handshake() -> dict[str, bytes]:
     app_record = client.send(APP_MESSAGE)
     server.receive_data(app_record)
     assert server.next_event() == Message(APP_MESSAGE)
-    assert client.th_hello == server.th_hello and client.th_full == server.th_full
-    assert client.th_hello is not None and client.th_full is not None
+    assert client.th_hello == server.th_hello
+    assert client.th_full == server.th_full
+    assert client.th_hello is not None
+    assert client.th_full is not None
     return {
         "client_hello": client_hello,
         "server_hello": server_hello,
@@ -169,7 +171,8 @@ class Cursor:
 
 
 def unframe(raw: bytes, ftype: int) -> bytes:
-    assert raw[0] == ftype and struct.unpack(">I", raw[1:5])[0] == len(raw) - 5
+    assert raw[0] == ftype
+    assert struct.unpack(">I", raw[1:5])[0] == len(raw) - 5
     return raw[5:]
 
 
@@ -222,8 +225,10 @@ def derive_from_the_document(frames: dict[str, bytes]) -> dict[str, bytes]:
     s_x = X25519PrivateKey.from_private_bytes(INPUTS["server_x25519_private"])
     ek, dk = ML_KEM_768.key_derive(INPUTS["client_mlkem_seed"])
     ss_mlkem, ct = ML_KEM_768._encaps_internal(ek, INPUTS["server_mlkem_encaps_m"])
-    assert ch["versions"] == [0x0002] and ch["suites"] == [0x0001]
-    assert ch["random"] == INPUTS["client_random"] and ch["time_ms"] == TIME_MS
+    assert ch["versions"] == [0x0002]
+    assert ch["suites"] == [0x0001]
+    assert ch["random"] == INPUTS["client_random"]
+    assert ch["time_ms"] == TIME_MS
     assert (ch["client_name"], ch["server_name"]) == (b"gateway", b"hospital")
     assert ch["x25519"] == c_x.public_key().public_bytes_raw()
     assert ch["ek"] == ek
@@ -242,12 +247,14 @@ def derive_from_the_document(frames: dict[str, bytes]) -> dict[str, bytes]:
     s_hs_key, s_hs_iv = _expand(hs, "s hs key", th_hello, 32), _expand(hs, "s hs iv", th_hello, 12)
     client_auth = open_record(frames["client_auth_record"], c_hs_key, c_hs_iv, 0)
     c = Cursor(client_auth)
-    assert c.take(1) == b"\x10" and c.vec(1) == b"gateway"
+    assert c.take(1) == b"\x10"
+    assert c.vec(1) == b"gateway"
     signed_c = hashlib.sha256(ch_raw + sh_raw + b"\x10\x07gateway").digest()
     c_pub.verify(c.vec(2), signed_c, b"pacegate-channel v2 client auth")
     server_auth = open_record(frames["server_auth_record"], s_hs_key, s_hs_iv, 0)
     c = Cursor(server_auth)
-    assert c.take(1) == b"\x11" and c.vec(1) == b"hospital"
+    assert c.take(1) == b"\x11"
+    assert c.vec(1) == b"hospital"
     signed_s = hashlib.sha256(ch_raw + sh_raw + client_auth + b"\x11\x08hospital").digest()
     s_pub.verify(c.vec(2), signed_s, b"pacegate-channel v2 server auth")
     transcript = ch_raw + sh_raw + client_auth + server_auth

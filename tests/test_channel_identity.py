@@ -42,14 +42,16 @@ def test_private_key_readable_by_others_is_refused_with_a_chmod_fix(tmp_path: Pa
     key.chmod(0o644)
     with pytest.raises(ConfigError) as info:
         load_identity(key, "gateway")
-    assert str(key) in str(info.value) and "chmod 600" in str(info.value)
+    assert str(key) in str(info.value)
+    assert "chmod 600" in str(info.value)
 
 
 def test_missing_key_file_names_the_file_and_the_pki_command(tmp_path: Path) -> None:
     missing = tmp_path / "channel" / "hospital.mldsa.key"
     with pytest.raises(ConfigError) as info:
         load_identity(missing, "hospital")
-    assert str(missing) in str(info.value) and "pacegate pki init" in str(info.value)
+    assert str(missing) in str(info.value)
+    assert "pacegate pki init" in str(info.value)
     with pytest.raises(ConfigError):
         load_public_key(tmp_path / "nope.pub")
 

@@ -111,7 +111,8 @@ async def test_round_trip_over_loopback_authenticates_both_peers() -> None:
         assert await srv.recorder.next_end() is None  # clean close, not a truncation
         assert srv.recorder.peers == ["gateway"]
         assert srv.recorder.messages == [b"reading batch 1", big]
-        assert stream.stats.messages_sent == 2 and stream.stats.records_sent > 16
+        assert stream.stats.messages_sent == 2
+        assert stream.stats.records_sent > 16
 
 
 # ------------------------------------------------------------------ a man in the middle
@@ -265,7 +266,8 @@ async def test_record_attack_closes_the_session_and_nothing_is_delivered_twice(
         finally:
             await stream.close()
         cause = await srv.recorder.next_end()
-        assert cause is not None and cause.reason == reason
+        assert cause is not None
+        assert cause.reason == reason
         assert srv.recorder.messages == [b"A"]  # the prefix before the attack, once
         # the server may fail on B before its application acknowledged A: both are fine
         assert acks in ([], [b"ack:A"])
@@ -281,7 +283,8 @@ async def test_unknown_client_is_refused_before_any_application_data() -> None:
             await gateway_connect(srv.port, identity=INTRUDER)
         assert info.value.reason == "refused_by_peer"
         assert srv.stats.refused == {"unknown_client": 1}
-        assert srv.recorder.peers == [] and srv.stats.sessions == 0
+        assert srv.recorder.peers == []
+        assert srv.stats.sessions == 0
 
 
 @pytest.mark.integration
@@ -326,7 +329,8 @@ async def test_server_with_another_pinned_name_is_refused_by_the_client() -> Non
             await gateway_connect(srv.port, server_name="cloud")
         # the hello names the server the client meant: the server refuses it at once
         assert info.value.reason == "refused_by_peer"
-        assert srv.stats.refused == {"wrong_server": 1} and srv.stats.sessions == 0
+        assert srv.stats.refused == {"wrong_server": 1}
+        assert srv.stats.sessions == 0
 
 
 # ------------------------------------------------------------------ downgrade
@@ -744,7 +748,8 @@ async def test_failing_application_handler_closes_only_its_session() -> None:
         await good.send(b"fine")
         assert await asyncio.wait_for(good.recv(), WAIT) == b"ok"
         await good.close()
-        assert calls == 2 and stats.session_errors == 1
+        assert calls == 2
+        assert stats.session_errors == 1
     finally:
         server.close()
         await server.wait_closed()
@@ -818,7 +823,8 @@ async def test_an_idle_client_rekeys_on_time_without_traffic() -> None:
                 if stream.epoch >= 2:
                     break
                 await asyncio.sleep(0.02)
-            assert stream.epoch >= 2 and stream.stats.messages_sent == 0
+            assert stream.epoch >= 2
+            assert stream.stats.messages_sent == 0
             await stream.send(b"after idle")
             assert await asyncio.wait_for(stream.recv(), WAIT) == b"ack:after idle"
         finally:
@@ -859,9 +865,11 @@ async def test_removing_a_pinned_client_closes_its_live_session_within_seconds(
             del allowed["gateway"]  # the operator removes it; no traffic follows
             with pytest.raises(ChannelClosed) as info:
                 await asyncio.wait_for(stream.recv(), WAIT)
-            assert info.value.cause is not None and info.value.cause.reason == "refused_by_peer"
+            assert info.value.cause is not None
+            assert info.value.cause.reason == "refused_by_peer"
             cause = await srv.recorder.next_end()
-            assert cause is not None and cause.reason == "client_unpinned"
+            assert cause is not None
+            assert cause.reason == "client_unpinned"
         finally:
             await stream.close()
     reasons = [getattr(r, "fields", {}).get("reason") for r in caplog.records]
@@ -875,11 +883,13 @@ async def test_a_session_past_its_maximum_lifetime_is_closed_and_the_client_reco
         try:
             with pytest.raises(ChannelClosed) as info:
                 await asyncio.wait_for(stream.recv(), WAIT)
-            assert info.value.cause is not None and info.value.cause.reason == "session_expired"
+            assert info.value.cause is not None
+            assert info.value.cause.reason == "session_expired"
         finally:
             await stream.close()
         cause = await srv.recorder.next_end()
-        assert cause is not None and cause.reason == "session_expired"
+        assert cause is not None
+        assert cause.reason == "session_expired"
         await _round_trip(srv.port, b"re-authenticated")  # a full handshake again
         assert srv.stats.sessions == 2
 
@@ -919,7 +929,8 @@ async def test_server_enforces_its_own_rekey_limits_against_a_lax_client() -> No
                     await asyncio.sleep(0.05)
         finally:
             await stream.close()
-        assert sent and sent[0] >= 5
+        assert sent
+        assert sent[0] >= 5
     finally:
         server.close()
         await server.wait_closed()

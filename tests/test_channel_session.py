@@ -66,7 +66,8 @@ def handshake(client: ChannelSession, server: ChannelSession) -> None:
 def test_in_memory_handshake_authenticates_both_and_carries_messages_both_ways() -> None:
     client, server = new_pair()
     handshake(client, server)
-    assert client.state is State.ESTABLISHED and server.state is State.ESTABLISHED
+    assert client.state is State.ESTABLISHED
+    assert server.state is State.ESTABLISHED
     assert events(server, client.send(b"reading")) == [Message(b"reading")]
     assert events(client, server.send(b"stored")) == [Message(b"stored")]
     assert events(server, client.send(b"")) == [Message(b"")]
@@ -170,7 +171,8 @@ def test_stripped_version_offer_downgrade_is_detected_by_the_transcript() -> Non
     with pytest.raises(ChannelError) as refused:
         events(client, server.data_to_send())  # the Alert
     assert refused.value.reason == "refused_by_peer"
-    assert server.peer_name is None and client.peer_name is None
+    assert server.peer_name is None
+    assert client.peer_name is None
 
 
 def test_honest_offer_with_an_unknown_future_version_negotiates_the_current_version() -> None:
@@ -301,7 +303,8 @@ def test_hybrid_secret_needs_both_kem_and_x25519() -> None:
     kem = CryptographyKem()
     init = ks.HybridInitiator(kem)
     shared, x_pub, ct = ks.hybrid_respond(kem, init.x25519_public, init.kem_public)
-    assert init.finish(x_pub, ct) == shared and len(shared) == 64
+    assert init.finish(x_pub, ct) == shared
+    assert len(shared) == 64
     with pytest.raises(ChannelError) as info:
         ks.hybrid_respond(kem, bytes(32), init.kem_public)  # low-order X25519 point
     assert info.value.reason == "bad_key_share"
@@ -355,7 +358,8 @@ def test_a_session_ends_at_its_maximum_lifetime_on_both_sides() -> None:
     clock.now += 31
     with pytest.raises(ChannelError) as info:
         client.send(b"too late")
-    assert info.value.reason == "session_expired" and client.state is State.ERROR
+    assert info.value.reason == "session_expired"
+    assert client.state is State.ERROR
     assert events(server, client.data_to_send()) == [PeerClosed(CloseReason.EXPIRED)]
     # and a server ends it on its own, even if the client never does
     client, server = new_pair(s_clock=clock, s_max_session_lifetime=60.0)
@@ -439,7 +443,8 @@ def test_local_key_exhaustion_fails_the_session_instead_of_leaving_it_establishe
     with pytest.raises(ChannelError) as info:
         client.send(b"beyond the cap")
     assert info.value.reason == "key_exhausted"
-    assert client.state is State.ERROR and client.error is not None
+    assert client.state is State.ERROR
+    assert client.error is not None
     with pytest.raises(LocalProtocolError):
         client.send(b"still refused")
 
@@ -449,7 +454,9 @@ def test_a_failed_session_drops_its_record_keys() -> None:
     handshake(client, server)
     with pytest.raises(ChannelError):
         events(server, b"\x17\x00\x00\x00\x20" + bytes(32))  # a forged record
-    assert server._send is None and server._recv is None and server._pending_recv is None
+    assert server._send is None
+    assert server._recv is None
+    assert server._pending_recv is None
     assert server._master is None
 
 

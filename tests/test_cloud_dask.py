@@ -261,7 +261,8 @@ def test_secret_context_is_refused_before_any_task_reaches_the_cluster(
     reply = wire.decode(
         session.handle(wire.encode(wire.Open(BANDS, context.serialize(save_secret_key=True))))
     )
-    assert isinstance(reply, wire.Error) and reply.code == "secret_key_in_context"
+    assert isinstance(reply, wire.Error)
+    assert reply.code == "secret_key_in_context"
     assert session.state is SessionState.FAILED
     assert stats.refused["secret_key_in_context"] == 1
     # and a task handed a secret context anyway refuses it on the worker
@@ -272,7 +273,8 @@ def test_secret_context_is_refused_before_any_task_reaches_the_cluster(
         encrypt(context, make_batches(1, seed=6)),
         pure=False,
     ).result(timeout=120)
-    assert isinstance(refused, ChunkRefused) and refused.reason == "secret_key_in_context"
+    assert isinstance(refused, ChunkRefused)
+    assert refused.reason == "secret_key_in_context"
 
 
 @pytest.mark.integration
@@ -389,7 +391,8 @@ async def test_hospital_analysis_over_the_pq_channel_runs_on_the_dask_cluster(
     assert report.failures() == []  # the decrypted aggregates match the plaintext ones
     assert report.plain.n == 1500
     assert report.encrypted["count"] == pytest.approx(1500, abs=1e-3)
-    assert stats.batches == 5 and not stats.refused
+    assert stats.batches == 5
+    assert not stats.refused
     assert backend.stats.tasks_folded - before == 3  # 5 batches, 2 per task: the cluster summed
 
 
@@ -436,7 +439,8 @@ async def test_hospital_analysis_with_a_dask_worker_killed_mid_analysis_matches_
     assert report.failures() == []  # every statistic matches the plaintext one
     assert report.plain.n == 6000
     assert report.encrypted["count"] == pytest.approx(6000, abs=1e-3)
-    assert stats.batches == 20 and not stats.refused
+    assert stats.batches == 20
+    assert not stats.refused
 
 
 @pytest.mark.integration
@@ -483,7 +487,8 @@ def test_unreachable_scheduler_is_an_error_naming_the_address_and_the_fix(
     )
     with pytest.raises(ConfigError, match=r"aggregator\.scheduler") as err:
         DaskBackend(settings)
-    assert address in str(err.value) and "console.dask_cluster" in str(err.value)
+    assert address in str(err.value)
+    assert "console.dask_cluster" in str(err.value)
 
 
 def test_missing_cluster_key_file_is_an_error_naming_the_file_and_the_key(

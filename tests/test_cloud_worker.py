@@ -175,7 +175,8 @@ def test_worker_sums_blind_and_the_hospital_decrypts(
             )
             assert wire.decode(reply) == wire.Ack(b, lane)
     result = wire.decode(session.handle(wire.encode(wire.Fetch(2, "age_hr"))))
-    assert isinstance(result, wire.Result) and result.batches == 2
+    assert isinstance(result, wire.Result)
+    assert result.batches == 2
     got = ckks.decrypt_vector(context, result.data, degree=2)
     want = hr[0] * age[0] + hr[1] * age[1]
     assert np.max(np.abs(got - want)) < 1e-2
@@ -190,7 +191,8 @@ def test_refused_session_does_not_stop_the_next_one(
     refusal(bad.handle(wire.encode(wire.Open(1, public_bytes))))  # stays failed
     good = CloudSession(stats=stats)
     assert isinstance(wire.decode(good.handle(wire.encode(wire.Open(1, public_bytes)))), wire.Ready)
-    assert stats.refused["malformed"] == 1 and stats.sessions == 1
+    assert stats.refused["malformed"] == 1
+    assert stats.sessions == 1
 
 
 @settings(max_examples=examples(300), deadline=None)

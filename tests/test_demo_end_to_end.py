@@ -77,7 +77,8 @@ def test_demo_stores_every_sent_reading_exactly_once(
     assert report["acknowledged"] == report["sent"]
     assert report["received"] == report["accepted"] == report["sent"]
     assert report["stored"] == report["sent"]
-    assert report["lost"] == 0 and report["rejected"] == {}
+    assert report["lost"] == 0
+    assert report["rejected"] == {}
     readings = stored_readings(work)
     assert len(readings) == report["sent"]
     assert len({(r.sensor_id, r.timestamp) for r in readings}) == len(readings)
@@ -89,7 +90,8 @@ def test_demo_report_includes_the_validated_blind_analysis(
 ) -> None:
     _, report = demo_run
     analysis = report["analysis"]
-    assert analysis["ok"] is True and analysis["count"] == report["stored"]
+    assert analysis["ok"] is True
+    assert analysis["count"] == report["stored"]
     mean = analysis["heart_rate_mean"]
     assert abs(mean["encrypted"] - mean["plaintext"]) == pytest.approx(mean["abs_error"])
     assert mean["abs_error"] <= 1e-3 * abs(mean["plaintext"])
@@ -243,7 +245,10 @@ def test_capture_around_a_demo_shows_tls_client_certs_and_sealed_payloads(tmp_pa
     assert report["mqtt_publishes_decrypted"] > 0
     assert report["mqtt_payloads_sealed"] == report["mqtt_publishes_decrypted"]
     assert report["mqtt_payloads_opened_with_psk"] == report["mqtt_publishes_decrypted"]
-    assert report["readings_searched"] > 0 and report["plaintext_findings"] == []
+    assert report["readings_searched"] > 0
+    assert report["plaintext_findings"] == []
     assert report["pq_channel_bytes"] > 0
-    assert out.exists() and Path(report["keylog"]).exists()
-    assert report["pcap_with_keys"] and Path(report["pcap_with_keys"]).exists()
+    assert out.exists()
+    assert Path(report["keylog"]).exists()
+    assert report["pcap_with_keys"]
+    assert Path(report["pcap_with_keys"]).exists()

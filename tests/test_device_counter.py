@@ -178,7 +178,8 @@ def test_deleted_corrupted_and_rolled_back_counter_files_never_repeat_a_key_and_
         psk = PkiLayout(layout.root).device_psk(did).read_bytes()
         for payload in _boot_and_seal(layout.root, did, readings):
             header = parse_header(payload)
-            assert header.version == 2 and header.epoch is not None
+            assert header.version == 2
+            assert header.epoch is not None
             assert open_reading(psk, did, payload)[0] == header.counter  # the gateway opens it
             key = epoch_key(psk, did, header.epoch)
             used.append((key, bytes([2, 0, 0, 0]) + header.counter.to_bytes(8, "big")))
@@ -207,4 +208,5 @@ def test_deleted_corrupted_and_rolled_back_counter_files_never_repeat_a_key_and_
     boot(10)
     assert min(counters[-10:]) > max(counters[:-10])
     # no (key, nonce) pair was ever used twice, across every boot
-    assert len(used) == 55 and len(set(used)) == len(used)
+    assert len(used) == 55
+    assert len(set(used)) == len(used)

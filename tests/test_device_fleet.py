@@ -132,7 +132,8 @@ def test_cli_exits_nonzero_when_nothing_is_acknowledged(pki_dir: Path, tmp_path:
     proc = _devices_cli(tmp_path, "--count", "1", "--rate", "5", "--duration", "0.5", "--json")
     assert proc.returncode == 1
     summary = json.loads(proc.stdout)
-    assert summary["acknowledged"] == 0 and summary["connected"] == 0
+    assert summary["acknowledged"] == 0
+    assert summary["connected"] == 0
     assert "no reading was acknowledged" in proc.stderr
 
 
@@ -221,7 +222,8 @@ def test_simulator_killed_mid_run_and_restarted_never_reuses_a_nonce(
         counters = sorted(c for d, c in payload_of if d == device_id)
         before = [c for c in counters if c <= ceilings_at_kill[device_id]]
         after = [c for c in counters if c > ceilings_at_kill[device_id]]
-        assert before and after, f"{device_id}: both runs must have published"
+        assert before, f"{device_id}: both runs must have published"
+        assert after, f"{device_id}: both runs must have published"
         assert ceilings_at_kill[device_id] > 16  # several blocks were reserved before the kill
 
 
@@ -350,16 +352,20 @@ def test_endpoint_list_stays_home_and_fails_over_on_a_failed_connect() -> None:
     route = EndpointList([a, b, c], start=4)  # home: 4 mod 3 = b
     assert route.current == b
     route.connect_failed()
-    assert route.current == c and not route.round_failed()
+    assert route.current == c
+    assert not route.round_failed()
     route.connect_failed()
-    assert route.current == a and not route.round_failed()
+    assert route.current == a
+    assert not route.round_failed()
     route.connect_failed()
-    assert route.current == b and route.round_failed()  # all three refused: back off now
+    assert route.current == b
+    assert route.round_failed()
     route.connected()
     assert not route.round_failed()
     single = EndpointList([a])
     single.connect_failed()
-    assert single.current == a and single.round_failed()  # one broker: plain backoff
+    assert single.current == a
+    assert single.round_failed()
     with pytest.raises(ValueError, match="at least one"):
         EndpointList([])
 

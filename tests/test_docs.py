@@ -38,7 +38,8 @@ def test_every_threat_model_row_names_a_test_that_exists() -> None:
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "./dev demo" in readme and "./dev test" in readme
+    assert "./dev demo" in readme
+    assert "./dev test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^exec \./dev test$", ci, re.MULTILINE)
 

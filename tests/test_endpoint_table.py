@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_listener_has_one_name_one_port_and_a_reason() -> None:
     names = [e.name for e in DEFAULT_ENDPOINTS]
     ports = [e.port for e in DEFAULT_ENDPOINTS]
-    assert len(set(names)) == len(names) and len(set(ports)) == len(ports)
+    assert len(set(names)) == len(names)
+    assert len(set(ports)) == len(ports)
     assert all(e.why and e.clients and e.host == "127.0.0.1" for e in DEFAULT_ENDPOINTS)
 
 

@@ -55,15 +55,18 @@ def test_a_delete_and_re_create_is_seen_once_and_a_missing_file_is_no_change(
     path.write_bytes(b"one")
     watch = FileWatch(path)
     path.unlink()
-    assert _changes(watch) == 0 and watch.missing
+    assert _changes(watch) == 0
+    assert watch.missing
     path.write_bytes(b"two")
-    assert _changes(watch) == 1 and not watch.missing
+    assert _changes(watch) == 1
+    assert not watch.missing
 
 
 def test_a_file_that_appears_later_is_one_change(tmp_path: Path) -> None:
     path = tmp_path / "late.pem"
     watch = FileWatch(path)
-    assert watch.stamp is None and not watch.changed()
+    assert watch.stamp is None
+    assert not watch.changed()
     path.write_bytes(b"here")
     assert _changes(watch) == 1
 
@@ -124,7 +127,8 @@ def test_a_file_the_reader_refused_is_reported_again_after_retry(tmp_path: Path)
     path.write_bytes(b"half-written")
     assert watch.changed()
     watch.retry()
-    assert watch.changed() and not watch.changed()
+    assert watch.changed()
+    assert not watch.changed()
 
 
 def test_reset_takes_our_own_write_as_seen(tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def _errors(path: Path) -> list[str]:
 
 def test_default_config_is_valid_and_resolves_paths_against_its_directory(tmp_path: Path) -> None:
     cfg = load_gateway_config(_write(tmp_path, _default(tmp_path)), check_files=False)
-    assert cfg.mqtt.port == 18883 and cfg.mqtt.client_id == "gateway"
+    assert cfg.mqtt.port == 18883
+    assert cfg.mqtt.client_id == "gateway"
     assert cfg.mqtt.cert == tmp_path / "pki" / "gateway.crt"
     assert cfg.hospital.server_key == tmp_path / "pki" / "channel" / "hospital.mldsa.pub"
     assert cfg.state_dir == tmp_path / "gateway"
@@ -88,7 +89,8 @@ def test_every_error_is_reported_not_only_the_first(tmp_path: Path) -> None:
 def test_device_id_level_must_point_at_a_plus_level(tmp_path: Path) -> None:
     text = _default(tmp_path).replace("device_id_level: 1", "device_id_level: 2")
     (error,) = _errors(_write(tmp_path, text))
-    assert "routes[0].device_id_level" in error and "'telemetry'" in error
+    assert "routes[0].device_id_level" in error
+    assert "'telemetry'" in error
     assert "set device_id_level to 1" in error
 
 
@@ -101,7 +103,8 @@ def test_unknown_key_is_refused_rather_than_ignored(tmp_path: Path) -> None:
 def test_yaml_syntax_error_carries_the_line(tmp_path: Path) -> None:
     text = _default(tmp_path).replace("  port: 18883", "  port: [18883")
     (error,) = _errors(_write(tmp_path, text))
-    assert "gateway.yaml:" in error and "YAML syntax error" in error
+    assert "gateway.yaml:" in error
+    assert "YAML syntax error" in error
 
 
 def test_missing_certificate_file_is_reported_when_files_are_checked(tmp_path: Path) -> None:
@@ -122,7 +125,9 @@ def test_config_check_prints_ok_or_every_error(
     bad.write_text(_default(tmp_path).replace("qos: 1", "qos: 2").replace("port: 18884", "port: x"))
     assert cli_check(argparse.Namespace(file=bad, schema_only=True)) == 2
     err = capsys.readouterr().err
-    assert "hospital.port" in err and "routes[0].qos" in err and "2 errors" in err
+    assert "hospital.port" in err
+    assert "routes[0].qos" in err
+    assert "2 errors" in err
 
 
 @pytest.mark.parametrize(
@@ -167,4 +172,6 @@ def test_damaged_state_database_is_a_config_error_naming_the_file_and_the_fix(
     with pytest.raises(ConfigError) as err:
         open_it()
     text = str(err.value)
-    assert str(db) in text and "unreadable" in text and "fix: restore it from backup" in text
+    assert str(db) in text
+    assert "unreadable" in text
+    assert "fix: restore it from backup" in text

@@ -252,7 +252,8 @@ def test_gateway_kill_9_mid_stream_loses_nothing(broker: BrokerHandle, tmp_path:
                 gw.wait(timeout=20)
         h.kill(signal.SIGTERM)
         records = h.records()
-    assert len(records) == 300 and set(records) == want
+    assert len(records) == 300
+    assert set(records) == want
 
 
 def test_full_spool_pauses_mqtt_and_loses_nothing(broker: BrokerHandle, tmp_path: Path) -> None:

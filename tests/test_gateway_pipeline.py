@@ -82,14 +82,17 @@ def test_sealed_reading_is_opened_and_ready_to_forward(store: ReplayStore) -> No
 
 def test_implausible_heart_rate_is_flagged_not_dropped(store: ReplayStore) -> None:
     r = _run(_state(store), T_A, seal_reading(PSK_A, "pm-a", 1, _reading(hr=400)))
-    assert isinstance(r, Accepted) and r.flagged and r.item.flags == FLAG_IMPLAUSIBLE
+    assert isinstance(r, Accepted)
+    assert r.flagged
+    assert r.item.flags == FLAG_IMPLAUSIBLE
 
 
 def test_bit_flipped_payload_is_rejected_as_bad_tag(store: ReplayStore) -> None:
     sealed = bytearray(seal_reading(PSK_A, "pm-a", 1, _reading()))
     sealed[20] ^= 0x01
     r = _run(_state(store), T_A, bytes(sealed))
-    assert isinstance(r, Rejected) and r.reason == "bad_tag"
+    assert isinstance(r, Rejected)
+    assert r.reason == "bad_tag"
 
 
 def test_flipped_counter_is_rejected_and_does_not_advance_the_window(store: ReplayStore) -> None:
@@ -97,14 +100,16 @@ def test_flipped_counter_is_rejected_and_does_not_advance_the_window(store: Repl
     sealed = bytearray(seal_reading(PSK_A, "pm-a", 5, _reading()))
     sealed[8] ^= 0x40  # counter 5 -> 69: tag fails, window must stay put
     r = _run(state, T_A, bytes(sealed))
-    assert isinstance(r, Rejected) and r.reason == "bad_tag"
+    assert isinstance(r, Rejected)
+    assert r.reason == "bad_tag"
     assert isinstance(_run(state, T_A, seal_reading(PSK_A, "pm-a", 5, _reading())), Accepted)
 
 
 def test_truncated_payload_is_rejected_as_malformed(store: ReplayStore) -> None:
     sealed = seal_reading(PSK_A, "pm-a", 1, _reading())
     r = _run(_state(store), T_A, sealed[:-3])
-    assert isinstance(r, Rejected) and r.reason == "malformed"
+    assert isinstance(r, Rejected)
+    assert r.reason == "malformed"
 
 
 def test_replayed_reading_is_dropped_as_replay(store: ReplayStore) -> None:
@@ -112,21 +117,24 @@ def test_replayed_reading_is_dropped_as_replay(store: ReplayStore) -> None:
     sealed = seal_reading(PSK_A, "pm-a", 7, _reading())
     assert isinstance(_run(state, T_A, sealed), Accepted)
     r = _run(state, T_A, sealed)
-    assert isinstance(r, Rejected) and r.reason == "replay"
+    assert isinstance(r, Rejected)
+    assert r.reason == "replay"
 
 
 def test_counter_behind_the_window_is_too_old(store: ReplayStore) -> None:
     state = _state(store)
     assert isinstance(_run(state, T_A, seal_reading(PSK_A, "pm-a", 1000, _reading())), Accepted)
     r = _run(state, T_A, seal_reading(PSK_A, "pm-a", 10, _reading()))
-    assert isinstance(r, Rejected) and r.reason == "too_old"
+    assert isinstance(r, Rejected)
+    assert r.reason == "too_old"
 
 
 def test_payload_moved_to_another_devices_topic_is_rejected(store: ReplayStore) -> None:
     # even if both devices shared a key, the AAD binds the device id
     sealed = seal_reading(PSK_B, "pm-a", 1, _reading())
     r = _run(_state(store), "pacemakers/pm-b/telemetry", sealed)
-    assert isinstance(r, Rejected) and r.reason == "bad_tag"
+    assert isinstance(r, Rejected)
+    assert r.reason == "bad_tag"
 
 
 @pytest.mark.parametrize(
@@ -143,25 +151,29 @@ def test_unroutable_unknown_and_revoked_are_refused(
     store: ReplayStore, topic: str, reason: str
 ) -> None:
     r = _run(_state(store), topic, seal_reading(PSK_A, "pm-a", 1, _reading()))
-    assert isinstance(r, Rejected) and r.reason == reason
+    assert isinstance(r, Rejected)
+    assert r.reason == reason
 
 
 def test_oversized_payload_is_refused_before_parsing(store: ReplayStore) -> None:
     r = _run(_state(store, _route(max_payload_bytes=40)), T_A, b"\x01" * 41)
-    assert isinstance(r, Rejected) and r.reason == "oversized"
+    assert isinstance(r, Rejected)
+    assert r.reason == "oversized"
 
 
 def test_version_other_than_the_routes_is_unsupported(store: ReplayStore) -> None:
     # a genuine v2 seal on a route for v1: refused before any crypto or window change
     sealed = seal_reading(PSK_A, "pm-a", 1, _reading(), epoch=bytes(8))
     r = _run(_state(store), T_A, sealed)
-    assert isinstance(r, Rejected) and r.reason == "unsupported_version"
+    assert isinstance(r, Rejected)
+    assert r.reason == "unsupported_version"
 
 
 def test_timestamp_far_in_the_future_is_out_of_range(store: ReplayStore) -> None:
     sealed = seal_reading(PSK_A, "pm-a", 1, _reading(ts=NOW + timedelta(days=30)))
     r = _run(_state(store), T_A, sealed)
-    assert isinstance(r, Rejected) and r.reason == "out_of_range"
+    assert isinstance(r, Rejected)
+    assert r.reason == "out_of_range"
 
 
 def test_rate_limit_refuses_a_burst_beyond_the_bucket(store: ReplayStore) -> None:
@@ -170,7 +182,8 @@ def test_rate_limit_refuses_a_burst_beyond_the_bucket(store: ReplayStore) -> Non
         _run(state, T_A, seal_reading(PSK_A, "pm-a", c, _reading()), now=0.0) for c in (1, 2, 3)
     ]
     assert [type(r).__name__ for r in results] == ["Accepted", "Accepted", "Rejected"]
-    assert isinstance(results[2], Rejected) and results[2].reason == "rate_limited"
+    assert isinstance(results[2], Rejected)
+    assert results[2].reason == "rate_limited"
     later = _run(state, T_A, seal_reading(PSK_A, "pm-a", 3, _reading()), now=1.0)
     assert isinstance(later, Accepted)
 
@@ -192,7 +205,8 @@ def test_forged_payloads_on_a_devices_topic_do_not_spend_its_rate_budget(
     # the bucket (burst 2) still holds the token for the device's next genuine reading
     assert isinstance(_run(state, T_A, seal_reading(PSK_A, "pm-a", 2, _reading())), Accepted)
     over = _run(state, T_A, seal_reading(PSK_A, "pm-a", 3, _reading()))
-    assert isinstance(over, Rejected) and over.reason == "rate_limited"
+    assert isinstance(over, Rejected)
+    assert over.reason == "rate_limited"
 
 
 def test_replay_state_survives_a_restart_once_durable(tmp_path: Path) -> None:
@@ -220,7 +234,8 @@ def test_replay_store_keeps_counters_above_two_to_the_63(tmp_path: Path) -> None
     s1.close()
     s2 = ReplayStore(tmp_path / "replay.db")
     w = s2.durable("pm-a")
-    assert w is not None and w.to_state() == (big, 1 | 1 << 63)
+    assert w is not None
+    assert w.to_state() == (big, 1 | 1 << 63)
     s2.close()
 
 
@@ -242,4 +257,5 @@ def test_random_keys_never_open_a_reading(store: ReplayStore) -> None:
     for c in range(1, 50):
         sealed = seal_reading(os.urandom(32), "pm-a", c, _reading())
         r = _run(state, T_A, sealed)
-        assert isinstance(r, Rejected) and r.reason == "bad_tag"
+        assert isinstance(r, Rejected)
+        assert r.reason == "bad_tag"

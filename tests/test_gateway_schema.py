@@ -165,7 +165,8 @@ def test_shipped_schema_files_are_the_generated_schema() -> None:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 0 and proc.stdout == generated
+    assert proc.returncode == 0
+    assert proc.stdout == generated
 
 
 def test_committed_example_is_the_rendered_template() -> None:

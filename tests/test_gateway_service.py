@@ -329,7 +329,8 @@ def test_reading_published_right_after_enrolment_is_not_refused_as_unknown(
         stranger = gw.decide(
             topic, seal_reading(bytes(32), "pm-0042", 1, reading, epoch=new_epoch())
         )
-        assert isinstance(stranger, Rejected) and stranger.reason == "unknown_device"
+        assert isinstance(stranger, Rejected)
+        assert stranger.reason == "unknown_device"
 
         enroll_device(pki_dir, "pm-0042")  # rewrites the PSK store
         psk = PkiLayout(pki_dir).device_psk("pm-0042").read_bytes()
@@ -339,7 +340,8 @@ def test_reading_published_right_after_enrolment_is_not_refused_as_unknown(
         other = gw.decide(
             telemetry_topic("pm-0099"), seal_reading(psk, "pm-0099", 1, reading, epoch=new_epoch())
         )
-        assert isinstance(other, Rejected) and other.reason == "unknown_device"
+        assert isinstance(other, Rejected)
+        assert other.reason == "unknown_device"
         assert not gw.refresh_keys()  # unchanged file: no reload
     finally:
         gw.spool.close()
@@ -376,21 +378,24 @@ def test_older_psk_store_put_back_after_a_revocation_is_refused_and_the_device_s
         revoke_device(pki_dir, "pm-0001")
         assert gw.refresh_keys()
         refused = gw.decide(topic, seal_reading(psk, "pm-0001", 2, reading, epoch=epoch))
-        assert isinstance(refused, Rejected) and refused.reason == "revoked_device"
+        assert isinstance(refused, Rejected)
+        assert refused.reason == "revoked_device"
 
         pki.psk_store.write_bytes(old_store)  # the copy in which pm-0001 is active
         assert not gw.refresh_keys()
         assert gw.metrics.value("pacegate_gateway_psk_store_reloads_total", result="refused") == 1
         assert "older copy of the store was put back" in caplog.text
         still = gw.decide(topic, seal_reading(psk, "pm-0001", 3, reading, epoch=epoch))
-        assert isinstance(still, Rejected) and still.reason == "revoked_device"
+        assert isinstance(still, Rejected)
+        assert still.reason == "revoked_device"
     finally:
         gw.spool.close()
         gw.replay.close()
     # and a gateway started on that file refuses to start, naming the file and the fix
     with pytest.raises(ConfigError, match="older copy of the store was put back") as err:
         Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
-    assert str(pki.psk_store) in str(err.value) and "newest psk.store" in str(err.value)
+    assert str(pki.psk_store) in str(err.value)
+    assert "newest psk.store" in str(err.value)
 
 
 def test_a_route_left_on_sealed_reading_v1_is_named_at_start_with_the_fix(
@@ -410,12 +415,14 @@ def test_a_route_left_on_sealed_reading_v1_is_named_at_start_with_the_fix(
     gw = Gateway(load_gateway_config(tmp_path / "gateway.yaml"), use_channel=False)
     try:
         assert "opens sealed-reading v1 only" in caplog.text
-        assert "format: sealed-reading/v2" in caplog.text and "gateway.yaml" in caplog.text
+        assert "format: sealed-reading/v2" in caplog.text
+        assert "gateway.yaml" in caplog.text
         psk = PkiLayout(pki_dir).device_psk("pm-0001").read_bytes()
         reading = Reading(age=64, heart_rate_bpm=72, sensor_id=7, timestamp=datetime.now(UTC))
         v2 = seal_reading(psk, "pm-0001", 1, reading, epoch=new_epoch())
         refused = gw.decide(telemetry_topic("pm-0001"), v2)
-        assert isinstance(refused, Rejected) and refused.reason == "unsupported_version"
+        assert isinstance(refused, Rejected)
+        assert refused.reason == "unsupported_version"
     finally:
         gw.spool.close()
         gw.replay.close()

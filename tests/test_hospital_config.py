@@ -64,7 +64,8 @@ def test_unknown_key_names_file_line_and_the_allowed_keys(work: WorkLayout) -> N
 def test_missing_identity_key_file_is_reported_for_the_service(work: WorkLayout) -> None:
     with pytest.raises(ConfigError) as info:
         load_hospital_config(work.hospital_config, require_channel_files=True)
-    assert "identity.key" in str(info.value) and "pacegate pki" in str(info.value)
+    assert "identity.key" in str(info.value)
+    assert "pacegate pki" in str(info.value)
     load_hospital_config(work.hospital_config)  # verify/rotate-key do not need it
 
 
@@ -118,7 +119,8 @@ def test_verify_command_reports_a_deleted_row_and_exits_nonzero(
         c.execute("DELETE FROM readings WHERE seq = 4")
     assert pacegate_main(["hospital", "verify", "-c", str(work.hospital_config)]) == 1
     err = capsys.readouterr().err
-    assert "verify: FAILED" in err and "row 5: missing_rows: row 4 deleted" in err
+    assert "verify: FAILED" in err
+    assert "row 5: missing_rows: row 4 deleted" in err
 
 
 def test_rotate_key_command_reencrypts_every_row(
@@ -149,7 +151,8 @@ def test_verify_json_reports_problems_as_one_object(
         c.execute("DELETE FROM readings WHERE seq = 6")
     assert pacegate_main(["hospital", "verify", "--json", "-c", str(work.hospital_config)]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] is False and report["rows"] == 5
+    assert report["ok"] is False
+    assert report["rows"] == 5
     assert [p["kind"] for p in report["problems"]] == ["head_mismatch", "rolled_back"]
 
 
@@ -178,7 +181,8 @@ def test_store_backend_postgresql_names_its_dsn_file_writer_and_anchor(work: Wor
         "  writer: hospital-1\n  keyring: hospital/keyring.json\n",
     )
     cfg = load_hospital_config(path)
-    assert cfg.postgres is not None and cfg.database is None
+    assert cfg.postgres is not None
+    assert cfg.database is None
     assert cfg.postgres.dsn_file == work.hospital_dir / "pg.dsn"
     assert cfg.postgres.writer == "hospital-1"
     assert cfg.anchor == work.hospital_dir / "hospital-1-anchor"  # the node's own, by default
@@ -214,7 +218,9 @@ def test_store_backend_mistakes_name_the_file_line_key_and_fix(
     with pytest.raises(ConfigError) as info:
         load_hospital_config(path)
     message = str(info.value)
-    assert "hospital.yaml:" in message and key in message and fix in message, message
+    assert "hospital.yaml:" in message, message
+    assert key in message, message
+    assert fix in message, message
 
 
 def test_dsn_file_missing_or_shared_is_refused_without_showing_its_content(

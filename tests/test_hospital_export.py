@@ -130,11 +130,13 @@ def test_export_refuses_a_store_whose_chain_does_not_verify(
     code, out, err = export(work, capsys)
     assert code == 1
     assert out == ""  # not one reading from a store the chain no longer vouches for
-    assert "export refused" in err and "row 5: missing_rows: row 4 deleted" in err
+    assert "export refused" in err
+    assert "row 5: missing_rows: row 4 deleted" in err
     assert "--allow-damaged" in err
     target = tmp_path / "readings.jsonl"
     code, _, _ = export(work, capsys, "--out", str(target))
-    assert code == 1 and not target.exists()
+    assert code == 1
+    assert not target.exists()
     assert list(tmp_path.glob(".readings.jsonl*")) == []  # no partial file left behind
 
 
@@ -154,10 +156,13 @@ def test_export_allow_damaged_marks_each_damaged_row(
     rows = {r["seq"]: r for r in jsonl(out)}
     assert sorted(rows) == [1, 2, 3, 5, 6, 7, 8, 9, 10]
     assert "missing_rows" in rows[5]["damage"]
-    assert "row_key_mismatch" in rows[7]["damage"] and "row_key_mismatch" in rows[8]["damage"]
-    assert rows[10]["damage"] == ["undecryptable"] and rows[10]["device_id"] is None
+    assert "row_key_mismatch" in rows[7]["damage"]
+    assert "row_key_mismatch" in rows[8]["damage"]
+    assert rows[10]["damage"] == ["undecryptable"]
+    assert rows[10]["device_id"] is None
     assert [s for s, r in rows.items() if not r["damage"]] == [1, 2, 3, 6, 9]
-    assert "4 marked damaged" in err and "verify: FAILED" in err
+    assert "4 marked damaged" in err
+    assert "verify: FAILED" in err
 
 
 def test_export_out_file_is_owner_only_and_complete(

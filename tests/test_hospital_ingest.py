@@ -137,7 +137,8 @@ def test_metrics_are_served_over_http_on_loopback(handler: IngestHandler, tmp_pa
     handler.handle(encode_batch(batch(1, 5)), "gateway")
     running = start_metrics(cfg, handler.metrics)
     try:
-        assert running.host == "127.0.0.1" and running.port > 0
+        assert running.host == "127.0.0.1"
+        assert running.port > 0
         url = f"http://127.0.0.1:{running.port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:

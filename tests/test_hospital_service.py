@@ -288,7 +288,9 @@ def test_hospital_without_its_chain_head_anchor_refuses_to_start_and_says_how_to
     )
     assert proc.returncode == 1
     err = proc.stderr.decode()
-    assert str(cfg.anchor) in err and "anchor" in err and "--reanchor" in err
+    assert str(cfg.anchor) in err
+    assert "anchor" in err
+    assert "--reanchor" in err
     assert not cfg.anchor.exists()
 
 
@@ -319,7 +321,8 @@ async def test_rotate_key_during_live_ingest_loses_nothing_and_leaves_nothing_in
     assert sum(a.stored for a in acks) == 1500
     store = hospital.service.store
     assert isinstance(store, SqliteReadingStore)  # the default backend
-    assert store.count() == 2000 and store.keyring.versions == [2]
+    assert store.count() == 2000
+    assert store.keyring.versions == [2]
     report = store.verify()
     assert report.ok, report.problems
     # every row reads under key 2 alone, and no file holds a reading in clear
@@ -362,7 +365,8 @@ async def test_integrity_key_rotation_during_live_ingest_loses_nothing_and_absor
     assert (sum(a.stored for a in resent), sum(a.duplicates for a in resent)) == (0, 1500)
     store = hospital.service.store
     assert isinstance(store, SqliteReadingStore)  # the default backend
-    assert store.count() == 1500 and store.keyring.mac_versions == [2]
+    assert store.count() == 1500
+    assert store.keyring.mac_versions == [2]
     report = store.verify()
     assert report.ok, report.problems
     assert report.head_version == 2

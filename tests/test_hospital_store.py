@@ -272,7 +272,8 @@ def test_rotate_key_retires_the_old_key_by_default(store: SqliteReadingStore, hd
 
     with pytest.raises(InvalidToken):
         Fernet(old_key.encode()).decrypt(tokens[0])
-    assert store.count() == 30 and store.verify().ok
+    assert store.count() == 30
+    assert store.verify().ok
 
 
 def test_rotation_runs_while_ingest_continues(hdir: Path) -> None:
@@ -369,7 +370,9 @@ def test_verify_accepts_an_untouched_store(store: SqliteReadingStore) -> None:
     store.store_batch(make_items(100))
     store.store_batch(make_items(100))
     report = store.verify()
-    assert report.ok and report.rows == 100 and report.last_seq == 100
+    assert report.ok
+    assert report.rows == 100
+    assert report.last_seq == 100
 
 
 def test_verify_detects_a_deleted_row(store: SqliteReadingStore, hdir: Path) -> None:
@@ -378,7 +381,8 @@ def test_verify_detects_a_deleted_row(store: SqliteReadingStore, hdir: Path) -> 
         c.execute("DELETE FROM readings WHERE seq = 7")
     report = store.verify()
     kinds = {(p.seq, p.kind) for p in report.problems}
-    assert (8, "missing_rows") in kinds and (8, "chain_mismatch") in kinds
+    assert (8, "missing_rows") in kinds
+    assert (8, "chain_mismatch") in kinds
 
 
 def test_verify_detects_a_deleted_row_with_renumbered_seqs(

@@ -97,9 +97,11 @@ def _handshake(ctx: ssl.SSLContext, port: int, server_hostname: str) -> bytes:
 # -- tlsconf.client_context, the one client context of every pacegate TLS client ------------
 def test_client_context_checks_the_host_name_and_requires_a_certificate(pki: PkiLayout) -> None:
     ctx = client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key)
-    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.check_hostname
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
     named = client_context(pki.ca_cert, pki.gateway_cert, pki.gateway_key, server_name="x.y")
-    assert named.check_hostname and named.verify_mode == ssl.CERT_REQUIRED
+    assert named.check_hostname
+    assert named.verify_mode == ssl.CERT_REQUIRED
 
 
 @pytest.mark.integration

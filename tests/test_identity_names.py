@@ -144,4 +144,5 @@ def test_gateway_config_refuses_identity_names_outside_the_rule(
     with pytest.raises(GatewayConfigError) as err:
         load_gateway_config(path, check_files=False)
     (error,) = err.value.errors
-    assert error.key == key and "not a valid identity name" in str(error)
+    assert error.key == key
+    assert "not a valid identity name" in str(error)

@@ -31,7 +31,8 @@ def test_a_key_added_by_another_process_is_picked_up_once(tmp_path: Path) -> Non
     admin = Keyring.load(path)
     version = admin.add_key()
     admin.save()  # an atomic replace, as 'pacegate hospital rotate-key' does
-    assert running.refresh() and running.current_version == version
+    assert running.refresh()
+    assert running.current_version == version
     assert not running.refresh()
     assert not admin.refresh()  # its own save is not a change
 
@@ -77,12 +78,14 @@ def test_a_deleted_psk_store_keeps_the_held_keys_and_is_reported_once(
         pki.psk_store.unlink()
         assert [gw.refresh_keys() for _ in range(5)] == [False] * 5
         missing = [r for r in caplog.records if "is missing" in r.getMessage()]
-        assert len(missing) == 1 and str(pki.psk_store) in missing[0].getMessage()
+        assert len(missing) == 1
+        assert str(pki.psk_store) in missing[0].getMessage()
         assert gw.metrics.value("pacegate_gateway_psk_store_reloads_total", result="refused") == 1
         sealed = seal_reading(psk, "pm-0001", 1, reading, epoch=epoch)
         assert isinstance(gw.decide(telemetry_topic("pm-0001"), sealed), Accepted)
         pki.psk_store.write_bytes(store)  # put back: one change, reloaded once
-        assert gw.refresh_keys() and not gw.refresh_keys()
+        assert gw.refresh_keys()
+        assert not gw.refresh_keys()
         assert gw.metrics.value("pacegate_gateway_psk_store_reloads_total", result="applied") == 1
     finally:
         gw.spool.close()

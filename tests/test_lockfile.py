@@ -47,7 +47,8 @@ def test_every_dependency_of_pyproject_is_pinned_with_hashes_in_the_lock() -> No
     unhashed = sorted(name for name, (_, hashes) in locked.items() if hashes == 0)
     assert not unhashed, f"pinned without a hash: {unhashed}"
     sslyze = _locked(REPO / "requirements-sslyze.lock")
-    assert "sslyze" in sslyze and all(n > 0 for _, n in sslyze.values())
+    assert "sslyze" in sslyze
+    assert all(n > 0 for _, n in sslyze.values())
 
 
 def test_the_virtualenv_running_the_tests_is_exactly_the_lock() -> None:

@@ -116,7 +116,8 @@ def test_readings_survive_reopening_and_stream_in_order_on_both_backends(
     # within a batch PostgreSQL chains rows in row-key order: compare as sets per batch
     got = [r for b in batches for r in b]
     assert sorted(got, key=lambda r: r.timestamp) == [i.reading for i in items]
-    assert again.verify().ok and again.check_head() >= 250
+    assert again.verify().ok
+    assert again.check_head() >= 250
 
 
 def test_time_filter_is_since_inclusive_until_exclusive_on_both_backends(
@@ -196,7 +197,8 @@ def test_wrong_password_is_a_store_error_that_names_the_server_but_not_the_passw
     bad = pg_dsn.replace(f"password={password}", "password=not-the-password")
     with pytest.raises(StoreError, match="cannot connect") as info:
         PostgresReadingStore(bad, Keyring.create(hdir / "k.json"), "node-1")
-    assert "not-the-password" not in str(info.value) and "host=127.0.0.1" in str(info.value)
+    assert "not-the-password" not in str(info.value)
+    assert "host=127.0.0.1" in str(info.value)
     assert str(password) not in redact_dsn(pg_dsn)
 
 
@@ -311,15 +313,18 @@ def test_two_processes_share_one_database_and_each_verifies_the_other(
         for w, off in (("node-a", "0"), ("node-b", "20"))
     ]
     for p in procs:  # both connected: start them together
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
     for p in procs:
         _, err = p.communicate("go\n", timeout=240)
         assert p.returncode == 0, err
     with _open(pg_dsn, hdir, "node-a") as a, _open(pg_dsn, hdir, "node-b") as b:
         assert a.count() == b.count() == 600
         ra, rb = a.verify(), b.verify()
-        assert ra.ok and rb.ok, (ra.problems, rb.problems)
-        assert ra.writers == rb.writers and {"node-a", "node-b"} <= set(ra.writers)
+        assert ra.ok, (ra.problems, rb.problems)
+        assert rb.ok, (ra.problems, rb.problems)
+        assert ra.writers == rb.writers
+        assert {"node-a", "node-b"} <= set(ra.writers)
 
 
 # -- an attacker with SQL ---------------------------------------------------------------------
@@ -417,7 +422,8 @@ def test_verify_detects_a_whole_chain_relabelled_to_another_writer(
     _sql(dsn, "UPDATE readings SET writer = 'node-3' WHERE writer = 'node-2'")
     _sql(dsn, "INSERT INTO heads SELECT 'node-3', head FROM heads WHERE writer = 'node-1'")
     report = store.verify()
-    assert "chain_mismatch" in _kinds(report) and "head_mismatch" in _kinds(report)
+    assert "chain_mismatch" in _kinds(report)
+    assert "head_mismatch" in _kinds(report)
     assert any("node-3" in p.detail for p in report.problems)
 
 
@@ -493,7 +499,8 @@ def test_node_with_a_keyring_older_than_the_databases_newest_key_is_refused_not_
         stale.store_batch(make_items(5, start=10))
     stale.close()
     with _open(pg_dsn, hdir, "node-1") as first:
-        assert first.count() == 10 and first.verify().ok
+        assert first.count() == 10
+        assert first.verify().ok
 
 
 def test_integrity_rotation_rekeys_every_writers_chain_and_still_catches_deletion(

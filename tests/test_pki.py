@@ -49,9 +49,12 @@ def test_private_keys_and_psks_are_owner_only(pki: PkiLayout) -> None:
 def test_ca_has_the_extensions_of_a_ca(pki: PkiLayout) -> None:
     ca = _cert(pki.ca_cert)
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca
+    assert bc.critical
+    assert bc.value.ca
     ku = ca.extensions.get_extension_for_class(x509.KeyUsage)
-    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+    assert ku.critical
+    assert ku.value.key_cert_sign
+    assert ku.value.crl_sign
     ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     ca.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
     assert ca.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
@@ -124,7 +127,9 @@ def test_each_device_gets_a_fresh_psk_kept_in_the_encrypted_store(pki: PkiLayout
     assert len(set(psks.values())) == 3
     for did, psk in psks.items():
         entry = store.get(did)
-        assert entry is not None and entry.psk == psk and not entry.revoked
+        assert entry is not None
+        assert entry.psk == psk
+        assert not entry.revoked
         assert psk not in pki.psk_store.read_bytes()
 
 
@@ -160,9 +165,11 @@ def test_revocation_resigns_the_crl_and_marks_the_psk_revoked(pki: PkiLayout) ->
     assert revoked_serials(pki.crl) == {serial}
     crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
     assert crl.is_signature_valid(_cert(pki.ca_cert).public_key())  # type: ignore[arg-type]
-    assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(UTC)
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc > datetime.now(UTC)
     entry = PskStore.load(pki.psk_store, pki.psk_store_key).get("pm-0002")
-    assert entry is not None and entry.revoked
+    assert entry is not None
+    assert entry.revoked
     acl = (pki.mosquitto_dir / "acl").read_text()
     assert "user pm-0002\ntopic deny #" in acl
     with pytest.raises(PkiError, match="already revoked"):
@@ -255,10 +262,14 @@ def test_rekey_device_replaces_the_psk_everywhere_and_starts_a_fresh_counter(
     pki.device_counter("pm-0001").unlink()  # lost: the device refuses to start
     rekey_device(pki.root, "pm-0001")
     new = pki.device_psk("pm-0001").read_bytes()
-    assert len(new) == 32 and new != old and _mode(pki.device_psk("pm-0001")) == 0o600
+    assert len(new) == 32
+    assert new != old
+    assert _mode(pki.device_psk("pm-0001")) == 0o600
     store = PskStore.load(pki.psk_store, pki.psk_store_key)
     entry = store.get("pm-0001")
-    assert entry is not None and entry.psk == new and not entry.revoked
+    assert entry is not None
+    assert entry.psk == new
+    assert not entry.revoked
     assert all(k.psk != old for k in (store.get(d) for d in store.device_ids()) if k)
     # counters start above every counter the old key can have used
     fresh = CounterStore(pki.device_counter("pm-0001"), "pm-0001", block=8)
@@ -268,7 +279,8 @@ def test_rekey_device_replaces_the_psk_everywhere_and_starts_a_fresh_counter(
     assert again == 2 * counterfile.GENERATION_STRIDE + 1
     # the other devices are untouched
     other = store.get("pm-0002")
-    assert other is not None and other.psk == pki.device_psk("pm-0002").read_bytes()
+    assert other is not None
+    assert other.psk == pki.device_psk("pm-0002").read_bytes()
 
 
 def test_a_revoked_or_unknown_device_is_never_rekeyed(pki: PkiLayout) -> None:
@@ -280,7 +292,8 @@ def test_a_revoked_or_unknown_device_is_never_rekeyed(pki: PkiLayout) -> None:
         rekey_device(pki.root, "pm-0002")
     assert pki.device_psk("pm-0002").read_bytes() == before
     entry = PskStore.load(pki.psk_store, pki.psk_store_key).get("pm-0002")
-    assert entry is not None and entry.revoked
+    assert entry is not None
+    assert entry.revoked
     with pytest.raises(PkiError, match="not enrolled"):
         rekey_device(pki.root, "pm-9999")
 
@@ -299,7 +312,8 @@ def test_psk_store_generation_is_recorded_beside_the_store_key(pki: PkiLayout) -
     from pacegate.keystore import generation_path, read_generation
 
     gen_file = generation_path(pki.psk_store_key)
-    assert gen_file.parent == pki.psk_store_key.parent and _mode(gen_file) == 0o600
+    assert gen_file.parent == pki.psk_store_key.parent
+    assert _mode(gen_file) == 0o600
     before = read_generation(pki.psk_store_key)
     assert before is not None
     revoke_device(pki.root, "pm-0001")
@@ -317,7 +331,8 @@ def test_older_psk_store_put_back_is_refused_naming_the_file_and_the_fix(
     pki.psk_store.write_bytes(old)  # the copy in which pm-0001 is still active
     with pytest.raises(ConfigError, match="older copy of the store was put back") as err:
         PskStore.load(pki.psk_store, pki.psk_store_key)
-    assert str(pki.psk_store) in str(err.value) and "psk.generation" in str(err.value)
+    assert str(pki.psk_store) in str(err.value)
+    assert "psk.generation" in str(err.value)
     assert "newest psk.store" in str(err.value)
 
 
@@ -350,7 +365,8 @@ def test_store_saved_but_generation_not_yet_recorded_still_loads(pki: PkiLayout)
     gen_file.write_bytes(recorded)  # as if the crash came before the record was written
     store = PskStore.load(pki.psk_store, pki.psk_store_key)
     entry = store.get("pm-0001")
-    assert entry is not None and entry.revoked
+    assert entry is not None
+    assert entry.revoked
 
 
 def test_store_from_before_generations_loads_until_a_generation_is_recorded(
@@ -375,6 +391,8 @@ def test_store_from_before_generations_loads_until_a_generation_is_recorded(
         PskStore.load(pki.psk_store, pki.psk_store_key)
     generation_path(pki.psk_store_key).unlink()
     store = PskStore.load(pki.psk_store, pki.psk_store_key)
-    assert store.generation == 0 and len(store) == 0
+    assert store.generation == 0
+    assert len(store) == 0
     store.save()
-    assert pki.psk_store.read_bytes()[4] == 2 and generation_path(pki.psk_store_key).exists()
+    assert pki.psk_store.read_bytes()[4] == 2
+    assert generation_path(pki.psk_store_key).exists()

@@ -46,7 +46,8 @@ def test_dev_sbom_writes_valid_cyclonedx_naming_the_crypto_broker_and_he_librari
 
     by_name: dict[str, list[dict[str, str]]] = {}
     for c in bom["components"]:
-        assert c.get("version") and c.get("purl"), c
+        assert c.get("version"), c
+        assert c.get("purl"), c
         by_name.setdefault(c["name"].lower(), []).append(c)
     for dist in ("cryptography", "amqtt", "tenseal", "paho-mqtt", "ruamel.yaml"):
         (comp,) = by_name[dist]
@@ -84,6 +85,8 @@ def test_security_policy_gives_a_private_channel_timelines_and_supported_version
     # the supported line is the package's own version line
     major_minor = ".".join(pacegate.__version__.split(".")[:2])
     assert f"| {major_minor}.x" in policy
-    assert "privately" in policy and "Do **not** open a public issue" in policy
-    assert "CVSS" in policy and "./dev sbom" in policy
+    assert "privately" in policy
+    assert "Do **not** open a public issue" in policy
+    assert "CVSS" in policy
+    assert "./dev sbom" in policy
     assert (REPO / "docs" / "out-of-scope.md").exists()

@@ -171,7 +171,8 @@ def test_v2_sealing_matches_the_published_vectors_and_an_independent_derivation(
     body = ChaCha20Poly1305(key).encrypt(nonce, reading.to_bytes(), aad)
     assert (b"\x02" + epoch + counter + body).hex() == vector["sealed"]
     sealed = seal_reading(psk, vector["device_id"], vector["counter"], reading, epoch=epoch)
-    assert sealed.hex() == vector["sealed"] and len(sealed) == SEALED_SIZE_V2
+    assert sealed.hex() == vector["sealed"]
+    assert len(sealed) == SEALED_SIZE_V2
     assert open_reading(psk, vector["device_id"], sealed) == (vector["counter"], reading)
 
 

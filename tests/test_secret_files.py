@@ -41,7 +41,9 @@ def test_missing_secret_names_the_file_and_the_given_fix(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as err:
         read_secret(path, "test key", missing_fix=FIX, key="store.key")
     text = str(err.value)
-    assert str(path) in text and "test key not found" in text and FIX in text
+    assert str(path) in text
+    assert "test key not found" in text
+    assert FIX in text
     assert err.value.key == "store.key"
 
 
@@ -53,7 +55,8 @@ def test_secret_with_a_mode_wider_than_0600_is_refused_with_the_chmod(
     with pytest.raises(ConfigError) as err:
         read_secret(path, "test key", missing_fix=FIX)
     text = str(err.value)
-    assert f"mode {mode:04o}" in text and f"chmod 600 {path}" in text
+    assert f"mode {mode:04o}" in text
+    assert f"chmod 600 {path}" in text
 
 
 def test_a_directory_or_fifo_in_a_secrets_place_is_refused_without_hanging(

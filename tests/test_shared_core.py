@@ -49,12 +49,15 @@ def test_psk_store_file_holds_no_psk_in_clear_and_is_private(tmp_path: Path) -> 
     store.add("pm-0001", psk)
     store.save()
     blob = (tmp_path / "psk.store").read_bytes()
-    assert psk not in blob and psk.hex().encode() not in blob
+    assert psk not in blob
+    assert psk.hex().encode() not in blob
     for name in ("psk.store", "psk.key"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     loaded = PskStore.load(tmp_path / "psk.store", tmp_path / "psk.key")
     entry = loaded.get("pm-0001")
-    assert entry is not None and entry.psk == psk and not entry.revoked
+    assert entry is not None
+    assert entry.psk == psk
+    assert not entry.revoked
 
 
 def test_psk_store_revocation_survives_reload(tmp_path: Path) -> None:
@@ -63,7 +66,8 @@ def test_psk_store_revocation_survives_reload(tmp_path: Path) -> None:
     store.revoke("pm-0001")
     store.save()
     entry = PskStore.load(tmp_path / "s", tmp_path / "k").get("pm-0001")
-    assert entry is not None and entry.revoked
+    assert entry is not None
+    assert entry.revoked
 
 
 def test_tampered_psk_store_is_refused_with_the_file_named(tmp_path: Path) -> None:
@@ -120,7 +124,8 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     p.write_text("a: 1\nb: [unclosed\nc: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(p)
-    assert str(p) in str(err.value) and err.value.line is not None
+    assert str(p) in str(err.value)
+    assert err.value.line is not None
 
 
 def test_wrong_type_names_file_line_and_key(tmp_path: Path) -> None:
@@ -166,7 +171,8 @@ def test_security_events_are_json_and_secret_fields_are_redacted() -> None:
     finally:
         logger.removeHandler(handler)
     event = json.loads(buf.getvalue())
-    assert event["event"] == "reading_rejected" and event["reason"] == "bad_tag"
+    assert event["event"] == "reading_rejected"
+    assert event["reason"] == "bad_tag"
     assert event["peer"] == "pm-0001"
     assert event["psk"] == event["session_key"] == event["reading"] == "<redacted>"
     assert "00" * 32 not in buf.getvalue()
@@ -213,8 +219,10 @@ def test_security_event_flood_is_one_summary_line_per_window(
     burst = event_limiter().burst
     assert len(lines) == burst + 1
     summary = lines[-1]
-    assert summary["event"] == SUPPRESSED_EVENT and summary["suppressed_event"] == "puback_ignored"
-    assert summary["suppressed"] == 10_000 - burst and summary["source"] == "1.2.3.4"
+    assert summary["event"] == SUPPRESSED_EVENT
+    assert summary["suppressed_event"] == "puback_ignored"
+    assert summary["suppressed"] == 10_000 - burst
+    assert summary["source"] == "1.2.3.4"
 
 
 # -- TLS contexts -------------------------------------------------------------------------

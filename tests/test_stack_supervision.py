@@ -253,7 +253,8 @@ def test_on_mosquitto_acknowledged_readings_are_stored_once_while_gateway_and_ho
     assert result["stored_twice"] == []
     assert result["restarts"]["gateway"] == result["restarts"]["hospital"] == 1
     assert result["restarts"]["broker"] == 0
-    assert result["up_exit_code"] == 0 and not result["up_log_killed_after_grace"]
+    assert result["up_exit_code"] == 0
+    assert not result["up_log_killed_after_grace"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mosquitto drops privileges only as root")

@@ -80,7 +80,8 @@ def test_an_open_sqlite_store_is_a_reading_store_at_runtime(tmp_path: Path) -> N
     with SqliteReadingStore.open(tmp_path / "readings.db", tmp_path / "keyring.json") as store:
         assert isinstance(store, ReadingStore)
         assert store.name == str(tmp_path / "readings.db")
-        assert store.anchor is not None and store.anchor.exists()
+        assert store.anchor is not None
+        assert store.anchor.exists()
 
 
 def test_no_module_outside_the_store_modules_names_a_store_backend() -> None:

@@ -33,7 +33,8 @@ def test_a_newer_crl_signed_by_the_ca_is_installed_and_an_older_one_refused(
     revoke_device(pki.root, "pm-0002")
     after = pki.crl.read_bytes()
     newer = judge_crl(before, after, _ca(pki))
-    assert newer.install and newer.version > judge_crl(None, before, _ca(pki)).version
+    assert newer.install
+    assert newer.version > judge_crl(None, before, _ca(pki)).version
     assert not judge_crl(after, after, _ca(pki)).install  # the same CRL: nothing to do
     with pytest.raises(TrustUpdateRefused) as refused:
         judge_crl(after, before, _ca(pki))  # replayed by whoever sits on the path
@@ -57,7 +58,8 @@ def test_edge_node_gets_no_ca_key_and_no_device_secret(pki: PkiLayout, tmp_path:
     node = PkiLayout(tmp_path / "edge")
     written = provision_edge_node(pki, node)
     names = {p.relative_to(node.root).as_posix() for p in written}
-    assert "ca.key" not in names and not any(n.startswith("devices/") for n in names)
+    assert "ca.key" not in names
+    assert not any(n.startswith("devices/") for n in names)
     assert {p.relative_to(pki.root).as_posix() for p in edge_node_files(pki)} == names
     for path in written:
         secret = path.suffix == ".key" or path.parent == node.keystore_dir
@@ -97,7 +99,8 @@ def _device_connects(edge: PkiLayout, host: str, port: int, master: PkiLayout) -
         key=master.device_key("pm-0002"),
         client_id="pm-0002",
     )
-    assert outcome.connected and client is not None, outcome
+    assert outcome.connected, outcome
+    assert client is not None, outcome
     return client
 
 

@@ -203,7 +203,8 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 0 and proc.stdout.strip() == str(other)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == str(other)
     assert sorted(p.name for p in other.iterdir()) == sorted(LUA_FILES)
     # a folder that cannot be made: one line naming it and the fix, no traceback
     blocker = tmp_path / "a-file"
@@ -216,8 +217,10 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"cannot create {blocker / 'x'}" in proc.stderr and "--dir" in proc.stderr
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"cannot create {blocker / 'x'}" in proc.stderr
+    assert "--dir" in proc.stderr
 
     pcap = tmp_path / "one.pcap"
     pcap.write_bytes(_pcap([(41000, 8884, bytes([0x17]) + struct.pack(">I", 16) + bytes(16))]))
@@ -229,7 +232,8 @@ def test_wireshark_install_puts_the_dissectors_where_tshark_loads_them(tmp_path:
         timeout=60,
     )
     assert both.returncode == 0, both.stderr
-    assert "Lua" not in both.stderr and "pacegate-channel" in both.stdout
+    assert "Lua" not in both.stderr
+    assert "pacegate-channel" in both.stdout
 
 
 # -- a real demo ----------------------------------------------------------------------------
@@ -303,7 +307,8 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
             assert topic == f"pacemakers/{dev}/telemetry"
             # devices send v2: the boot epoch, then the counter, then ciphertext and tag
             assert int(ver) == header.version == sealed.VERSION_2
-            assert header.epoch is not None and bytes.fromhex(ep_hex) == header.epoch
+            assert header.epoch is not None
+            assert bytes.fromhex(ep_hex) == header.epoch
             assert int(ctr) == header.counter
             assert bytes.fromhex(ct) + bytes.fromhex(tag) == payload[sealed.HEADER_SIZE_V2 :]
             assert len(bytes.fromhex(tag)) == sealed.TAG_SIZE
@@ -371,7 +376,8 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
     ends = {hospital: ("gateway", "hospital"), cloud: ("hospital", "cloud")}
     for port, size, x_len, k_len, offered, client, server, time_ms, at, sig_len in hellos:
         assert (client, server) == ends[int(port)]
-        assert int(x_len) == 32 and int(k_len) == kem.MLKEM768_PUBLIC_KEY_SIZE
+        assert int(x_len) == 32
+        assert int(k_len) == kem.MLKEM768_PUBLIC_KEY_SIZE
         assert int(sig_len) == 3309
         names = 1 + len(client) + 1 + len(server)
         signed = 1 + 2 + 1 + 2 + 32 + 8 + names + 2 + 32 + 2 + 1184
@@ -392,7 +398,8 @@ def test_dissector_reads_a_real_demos_sealed_readings_with_the_devices_own_count
     )  # fmt: skip
     assert len(auths) == len(hellos)
     assert report["channel_handshakes"] == len(hellos)
-    assert report["channel_records"] > 0 and report["channel_unknown_frames"] == 0
+    assert report["channel_records"] > 0
+    assert report["channel_unknown_frames"] == 0
     assert report["channel_alerts"] == 0  # no hello of the demo's own services was refused
 
 
@@ -497,7 +504,8 @@ def test_dissector_shows_every_rekey_of_a_real_channel_session(tmp_path: Path) -
     # after each rekey the client's records start again at sequence 0 of the next epoch
     client = [(int(e), int(s)) for d, k, e, s in frames if d.startswith("client") and e]
     epochs = [e for e, _ in client]
-    assert epochs == sorted(epochs) and max(epochs) == rekeys
+    assert epochs == sorted(epochs)
+    assert max(epochs) == rekeys
     for epoch in range(1, rekeys + 1):
         assert min(s for e, s in client if e == epoch) == 0
     done = fields(pcap, "pacegate.channel.rekey", ["pacegate.channel.rekey"], home=home, extra=opts)
@@ -525,7 +533,8 @@ def test_dissector_shows_the_servers_key_update_requests_of_a_real_session(
     # one packet may carry several frames: their fields are joined by ";"
     frames = [f for d, k in rows for f in zip(d.split(";"), k.split(";"), strict=True)]
     asked = [d for d, k in frames if k == "KeyUpdateRequest"]
-    assert asked and all(d.startswith("server") for d in asked)
+    assert asked
+    assert all(d.startswith("server") for d in asked)
     # every rekey was asked for (this client never starts one); one more request may be
     # left unanswered when the client closes
     assert rekeys <= len(asked) <= rekeys + 1
@@ -630,10 +639,13 @@ def test_dissector_shows_unknown_versions_and_malformed_readings_as_such(tmp_pat
     assert counters == ["7", "9"]  # no counter is guessed for the unknown version
     assert tags == [bytes(range(15, 31)).hex()] * 2
     devices, versions, *_rest, experts = (c.split(";") for c in rows[1])
-    assert devices == ["pm-0003"] and versions == ["1"]
+    assert devices == ["pm-0003"]
+    assert versions == ["1"]
     assert any("v1 is 40 bytes, this is 30" in e for e in experts)
     devices, versions, _known, epochs, counters, *_rest, experts = (c.split(";") for c in rows[2])
-    assert devices == ["pm-0006"] and versions == ["2"] and epochs == counters == [""]
+    assert devices == ["pm-0006"]
+    assert versions == ["2"]
+    assert epochs == counters == [""]
     assert any("v2 is 48 bytes, this is 40" in e for e in experts)
 
     unknown = fields(pcap, "pacegate.sealed.unknown_version", ["frame.number"], home=home,
@@ -709,7 +721,8 @@ def test_capture_reports_unknown_versions_malformed_readings_and_nonce_reuse_per
     assert "pm-0001" not in findings  # one counter in three keys is not nonce reuse
     assert "version the dissector does not know (v7: 1;" in findings
     assert "2 sealed readings the dissector shows as malformed" in findings
-    assert "disagree" not in findings and "the devices sent" not in findings
+    assert "disagree" not in findings
+    assert "the devices sent" not in findings
     assert len(report.findings) == 3
 
 
@@ -846,8 +859,10 @@ def test_channel_dissector_shows_v2_hello_fields_alerts_and_unknown_versions(
     assert [r[0] for r in rows] == ["2", "4", "5", "8", "9"]
     _n, client, server, t, sig_len, layout_v, size = rows[0]
     assert (client, server, int(t), int(sig_len)) == ("gateway", "hospital", time_ms, 3309)
-    assert int(layout_v, 16) == session.VERSION_2 and int(size) == len(v2)
-    assert rows[1][1:5] == ["", "", "", ""] and int(rows[1][5], 16) == session.VERSION_1
+    assert int(layout_v, 16) == session.VERSION_2
+    assert int(size) == len(v2)
+    assert rows[1][1:5] == ["", "", "", ""]
+    assert int(rows[1][5], 16) == session.VERSION_1
     assert rows[2][1:6] == ["", "", "", "", ""]  # unknown version: nothing guessed
     # every new field filters
     by_server = fields(pcap, 'pacegate.channel.hello.server == "hospital"', ["frame.number"],
@@ -862,7 +877,8 @@ def test_channel_dissector_shows_v2_hello_fields_alerts_and_unknown_versions(
     alerts = fields(
         pcap, "pacegate.channel.alert.reason == 2", ["frame.number", "_ws.col.Info"], home=home
     )
-    assert [a[0] for a in alerts] == ["3"] and "Alert (stale)" in alerts[0][1]
+    assert [a[0] for a in alerts] == ["3"]
+    assert "Alert (stale)" in alerts[0][1]
     assert fields(pcap, "pacegate.channel.old_version", ["frame.number"], home=home) == [["4"]]
     unknown = fields(pcap, "pacegate.channel.unknown_version", ["frame.number"], home=home)
     assert unknown == [["5"], ["6"]]
