@@ -36,7 +36,8 @@ import numpy as np
 import tenseal as ts
 
 from cloud.aggregator import AggregatorFactory, InProcessAggregator
-from cloud.dask_aggregator import DEFAULT_BATCHES_PER_TASK, DaskBackend, DaskSettings
+from cloud.config import DEFAULT_BATCHES_PER_TASK
+from cloud.dask_aggregator import DaskBackend, DaskSettings
 from cloud.worker import CloudSession
 from console.dask_cluster import start_cluster, worker_name
 from pacegate import analytics_wire as wire

@@ -42,25 +42,21 @@ from distributed import Client, Future
 from distributed.security import Security
 
 from cloud.aggregator import Lane, add_partials, fold_batch
+from cloud.config import (
+    DEFAULT_BATCHES_PER_TASK,
+    DEFAULT_MAX_TASKS_IN_FLIGHT,
+    DEFAULT_TASK_TIMEOUT_S,
+)
 from pacegate import ckks
 from pacegate.analytics_wire import Accumulator, AnalyticsProtocolError
 from pacegate.errors import ConfigError
 
 log = logging.getLogger("pacegate.cloud.dask")
 
-# A task of 8 batches of 4 lanes carries ~8.4 MB of ciphertexts (0.26 MB each) plus the
-# 0.4 MB context: enough to spread a task's fixed round trip (~25 ms measured on the
-# 2-core VM, docs/scaling.md) over 32,768 readings, and under Dask's 10 MB warning.
-DEFAULT_BATCHES_PER_TASK = 8
 # ... and whatever the band count, a task's lanes stay under 9 MB: Dask warns ("Sending
 # large graph") at 10 MB (distributed.admin.large-graph-warning-threshold) and a big task
 # is a big loss when its worker dies.
 MAX_TASK_BYTES = 9_000_000
-# Tasks submitted but not yet folded: each holds its inputs on the scheduler and a worker,
-# so this bounds the cluster's memory per session (16 x ~9 MB), not the session's length.
-DEFAULT_MAX_TASKS_IN_FLIGHT = 16
-# How long the front worker waits for one task, retries on other workers included.
-DEFAULT_TASK_TIMEOUT_S = 300.0
 # Connecting to the scheduler: it may still be starting when the front worker does.
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 # Parsed public contexts a Dask worker keeps (by digest): one per live session is enough.

@@ -279,9 +279,37 @@ async def start_worker(
 
 async def run(config: Any, stop: asyncio.Event) -> None:
     """Serve pinned hospitals until ``stop`` is set (``config``: a
-    :class:`cloud.config.CloudConfig`)."""
-    server = await start_worker(config)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        log.info("cloud worker listening", extra={"fields": {"host": config.host, "port": port}})
-        await stop.wait()
+    :class:`cloud.config.CloudConfig`; with ``aggregator: {backend: dask}`` each session's
+    batches are summed on that Dask cluster)."""
+    backend = None
+    if getattr(config, "dask", None) is not None:
+        from cloud.dask_aggregator import DaskBackend, DaskSettings
+
+        d = config.dask
+        # connecting may wait for a scheduler still starting: off the event loop
+        backend = await asyncio.to_thread(
+            DaskBackend,
+            DaskSettings(
+                scheduler=d.scheduler,
+                ca_file=d.ca_file,
+                cert=d.cert,
+                key=d.key,
+                batches_per_task=d.batches_per_task,
+                max_tasks_in_flight=d.max_tasks_in_flight,
+                task_timeout_s=d.task_timeout_s,
+            ),
+        )
+    try:
+        server = await (
+            start_worker(config) if backend is None else start_worker(config, aggregator=backend)
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            log.info(
+                "cloud worker listening",
+                extra={"fields": {"host": config.host, "port": port, "dask": backend is not None}},
+            )
+            await stop.wait()
+    finally:
+        if backend is not None:
+            backend.close()

@@ -4,6 +4,8 @@ session protocol exactly as the hospital drives it."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import socket
 import ssl
 import threading
@@ -530,3 +532,81 @@ def test_cluster_identities_come_from_a_ca_of_their_own_with_server_and_client_u
     again = issue_cluster_identities(tmp_path / "cluster", ["dask-worker-2"])
     cert = x509.load_pem_x509_certificate(again["dask-worker-2"][0].read_bytes())
     cert.verify_directly_issued_by(cluster_ca)
+
+
+def test_cloud_yaml_aggregator_mistakes_name_the_key_and_the_fix(tmp_path: Path) -> None:
+    from cloud.config import load_cloud_config
+    from tests.test_analysis_channel import make_workdir
+
+    work = make_workdir(tmp_path)
+    base = work.cloud_config.read_text()
+    cases = {
+        "aggregator:\n  backend: spark\n": ("aggregator.backend", "in_process or dask"),
+        "aggregator:\n  backend: dask\n  scheduler: tcp://127.0.0.1:8786\n": (
+            "aggregator.scheduler",
+            "tls://",
+        ),
+        "aggregator:\n  backend: dask\n  scheduler: tls://127.0.0.1:8786\n": (
+            "aggregator.ca_file",
+            "",
+        ),
+        "aggregator:\n  backend: in_process\n  scheduler: tls://x:1\n": ("scheduler", ""),
+    }
+    for extra, (key, fix) in cases.items():
+        work.cloud_config.write_text(base + extra)
+        with pytest.raises(ConfigError, match=key) as info:
+            load_cloud_config(work.cloud_config)
+        assert fix in str(info.value)
+    work.cloud_config.write_text(base)
+    assert load_cloud_config(work.cloud_config).dask is None  # the default: in this process
+
+
+@pytest.mark.integration
+async def test_cloud_yaml_backend_dask_makes_the_cloud_service_sum_on_the_cluster(
+    tmp_path: Path, cluster: DaskCluster
+) -> None:
+    """`aggregator: {backend: dask, ...}` in cloud.yaml, read by the service's own
+    `cloud.worker.run`, which connects to the cluster itself: the hospital's analysis over
+    the PQ channel matches plaintext."""
+    from cloud.config import load_cloud_config
+    from cloud.worker import run
+    from console.workdir import hospital_config_text
+    from hospital.analysis.job import run_analysis_async
+    from hospital.analysis.settings import AnalysisSettings
+    from tests.support import free_port
+    from tests.test_analysis_channel import T0, fill_store, make_workdir
+
+    work = make_workdir(tmp_path)
+    port = free_port()
+    text = work.cloud_config.read_text()
+    text = re.sub(r"(?m)^  port: \d+$", f"  port: {port}", text, count=1)
+    work.cloud_config.write_text(
+        text
+        + "aggregator:\n  backend: dask\n"
+        + f"  scheduler: {cluster.address}\n  ca_file: {cluster.ca_file}\n"
+        + f"  cert: {cluster.client_cert}\n  key: {cluster.client_key}\n  batches_per_task: 2\n"
+    )
+    cfg = load_cloud_config(work.cloud_config)
+    assert cfg.dask is not None
+    assert cfg.dask.scheduler == cluster.address
+    work.hospital_config.write_text(
+        hospital_config_text(work, port=0, metrics_port=0, cloud_port=port)
+    )
+    fill_store(work, 1500)
+    stop = asyncio.Event()
+    service = asyncio.create_task(run(cfg, stop))
+    try:
+        from tests.support import wait_for_port
+
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", port)
+        report = await run_analysis_async(
+            work.hospital_config,
+            since=T0,
+            until=T0 + timedelta(minutes=1500),
+            settings=AnalysisSettings(bands=(0, 50), batch_size=300),
+        )
+    finally:
+        stop.set()
+        await service
+    assert report.failures() == []
+    assert report.plain.n == 1500
