@@ -27,7 +27,6 @@ writer's rows, or the removal of its whole chain, is detected by ``verify`` on t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -58,19 +57,21 @@ from hospital.chain import (
 )
 from hospital.config import WRITER_ID
 from hospital.keyring import ChainKeys, InvalidToken, Keyring
-from hospital.rowcodec import StoredReading, decode_plaintext, encode_plaintext, in_period
+from hospital.rowcodec import decode_plaintext, encode_plaintext
 from hospital.store import (
     DEFAULT_ITER_BATCH,
     ROTATE_BATCH,
+    ChainChecker,
+    PlaintextScans,
     ReadingStore,
     RotationReport,
     StoreError,
     StoreResult,
+    check_scan_arguments,
 )
 from pacegate.errors import ConfigError
 from pacegate.ingest import IngestItem
 from pacegate.layout import SECRET_DIR_MODE
-from pacegate.reading import Reading
 
 SCHEMA_VERSION = 1
 # A batch whose row keys another writer inserted between our duplicate check and our insert
@@ -366,7 +367,7 @@ class _PgChainCursor:
         )
 
 
-class PostgresReadingStore:
+class PostgresReadingStore(PlaintextScans):
     """The :class:`hospital.store.ReadingStore` of several ingest nodes writing one
     PostgreSQL database; each node opens it with its own ``writer`` id. Thread-safe (one
     connection behind a lock; scans use connections of their own)."""
@@ -655,7 +656,7 @@ class PostgresReadingStore:
             row = self._conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
         return (int(row[0]), int(row[1])) if row is not None and row[0] is not None else (0, 0)
 
-    def _pages(
+    def _plaintext_pages(
         self,
         since: datetime | None,
         until: datetime | None,
@@ -664,11 +665,7 @@ class PostgresReadingStore:
     ) -> Iterator[list[tuple[int, bytes, bytes, bytes, str, int]]]:
         """``(seq, plaintext, row_key, chain, writer, wseq)`` in arrival order, a query of
         ``batch_size`` rows at a time (no transaction held between them)."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        for bound in (since, until):
-            if bound is not None and bound.tzinfo is None:
-                raise ValueError("since/until must be timezone-aware")
+        check_scan_arguments(since, until, batch_size)
         lo, stop = seq_range if seq_range is not None else (1, 2**63 - 1)
         last = max(lo - 1, 0)
         while True:
@@ -692,78 +689,14 @@ class PostgresReadingStore:
                 page.append((seq, plaintext, bytes(row_key), bytes(chain), writer, wseq))
             yield page
 
+    def _chain_cursor(self, seq_range: tuple[int, int] | None) -> ChainChecker:
+        return _PgChainCursor(self)  # each row is checked against its own writer's chain
+
     def _undecryptable(self, seq: int, why: str) -> StoreError:
         return StoreError(
             f"{self.name}: row {seq} does not decrypt under the keyring {self.keyring.path} "
             f"({why}); run 'pacegate hospital verify'"
         )
-
-    def iter_records(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-    ) -> Iterator[list[StoredReading]]:
-        """As :meth:`hospital.store.ReadingStore.iter_records`."""
-        for page in self._pages(since, until, batch_size, seq_range):
-            out = []
-            for seq, plaintext, *_ in page:
-                try:
-                    record = decode_plaintext(plaintext)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise self._undecryptable(seq, type(exc).__name__) from None
-                ts = record.reading.timestamp
-                if (since is None or ts >= since) and (until is None or ts < until):
-                    out.append(record)
-            if out:
-                yield out
-
-    def iter_readings(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-    ) -> Iterator[list[Reading]]:
-        for batch in self.iter_records(since, until, batch_size, seq_range=seq_range):
-            yield [r.reading for r in batch]
-
-    def iter_reading_values(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-        check_chain: bool = False,
-    ) -> Iterator[tuple[list[int], list[int]]]:
-        """As :meth:`hospital.store.ReadingStore.iter_reading_values`; ``check_chain``
-        checks each row against its own writer's chain."""
-        cursor = _PgChainCursor(self) if check_chain else None
-        for page in self._pages(since, until, batch_size, seq_range):
-            try:
-                objs = json.loads(b"[" + b",".join(row[1] for row in page) + b"]")
-                readings = [o["reading"] for o in objs]
-                ages = [int(r["age"]) for r in readings]
-                rates = [int(r["heart_rate_bpm"]) for r in readings]
-                if cursor is not None:
-                    cursor.check(page, objs)
-                if since is not None or until is not None:
-                    keep = [in_period(r["timestamp"], since, until) for r in readings]
-                    ages = [a for a, k in zip(ages, keep, strict=True) if k]
-                    rates = [h for h, k in zip(rates, keep, strict=True) if k]
-            except (ValueError, KeyError, TypeError):
-                for seq, plaintext, *_ in page:
-                    try:
-                        decode_plaintext(plaintext)
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise self._undecryptable(seq, type(exc).__name__) from None
-                raise
-            if ages:
-                yield ages, rates
 
     # -- integrity ------------------------------------------------------------------------------
     def scan(

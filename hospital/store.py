@@ -365,7 +365,128 @@ class _ChainCursor:
         )
 
 
-class SqliteReadingStore:
+class PlaintextScans:
+    """The read scans both backends share, written once over what each provides:
+    :meth:`_plaintext_pages` (``(seq, plaintext, row_key, chain, ...)`` rows in arrival
+    order, decrypted, one list per query), :meth:`_undecryptable` (the error naming a row)
+    and :meth:`_chain_cursor` (the chain check of ``check_chain``)."""
+
+    def _plaintext_pages(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        batch_size: int,
+        seq_range: tuple[int, int] | None,
+    ) -> Iterator[Sequence[tuple[Any, ...]]]:
+        raise NotImplementedError
+
+    def _undecryptable(self, seq: int, why: str) -> StoreError:
+        raise NotImplementedError
+
+    def _chain_cursor(self, seq_range: tuple[int, int] | None) -> ChainChecker:
+        raise NotImplementedError
+
+    def iter_records(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
+    ) -> Iterator[list[StoredReading]]:
+        """Stream every stored reading in arrival order, ``batch_size`` rows per query.
+
+        Timestamps are not in clear in the database, so ``since`` (inclusive) and ``until``
+        (exclusive) are applied after decryption: a filtered scan costs a full scan. Memory
+        stays bounded by one batch; no read transaction is held between batches.
+        ``seq_range=(lo, hi)`` limits the scan to rows ``lo <= seq < hi`` (several
+        processes can each decrypt a slice; see :meth:`seq_bounds`).
+        """
+        for page in self._plaintext_pages(since, until, batch_size, seq_range):
+            out = []
+            for seq, plaintext, *_ in page:
+                try:
+                    record = decode_plaintext(plaintext)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise self._undecryptable(seq, type(exc).__name__) from None
+                ts = record.reading.timestamp
+                if (since is None or ts >= since) and (until is None or ts < until):
+                    out.append(record)
+            if out:
+                yield out
+
+    def iter_readings(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
+    ) -> Iterator[list[Reading]]:
+        for batch in self.iter_records(since, until, batch_size, seq_range=seq_range):
+            yield [r.reading for r in batch]
+
+    def iter_reading_values(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = DEFAULT_ITER_BATCH,
+        *,
+        seq_range: tuple[int, int] | None = None,
+        check_chain: bool = False,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """``(ages, heart_rates)`` of the same rows as :meth:`iter_readings`, per batch of
+        rows, for analytics: the JSON of a whole batch is parsed in one call and no
+        :class:`Reading` is built, which makes a scan ~25 % cheaper. Timestamps are parsed
+        only when ``since``/``until`` filter. A row that does not decrypt or parse raises
+        :class:`StoreError` naming it, as in :meth:`iter_records`.
+
+        ``check_chain``: every row of the range (filtered by time or not) is also checked
+        against the chain, from the row before the range on, as :meth:`verify` does; the
+        first damaged row raises :class:`StoreError` naming it. Together with
+        :meth:`check_head` and a range from row 1 to its result, nothing :meth:`verify`
+        would flag passes."""
+        chain = self._chain_cursor(seq_range) if check_chain else None
+        for page in self._plaintext_pages(since, until, batch_size, seq_range):
+            plaintexts = [row[1] for row in page]
+            try:
+                objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
+                readings = [o["reading"] for o in objs]
+                ages = [int(r["age"]) for r in readings]
+                rates = [int(r["heart_rate_bpm"]) for r in readings]
+                if chain is not None:
+                    chain.check(page, objs)
+                if since is not None or until is not None:
+                    keep = [in_period(r["timestamp"], since, until) for r in readings]
+                    ages = [a for a, k in zip(ages, keep, strict=True) if k]
+                    rates = [h for h, k in zip(rates, keep, strict=True) if k]
+            except (ValueError, KeyError, TypeError):
+                for seq, plaintext, *_ in page:
+                    try:  # find the culprit, and say which row it is
+                        decode_plaintext(plaintext)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise self._undecryptable(seq, type(exc).__name__) from None
+                raise
+            if ages:
+                yield ages, rates
+
+
+class ChainChecker(Protocol):
+    """Checks each page of a scan against the chain (``iter_reading_values(check_chain=)``)."""
+
+    def check(self, page: Any, objs: list[Any]) -> None: ...  # (each backend its rows)
+
+
+def check_scan_arguments(since: datetime | None, until: datetime | None, batch_size: int) -> None:
+    """What every scan refuses before it reads a row: a batch under one row, a naive time."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    for bound in (since, until):
+        if bound is not None and bound.tzinfo is None:
+            raise ValueError("since/until must be timezone-aware")
+
+
+class SqliteReadingStore(PlaintextScans):
     """The embedded :class:`ReadingStore`. Thread-safe (one connection behind a lock)."""
 
     def __init__(self, db_path: Path, keyring: Keyring, anchor_path: Path | None = None) -> None:
@@ -578,89 +699,8 @@ class SqliteReadingStore:
             lo, hi = self._conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
         return (int(lo), int(hi)) if lo is not None else (0, 0)
 
-    def iter_records(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-    ) -> Iterator[list[StoredReading]]:
-        """Stream every stored reading in arrival order, ``batch_size`` rows per query.
-
-        Timestamps are not in clear in the database, so ``since`` (inclusive) and ``until``
-        (exclusive) are applied after decryption: a filtered scan costs a full scan. Memory
-        stays bounded by one batch; no read transaction is held between batches.
-        ``seq_range=(lo, hi)`` limits the scan to rows ``lo <= seq < hi`` (several
-        processes can each decrypt a slice; see :meth:`seq_bounds`).
-        """
-        for page in self._plaintext_pages(since, until, batch_size, seq_range):
-            out = []
-            for seq, plaintext, _, _ in page:
-                try:
-                    record = decode_plaintext(plaintext)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise self._undecryptable(seq, type(exc).__name__) from None
-                ts = record.reading.timestamp
-                if (since is None or ts >= since) and (until is None or ts < until):
-                    out.append(record)
-            if out:
-                yield out
-
-    def iter_readings(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-    ) -> Iterator[list[Reading]]:
-        for batch in self.iter_records(since, until, batch_size, seq_range=seq_range):
-            yield [r.reading for r in batch]
-
-    def iter_reading_values(
-        self,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        batch_size: int = DEFAULT_ITER_BATCH,
-        *,
-        seq_range: tuple[int, int] | None = None,
-        check_chain: bool = False,
-    ) -> Iterator[tuple[list[int], list[int]]]:
-        """``(ages, heart_rates)`` of the same rows as :meth:`iter_readings`, per batch of
-        rows, for analytics: the JSON of a whole batch is parsed in one call and no
-        :class:`Reading` is built, which makes a scan ~25 % cheaper. Timestamps are parsed
-        only when ``since``/``until`` filter. A row that does not decrypt or parse raises
-        :class:`StoreError` naming it, as in :meth:`iter_records`.
-
-        ``check_chain``: every row of the range (filtered by time or not) is also checked
-        against the chain, from the row before the range on, as :meth:`verify` does; the
-        first damaged row raises :class:`StoreError` naming it. Together with
-        :meth:`check_head` and a range from row 1 to its result, nothing :meth:`verify`
-        would flag passes."""
-        chain = _ChainCursor(self, seq_range) if check_chain else None
-        for page in self._plaintext_pages(since, until, batch_size, seq_range):
-            plaintexts = [row[1] for row in page]
-            try:
-                objs = json.loads(b"[" + b",".join(plaintexts) + b"]")
-                readings = [o["reading"] for o in objs]
-                ages = [int(r["age"]) for r in readings]
-                rates = [int(r["heart_rate_bpm"]) for r in readings]
-                if chain is not None:
-                    chain.check(page, objs)
-                if since is not None or until is not None:
-                    keep = [in_period(r["timestamp"], since, until) for r in readings]
-                    ages = [a for a, k in zip(ages, keep, strict=True) if k]
-                    rates = [h for h, k in zip(rates, keep, strict=True) if k]
-            except (ValueError, KeyError, TypeError):
-                for seq, plaintext, _, _ in page:
-                    try:  # find the culprit, and say which row it is
-                        decode_plaintext(plaintext)
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise self._undecryptable(seq, type(exc).__name__) from None
-                raise
-            if ages:
-                yield ages, rates
+    def _chain_cursor(self, seq_range: tuple[int, int] | None) -> ChainChecker:
+        return _ChainCursor(self, seq_range)
 
     def _plaintext_pages(
         self,
@@ -674,11 +714,7 @@ class SqliteReadingStore:
         held per query only. Checks the arguments both public scans share
         (``since``/``until`` only for a timezone: the callers filter). A token that does
         not decrypt raises :class:`StoreError` naming its row."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        for bound in (since, until):
-            if bound is not None and bound.tzinfo is None:
-                raise ValueError("since/until must be timezone-aware")
+        check_scan_arguments(since, until, batch_size)
         lo, stop = seq_range if seq_range is not None else (1, None)
         last = max(lo - 1, 0)
         while True:
