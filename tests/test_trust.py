@@ -22,6 +22,20 @@ from tests.support import embedded_broker, free_port, try_connect, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _trust_server(pki: PkiLayout, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`pacegate trust serve` for ``pki`` on loopback ``port``, its output in ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "console", "trust", "serve", "--dir", str(pki.root)),
+                *("--listen", f"127.0.0.1:{port}"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+
 def _ca(pki: PkiLayout) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
 
@@ -115,23 +129,7 @@ def test_a_revocation_reaches_every_edge_node_and_closes_the_device_wherever_it_
     session, and both edge copies of the PSK store mark it revoked."""
     port = free_port()
     serve_log = tmp_path / "serve.log"
-    with open(serve_log, "w") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "console",
-                "trust",
-                "serve",
-                "--dir",
-                str(pki.root),
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+    server = _trust_server(pki, port, serve_log)
     nodes = [PkiLayout(tmp_path / f"edge-{i}") for i in (1, 2)]
     brokers = []
     clients = []
@@ -185,23 +183,7 @@ def test_trust_server_serves_only_its_two_documents(pki: PkiLayout, tmp_path: Pa
 
     port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "console",
-                "trust",
-                "serve",
-                "--dir",
-                str(pki.root),
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+    server = _trust_server(pki, port, log)
     try:
         assert wait_until(lambda: READY_MARK in log.read_text(), 30), log.read_text()
         base = f"http://127.0.0.1:{port}"
