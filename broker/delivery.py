@@ -73,6 +73,7 @@ from broker.amqtt_api import (
     PublishPacket,
     Session,
 )
+from pacegate.errors import InvariantError
 from pacegate.log import security_event
 
 
@@ -373,7 +374,8 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
             await self._drop_connection()
             return
         if ticket is not None:
-            assert packet_id is not None
+            if packet_id is None:
+                raise InvariantError("a QoS 1 publish with a ticket has a packet id")
             self.spawn(self._puback_when_acknowledged(ticket, packet_id))
 
     async def _drop_connection(self) -> None:
@@ -404,7 +406,8 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if app_message.direction != OUTGOING or self.session is None:
             await super()._handle_qos1_message_flow(app_message)
             return
-        assert isinstance(app_message, OutgoingApplicationMessage)
+        if not isinstance(app_message, OutgoingApplicationMessage):
+            raise InvariantError(f"an outgoing flow got {type(app_message).__name__}")
         waiter = await self._send_qos1(app_message)
         if waiter is not None:
             await self._await_puback(app_message, waiter)
@@ -415,7 +418,8 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
         """Put ``app_message`` in the session until its PUBACK and write it once on this
         connection. Returns the PUBACK waiter, or None if it was not sent here (already in
         flight on this connection, or the connection is ending: the next one resends it)."""
-        assert self.session is not None
+        if self.session is None:
+            raise InvariantError("a QoS 1 message sent with no session")
         packet_id = app_message.packet_id
         if packet_id is None:
             raise ValueError("QoS 1 message without a packet id")
@@ -444,7 +448,8 @@ class DeliveringHandler(BrokerProtocolHandler):  # type: ignore[misc]
     ) -> None:
         """Wait for the PUBACK of a message :meth:`_send_qos1` wrote; only then does the
         session let go of it. If the connection ends first, it stays for the next one."""
-        assert self.session is not None
+        if self.session is None:
+            raise InvariantError("a QoS 1 message sent with no session")
         packet_id = app_message.packet_id
         try:
             # handle_puback already released it from the session and acknowledged it

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from gateway.topics import device_id_in
 from pacegate.configfile import ConfigSection, load_config
-from pacegate.errors import ConfigError
+from pacegate.errors import ConfigError, InvariantError
 from pacegate.identity import IDENTITY_NAME_PATTERN, IDENTITY_NAME_RULE, is_identity_name
 from pacegate.ingest import MAX_BATCH_ITEMS
 from pacegate.ports import GATEWAY_METRICS, HOSPITAL, MQTT
@@ -477,13 +477,10 @@ def _route(sec: ConfigSection, index: int, out: _Collector) -> Route | None:
     limits = None
     if lim is not None:
         limits = _limits(lim, out)
-    if None in (topic, device_level, dest, qos, limits) or not fmt:
+    if topic is None or device_level is None or dest is None or qos is None or limits is None:
         return None
-    assert topic is not None
-    assert device_level is not None
-    assert dest is not None
-    assert qos is not None
-    assert limits is not None
+    if not fmt:
+        return None
     return Route(
         name=name,
         topic=topic,
@@ -684,8 +681,7 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
         seen_topics.setdefault(route.topic, i)
         routes.append(route)
 
-    if spool and hospital and spool.max_readings < hospital.batch_max_readings:
-        assert s is not None
+    if s is not None and spool and hospital and spool.max_readings < hospital.batch_max_readings:
         out.errors.append(
             s.error(
                 "max_readings",
@@ -697,11 +693,9 @@ def parse_gateway_config(root: ConfigSection, *, check_files: bool = True) -> Ga
     if out.errors:
         out.errors.sort(key=lambda e: e.line or 0)
         raise GatewayConfigError(out.errors)
-    assert mqtt
-    assert psk
-    assert hospital
-    assert spool
-    assert metrics
+    if mqtt is None or psk is None or hospital is None or spool is None or metrics is None:
+        # every missing section was an error collected above
+        raise InvariantError("gateway.yaml parsed without errors but a section is missing")
     return GatewayConfig(
         path=root.path,
         mqtt=mqtt,

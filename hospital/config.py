@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from pacegate.ports import (
     DEFAULT_HOSPITAL_PORT,
     DEFAULT_HOST,
 )
+from pacegate.secretfile import read_secret
 
 _TOP_KEYS = {"listen", "identity", "allowed_gateways", "store", "metrics", "cloud", "analysis"}
 STORE_BACKENDS = ("sqlite", "postgresql")
@@ -58,32 +58,18 @@ class PostgresStoreConfig:
         the file and the fix, never the file's content."""
         path = self.dsn_file
         key = "store.dsn_file"
+        raw = read_secret(
+            path,
+            "DSN file",
+            key=key,
+            missing_fix=f"write the libpq DSN (host=... dbname=... user=... password=...) into "
+            f"the file {self.config} names, mode 0600: install -m 600 /dev/null {path}",
+            max_bytes=MAX_DSN_BYTES,
+        )
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ConfigError(
-                path,
-                key,
-                f"DSN file not found (named in {self.config})",
-                fix="write the libpq DSN (host=... dbname=... user=... password=...) into "
-                f"it, mode 0600: install -m 600 /dev/null {path}",
-            ) from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                path,
-                key,
-                f"the DSN file is accessible by group or others (mode "
-                f"{stat.S_IMODE(st.st_mode):o}); it holds the database password",
-                fix=f"chmod 600 {path}",
-            )
-        if st.st_size > MAX_DSN_BYTES:
-            raise ConfigError(path, key, f"larger than {MAX_DSN_BYTES} bytes: not a DSN")
-        try:
-            dsn = path.read_bytes().decode("utf-8").strip()
+            dsn = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise ConfigError(path, key, "not UTF-8 text", fix="one line: the DSN") from None
-        except OSError as exc:
-            raise ConfigError(path, key, f"cannot read: {exc.strerror}") from None
         if not dsn or "\n" in dsn:
             raise ConfigError(path, key, "must hold exactly one line, the DSN", fix="one line")
         return dsn
