@@ -233,6 +233,12 @@ def _analyze(args: argparse.Namespace) -> int:
     return analyze.main(args)
 
 
+def _cluster_up(args: argparse.Namespace) -> int:
+    from console import cluster
+
+    return cluster.cli_up(args)
+
+
 def _trust_serve(args: argparse.Namespace) -> int:
     from console import trust
 
@@ -337,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mosquitto whose live session of the device to close (default: the one "
         "running with this PKI's generated configuration, found by its pid_file)",
     )
+
+    # --- several nodes on one machine -----------------------------------------------------
+    cluster = sub.add_parser(
+        "cluster", help="the multi-node topology on one machine (edges, hospitals, workers)"
+    )
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    p = _add(
+        cluster_sub,
+        "up",
+        _cluster_up,
+        "start N edge nodes (broker + gateway), M hospital nodes on one PostgreSQL, the cloud "
+        "(on K Dask workers), each node supervised; Ctrl-C stops",
+    )
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--hospitals", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="Dask workers (0: sum in process)")
 
     # --- trust material between nodes ----------------------------------------------------
     trust = sub.add_parser(
@@ -554,6 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--rate", type=float, default=2.0, help="readings per second per device")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on the multi-node topology (2 edge nodes, 2 hospital nodes on PostgreSQL, the "
+        "cloud; a fresh --workdir): every acknowledged reading is looked up in the store",
+    )
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="with --cluster: SIGKILL an edge node, a hospital node and a Dask worker mid-run",
+    )
     p = _add(
         sub,
         "capture",

@@ -74,6 +74,9 @@ STABLE_RUN_S = 30.0
 CRASH_LOOP_FAILURES = 5
 CRASH_LOOP_WINDOW_S = 60.0
 SUPERVISE_INTERVAL_S = 0.2
+# A service with no port (port 0 in the plan) counts as started if it is still alive after
+# this long: it has parsed its configuration and opened its files by then.
+PORTLESS_SETTLE_S = 1.0
 # ``pacegate up --broker``: the embedded amqtt broker (end-to-end acknowledgement), or
 # Debian's Mosquitto with pacegate's configuration (WORKDIR/mosquitto.conf).
 BROKERS = ("embedded", "mosquitto")
@@ -301,6 +304,14 @@ class Stack:
             "gateway": ep.gateway_metrics,
         }[name]
 
+    def service_names(self) -> tuple[str, ...]:
+        """The services, in start order (a seam: a cluster supervises more of them)."""
+        return SERVICE_ORDER
+
+    def stop_rank(self, name: str) -> int:
+        """Where ``name`` comes in the stop order (:data:`STOP_ORDER`: the device side first)."""
+        return STOP_ORDER.index(name) if name in STOP_ORDER else len(STOP_ORDER)
+
     def service_argv(self, name: str) -> list[str]:
         """The command line of service ``name`` (a seam: bench/bench_pipeline.py starts the
         same stack with its plaintext services through it)."""
@@ -318,7 +329,7 @@ class Stack:
         self._preflight()
         self.work.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for name in SERVICE_ORDER:
+            for name in self.service_names():
                 self._start_one(name)
         except BaseException:
             self.stop()
@@ -340,7 +351,12 @@ class Stack:
         self.services.append(service)
         host, port = self._port_of(name)
         try:
-            wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
+            if port:
+                wait_for_listen(port, SERVICE_START_TIMEOUT_S, proc)
+            else:  # a service that listens on nothing (a follower): alive after a moment
+                time.sleep(PORTLESS_SETTLE_S)
+                if proc.poll() is not None:
+                    raise StackError(f"exited with code {proc.returncode} at start")
         except StackError as exc:
             raise StackError(
                 f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{service.tail()}"
@@ -352,8 +368,10 @@ class Stack:
         """Before anything starts: every port free (else name it and its holder, instead of
         a service's traceback in its log), and every log owner-only (a log names devices
         and peers; opening it for append keeps the mode made here)."""
-        for name in SERVICE_ORDER:
+        for name in self.service_names():
             host, port = self._port_of(name)
+            if not port:
+                continue
             ensure_port_free(name, host, port, where=f"{self.work.endpoints} (or delete it)")
             create_private(self.work.logs_dir / f"{name}.log")
 
@@ -440,7 +458,7 @@ class Stack:
                 "last_exit_code": self.last_exit.get(name),
                 "restarting": name in self.restart_at,
             }
-            for name in SERVICE_ORDER
+            for name in self.service_names()
         }
         path = self.work.root / "supervision.json"
         tmp = path.with_suffix(".json.tmp")
@@ -452,8 +470,7 @@ class Stack:
         """SIGTERM our services, the device side first (:data:`STOP_ORDER`), each waited
         for in turn; SIGKILL any that outstays the grace."""
         self.restart_at.clear()
-        rank = {name: i for i, name in enumerate(STOP_ORDER)}
-        for s in sorted(self.services, key=lambda s: rank.get(s.name, len(rank))):
+        for s in sorted(self.services, key=lambda s: self.stop_rank(s.name)):
             was_running = s.proc.poll() is None
             if was_running:
                 with contextlib.suppress(ProcessLookupError):
@@ -631,5 +648,11 @@ def cli_up(args: argparse.Namespace) -> int:
 def cli_demo(args: argparse.Namespace) -> int:
     from console.demo import run_demo
 
+    if getattr(args, "chaos", False) and not getattr(args, "cluster", False):
+        raise ConfigError(None, "--chaos", "needs --cluster", fix="pacegate demo --cluster --chaos")
+    if getattr(args, "cluster", False):
+        from console.cluster import run_cluster_demo
+
+        return run_cluster_demo(args)
     hold_workdir(WorkLayout(args.workdir.resolve()))
     return run_demo(args)
