@@ -539,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
         "at its home node (by device id) and fails over to the next (default: WORKDIR's broker)",
     )
     p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="leave out the first N enrolled devices (several simulator processes, one PKI)",
+    )
+    p.add_argument(
         "--counter-block",
         type=int,
         default=1024,

@@ -73,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
                 counter_block=getattr(args, "counter_block", DEFAULT_BLOCK),
                 drain_s=getattr(args, "drain", DEFAULT_DRAIN_S),
                 acked_log=getattr(args, "acked_log", None),
+                skip=getattr(args, "skip", 0),
                 progress=show,
             )
         )

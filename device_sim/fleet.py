@@ -129,10 +129,14 @@ def load_bundle(pki: PkiLayout, device_id: str) -> DeviceBundle:
     return DeviceBundle(device_id, pki.device_cert(device_id), pki.device_key(device_id), psk)
 
 
-def select_devices(pki: PkiLayout, count: int) -> list[str]:
+def select_devices(pki: PkiLayout, count: int, *, skip: int = 0) -> list[str]:
+    """``count`` active devices, after the first ``skip`` (several simulator processes
+    share one PKI: each takes its own slice)."""
     if count < 1:
         raise ConfigError(None, "--count", f"must be at least 1, got {count}")
-    ids = active_device_ids(pki)
+    if skip < 0:
+        raise ConfigError(None, "--skip", f"must be at least 0, got {skip}")
+    ids = active_device_ids(pki)[skip:]
     if len(ids) < count:
         raise ConfigError(
             pki.registry,
@@ -200,6 +204,7 @@ async def run_fleet(
     progress: Callable[[FleetProgress], None] | None = None,
     stop: asyncio.Event | None = None,
     acked_log: Path | None = None,
+    skip: int = 0,
 ) -> FleetSummary:
     """Run ``count`` enrolled devices of the PKI ``pki`` against the broker at ``endpoints``
     (one, or several edge nodes: each device has a home node and fails over to the next) for
@@ -211,7 +216,7 @@ async def run_fleet(
         raise ConfigError(None, "--duration", f"must be > 0 s, got {duration}")
     if not endpoints:
         raise ConfigError(None, "--broker", "no broker endpoint given")
-    ids = select_devices(pki, count)
+    ids = select_devices(pki, count, skip=skip)
     targets = tuple(endpoints)
     prepared = await asyncio.to_thread(_prepare, pki, ids, counter_block)
     gate = asyncio.Semaphore(connect_concurrency)
