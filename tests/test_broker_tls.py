@@ -11,20 +11,26 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pacegate.layout import PkiLayout
 from tests.support import (
     MOSQUITTO,
     BrokerHandle,
+    MqttClient,
+    client_tls_context,
     connect_as,
     free_port,
     let_others_through,
     try_connect,
+    wait_until,
 )
 
 # every test here starts or reaches a process or a server
@@ -228,3 +234,32 @@ def test_mosquitto_will_not_start_without_the_identity_plugin(
     )
     assert done.returncode != 0
     assert f'Unable to load auth plugin "{missing}"' in done.stdout + done.stderr
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_refuses_an_mqtt5_authentication_method_that_skips_the_identity_plugin(
+    mosquitto_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """An MQTT 5 CONNECT that names an authentication method goes to extended
+    authentication instead of the basic-auth event the plugin answers; no plugin handles
+    it, so mosquitto refuses the client (src/security.c, mosquitto_security_auth_start)."""
+    broker = mosquitto_broker
+    cert, key = _issue_client_cert(broker.pki, tmp_path, "pm-0009", None)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        client_id="pm-0009",
+        protocol=mqtt.MQTTv5,
+    )
+    tls = client_tls_context(broker.pki.ca_cert, cert, key)
+    client.tls_set_context(tls)
+    wrapper = MqttClient(client, tls)
+    try:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.AuthenticationMethod = "SCRAM-SHA-256"
+        client.connect(broker.host, broker.port, keepalive=30, properties=props)
+        client.loop_start()
+        assert wait_until(lambda: wrapper.connected.is_set() or wrapper.disconnected.is_set())
+        assert not wrapper.connected.is_set()
+        assert wrapper.connack_reason == "Bad authentication method"
+    finally:
+        wrapper.close()
