@@ -67,7 +67,8 @@ _GRANTS = {"read": {"read"}, "write": {"write"}, "readwrite": {"read", "write"},
 
 def mosquitto_allows(acl_text: str, username: str, access: str, topic: str) -> bool:
     """mosquitto_acl_check_default for a client whose username and client id are its CN
-    (use_identity_as_username, use_username_as_clientid); ``access`` 'read' or 'write'."""
+    (pacegate's identity plugin sets the username to the CN and refuses any other client
+    id); ``access`` 'read' or 'write'."""
     users, patterns = _parse(acl_text)
 
     def check(rules: list[tuple[str, str]], subst: bool) -> bool | None:

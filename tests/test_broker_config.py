@@ -100,7 +100,7 @@ def test_shipped_mosquitto_conf_requires_certificates() -> None:
     text = (REPO / "mosquitto" / "pacegate.conf").read_text()
     for line in (
         "require_certificate true",
-        "use_identity_as_username true",
+        "plugin mosquitto/plugin/build/pacegate_cert_identity.so",
         "crlfile certs/crl.pem",
         "allow_anonymous false",
     ):
@@ -108,16 +108,15 @@ def test_shipped_mosquitto_conf_requires_certificates() -> None:
 
 
 def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Path) -> None:
-    """The repository's mosquitto/pacegate.conf binds the client id to the CN and limits
-    TLS 1.2 to the embedded broker's suites, exactly as the generated one does."""
+    """The repository's mosquitto/pacegate.conf limits TLS 1.2 to the embedded broker's
+    suites and leaves the certificate identity to pacegate's plugin, exactly as the
+    generated one does."""
     from pacegate.pki.mosquitto import mosquitto_conf
     from pacegate.tlsconf import TLS12_CIPHERS
 
     shipped = set((REPO / "mosquitto" / "pacegate.conf").read_text().splitlines())
     generated = set(mosquitto_conf(PkiLayout(tmp_path)).splitlines())
     for line in (
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         f"ciphers {TLS12_CIPHERS}",
         "allow_anonymous false",
@@ -126,3 +125,25 @@ def test_shipped_mosquitto_conf_has_the_generated_security_settings(tmp_path: Pa
     ):
         assert line in shipped, line
         assert line in generated, line
+    # either would make mosquitto skip every authentication plugin for certificate clients
+    for setting in ("use_identity_as_username", "use_username_as_clientid"):
+        assert not any(line.startswith(setting) for line in shipped | generated), setting
+
+
+def _plugin_lines(conf: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in conf.splitlines() if line.startswith("plugin ")]
+
+
+def test_generated_mosquitto_conf_loads_the_identity_plugin_before_dynamic_security(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto asks the basic-auth plugins in configuration order and the first answer
+    that is not "defer" decides: the identity plugin must come first, in both files."""
+    from pacegate.pki.mosquitto import IDENTITY_PLUGIN, mosquitto_conf
+
+    generated = _plugin_lines(mosquitto_conf(PkiLayout(tmp_path)))
+    assert generated[0] == str(IDENTITY_PLUGIN)
+    assert all("dynamic_security" in p for p in generated[1:])
+    shipped = _plugin_lines((REPO / "mosquitto" / "pacegate.conf").read_text())
+    assert shipped[0] == "mosquitto/plugin/build/pacegate_cert_identity.so"
+    assert (REPO / shipped[0]).resolve() == IDENTITY_PLUGIN

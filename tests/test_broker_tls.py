@@ -7,17 +7,31 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pacegate.layout import PkiLayout
-from tests.support import BrokerHandle, try_connect
+from tests.support import (
+    MOSQUITTO,
+    BrokerHandle,
+    MqttClient,
+    client_tls_context,
+    connect_as,
+    free_port,
+    let_others_through,
+    try_connect,
+    wait_until,
+)
 
 # every test here starts or reaches a process or a server
 pytestmark = pytest.mark.integration
@@ -156,10 +170,12 @@ def test_ca_signed_certificate_for_servers_only_is_refused_as_a_client(
     assert _connects_with(broker, *genuine, "pm-0001")
 
 
-def test_ca_signed_certificate_without_extended_key_usage_is_refused_by_the_embedded_broker(
-    embedded_broker: BrokerHandle, tmp_path: Path
+def test_ca_signed_certificate_without_extended_key_usage_is_refused_as_a_client(
+    broker: BrokerHandle, tmp_path: Path
 ) -> None:
-    broker = embedded_broker
+    """OpenSSL's ssl_client purpose accepts a certificate with no extendedKeyUsage at all;
+    the embedded broker closes it after the handshake, mosquitto's identity plugin refuses
+    its CONNECT (mosquitto/plugin/pacegate_cert_identity.c)."""
     cert, key = _issue_client_cert(broker.pki, tmp_path, "pm-0009", None)
     assert not _connects_with(broker, cert, key, "pm-0009")
     broker.wait_for_log("client_certificate_without_client_auth")
@@ -168,14 +184,82 @@ def test_ca_signed_certificate_without_extended_key_usage_is_refused_by_the_embe
     assert _connects_with(broker, *genuine, "pm-0001")
 
 
+def test_certificate_without_client_auth_cannot_take_over_the_session_of_its_cn(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """A CA-signed certificate with no extendedKeyUsage and the CN of the connected
+    gateway is refused before the broker looks up that session: the gateway stays."""
+    gateway = connect_as(broker, "gateway")[1]
+    assert gateway is not None
+    try:
+        cert, key = _issue_client_cert(broker.pki, tmp_path, "gateway", None)
+        assert not _connects_with(broker, cert, key, "gateway")
+        broker.wait_for_log("client_certificate_without_client_auth")
+        time.sleep(0.5)  # a takeover would have closed the gateway's connection by now
+        assert not gateway.disconnected.is_set()
+    finally:
+        gateway.close()
+
+
 @pytest.mark.mosquitto
-def test_mosquitto_accepts_a_ca_signed_certificate_without_extended_key_usage(
+def test_mosquitto_refuses_its_own_server_certificate_as_a_client(
+    mosquitto_broker: BrokerHandle,
+) -> None:
+    """The broker's certificate (serverAuth only, CN localhost) is CA-signed: OpenSSL's
+    purpose check refuses it at the handshake, the plugin would refuse it again."""
+    broker = mosquitto_broker
+    assert not _connects_with(broker, broker.pki.broker_cert, broker.pki.broker_key, "localhost")
+    broker.wait_for_log("certificate verify failed")
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_will_not_start_without_the_identity_plugin(
+    pki: PkiLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration generated where the plugin was never built still names it, so
+    mosquitto stops at start naming the file, instead of serving without the check."""
+    import pacegate.pki.mosquitto as generator
+
+    missing = tmp_path / "not-built" / "pacegate_cert_identity.so"
+    monkeypatch.setattr(generator, "IDENTITY_PLUGIN", missing)
+    conf = generator.mosquitto_conf(pki, port=free_port())
+    assert "# MISSING: build it with './dev setup'" in conf
+    if os.geteuid() == 0:  # mosquitto drops to its account before it opens anything
+        let_others_through(pki.root.resolve().parent)
+    path = tmp_path / "mosquitto.conf"
+    path.write_text("log_dest stderr\n" + conf)
+    path.chmod(0o644)
+    done = subprocess.run(
+        [MOSQUITTO, "-c", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode != 0
+    assert f'Unable to load auth plugin "{missing}"' in done.stdout + done.stderr
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_refuses_an_mqtt5_authentication_method_that_skips_the_identity_plugin(
     mosquitto_broker: BrokerHandle, tmp_path: Path
 ) -> None:
-    """The documented limit (docs/pki-and-broker.md): mosquitto 2.0.11 leaves the check to
-    OpenSSL (src/net.c, client_certificate_verify returns preverify_ok), whose ssl_client
-    purpose allows a certificate with no extendedKeyUsage; no setting changes that.
-    pacegate's CA never issues one (tests/test_pki.py checks every client identity)."""
+    """An MQTT 5 CONNECT that names an authentication method goes to extended
+    authentication instead of the basic-auth event the plugin answers; no plugin handles
+    it, so mosquitto refuses the client (src/security.c, mosquitto_security_auth_start)."""
     broker = mosquitto_broker
     cert, key = _issue_client_cert(broker.pki, tmp_path, "pm-0009", None)
-    assert _connects_with(broker, cert, key, "pm-0009")
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+        client_id="pm-0009",
+        protocol=mqtt.MQTTv5,
+    )
+    tls = client_tls_context(broker.pki.ca_cert, cert, key)
+    client.tls_set_context(tls)
+    wrapper = MqttClient(client, tls)
+    try:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.AuthenticationMethod = "SCRAM-SHA-256"
+        client.connect(broker.host, broker.port, keepalive=30, properties=props)
+        client.loop_start()
+        assert wait_until(lambda: wrapper.connected.is_set() or wrapper.disconnected.is_set())
+        assert not wrapper.connected.is_set()
+        assert wrapper.connack_reason == "Bad authentication method"
+    finally:
+        wrapper.close()

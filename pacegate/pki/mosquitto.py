@@ -23,14 +23,26 @@ from pacegate.layout import (
 from pacegate.pki.mosquitto_admin import find_plugin, initial_dynsec_config
 from pacegate.tlsconf import TLS12_CIPHERS
 
+# pacegate's certificate-identity plugin (mosquitto/plugin/, built by './dev setup'): it
+# refuses a client certificate without clientAuth and a client id that is not the CN, and
+# makes the CN the username. Mosquitto 2.0.11 has no setting for either check.
+IDENTITY_PLUGIN = (
+    Path(__file__).resolve().parents[2]
+    / "mosquitto"
+    / "plugin"
+    / "build"
+    / "pacegate_cert_identity.so"
+)
+
 
 def mosquitto_acl(registry: dict[str, Any]) -> str:
-    """The ACL for Debian's mosquitto, with ``use_identity_as_username`` (username = CN):
-    the rules of :mod:`pacegate.acl`, and a denial of everything for each revoked device."""
+    """The ACL for Debian's mosquitto, whose username is the certificate's CN (set by the
+    identity plugin): the rules of :mod:`pacegate.acl`, and a denial of everything for
+    each revoked device."""
     lines = [
         "# pacegate ACL for mosquitto (written by 'pacegate pki' from pacegate/acl.py; do not",
         "# edit by hand). The username is the client certificate's CN",
-        "# (use_identity_as_username true).",
+        "# (set by pacegate's certificate-identity plugin).",
         "",
         *mosquitto_acl_lines(),
     ]
@@ -173,6 +185,15 @@ def mosquitto_conf(
         # (docs/pki-and-broker.md, "Mosquitto under kill -9").
         "autosave_interval 1",
         "max_queued_messages 100000",
+        # First plugin: mosquitto asks the basic-auth plugins in this order and the first
+        # answer that is not "defer" decides (src/security.c, mosquitto_unpwd_check). A
+        # missing file stops mosquitto at start ("Unable to load plugin"), never silently.
+        *(
+            []
+            if IDENTITY_PLUGIN.is_file()
+            else ["# MISSING: build it with './dev setup' (needs gcc, mosquitto-dev, libssl-dev)"]
+        ),
+        f"plugin {IDENTITY_PLUGIN}",
         # The dynamic-security plugin only so that 'pki revoke' can kick a live session
         # (disableClient); it defers every ACL decision to acl_file (pacegate.pki.mosquitto_admin).
         *(
@@ -193,11 +214,10 @@ def mosquitto_conf(
         "tls_version tlsv1.2",
         f"ciphers {TLS12_CIPHERS}",
         "require_certificate true",
-        # The username is the certificate's CN, and the client id is then overwritten with
-        # the username (mosquitto 2.0.11 src/handle_connect.c, handle__connect): whatever id
-        # a device claims, its session is its own CN's, so it can take over no one else's.
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
+        # No use_identity_as_username: with it mosquitto asks no plugin about a certificate
+        # client (src/handle_connect.c, handle__connect: "Authentication assumed to be
+        # cleared"). The identity plugin sets the username to the CN instead, and refuses a
+        # CONNECT whose client id is not the CN before mosquitto looks up any session.
         *extra,
         "",
     ]

@@ -6,7 +6,7 @@ connected client's username from its certificate and never checks that certifica
 the new CRL. What does close it is the dynamic-security plugin that Debian ships
 (``mosquitto_dynamic_security.so``): its ``disableClient`` command calls
 ``mosquitto_kick_client_by_username`` (plugins/dynamic-security/clients.c,
-``dynsec_clients__process_disable``), and with ``use_identity_as_username`` the username is
+``dynsec_clients__process_disable``), and the username (set by pacegate's identity plugin) is
 the certificate's CN, so every connection of the device is closed.
 
 The plugin is configured to decide nothing itself: ``defaultACLAccess`` all false, no roles,
