@@ -142,6 +142,25 @@ def grant_mosquitto_access(layout: PkiLayout) -> None:
         os.chown(layout.broker_key, uid, gid)
 
 
+def _identity_plugin_for(layout: PkiLayout) -> Path:
+    """Where this PKI's mosquitto loads the identity plugin from: a copy in the PKI's own
+    ``mosquitto/`` directory when that exists. Mosquitto loads plugins after it drops to its
+    account, which can always reach that directory (it holds its pid file and persistence)
+    but not necessarily the checkout the plugin was built in (a 0700 home). The copy is
+    refreshed whenever the built file differs. Without a built plugin: the build path, so
+    that mosquitto stops at start instead of running without the check."""
+    if not IDENTITY_PLUGIN.is_file() or not layout.mosquitto_dir.is_dir():
+        return IDENTITY_PLUGIN
+    copy = layout.mosquitto_dir / IDENTITY_PLUGIN.name
+    built = IDENTITY_PLUGIN.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != built:
+        tmp = copy.with_name(f".{copy.name}.tmp")
+        tmp.write_bytes(built)
+        tmp.chmod(0o755)  # code, not a secret: mosquitto's account must map it
+        os.replace(tmp, copy)
+    return copy
+
+
 def mosquitto_conf(
     layout: PkiLayout,
     *,
@@ -156,6 +175,7 @@ def mosquitto_conf(
     acl = (acl_file or lay.mosquitto_dir / "acl").resolve()
     user = mosquitto_run_user(lay)
     plugin = find_plugin()
+    identity_plugin = _identity_plugin_for(lay)
     lines = [
         "# pacegate: Mosquitto 2 configuration (written by 'pacegate pki'). Reload: SIGHUP;",
         "# 'pacegate pki revoke' reloads it and closes the revoked device's live session.",
@@ -190,10 +210,10 @@ def mosquitto_conf(
         # missing file stops mosquitto at start ("Unable to load plugin"), never silently.
         *(
             []
-            if IDENTITY_PLUGIN.is_file()
+            if identity_plugin.is_file()
             else ["# MISSING: build it with './dev setup' (needs gcc, mosquitto-dev, libssl-dev)"]
         ),
-        f"plugin {IDENTITY_PLUGIN}",
+        f"plugin {identity_plugin}",
         # The dynamic-security plugin only so that 'pki revoke' can kick a live session
         # (disableClient); it defers every ACL decision to acl_file (pacegate.pki.mosquitto_admin).
         *(
