@@ -65,6 +65,7 @@ def test_accumulated_known_answer_first_100_runs() -> None:
     assert accumulated_ml_kem_768(100) == CCTV_768_100
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("PACEGATE_FULL_KAT") != "1", reason="2-3 minutes; set PACEGATE_FULL_KAT=1"
 )
