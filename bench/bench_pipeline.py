@@ -464,14 +464,15 @@ class PlainStack(Stack):
 def write_plain_mosquitto_config(work: WorkLayout, ep: Endpoints) -> Path:
     """pacegate's Mosquitto configuration with the TLS listener as an identity: plain TCP,
     no certificates, so no certificate identity for the ACL either (anonymous clients, no
-    ACL file; Mosquitto's ACL check is a C string match, not what the ratio measures).
-    Persistence as in the secured run."""
+    ACL file; Mosquitto's ACL check is a C string match, not what the ratio measures), and
+    no dynamic-security plugin (it is there to kick revoked sessions, and it would refuse
+    anonymous clients everything). Persistence as in the secured run."""
     path = work.root / "mosquitto-plain.conf"
     secured = write_mosquitto_config(work, ep, overwrite=True).read_text().splitlines()
     keep = [
         line
         for line in secured[: secured.index(next(x for x in secured if x.startswith("listener")))]
-        if not line.startswith(("acl_file", "allow_anonymous"))
+        if not line.startswith(("acl_file", "allow_anonymous", "plugin"))
     ]
     lines = [*keep, "allow_anonymous true", f"listener {ep.mqtt[1]} {ep.mqtt[0]}"]
     path.write_text("\n".join([*lines, "protocol mqtt", "max_connections 10000", ""]))

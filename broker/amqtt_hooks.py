@@ -97,6 +97,8 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     Hook(_BROKER, "start"),
     Hook(_BROKER, "shutdown"),
     # -- Broker: state read --------------------------------------------------------------
+    Hook(_BROKER, "_run_broadcast", params=("running_tasks",), why="several per pass"),
+    Hook(_BROKER, "_broadcast_queue", kind="attr"),
     Hook(_BROKER, "_servers", kind="attr"),
     Hook(_BROKER, "_sessions", kind="attr"),
     Hook(_BROKER, "_subscriptions", kind="attr"),
@@ -151,6 +153,10 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     ),
     Hook("amqtt.adapters.BufferReader", "__init__", params=("buffer",)),
     Hook("amqtt.adapters.StreamReaderAdapter", "read", params=("n",)),
+    Hook("amqtt.adapters.StreamWriterAdapter", "write", params=("data",), why="coalesced"),
+    Hook("amqtt.adapters.StreamWriterAdapter", "close"),
+    Hook("amqtt.adapters.StreamWriterAdapter", "_writer", kind="attr"),
+    Hook("amqtt.adapters.StreamWriterAdapter", "is_closed", kind="attr"),
     Hook("amqtt.adapters.WriterAdapter", "get_ssl_info"),
     Hook("amqtt.adapters.WriterAdapter", "get_peer_info"),
     # -- sessions ------------------------------------------------------------------------

@@ -94,6 +94,17 @@ READY_MESSAGE = "pacegate broker listening on %s:%d (mTLS required, CRL %s)"
 # would see their oldest attempts evicted, which they retry like any failed connect.
 MAX_PENDING_PER_SOURCE = 256
 
+# Packets written to one connection in one event-loop turn leave as one write (one TLS
+# record, one send): under load amqtt writes each PUBLISH and PUBACK on its own, and the
+# per-write cost (a record, a syscall, the peer's wake-up) was most of the broker's time.
+# Past this many bytes pending the write goes out at once, so that the transport's buffer
+# (and so drain()'s backpressure) sees it; 64 KiB is four full TLS records.
+COALESCE_MAX_BYTES = 64 * 1024
+# Broadcasts taken from amqtt's queue in one pass of its broadcast loop (which paid a task
+# and an asyncio.wait per message): the relays of one pass are written in one turn, and so
+# coalesce (above). Bounded so that one pass cannot hold the loop for long.
+BROADCASTS_PER_PASS = 256
+
 # The certificate identity of the connection handled by the current task.
 _CONN_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pacegate_conn_identity", default=None
@@ -240,6 +251,43 @@ class _BoundedReader(StreamReaderAdapter):  # type: ignore[misc]
             raise asyncio.IncompleteReadError(b"", n)
         data: bytes = await super().read(n)
         return data
+
+
+class CoalescingWriter(StreamWriterAdapter):  # type: ignore[misc]
+    """Joins the packets written in one event-loop turn into one write (see
+    :data:`COALESCE_MAX_BYTES`). Order is kept: every write goes through the one list, and
+    :meth:`close` writes what is pending before closing."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if self.is_closed:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= COALESCE_MAX_BYTES:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if not self.is_closed and not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def close(self) -> None:
+        self._flush()
+        await super().close()
 
 
 class PacegateBroker(Broker):  # type: ignore[misc]
@@ -394,7 +442,7 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             return
         limit = self.cfg.max_payload + PACKET_OVERHEAD
         await self._client_connected(
-            listener_name, _BoundedReader(reader, writer, limit), StreamWriterAdapter(writer)
+            listener_name, _BoundedReader(reader, writer, limit), CoalescingWriter(writer)
         )
 
     async def _client_connected(
@@ -653,6 +701,16 @@ class PacegateBroker(Broker):  # type: ignore[misc]
             # at once, as before (MQTT 3.1.1 has no negative acknowledgement)
             self.acks.acknowledge(data.ticket)
         return keep
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        # amqtt relays one message per pass (a task and an asyncio.wait each); take those
+        # already queued behind it in the same pass (BROADCASTS_PER_PASS): the same relay,
+        # in the same order, without a round of the loop per message
+        await super()._run_broadcast(running_tasks)
+        for _ in range(BROADCASTS_PER_PASS - 1):
+            if self._broadcast_queue.empty():
+                break
+            await super()._run_broadcast(running_tasks)
 
     # -- end-to-end acknowledgement (broker.delivery) ---------------------------
     async def _broadcast_message(

@@ -123,9 +123,15 @@ class Forwarder:
             await self._disconnect()
 
     async def _collect(self, stop: asyncio.Event, *, wait: bool) -> list[Pending]:
-        """Up to ``batch_max_readings`` readings, waiting at most ``batch_max_delay`` after
-        the first; with ``wait``, block for the first until it comes, the next reconnect
-        attempt is due, or ``stop``."""
+        """Up to ``batch_max_readings`` readings; with ``wait``, block for the first until it
+        comes, the next reconnect attempt is due, or ``stop``.
+
+        The batch closes as soon as no more readings are waiting (after one turn of the
+        loop, so that the messages paho's thread has already handed over are in), and at
+        the latest ``batch_max_delay`` after the first while they keep coming. Waiting out
+        the window on an idle channel only added latency (it set the median): the next
+        batch fills while this one is in flight to the hospital, so under load the batches
+        still grow (group commit), and at a trickle each reading goes out at once."""
         batch: list[Pending] = []
         if self._queue.empty():
             if not wait:
@@ -143,13 +149,11 @@ class Forwarder:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= deadline:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
+            await asyncio.sleep(0)  # let readings already posted to the loop arrive
+            if self._queue.empty():
+                break  # nothing more waiting: send now, the next batch fills meanwhile
         return batch
 
     async def _handle(self, batch: list[Pending]) -> None:
