@@ -35,7 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from console.cluster import Cluster, Topology, running_cluster  # noqa: E402
+from console.cluster import Cluster, Topology, edge_knows, running_cluster  # noqa: E402
 from console.stack import pacegate_argv  # noqa: E402
 from device_sim.fleet import read_acked_log  # noqa: E402
 from pacegate.pki import enroll_devices  # noqa: E402
@@ -73,6 +73,17 @@ def _fleet(
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=root)
 
 
+def _until_edges_know(cluster: Cluster, work: Path, edges: int, ids: list[str]) -> None:
+    """Until every edge has installed the PSK store with ``ids`` (a reading sent before is
+    refused there as unknown_device, and PUBACKed all the same)."""
+    deadline = time.monotonic() + 60
+    while not all(edge_knows(work, i, ids) for i in range(1, edges + 1)):
+        if time.monotonic() > deadline:
+            raise SystemExit("the edges did not install the new PSK store within 60 s")
+        cluster.supervise()
+        time.sleep(0.5)
+
+
 def _broker_rss(cluster: Cluster) -> int:
     total = 0
     for s in cluster.services:
@@ -97,8 +108,9 @@ def throughput(edges: int, devices: int, rate: float, duration: float) -> dict[s
             cluster,
             topology,
         ):
-            enroll_devices(work / "pki", [f"pm-{i:05d}" for i in range(1, devices + 1)])
-            time.sleep(3)  # the edges' followers install the new PSK store
+            ids = [f"pm-{i:05d}" for i in range(1, devices + 1)]
+            enroll_devices(work / "pki", ids)
+            _until_edges_know(cluster, work, edges, ids)
             acked_log = work / "acked.jsonl"
             t0 = time.perf_counter()
             fleet = _fleet(

@@ -370,6 +370,24 @@ def cli_up(args: argparse.Namespace) -> int:
 CLUSTER_DRAIN_S = 120.0
 
 
+# How long the demo waits for every edge to know the devices it just enrolled.
+PSK_PROPAGATION_S = 30.0
+
+
+def edge_knows(root: Path, index: int, ids: list[str]) -> bool:
+    """Whether edge ``index`` of the cluster in ``root`` has installed a PSK store with
+    every device of ``ids``."""
+    from pacegate.errors import ConfigError as _ConfigError
+    from pacegate.keystore import PskStore
+
+    node = WorkLayout(root / f"edge-{index}").pki
+    try:
+        store = PskStore.load(node.psk_store, node.psk_store_key)
+    except _ConfigError:
+        return False  # mid-install: the next look sees it whole
+    return all(store.get(i) is not None for i in ids)
+
+
 def _pid_of(cluster: Cluster, name: str) -> int | None:
     return next(
         (s.proc.pid for s in cluster.services if s.name == name and s.proc.poll() is None), None
@@ -439,6 +457,20 @@ def run_cluster_demo(args: argparse.Namespace) -> int:
     try:
         ids = [f"pm-{i:04d}" for i in range(1, args.devices + 1)]
         enroll_devices(root / "pki", ids)
+        # A device is known at an edge once that edge's follower has installed the new PSK
+        # store (about a second). A reading sent before would be refused there as
+        # unknown_device, and refused readings are PUBACKed (MQTT 3.1.1 has no negative
+        # acknowledgement): the device would count it as delivered. So the fleet starts
+        # only once every edge knows every device.
+        if not _supervise_until(
+            cluster,
+            lambda: all(edge_knows(root, i, ids) for i in range(1, edges + 1)),
+            PSK_PROPAGATION_S,
+        ):
+            raise StackError(
+                f"the edges did not install the new PSK store within {PSK_PROPAGATION_S:.0f} s "
+                f"(see {root / 'logs'}/edge-*-follow.log)"
+            )
         acked_log = root / "acked.jsonl"
         argv = pacegate_argv(
             "devices",

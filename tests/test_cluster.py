@@ -58,7 +58,7 @@ def test_demo_on_the_cluster_with_a_node_of_every_tier_killed_loses_nothing() ->
             cwd=REPO,
             check=False,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         report = json.loads(proc.stdout)
         assert report["topology"] == {
             "edges": 2,
