@@ -150,9 +150,10 @@ def storm(edges: int, devices: int, processes: int) -> dict[str, Any]:
             topology,
         ):
             t_enrol = time.perf_counter()
-            enroll_devices(work / "pki", [f"pm-{i:05d}" for i in range(1, devices + 1)])
+            ids = [f"pm-{i:05d}" for i in range(1, devices + 1)]
+            enroll_devices(work / "pki", ids)
             enrol_s = time.perf_counter() - t_enrol
-            time.sleep(3)
+            _until_edges_know(cluster, work, edges, ids)
             idle = _broker_rss(cluster)
             per = -(-devices // processes)
             duration = 600.0  # the fleets are stopped once all are connected
