@@ -79,6 +79,12 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     Hook(_BROKER, "add_subscription", params=("subscription", "session"), why="QoS <= 1"),
     Hook(
         _BROKER,
+        "_topic_filtering",
+        params=("session", "topic", "action"),
+        why="allowed ACL decisions remembered",
+    ),
+    Hook(
+        _BROKER,
         "_broadcast_message",
         params=("session", "topic", "data", "force_qos"),
         why="end-to-end acknowledgement tickets (delivery.py)",
@@ -93,7 +99,6 @@ AMQTT_HOOKS: tuple[Hook, ...] = (
     Hook(_BROKER, "_authenticate", params=("session", "_")),
     Hook(_BROKER, "_get_handler", params=("session",)),
     Hook(_BROKER, "_matches", params=("topic", "a_filter")),
-    Hook(_BROKER, "_topic_filtering", params=("session", "topic", "action")),
     Hook(_BROKER, "start"),
     Hook(_BROKER, "shutdown"),
     # -- Broker: state read --------------------------------------------------------------

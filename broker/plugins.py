@@ -33,6 +33,7 @@ COMPONENT = "broker"
 # owns the session, set by the broker once the CONNECT's client id matched that identity.
 IDENTITY_KEY = "pacegate.identity"
 CERT_KEY = "pacegate.cert_der"
+SERIAL_KEY = "pacegate.cert_serial"  # that certificate's serial (None if it has none)
 
 # The client certificate (DER) of the connection handled by the current task, set by the
 # broker right after the TLS handshake (each connection is its own task).
@@ -45,14 +46,6 @@ def session_identity(session: Session | None) -> str | None:
         return None
     identity = session.attributes.get(IDENTITY_KEY)
     return identity if isinstance(identity, str) else None
-
-
-def session_cert(session: Session | None) -> bytes | None:
-    """The certificate (DER) of the connection that owns ``session`` (None: not bound)."""
-    if session is None:
-        return None
-    der = session.attributes.get(CERT_KEY)
-    return der if isinstance(der, bytes) else None
 
 
 def _remote(session: Session) -> str:

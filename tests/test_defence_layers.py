@@ -26,7 +26,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker import plugins
-from broker.amqtt_api import AMQTTError, Session, StreamReaderAdapter, StreamWriterAdapter
+from broker.amqtt_api import (
+    Action,
+    AMQTTError,
+    Session,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+)
 from broker.config import BrokerConfig, load_broker_config, render_default_config
 from broker.plugins import CertIdentityAuthPlugin
 from broker.server import PacegateBroker
@@ -315,3 +321,49 @@ def test_auth_plugin_refuses_a_revoked_certificate_on_its_own(
     assert _authenticate(auth_plugin, _der(pki, "pm-0002"), own) is False
     other = _session(pki, "pm-0001", keep_alive=5, port=3333)
     assert _authenticate(auth_plugin, _der(pki, "pm-0001"), other) is True
+
+
+# -- the topic ACL: an allowed decision is remembered, a refusal never is ---------------------
+def test_topic_acl_remembers_what_it_allowed_per_identity_and_asks_again_for_each_refusal(
+    broker_cfg: BrokerConfig, pki: PkiLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker keeps allowed (identity, action, topic) decisions so that the plugin is not
+    called for every publish; a refused one goes through the plugin, and is logged, each
+    time, and what one identity was allowed never allows another."""
+
+    async def run() -> None:
+        broker = PacegateBroker(broker_cfg)
+        (acl,) = [
+            p for p in broker.plugins_manager.plugins if isinstance(p, plugins.TopicAclPlugin)
+        ]
+        asked: list[tuple[str | None, str]] = []
+        judge = acl.topic_filtering
+
+        async def counted(
+            *,
+            session: Session | None = None,
+            topic: str | None = None,
+            action: Action | None = None,
+        ) -> bool | None:
+            asked.append((plugins.session_identity(session), str(topic)))
+            return await judge(session=session, topic=topic, action=action)
+
+        acl.topic_filtering = counted  # type: ignore[method-assign]  # the real plugin, counted
+        own = _session(pki, "pm-0001", keep_alive=5, port=1)
+        other = _session(pki, "pm-0002", keep_alive=5, port=2)
+        topic = "pacemakers/pm-0001/telemetry"
+        publish = Action.PUBLISH
+        for _ in range(3):
+            assert await broker._topic_filtering(own, topic, publish) is True
+        assert asked == [("pm-0001", topic)]  # asked once, then remembered
+        for _ in range(2):
+            assert await broker._topic_filtering(other, topic, publish) is False
+        assert asked[1:] == [("pm-0002", topic)] * 2  # a refusal is asked (and logged) again
+        # a subscription is another action: asked on its own
+        assert await broker._topic_filtering(own, topic, Action.SUBSCRIBE) is False
+        assert len(asked) == 4
+
+    with caplog.at_level("WARNING", logger="pacegate.security"):
+        asyncio.run(run())
+    refused = [r for r in caplog.records if "publish_refused" in r.getMessage()]
+    assert len(refused) == 2, [r.getMessage() for r in caplog.records]
