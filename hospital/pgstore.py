@@ -390,7 +390,7 @@ class PostgresReadingStore(PlaintextScans):
         self._lock = threading.Lock()
         self._anchored: tuple[int, bytes] | None = None
         self._head_version = 0  # the integrity-key version of the last head we wrote
-        self._conn = self._connect()
+        self._conn: psycopg.Connection[Any] = self._connect()
         try:
             self._init_schema()
         except BaseException:
@@ -959,16 +959,6 @@ class PostgresReadingStore(PlaintextScans):
             )
             n += 1
         return n
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> PostgresReadingStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _conforms(store: PostgresReadingStore) -> ReadingStore:

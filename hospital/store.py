@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from hospital.anchor import AnchorRecord, HeadAnchor
 from hospital.chain import (
@@ -369,7 +369,21 @@ class PlaintextScans:
     """The read scans both backends share, written once over what each provides:
     :meth:`_plaintext_pages` (``(seq, plaintext, row_key, chain, ...)`` rows in arrival
     order, decrypted, one list per query), :meth:`_undecryptable` (the error naming a row)
-    and :meth:`_chain_cursor` (the chain check of ``check_chain``)."""
+    and :meth:`_chain_cursor` (the chain check of ``check_chain``); and closing, over the
+    lock and the connection (SQLite's or PostgreSQL's) each backend opens."""
+
+    _lock: threading.Lock
+    _conn: Any  # each backend annotates its own connection type
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _plaintext_pages(
         self,
@@ -502,7 +516,7 @@ class SqliteReadingStore(PlaintextScans):
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         self.anchor.path.parent.mkdir(parents=True, exist_ok=True, mode=SECRET_DIR_MODE)
         try:
-            self._conn = open_database(
+            self._conn: sqlite3.Connection = open_database(
                 db_path,
                 synchronous_full=True,  # an ACK means the batch survives a power cut
                 secure_delete=True,  # no token under a retired key lingers in free pages
@@ -986,16 +1000,6 @@ class SqliteReadingStore(PlaintextScans):
     def checkpoint(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> SqliteReadingStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _has_readings(db_path: Path) -> bool:
