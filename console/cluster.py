@@ -39,10 +39,10 @@ from typing import Any
 from console.endpoints import Endpoints
 from console.stack import (
     SUPERVISE_INTERVAL_S,
-    CrashLoop,
     Stack,
     StackError,
     pacegate_argv,
+    supervise_until_signalled,
 )
 from console.trust import provision_edge_node
 from console.workdir import WorkLayout, cloud_config_text, gateway_config_text
@@ -320,14 +320,6 @@ def running_cluster(
         postgres.stop(server)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def cli_up(args: argparse.Namespace) -> int:
     """``pacegate cluster up --workdir W [--edges N] [--hospitals M] [--workers K]``."""
     from console.runstate import hold_workdir
@@ -335,33 +327,29 @@ def cli_up(args: argparse.Namespace) -> int:
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     hold_workdir(WorkLayout(root))
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
-    try:
-        with running_cluster(
+
+    def banner(running: tuple[Cluster, Topology]) -> str:
+        _, topology = running
+        return (
+            f"pacegate cluster is up in {root}: edges "
+            + ", ".join(f"{h}:{p}" for h, p in topology.edges)
+            + f"; {len(topology.hospital_configs)} hospital nodes on PostgreSQL; cloud "
+            + ("on Dask" if topology.workers else "in process")
+            + f"; {root / CLUSTER_FILE}. Ctrl-C stops."
+        )
+
+    return supervise_until_signalled(
+        running_cluster(
             root,
             edges=args.edges,
             hospitals=args.hospitals,
             workers=args.workers,
             log_level=args.log_level,
-        ) as (cluster, topology):
-            print(
-                f"pacegate cluster is up in {root}: edges "
-                + ", ".join(f"{h}:{p}" for h, p in topology.edges)
-                + f"; {len(topology.hospital_configs)} hospital nodes on PostgreSQL; cloud "
-                + ("on Dask" if topology.workers else "in process")
-                + f"; {root / CLUSTER_FILE}. Ctrl-C stops.",
-                file=sys.stderr,
-            )
-            while True:
-                cluster.supervise()
-                time.sleep(SUPERVISE_INTERVAL_S)
-    except CrashLoop as exc:
-        print(f"pacegate: {exc}", file=sys.stderr)
-        return 1
-    except _Stop as stop:
-        print(f"pacegate: {stop}, stopping the cluster", file=sys.stderr)
-        return 0
+        ),
+        lambda running: running[0],
+        banner,
+        stopping="stopping the cluster",
+    )
 
 
 # -- the demo on the cluster ----------------------------------------------------------------

@@ -33,10 +33,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO, TypeVar
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
@@ -605,6 +605,40 @@ def _raise_stop(signum: int, _frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+T = TypeVar("T")
+
+
+class Supervised(Protocol):
+    def supervise(self) -> None: ...
+
+
+def supervise_until_signalled(
+    running: contextlib.AbstractContextManager[T],
+    supervised: Callable[[T], Supervised],
+    banner: Callable[[T], str],
+    *,
+    stopping: str,
+) -> int:
+    """``pacegate up`` and ``pacegate cluster up``: enter ``running``, print its banner,
+    supervise (restart what dies, :class:`CrashLoop` ends it) until SIGINT/SIGTERM, then
+    leave it (which stops every service in order). 0 on a signal, 1 on a crash loop."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        with running as value:
+            print(banner(value), file=sys.stderr)
+            target = supervised(value)
+            while True:
+                target.supervise()
+                time.sleep(SUPERVISE_INTERVAL_S)
+    except CrashLoop as exc:
+        print(f"pacegate: {exc}", file=sys.stderr)
+        return 1
+    except _Stop as stop:
+        print(f"pacegate: {stop}, {stopping}", file=sys.stderr)
+        return 0
+
+
 def cli_up(args: argparse.Namespace) -> int:
     work = WorkLayout(args.workdir.resolve())
     if not work.pki.ca_cert.exists():
@@ -616,33 +650,28 @@ def cli_up(args: argparse.Namespace) -> int:
             "or run 'pacegate demo' which does it for you",
         )
     hold_workdir(work)  # a second 'up' on this directory is refused before it starts anything
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
-    try:
-        with running_stack(
+
+    def banner(stack: Stack) -> str:
+        ep = stack.endpoints
+        return (
+            f"pacegate is up in {work.root}: MQTTS {ep.mqtt[0]}:{ep.mqtt[1]}, hospital "
+            f"{ep.hospital[1]}, cloud {ep.cloud[1]}, gateway metrics "
+            f"http://{ep.gateway_metrics[0]}:{ep.gateway_metrics[1]}/metrics; logs in "
+            f"{work.logs_dir}. Ctrl-C stops."
+        )
+
+    return supervise_until_signalled(
+        running_stack(
             work,
             overwrite_configs=False,
             log_level=args.log_level,
             log_json=args.log_json,
             broker=getattr(args, "broker", "embedded"),
-        ) as stack:
-            ep = stack.endpoints
-            print(
-                f"pacegate is up in {work.root}: MQTTS {ep.mqtt[0]}:{ep.mqtt[1]}, hospital "
-                f"{ep.hospital[1]}, cloud {ep.cloud[1]}, gateway metrics "
-                f"http://{ep.gateway_metrics[0]}:{ep.gateway_metrics[1]}/metrics; logs in "
-                f"{work.logs_dir}. Ctrl-C stops.",
-                file=sys.stderr,
-            )
-            while True:
-                stack.supervise()
-                time.sleep(SUPERVISE_INTERVAL_S)
-    except CrashLoop as exc:
-        print(f"pacegate: {exc}", file=sys.stderr)
-        return 1
-    except _Stop as stop:
-        print(f"pacegate: {stop}, stopping services", file=sys.stderr)
-        return 0
+        ),
+        lambda stack: stack,
+        banner,
+        stopping="stopping services",
+    )
 
 
 def cli_demo(args: argparse.Namespace) -> int:
