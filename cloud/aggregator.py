@@ -53,6 +53,15 @@ class AggregatorFactory(Protocol):
         context, ``context_bytes`` what the hospital sent of it."""
 
 
+def serialized_accumulator(acc: dict[str, ts.CKKSVector], name: str) -> bytes:
+    """The running sum ``name`` of ``acc``, serialized (an aggregator's ``result``)."""
+    vector = acc.get(name)
+    if vector is None:
+        raise AnalyticsProtocolError(f"no accumulator named {name!r}", reason="unknown_accumulator")
+    data: bytes = vector.serialize()
+    return data
+
+
 def fold_batch(
     acc: dict[str, ts.CKKSVector], plan: Sequence[Accumulator], batch: Sequence[ts.CKKSVector]
 ) -> None:
@@ -99,13 +108,7 @@ class InProcessAggregator:
         fold_batch(self._acc, self._plan, [lane.vector for lane in batch])
 
     def result(self, name: str) -> bytes:
-        acc = self._acc.get(name)
-        if acc is None:
-            raise AnalyticsProtocolError(
-                f"no accumulator named {name!r}", reason="unknown_accumulator"
-            )
-        data: bytes = acc.serialize()
-        return data
+        return serialized_accumulator(self._acc, name)
 
     def close(self) -> None:
         self._acc.clear()

@@ -41,7 +41,7 @@ import tenseal as ts
 from distributed import Client, Future
 from distributed.security import Security
 
-from cloud.aggregator import Lane, add_partials, fold_batch
+from cloud.aggregator import Lane, add_partials, fold_batch, serialized_accumulator
 from cloud.config import (
     DEFAULT_BATCHES_PER_TASK,
     DEFAULT_MAX_TASKS_IN_FLIGHT,
@@ -256,13 +256,7 @@ class DaskAggregator:
         self._submit()
         while self._in_flight:
             self._fold_oldest()
-        acc = self._acc.get(name)
-        if acc is None:
-            raise AnalyticsProtocolError(
-                f"no accumulator named {name!r}", reason="unknown_accumulator"
-            )
-        data: bytes = acc.serialize()
-        return data
+        return serialized_accumulator(self._acc, name)
 
     def close(self) -> None:
         for future in self._in_flight:
