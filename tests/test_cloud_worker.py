@@ -219,3 +219,15 @@ def test_ciphertext_message_round_trips_and_truncation_is_refused(
 def test_error_message_round_trips() -> None:
     msg = wire.Error("bad_context", "CKKS context contains a secret key")
     assert wire.decode(wire.encode(msg)) == msg
+
+
+def test_a_result_asked_of_an_accumulator_the_plan_does_not_hold_is_a_protocol_error() -> None:
+    from cloud.aggregator import serialized_accumulator
+
+    ctx = ckks.create_context()
+    held = {"sum_heart_rate": ts.ckks_vector(ctx, [1.0, 2.0])}
+    assert serialized_accumulator(held, "sum_heart_rate")  # the control: a held name
+    with pytest.raises(wire.AnalyticsProtocolError) as err:
+        serialized_accumulator(held, "sum_of_something_else")
+    assert err.value.reason == "unknown_accumulator"
+    assert "sum_of_something_else" in str(err.value)
