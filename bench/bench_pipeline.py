@@ -11,7 +11,10 @@ MQTT over mutual TLS) connected first, then each queues ``--readings / --devices
 once (a saturating burst). Time runs from the first reading queued until the hospital's
 ``pacegate_hospital_stored_total`` has grown by the count; readings/s = count / time.
 One uncounted warm-up round of a fifth of the readings, then ``--repeats`` rounds; the
-median is reported (the devices reconnect for each round; connecting is not timed).
+median is reported (the devices reconnect for each round; connecting is not timed). The
+secured and the plaintext stack run side by side and their rounds alternate (secured,
+plaintext, secured, ...), so that a machine whose speed drifts during the run moves both
+alike (:func:`run_interleaved`).
 
 **Plaintext run**: the same topology (the same :class:`console.stack.Stack`, started through
 its ``service_argv`` seam, plus the devices in this process), the same code, each
@@ -689,66 +692,70 @@ def pids_of_secured(stack: Stack) -> dict[str, int]:
     return pids | {"devices": os.getpid()}
 
 
-def run_secured(
-    root: Path,
+def run_interleaved(
+    base: Path,
     devices: int,
     per_device: int,
     repeats: int,
     *,
     broker: str = "embedded",
     latency_s: float = 0.0,
-) -> tuple[list[RepeatResult], list[str], dict[str, float] | None]:
-    work = WorkLayout(root)
+) -> tuple[
+    list[RepeatResult],
+    list[RepeatResult],
+    dict[str, float] | None,
+    dict[str, float] | None,
+]:
+    """The secured and the plaintext stack side by side, their rounds taken in turn.
+
+    Both stacks run at once (the plaintext one on free ports beside the secured one's), and
+    each round of one is followed by the same round of the other: secured, plaintext,
+    secured, ... The stack not being measured is idle. A machine whose speed drifts during
+    the run (a shared VM's CPU time moved by 2x within minutes here) then moves both sides
+    alike, where running all secured rounds before all plaintext ones put the drift into
+    the ratio. The steady latency phases follow in the same order."""
+    work = WorkLayout(base / "secured")
     ids = prepare_workdir(work, devices)
-    with running_stack(work, overwrite_configs=True, log_level="WARNING", broker=broker) as stack:
-        pids = pids_of_secured(stack)
+    plain_work = WorkLayout(base / "plain")
+    plain_work.root.mkdir(parents=True, exist_ok=True)
+    if not plain_work.pki.root.exists():
+        plain_work.pki.root.symlink_to(work.pki.root, target_is_directory=True)
+    with (
+        running_stack(work, overwrite_configs=True, log_level="WARNING", broker=broker) as secured,
+        running_plain_stack(plain_work, broker) as plain,
+    ):
+        sides = ((work, secured, False), (plain_work, plain, True))
+        pids = {id(stack): pids_of_secured(stack) for _, stack, _ in sides}
+
+        def round_of(side: tuple[WorkLayout, Stack, bool], count: int) -> RepeatResult:
+            w, stack, is_plain = side
+            return asyncio.run(
+                drive(w, stack.endpoints, ids, count, pids[id(stack)], plain=is_plain)
+            )
+
         warm = max(1, per_device // 5)  # not counted: first sessions, caches, file growth
-        asyncio.run(drive(work, stack.endpoints, ids, warm, pids, plain=False))
-        results = [
-            asyncio.run(drive(work, stack.endpoints, ids, per_device, pids, plain=False))
-            for _ in range(repeats)
-        ]
-        latency = None
+        for side in sides:
+            round_of(side, warm)
+        results: tuple[list[RepeatResult], list[RepeatResult]] = ([], [])
+        for _ in range(repeats):
+            for side, out in zip(sides, results, strict=True):
+                out.append(round_of(side, per_device))
+        latencies: list[dict[str, float] | None] = [None, None]
         if latency_s > 0:
-            latency = asyncio.run(
-                steady_latency(
-                    work, stack.endpoints, ids, rate=LATENCY_RATE, seconds=latency_s, plain=False
+            for i, (w, stack, is_plain) in enumerate(sides):
+                latencies[i] = asyncio.run(
+                    steady_latency(
+                        w,
+                        stack.endpoints,
+                        ids,
+                        rate=LATENCY_RATE,
+                        seconds=latency_s,
+                        plain=is_plain,
+                    )
                 )
-            )
-        stack.check_alive()
-    return results, ids, latency
-
-
-def run_plain(
-    root: Path,
-    pki_root: Path,
-    ids: list[str],
-    per_device: int,
-    repeats: int,
-    *,
-    broker: str = "embedded",
-    latency_s: float = 0.0,
-) -> tuple[list[RepeatResult], dict[str, float] | None]:
-    work = WorkLayout(root)
-    root.mkdir(parents=True, exist_ok=True)
-    if not work.pki.root.exists():
-        work.pki.root.symlink_to(pki_root, target_is_directory=True)
-    with running_plain_stack(work, broker) as stack:
-        pids = pids_of_secured(stack)
-        asyncio.run(drive(work, stack.endpoints, ids, max(1, per_device // 5), pids, plain=True))
-        results = [
-            asyncio.run(drive(work, stack.endpoints, ids, per_device, pids, plain=True))
-            for _ in range(repeats)
-        ]
-        latency = None
-        if latency_s > 0:
-            latency = asyncio.run(
-                steady_latency(
-                    work, stack.endpoints, ids, rate=LATENCY_RATE, seconds=latency_s, plain=True
-                )
-            )
-        stack.check_alive()
-    return results, latency
+        for _, stack, _ in sides:
+            stack.check_alive()
+    return results[0], results[1], latencies[0], latencies[1]
 
 
 # == handshakes =============================================================================
@@ -904,18 +911,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.chmod(tmp, 0o711)  # noqa: S103
         base = Path(tmp)
         t_start = time.perf_counter()
-        secured, ids, latency = run_secured(
-            base / "secured",
+        secured, plain, latency, plain_latency = run_interleaved(
+            base,
             args.devices,
-            per_device,
-            args.repeats,
-            broker=args.broker,
-            latency_s=args.latency_seconds,
-        )
-        plain, plain_latency = run_plain(
-            base / "plain",
-            base / "secured" / "pki",
-            ids,
             per_device,
             args.repeats,
             broker=args.broker,
