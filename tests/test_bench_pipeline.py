@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -76,6 +77,13 @@ def test_quick_bench_completes_and_reports_positive_consistent_figures(tmp_path:
         assert t[f"{key}_readings_per_s"] in runs  # the median of the repeats
     ratio = t["secured_readings_per_s"] / t["plaintext_readings_per_s"]
     assert t["secured_over_plaintext"] == pytest.approx(ratio, abs=2e-3)
+    pairs = [
+        s / p
+        for s, p in zip(
+            t["secured_runs_readings_per_s"], t["plaintext_runs_readings_per_s"], strict=True
+        )
+    ]
+    assert t["secured_over_plaintext_paired"] == pytest.approx(statistics.median(pairs), abs=2e-3)
     assert 1 <= t["readings_per_batch"] <= r["readings_per_repeat"]
     for name in ("pq_channel", "tls13_mtls", "tcp_connect"):
         assert h[name]["median_ms"] > 0
