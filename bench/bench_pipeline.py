@@ -55,6 +55,9 @@ against the broker's), in the same run.
    chain HMAC per reading at the hospital; one channel record each way per batch), each
    microbenchmarked in this run against its null replacement. It leaves out TLS, so it is a
    lower bound. Profiling the services would need hooks in production code; counting does not.
+   For reference, ``op_costs_us`` also gives one TLS 1.3 record of a PUBLISH's size sealed
+   and opened in memory (:func:`tls_record_cost`): the floor of a TLS hop per packet, four
+   of which each reading takes (its publish and PUBACK on both hops).
 
 Figures come from one run on the machine at hand (use them for design, not as promises).
 """
@@ -890,7 +893,54 @@ def crypto_op_costs(tmp: Path, batch_readings: float) -> dict[str, float]:
         "fernet_encrypt_s": fernet,
         "row_key_and_chain_hmac_s": hmacs,
         "channel_record_seal_open_s": channel_record,
+        "tls_record_seal_open_s": tls_record_cost(tmp / "secured" / "pki"),
     }
+
+
+# A device's QoS 1 PUBLISH of one sealed reading: fixed header, topic, packet id, 48 bytes
+TLS_RECORD_PAYLOAD = 80
+
+
+def tls_record_cost(pki_root: Path) -> float:
+    """Seconds to seal and open one TLS 1.3 record of a PUBLISH's size, both ends in memory
+    (ssl.MemoryBIO, the same contexts as the broker and a device): the floor of what one
+    TLS hop costs per packet, without the event loop and socket around it. Each reading
+    takes four such records on the embedded path (its publish and its PUBACK, on both
+    hops)."""
+    from pacegate.layout import PkiLayout
+    from pacegate.tlsconf import client_context, server_context
+
+    pki = PkiLayout(pki_root)
+    device = min(p.name for p in pki.devices_dir.iterdir() if p.is_dir())
+    srv_ctx = server_context(pki.broker_cert, pki.broker_key, pki.ca_cert)
+    cli_ctx = client_context(pki.ca_cert, pki.device_cert(device), pki.device_key(device))
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = cli_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    server = srv_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {id(client): False, id(server): False}
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way at most
+        for end in (client, server):
+            if not done[id(end)]:
+                try:
+                    end.do_handshake()
+                    done[id(end)] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    if not all(done.values()):
+        raise StackError("the in-memory TLS handshake did not complete")
+    payload = bytes(TLS_RECORD_PAYLOAD)
+
+    def one_record() -> None:
+        client.write(payload)
+        s_in.write(c_out.read())
+        if server.read(4096) != payload:
+            raise StackError("the TLS record did not open to what was sealed")
+
+    return _per_op(one_record, 5000)
 
 
 # == the report ===============================================================================
