@@ -727,14 +727,16 @@ def run_interleaved(
         running_stack(work, overwrite_configs=True, log_level="WARNING", broker=broker) as secured,
         running_plain_stack(plain_work, broker) as plain,
     ):
-        sides = ((work, secured, False), (plain_work, plain, True))
-        pids = {id(stack): pids_of_secured(stack) for _, stack, _ in sides}
+        sides = (
+            (work, secured, False, pids_of_secured(secured)),
+            (plain_work, plain, True, pids_of_secured(plain)),
+        )
 
-        def round_of(side: tuple[WorkLayout, Stack, bool], count: int) -> RepeatResult:
-            w, stack, is_plain = side
-            return asyncio.run(
-                drive(w, stack.endpoints, ids, count, pids[id(stack)], plain=is_plain)
-            )
+        def round_of(
+            side: tuple[WorkLayout, Stack, bool, dict[str, int]], count: int
+        ) -> RepeatResult:
+            w, stack, is_plain, pids = side
+            return asyncio.run(drive(w, stack.endpoints, ids, count, pids, plain=is_plain))
 
         warm = max(1, per_device // 5)  # not counted: first sessions, caches, file growth
         for side in sides:
@@ -745,7 +747,7 @@ def run_interleaved(
                 out.append(round_of(side, per_device))
         latencies: list[dict[str, float] | None] = [None, None]
         if latency_s > 0:
-            for i, (w, stack, is_plain) in enumerate(sides):
+            for i, (w, stack, is_plain, _) in enumerate(sides):
                 latencies[i] = asyncio.run(
                     steady_latency(
                         w,
@@ -756,7 +758,7 @@ def run_interleaved(
                         plain=is_plain,
                     )
                 )
-        for _, stack, _ in sides:
+        for _, stack, _, _ in sides:
             stack.check_alive()
     return results[0], results[1], latencies[0], latencies[1]
 
@@ -917,20 +919,17 @@ def tls_record_cost(pki_root: Path) -> float:
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     client = cli_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
     server = srv_ctx.wrap_bio(s_in, s_out, server_side=True)
-    done = {id(client): False, id(server): False}
+    handshaking = [client, server]
     for _ in range(10):  # a TLS 1.3 handshake takes two flights each way at most
-        for end in (client, server):
-            if not done[id(end)]:
-                try:
-                    end.do_handshake()
-                    done[id(end)] = True
-                except ssl.SSLWantReadError:
-                    pass
+        for end in list(handshaking):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+                handshaking.remove(end)
         s_in.write(c_out.read())
         c_in.write(s_out.read())
-        if all(done.values()):
+        if not handshaking:
             break
-    if not all(done.values()):
+    if handshaking:
         raise StackError("the in-memory TLS handshake did not complete")
     payload = bytes(TLS_RECORD_PAYLOAD)
 
